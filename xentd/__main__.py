@@ -1,0 +1,5 @@
+import sys
+
+from xentd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,124 @@
+"""Numba kernels that fold per-sample scores into rolling state.
+
+Every statistic is a *stat vector* of float64, laid out as::
+
+    [0]          n        samples
+    [1]          sw       sum of weights
+    [2]          swl      sum of weight * loss
+    [3]          swc      sum of weight * correct
+    [4]          swf      sum of weight * focal loss
+    [5 : 5+S]             per-class sum of weights
+    [5+S : 5+2S]          per-class sum of weight * loss
+
+where S is the model's number of class slots. Sums of vectors are vectors of
+sums, so one layout serves lifetime totals, time-window buckets, count windows
+and the EWMA alike, and every mean is a ratio of two of its entries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+N, SW, SWL, SWC, SWF, HEAD = 0, 1, 2, 3, 4, 5
+
+
+def vector_size(slots: int) -> int:
+    return HEAD + 2 * slots
+
+
+@njit(cache=True)
+def _slot(cls: int, class_limit: int) -> int:
+    # Classes past the limit share one "other" slot, which sits at index class_limit.
+    return cls if cls < class_limit else class_limit
+
+
+@njit(cache=True)
+def fold_batch(loss, focal, correct, tcls, weights, weighted, class_limit, slots, bounds, vec, hist):  # type: ignore[no-untyped-def]
+    """Add a batch to ``vec`` and to the loss histogram; return the unweighted loss sum."""
+    total = 0.0
+    for i in range(loss.shape[0]):
+        w = weights[i] if weighted else 1.0
+        lo = loss[i]
+        vec[N] += 1.0
+        vec[SW] += w
+        vec[SWL] += w * lo
+        vec[SWC] += w * correct[i]
+        vec[SWF] += w * focal[i]
+        k = _slot(tcls[i], class_limit)
+        vec[HEAD + k] += w
+        vec[HEAD + slots + k] += w * lo
+        hist[np.searchsorted(bounds, lo)] += 1
+        total += lo
+    return total
+
+
+@njit(cache=True)
+def time_add(epochs, buckets, index, vec):  # type: ignore[no-untyped-def]
+    """Add ``vec`` to the bucket for bucket number ``index`` (monotone per model)."""
+    s = index % epochs.shape[0]
+    if epochs[s] != index:
+        buckets[s, :] = 0.0
+        epochs[s] = index
+    buckets[s, :] += vec
+
+
+@njit(cache=True)
+def time_read(epochs, buckets, now_index, out):  # type: ignore[no-untyped-def]
+    """Sum the buckets of the last ``B`` bucket numbers, the current one included."""
+    out[:] = 0.0
+    b = epochs.shape[0]
+    for s in range(b):
+        e = epochs[s]
+        if now_index - b < e <= now_index:
+            out += buckets[s, :]
+
+
+@njit(cache=True)
+def _add_sample(vec, sign, w, wl, wc, wf, k, slots):  # type: ignore[no-untyped-def]
+    vec[N] += sign
+    vec[SW] += sign * w
+    vec[SWL] += sign * wl
+    vec[SWC] += sign * wc
+    vec[SWF] += sign * wf
+    vec[HEAD + k] += sign * w
+    vec[HEAD + slots + k] += sign * wl
+
+
+@njit(cache=True)
+def count_push(loss, focal, correct, tcls, weights, weighted, class_limit, slots,
+               ring, ring_cls, total, sizes, sums):  # type: ignore[no-untyped-def]
+    """Append a batch to the sample ring and slide every count window over it.
+
+    Each window keeps running sums: add the new sample, subtract the one that
+    falls out. Add-and-subtract drifts, so each window is recomputed exactly from
+    the ring once per ``size`` samples, which keeps the cost O(1) per sample.
+    Returns the new total sample count.
+    """
+    cap = ring.shape[0]
+    for i in range(loss.shape[0]):
+        j = total + i
+        pos = j % cap
+        for k in range(sizes.shape[0]):
+            size = sizes[k]
+            if j >= size:
+                old = (j - size) % cap
+                _add_sample(sums[k], -1.0, ring[old, 0], ring[old, 1], ring[old, 2], ring[old, 3],
+                            ring_cls[old], slots)
+        w = weights[i] if weighted else 1.0
+        ring[pos, 0] = w
+        ring[pos, 1] = w * loss[i]
+        ring[pos, 2] = w * correct[i]
+        ring[pos, 3] = w * focal[i]
+        ring_cls[pos] = _slot(tcls[i], class_limit)
+        for k in range(sizes.shape[0]):
+            size = sizes[k]
+            _add_sample(sums[k], 1.0, ring[pos, 0], ring[pos, 1], ring[pos, 2], ring[pos, 3],
+                        ring_cls[pos], slots)
+            if (j + 1) % size == 0:
+                sums[k, :] = 0.0
+                for m in range(j + 1 - size, j + 1):
+                    p = m % cap
+                    _add_sample(sums[k], 1.0, ring[p, 0], ring[p, 1], ring[p, 2], ring[p, 3],
+                                ring_cls[p], slots)
+    return total + loss.shape[0]

@@ -1,0 +1,97 @@
+"""The ``xentd`` command: run, check-config, send, version."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from xentd import config as config_mod
+from xentd._version import __version__
+from xentd.errors import XentdError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xentd", description="Cross-entropy monitoring daemon.")
+    p.add_argument("--version", action="version", version=f"xentd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (logs to stderr)")
+    run.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
+    run.add_argument("--ingest", metavar="ADDR", help="ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5557")
+    run.add_argument("--metrics", metavar="HOST:PORT", help="where to serve /metrics and /healthz")
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("path", type=Path)
+
+    send = sub.add_parser("send", help="publish an .npz (predictions, targets[, weights]) as one batch")
+    send.add_argument("file", type=Path)
+    send.add_argument("--model", required=True)
+    send.add_argument("--to", required=True, metavar="ADDR", help="daemon ingest endpoint")
+    send.add_argument("--input", default="probs", choices=["probs", "logits", "log_probs"])
+    send.add_argument("--batch-id")
+    send.add_argument("--pub", action="store_true", help="bind a PUB socket instead of connecting PUSH")
+    return p
+
+
+def _load(path: Path | None) -> config_mod.Config:
+    return config_mod.load(path) if path is not None else config_mod.Config()
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = config_mod.with_overrides(_load(args.config), ingest=args.ingest, metrics=args.metrics)
+    logging.basicConfig(stream=sys.stderr, level=cfg.log.level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from xentd.daemon import serve
+
+    return serve(cfg)
+
+
+def _check(args: argparse.Namespace) -> int:
+    config_mod.load(args.path)
+    print(f"{args.path}: ok")
+    return 0
+
+
+def _send(args: argparse.Namespace) -> int:
+    from xentd.client import Publisher
+
+    try:
+        data = np.load(args.file, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise XentdError(f"{args.file}: cannot read as .npz: {exc}") from None
+    with data:
+        missing = {"predictions", "targets"} - set(data.files)
+        if missing:
+            raise XentdError(f"{args.file}: missing array(s) {', '.join(sorted(missing))}; "
+                             f"it has {', '.join(data.files) or 'none'}")
+        arrays = {k: data[k] for k in ("predictions", "targets", "weights") if k in data.files}
+    with Publisher(args.to, socket="pub" if args.pub else "push") as pub:
+        try:
+            pub.send(args.model, arrays["predictions"], arrays["targets"], input=args.input,
+                     weights=arrays.get("weights"), batch_id=args.batch_id)
+        except (TypeError, ValueError) as exc:
+            raise XentdError(str(exc)) from None
+    n = len(arrays["predictions"])
+    print(f"sent {n} samples for model {args.model!r} to {args.to}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"run": _run, "check-config": _check, "send": _send}
+    try:
+        return handlers[args.command](args)
+    except XentdError as exc:
+        print(f"xentd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Configuration: TOML in, frozen dataclasses out.
+
+Every tunable of the daemon lives here. Every field has a default, so the daemon
+runs with no file at all. Loading is strict: an unknown key, a wrong type or an
+out-of-range value is a :class:`~xentd.errors.ConfigError` that names the key,
+because a typo in a monitoring config otherwise fails silently for months.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
+
+from xentd.errors import ConfigError
+from xentd.wire import MODEL_NAME_RE
+
+T = TypeVar("T")
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """The ZeroMQ socket batches arrive on."""
+
+    address: str = "tcp://127.0.0.1:5557"
+    socket: Literal["pull", "sub"] = "pull"
+    # SUB only: connect to the publishers' address instead of binding it.
+    connect: bool = False
+    # SUB only: topic prefixes; the topic frame is the model name.
+    subscribe: tuple[str, ...] = ("",)
+    receive_hwm: int = 1000
+    max_message_bytes: int = 256 * MiB
+    max_header_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The HTTP endpoint Prometheus scrapes."""
+
+    host: str = "127.0.0.1"
+    port: int = 9650
+
+
+@dataclass(frozen=True)
+class TimeWindow:
+    label: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class WindowsConfig:
+    """Rolling statistics kept per model."""
+
+    time: tuple[TimeWindow, ...] = (
+        TimeWindow("1m", 60.0),
+        TimeWindow("5m", 300.0),
+        TimeWindow("1h", 3600.0),
+    )
+    # A time window is a ring of this many buckets, so its edge is exact to
+    # seconds / buckets.
+    buckets: int = 60
+    count: tuple[int, ...] = (1000, 10000)
+    ewma_half_life_seconds: float = 300.0
+
+
+# Reaches past -log(eps) for float64 (36.04), the largest loss that clipped
+# probabilities can produce; logits are unclipped and land in the top buckets.
+DEFAULT_LOSS_BUCKETS: tuple[float, ...] = (
+    0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 100.0,
+)
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """How losses are computed. The top-level table sets defaults; ``[models.NAME]`` overrides them."""
+
+    # None: the machine epsilon of the predictions' datatype, as sklearn's log_loss.
+    eps: float | None = None
+    focal_gamma: float = 2.0
+    # None: sqrt(machine epsilon of the predictions' datatype), sklearn's warning threshold.
+    normalization_tolerance: float | None = None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_models: int = 1000
+    # Classes 0..class_limit-1 get their own series and window slots; the rest share "other".
+    class_limit: int = 100
+    loss_buckets: tuple[float, ...] = DEFAULT_LOSS_BUCKETS
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: Literal["cpu"] = "cpu"
+    # Batches with at least this many prediction elements use the multi-threaded kernels.
+    parallel_threshold: int = 1 << 15
+    # Most messages taken off the socket per loop turn before state is published.
+    drain_max: int = 256
+    # On SIGTERM, how long to keep scoring messages already queued in the socket.
+    shutdown_drain_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # At most one log line per rejection reason per this many seconds.
+    rejection_interval_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class Config:
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    windows: WindowsConfig = field(default_factory=WindowsConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    models: Mapping[str, ScoringConfig] = field(default_factory=lambda: MappingProxyType({}))
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def scoring_for(self, model: str) -> ScoringConfig:
+        return self.models.get(model, self.scoring)
+
+
+# --- parsing -----------------------------------------------------------------
+
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str, where: str) -> float:
+    """Parse ``"30s"``, ``"5m"``, ``"1h"``, ``"250ms"``, ``"1d"`` into seconds."""
+    match = _DURATION_RE.match(text.strip())
+    if not match:
+        raise ConfigError(f"{where}: {text!r} is not a duration; write e.g. \"30s\", \"5m\" or \"1h\"")
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{where}: a duration must be positive, got {text!r}")
+    return seconds
+
+
+def parse_listen(text: str, where: str) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` (``[::1]:PORT`` for IPv6)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ConfigError(f"{where}: expected HOST:PORT, got {text!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{where}: port {port} is outside 0..65535")
+    return host.strip("[]"), port
+
+
+class _Table:
+    """A TOML table being consumed key by key, so leftovers can be reported as unknown."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'config'}: expected a table, got {type(data).__name__}")
+        self._data = dict(data)
+        self._path = path
+
+    def where(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def take(self, key: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        if key not in self._data:
+            return default
+        value = self._data.pop(key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # bool is an int in Python; a config that says `port = true` is a mistake.
+        if isinstance(value, bool) and bool not in kinds:
+            ok = False
+        else:
+            ok = isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ConfigError(f"{self.where(key)}: expected {names}, got {type(value).__name__} {value!r}")
+        return value  # type: ignore[return-value]
+
+    def take_table(self, key: str) -> _Table:
+        return _Table(self._data.pop(key, {}), self.where(key))
+
+    def keys(self) -> list[str]:
+        return list(self._data)
+
+    def done(self, known: Callable[[], list[str]] | list[str]) -> None:
+        if not self._data:
+            return
+        names = known() if callable(known) else known
+        key = next(iter(self._data))
+        hint = difflib.get_close_matches(key, names, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        allowed = ", ".join(sorted(names))
+        raise ConfigError(f"{self.where(key)}: unknown key{suggestion}; known keys here: {allowed}")
+
+
+def _positive_int(t: _Table, key: str, default: int) -> int:
+    value = t.take(key, int, default)
+    if value <= 0:
+        raise ConfigError(f"{t.where(key)}: must be a positive integer, got {value}")
+    return value
+
+
+def _positive_float(t: _Table, key: str, default: float) -> float:
+    value = float(t.take(key, (int, float), default))
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{t.where(key)}: must be a positive number, got {value}")
+    return value
+
+
+def _choice(t: _Table, key: str, choices: tuple[str, ...], default: str) -> str:
+    value = t.take(key, str, default)
+    if value not in choices:
+        raise ConfigError(f"{t.where(key)}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def _duration(t: _Table, key: str, default: float) -> float:
+    value = t.take(key, (str, int, float), default)
+    if isinstance(value, str):
+        return parse_duration(value, t.where(key))
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{t.where(key)}: must be a positive number of seconds, got {value}")
+    return float(value)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _parse_ingest(t: _Table) -> IngestConfig:
+    d = IngestConfig()
+    address = t.take("address", str, d.address)
+    if not re.match(r"^(tcp|ipc|inproc)://.+", address):
+        raise ConfigError(f"{t.where('address')}: expected a ZeroMQ endpoint such as "
+                          f"\"tcp://127.0.0.1:5557\" or \"ipc:///run/xentd/ingest\", got {address!r}")
+    subscribe = t.take("subscribe", list, list(d.subscribe))
+    if not all(isinstance(s, str) for s in subscribe):
+        raise ConfigError(f"{t.where('subscribe')}: expected a list of topic prefix strings")
+    cfg = IngestConfig(
+        address=address,
+        socket=_choice(t, "socket", ("pull", "sub"), d.socket),  # type: ignore[arg-type]
+        connect=t.take("connect", bool, d.connect),
+        subscribe=tuple(subscribe),
+        receive_hwm=_positive_int(t, "receive_hwm", d.receive_hwm),
+        max_message_bytes=_positive_int(t, "max_message_bytes", d.max_message_bytes),
+        max_header_bytes=_positive_int(t, "max_header_bytes", d.max_header_bytes),
+    )
+    if cfg.connect and cfg.socket != "sub":
+        raise ConfigError(f"{t.where('connect')}: only a SUB socket can connect; a PULL socket binds")
+    t.done(_field_names(IngestConfig))
+    return cfg
+
+
+def _parse_metrics(t: _Table) -> MetricsConfig:
+    d = MetricsConfig()
+    listen = t.take("listen", str, f"{d.host}:{d.port}")
+    host, port = parse_listen(listen, t.where("listen"))
+    t.done(["listen"])
+    return MetricsConfig(host=host, port=port)
+
+
+_WINDOW_LABEL_RE = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def _parse_windows(t: _Table) -> WindowsConfig:
+    d = WindowsConfig()
+    time_specs = t.take("time", list, [w.label for w in d.time])
+    windows: list[TimeWindow] = []
+    for i, spec in enumerate(time_specs):
+        where = f"{t.where('time')}[{i}]"
+        if not isinstance(spec, str):
+            raise ConfigError(f"{where}: expected a duration string such as \"5m\", got {spec!r}")
+        windows.append(TimeWindow(spec.strip(), parse_duration(spec, where)))
+    counts = t.take("count", list, list(d.count))
+    for i, n in enumerate(counts):
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ConfigError(f"{t.where('count')}[{i}]: expected a positive integer, got {n!r}")
+    labels = [w.label for w in windows] + [f"last_{n}" for n in counts] + ["ewma"]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{t.where('time')}/{t.where('count')}: window labels repeat: {labels}")
+    cfg = WindowsConfig(
+        time=tuple(windows),
+        buckets=_positive_int(t, "buckets", d.buckets),
+        count=tuple(counts),
+        ewma_half_life_seconds=_duration(t, "ewma_half_life", d.ewma_half_life_seconds),
+    )
+    t.done(["time", "buckets", "count", "ewma_half_life"])
+    return cfg
+
+
+def _parse_scoring(t: _Table, base: ScoringConfig) -> ScoringConfig:
+    eps = t.take("eps", (int, float), base.eps)  # type: ignore[arg-type]
+    if eps is not None and not (0.0 < eps < 0.5):
+        raise ConfigError(f"{t.where('eps')}: must be in (0, 0.5), got {eps}")
+    gamma = float(t.take("focal_gamma", (int, float), base.focal_gamma))
+    if not math.isfinite(gamma) or gamma < 0:
+        raise ConfigError(f"{t.where('focal_gamma')}: must be a finite number >= 0, got {gamma}")
+    tol = t.take("normalization_tolerance", (int, float), base.normalization_tolerance)  # type: ignore[arg-type]
+    if tol is not None and not (0.0 < tol < 1.0):
+        raise ConfigError(f"{t.where('normalization_tolerance')}: must be in (0, 1), got {tol}")
+    t.done(_field_names(ScoringConfig))
+    return ScoringConfig(
+        eps=None if eps is None else float(eps),
+        focal_gamma=gamma,
+        normalization_tolerance=None if tol is None else float(tol),
+    )
+
+
+def _parse_limits(t: _Table) -> LimitsConfig:
+    d = LimitsConfig()
+    buckets = t.take("loss_buckets", list, list(d.loss_buckets))
+    if (not buckets or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in buckets)
+            or any(not math.isfinite(b) or b <= 0 for b in buckets)
+            or any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:]))):
+        raise ConfigError(f"{t.where('loss_buckets')}: expected a non-empty, strictly increasing "
+                          f"list of positive finite numbers, got {buckets!r}")
+    cfg = LimitsConfig(
+        max_models=_positive_int(t, "max_models", d.max_models),
+        class_limit=_positive_int(t, "class_limit", d.class_limit),
+        loss_buckets=tuple(float(b) for b in buckets),
+    )
+    t.done(_field_names(LimitsConfig))
+    return cfg
+
+
+def _parse_engine(t: _Table) -> EngineConfig:
+    d = EngineConfig()
+    parallel_threshold = t.take("parallel_threshold", int, d.parallel_threshold)
+    if parallel_threshold < 0:
+        raise ConfigError(f"{t.where('parallel_threshold')}: must be >= 0, got {parallel_threshold}")
+    cfg = EngineConfig(
+        backend=_choice(t, "backend", ("cpu",), d.backend),  # type: ignore[arg-type]
+        parallel_threshold=parallel_threshold,
+        drain_max=_positive_int(t, "drain_max", d.drain_max),
+        shutdown_drain_seconds=_duration(t, "shutdown_drain", d.shutdown_drain_seconds),
+    )
+    t.done(["backend", "parallel_threshold", "drain_max", "shutdown_drain"])
+    return cfg
+
+
+def _parse_log(t: _Table) -> LogConfig:
+    d = LogConfig()
+    cfg = LogConfig(
+        level=_choice(t, "level", ("debug", "info", "warning", "error"), d.level),  # type: ignore[arg-type]
+        rejection_interval_seconds=_duration(t, "rejection_interval", d.rejection_interval_seconds),
+    )
+    t.done(["level", "rejection_interval"])
+    return cfg
+
+
+_SECTIONS = ["ingest", "metrics", "windows", "scoring", "models", "limits", "engine", "log"]
+
+
+def from_mapping(data: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from parsed TOML, raising :class:`ConfigError` on any problem."""
+    root = _Table(data, "")
+    ingest = _parse_ingest(root.take_table("ingest"))
+    metrics = _parse_metrics(root.take_table("metrics"))
+    windows = _parse_windows(root.take_table("windows"))
+    scoring = _parse_scoring(root.take_table("scoring"), ScoringConfig())
+    models_table = root.take_table("models")
+    models: dict[str, ScoringConfig] = {}
+    for name in models_table.keys():
+        if not MODEL_NAME_RE.match(name):
+            raise ConfigError(f"models.{name!r}: not a valid model name "
+                              "(1-128 characters of A-Z a-z 0-9 _ . : -)")
+        models[name] = _parse_scoring(models_table.take_table(name), scoring)
+    limits = _parse_limits(root.take_table("limits"))
+    engine = _parse_engine(root.take_table("engine"))
+    log = _parse_log(root.take_table("log"))
+    root.done(_SECTIONS)
+    return Config(ingest=ingest, metrics=metrics, windows=windows, scoring=scoring,
+                  models=MappingProxyType(models), limits=limits, engine=engine, log=log)
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a TOML config file."""
+    p = Path(path)
+    try:
+        text = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    try:
+        return from_mapping(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
+
+
+def with_overrides(cfg: Config, *, ingest: str | None = None, metrics: str | None = None) -> Config:
+    """Apply the ``--ingest`` and ``--metrics`` command-line overrides."""
+    if ingest is not None:
+        cfg = dataclasses.replace(cfg, ingest=_parse_ingest(_Table(
+            {**_ingest_as_toml(cfg.ingest), "address": ingest}, "--ingest")))
+    if metrics is not None:
+        host, port = parse_listen(metrics, "--metrics")
+        cfg = dataclasses.replace(cfg, metrics=MetricsConfig(host=host, port=port))
+    return cfg
+
+
+def _ingest_as_toml(i: IngestConfig) -> dict[str, Any]:
+    return {"address": i.address, "socket": i.socket, "connect": i.connect,
+            "subscribe": list(i.subscribe), "receive_hwm": i.receive_hwm,
+            "max_message_bytes": i.max_message_bytes, "max_header_bytes": i.max_header_bytes}
