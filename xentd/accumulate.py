@@ -85,40 +85,54 @@ def _add_sample(vec, sign, w, wl, wc, wf, k, slots):  # type: ignore[no-untyped-
     vec[HEAD + slots + k] += sign * wl
 
 
+def block_size(largest_window: int) -> int:
+    """Samples per block: a power of two near sqrt(K), so reads cost O(sqrt(K))."""
+    return max(16, 1 << round(np.log2(max(largest_window, 1)) / 2))
+
+
 @njit(cache=True)
 def count_push(loss, focal, correct, tcls, weights, weighted, class_limit, slots,
-               ring, ring_cls, total, sizes, sums):  # type: ignore[no-untyped-def]
-    """Append a batch to the sample ring and slide every count window over it.
+               ring, ring_cls, blocks, block, total):  # type: ignore[no-untyped-def]
+    """Append a batch to the sample ring and to the block sums; return the new total.
 
-    Each window keeps running sums: add the new sample, subtract the one that
-    falls out. Add-and-subtract drifts, so each window is recomputed exactly from
-    the ring once per ``size`` samples, which keeps the cost O(1) per sample.
-    Returns the new total sample count.
+    Sample j lands in ring slot j % len(ring) and in block j // block. Block sums
+    are only ever added to, never subtracted from, so they carry no drift.
     """
     cap = ring.shape[0]
+    nb = blocks.shape[0]
     for i in range(loss.shape[0]):
         j = total + i
         pos = j % cap
-        for k in range(sizes.shape[0]):
-            size = sizes[k]
-            if j >= size:
-                old = (j - size) % cap
-                _add_sample(sums[k], -1.0, ring[old, 0], ring[old, 1], ring[old, 2], ring[old, 3],
-                            ring_cls[old], slots)
         w = weights[i] if weighted else 1.0
         ring[pos, 0] = w
         ring[pos, 1] = w * loss[i]
         ring[pos, 2] = w * correct[i]
         ring[pos, 3] = w * focal[i]
         ring_cls[pos] = _slot(tcls[i], class_limit)
-        for k in range(sizes.shape[0]):
-            size = sizes[k]
-            _add_sample(sums[k], 1.0, ring[pos, 0], ring[pos, 1], ring[pos, 2], ring[pos, 3],
-                        ring_cls[pos], slots)
-            if (j + 1) % size == 0:
-                sums[k, :] = 0.0
-                for m in range(j + 1 - size, j + 1):
-                    p = m % cap
-                    _add_sample(sums[k], 1.0, ring[p, 0], ring[p, 1], ring[p, 2], ring[p, 3],
-                                ring_cls[p], slots)
+        b = (j // block) % nb
+        if j % block == 0:
+            blocks[b, :] = 0.0
+        _add_sample(blocks[b], 1.0, ring[pos, 0], ring[pos, 1], ring[pos, 2], ring[pos, 3],
+                    ring_cls[pos], slots)
     return total + loss.shape[0]
+
+
+@njit(cache=True)
+def count_read(ring, ring_cls, blocks, block, total, size, slots, out):  # type: ignore[no-untyped-def]
+    """Sum the last ``size`` samples: whole blocks inside the window, single samples at its edges."""
+    out[:] = 0.0
+    cap = ring.shape[0]
+    nb = blocks.shape[0]
+    start = max(0, total - size)
+    first = (start + block - 1) // block  # first block that starts inside the window
+    done = total // block  # blocks before this one are complete
+    if first >= done:
+        edges = ((start, total), (total, total))
+    else:
+        edges = ((start, first * block), (done * block, total))
+        for b in range(first, done):
+            out += blocks[b % nb]
+    for lo, hi in edges:
+        for m in range(lo, hi):
+            p = m % cap
+            _add_sample(out, 1.0, ring[p, 0], ring[p, 1], ring[p, 2], ring[p, 3], ring_cls[p], slots)

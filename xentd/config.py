@@ -371,7 +371,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     models_table = root.take_table("models")
     models: dict[str, ScoringConfig] = {}
     for name in models_table.keys():
-        if not MODEL_NAME_RE.match(name):
+        if not MODEL_NAME_RE.fullmatch(name):
             raise ConfigError(f"models.{name!r}: not a valid model name "
                               "(1-128 characters of A-Z a-z 0-9 _ . : -)")
         models[name] = _parse_scoring(models_table.take_table(name), scoring)

@@ -6,8 +6,10 @@ For each model xentd keeps:
 - time windows: a ring of ``buckets`` buckets per window. A read covers the
   current bucket and the ``buckets - 1`` before it, so it spans between
   ``W - W/buckets`` and ``W`` of history: exact to one bucket width;
-- count windows over the last K samples, exact, from a ring of per-sample values
-  that grows with traffic up to the largest K and never beyond;
+- count windows over the last K samples, exact: a ring of per-sample values that
+  grows with traffic up to the largest K and never beyond, plus sums over blocks
+  of ~sqrt(K) samples. A read adds the whole blocks inside the window and the
+  single samples at its edges. Nothing is ever subtracted, so nothing drifts;
 - an EWMA with a time half-life: both sums decay by 2^(-dt/half_life).
 
 Memory per model is bounded by the config, not by traffic. All updates happen
@@ -107,10 +109,12 @@ class ModelState:
         self.last_event_time: float | None = None
         self.clock = created  # never goes backwards, so buckets stay monotone
         self.time_windows = [_TimeWindow(w.label, w.seconds, windows.buckets, size) for w in windows.time]
-        self.count_sizes = np.asarray(windows.count, np.int64)
-        self.count_sums = np.zeros((len(windows.count), size))
+        self.count_sizes = tuple(windows.count)
         self.count_total = 0
-        self.count_cap_max = int(self.count_sizes.max()) if len(windows.count) else 0
+        self.count_cap_max = max(windows.count, default=0)
+        self.block = acc.block_size(self.count_cap_max)
+        # The current, partial block plus enough complete ones to cover the largest window.
+        self.blocks = np.zeros((self.count_cap_max // self.block + 2, size))
         self.ring = np.zeros((0, 4))
         self.ring_cls = np.zeros(0, np.int32)
         self.half_life = windows.ewma_half_life_seconds
@@ -152,8 +156,8 @@ class ModelState:
             self._grow_ring(scores.loss.shape[0])
             self.count_total = acc.count_push(
                 scores.loss, scores.focal, scores.correct, scores.true_class, w, weighted,
-                self.class_limit, self.slots, self.ring, self.ring_cls, self.count_total,
-                self.count_sizes, self.count_sums)
+                self.class_limit, self.slots, self.ring, self.ring_cls, self.blocks, self.block,
+                self.count_total)
         self.batches += 1
         self.unnormalized_rows += scores.unnormalized_rows
         self.last_batch_time = now
@@ -167,8 +171,10 @@ class ModelState:
         for tw in self.time_windows:
             acc.time_read(tw.epochs, tw.buckets, tw.index(now), buf)
             out.append((tw.label, derive(buf, self.slots)))
-        for k, size in enumerate(self.count_sizes):
-            out.append((f"last_{size}", derive(self.count_sums[k], self.slots)))
+        for size in self.count_sizes:
+            acc.count_read(self.ring, self.ring_cls, self.blocks, self.block, self.count_total, size,
+                           self.slots, buf)
+            out.append((f"last_{size}", derive(buf, self.slots)))
         decayed_n = float(self.ewma[acc.N]) * 2.0 ** (-(now - self.ewma_time) / self.half_life)
         out.append(("ewma", derive(self.ewma, self.slots, samples=decayed_n)))
         return out

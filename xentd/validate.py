@@ -111,7 +111,7 @@ def _check_finite(name: str, lo: float, hi: float) -> None:
 
 def validate(msg: Message) -> Batch:
     """Check a decoded message and return a :class:`Batch`, or raise ValidationError."""
-    if not MODEL_NAME_RE.match(msg.model):
+    if not MODEL_NAME_RE.fullmatch(msg.model):
         raise _reject(Reason.BAD_MODEL_NAME, f"model name {msg.model[:64]!r} must be 1-128 characters "
                                              "of A-Z a-z 0-9 _ . : -")
     try:

@@ -28,7 +28,7 @@ import numpy as np
 from xentd.errors import DecodeError, Reason
 
 VERSION: Final = 1
-MODEL_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+MODEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")  # always fullmatch
 INPUT_KINDS: Final = ("probs", "logits", "log_probs")
 TENSOR_NAMES: Final = ("predictions", "targets", "weights")
 MAX_BATCH_ID_CHARS: Final = 256
@@ -148,7 +148,7 @@ def encode(
     ts: float | None = None,
 ) -> list[bytes | memoryview]:
     """Encode one batch into frames (header first). Raises ValueError/TypeError on misuse."""
-    if not isinstance(model, str) or not MODEL_NAME_RE.match(model):
+    if not isinstance(model, str) or not MODEL_NAME_RE.fullmatch(model):
         raise ValueError(f"model name {model!r} must be 1-128 characters of A-Z a-z 0-9 _ . : -")
     if input not in INPUT_KINDS:
         raise ValueError(f"input must be one of {', '.join(INPUT_KINDS)}, got {input!r}")

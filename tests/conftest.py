@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from xentd import wire
+from xentd.kernels import ScoringParams
+from xentd.kernels.cpu import CpuBackend
+from xentd.validate import Batch, validate
+
+LIMITS = {"max_message_bytes": 1 << 31, "max_header_bytes": 1 << 16}
+
+
+def make_batch(pred: Any, targets: Any, kind: str = "probs", weights: Any = None,
+               model: str = "m", **kw: Any) -> Batch:
+    """A batch through the real codec and validator, as the daemon would see it."""
+    frames = wire.encode(model, pred, targets, input=kind, weights=weights, **kw)
+    return validate(wire.decode([bytes(f) for f in frames], **LIMITS))
+
+
+def default_params(batch: Batch, gamma: float = 2.0) -> ScoringParams:
+    return ScoringParams(eps=batch.dtype_eps, focal_gamma=gamma,
+                         normalization_tolerance=math.sqrt(batch.dtype_eps))
+
+
+@pytest.fixture(scope="session")
+def backend() -> CpuBackend:
+    b = CpuBackend(parallel_threshold=1 << 15)
+    b.warmup()
+    return b
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def any_backend(request: pytest.FixtureRequest, backend: CpuBackend) -> CpuBackend:
+    """The same backend forced onto each kernel build, so both are tested."""
+    return CpuBackend(parallel_threshold=0 if request.param == "parallel" else 1 << 62)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)

@@ -1,0 +1,273 @@
+"""CPU kernels against independent float64 references, scikit-learn and PyTorch."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss
+
+from tests import naive
+from tests.conftest import default_params, make_batch, softmax
+from xentd.kernels import ScoringParams
+from xentd.kernels.cpu import CpuBackend
+from xentd.wire import BF16
+
+DATATYPES = ["FP16", "BF16", "FP32", "FP64"]
+KINDS = ["probs", "logits", "log_probs"]
+NP_DTYPE = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+
+
+def _encode_dtype(x: np.ndarray, datatype: str) -> np.ndarray | BF16:
+    if datatype == "BF16":
+        return BF16.from_float32(x.astype(np.float32))
+    return x.astype(NP_DTYPE[datatype])
+
+
+def _predictions(rng: np.random.Generator, n: int, c: int | None, kind: str) -> np.ndarray:
+    """float64 predictions of the given kind; c=None means binary."""
+    if c is None:
+        logits = rng.normal(0.0, 3.0, n)
+        if kind == "logits":
+            return logits
+        p = 1.0 / (1.0 + np.exp(-logits))
+        return p if kind == "probs" else np.log(p)
+    logits = rng.normal(0.0, 3.0, (n, c))
+    if kind == "logits":
+        return logits
+    return softmax(logits) if kind == "probs" else naive.log_softmax(logits)
+
+
+def _reference(batch, kind: str, gamma: float = 2.0) -> naive.Ref:  # type: ignore[no-untyped-def]
+    eps = batch.dtype_eps
+    if batch.binary:
+        return naive.binary(batch.predictions, batch.targets, kind, eps=eps, gamma=gamma)
+    return naive.multiclass(batch.predictions, batch.targets, kind, eps=eps, gamma=gamma,
+                            tol=math.sqrt(eps))
+
+
+def _assert_scores(scores, ref: naive.Ref) -> None:  # type: ignore[no-untyped-def]
+    np.testing.assert_allclose(scores.loss, ref.loss, rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(scores.focal, ref.focal, rtol=1e-12, atol=1e-13)
+    np.testing.assert_array_equal(scores.correct, ref.correct)
+    np.testing.assert_array_equal(scores.true_class, ref.true_class)
+    assert scores.unnormalized_rows == ref.unnormalized
+
+
+@pytest.mark.parametrize("datatype", DATATYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("classes,n", [(None, 400), (2, 300), (3, 300), (10, 200), (257, 40), (50_000, 4)])
+@pytest.mark.parametrize("targets", ["index", "soft"])
+def test_matches_float64_reference(any_backend: CpuBackend, datatype: str, kind: str,
+                                   classes: int | None, n: int, targets: str) -> None:
+    rng = np.random.default_rng(classes or 1)
+    x = _predictions(rng, n, classes, kind)
+    if classes is None:
+        y = rng.integers(0, 2, n) if targets == "index" else rng.random(n)
+    elif targets == "index":
+        y = rng.integers(0, classes, n)
+    else:
+        y = softmax(rng.normal(0, 2, (n, classes))).astype(np.float32)
+    batch = make_batch(_encode_dtype(x, datatype), y, kind)
+    scores = any_backend.score(batch, default_params(batch))
+    _assert_scores(scores, _reference(batch, kind))
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 5.0])
+def test_focal_gamma(backend: CpuBackend, gamma: float) -> None:
+    rng = np.random.default_rng(7)
+    x = rng.normal(0, 2, (100, 5))
+    y = rng.integers(0, 5, 100)
+    batch = make_batch(x, y, "logits")
+    scores = backend.score(batch, default_params(batch, gamma))
+    ref = naive.multiclass(x, y, "logits", eps=batch.dtype_eps, gamma=gamma)
+    np.testing.assert_allclose(scores.focal, ref.focal, rtol=1e-12, atol=1e-14)
+    if gamma == 0.0:
+        np.testing.assert_allclose(scores.focal, scores.loss, rtol=1e-15)
+
+
+def test_serial_and_parallel_builds_agree_bitwise() -> None:
+    rng = np.random.default_rng(3)
+    batch = make_batch(rng.normal(0, 3, (5000, 37)).astype(np.float32), rng.integers(0, 37, 5000), "logits")
+    a = CpuBackend(parallel_threshold=1 << 62).score(batch, default_params(batch))
+    a_loss = a.loss.copy()
+    b = CpuBackend(parallel_threshold=0).score(batch, default_params(batch))
+    np.testing.assert_array_equal(a_loss, b.loss)
+
+
+# --- scikit-learn ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("classes", [None, 2, 3, 10, 1000])
+def test_weighted_mean_equals_sklearn_fp64(backend: CpuBackend, classes: int | None) -> None:
+    rng = np.random.default_rng(11)
+    n = 2000
+    p = _predictions(rng, n, classes, "probs")
+    y = rng.integers(0, classes or 2, n)
+    w = rng.random(n) * 3
+    batch = make_batch(p, y, "probs", weights=w)
+    ours = naive.weighted_mean(backend.score(batch, default_params(batch)).loss, w)
+    labels = None if classes is None else list(range(classes))
+    ref = log_loss(y, p, sample_weight=w, labels=labels)
+    assert ours == pytest.approx(ref, rel=1e-13)
+
+
+@pytest.mark.parametrize("classes", [None, 10])
+@pytest.mark.parametrize("datatype,rel", [("FP32", 1e-5), ("FP16", 3e-2)])
+def test_matches_sklearn_in_lower_precision(backend: CpuBackend, classes: int | None, datatype: str,
+                                            rel: float) -> None:
+    """sklearn computes in the input dtype; we widen and accumulate in float64.
+
+    So against sklearn on the narrow dtype we agree to that dtype's precision, and
+    against sklearn on the same values in float64 (with the same eps) to the last digit.
+    """
+    rng = np.random.default_rng(5)
+    n = 1000
+    p64 = _predictions(rng, n, classes, "probs")
+    y = rng.integers(0, classes or 2, n)
+    p = p64.astype(NP_DTYPE[datatype])
+    if classes is not None:
+        p = p / p.sum(axis=1, keepdims=True, dtype=np.float64).astype(p.dtype)
+    batch = make_batch(p, y, "probs")
+    ours = float(backend.score(batch, default_params(batch)).loss.mean())
+    labels = None if classes is None else list(range(classes))
+    with warnings.catch_warnings():
+        # sklearn warns when narrow-dtype rows do not sum to 1 at its tolerance; not under test here.
+        warnings.simplefilter("ignore", UserWarning)
+        assert ours == pytest.approx(log_loss(y, p, labels=labels), rel=rel)
+    # Same values in float64, clipped with the narrow dtype's eps, as xentd does.
+    eps = float(np.finfo(NP_DTYPE[datatype]).eps)
+    wide = p.astype(np.float64)
+    if classes is None:
+        wide = np.clip(wide, eps, 1 - eps)
+        ref = -np.mean(y * np.log(wide) + (1 - y) * np.log(1 - wide))
+    else:
+        ref = -np.mean(np.log(np.maximum(wide[np.arange(n), y], eps)))
+    assert ours == pytest.approx(ref, rel=1e-13)
+
+
+def test_clipping_at_zero_and_one_matches_sklearn(backend: CpuBackend) -> None:
+    p = np.array([0.0, 1.0, 0.0, 1.0, 0.5, 1e-300])
+    y = np.array([0, 1, 1, 0, 1, 1])
+    batch = make_batch(p, y, "probs")
+    scores = backend.score(batch, default_params(batch))
+    eps = np.finfo(np.float64).eps
+    assert scores.loss[2] == pytest.approx(-math.log(eps), rel=1e-15)
+    assert scores.loss[3] == pytest.approx(-math.log(eps), rel=1e-15)
+    assert scores.loss[5] == pytest.approx(-math.log(eps), rel=1e-15)
+    assert float(scores.loss.mean()) == pytest.approx(log_loss(y, p), rel=1e-14)
+
+
+def test_multiclass_clipping_differs_from_sklearn_by_at_most_eps(backend: CpuBackend) -> None:
+    """xentd clips multiclass probabilities below only (max(p, eps)); sklearn also clips
+    above at 1 - eps, which adds -log(1 - eps) ~ eps to a perfect prediction."""
+    p = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.2, 0.0, 0.8]])
+    y = np.array([0, 0, 1])
+    batch = make_batch(p, y, "probs")
+    scores = backend.score(batch, default_params(batch))
+    eps = np.finfo(np.float64).eps
+    np.testing.assert_allclose(scores.loss, [0.0, -math.log(eps), -math.log(eps)], rtol=1e-15)
+    assert abs(float(scores.loss.mean()) - log_loss(y, p, labels=[0, 1, 2])) <= eps
+
+
+# --- edge values ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+def test_extreme_logits(backend: CpuBackend, datatype: str) -> None:
+    x = np.array([[1e4, -1e4, 0.0], [1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], dtype=NP_DTYPE[datatype])
+    y = np.array([0, 1, 2])
+    batch = make_batch(x, y, "logits")
+    scores = backend.score(batch, default_params(batch))
+    np.testing.assert_allclose(scores.loss, [0.0, 2e4, math.log(3)], rtol=1e-15, atol=0)
+    assert np.isfinite(scores.focal).all()
+    xb = np.array([1e4, -1e4, 1e4, -1e4], dtype=NP_DTYPE[datatype])
+    yb = np.array([1, 0, 0, 1])
+    batch = make_batch(xb, yb, "logits")
+    scores = backend.score(batch, default_params(batch))
+    np.testing.assert_allclose(scores.loss, [0.0, 0.0, 1e4, 1e4], rtol=1e-15, atol=0)
+
+
+def test_tiny_and_subnormal_probabilities(backend: CpuBackend) -> None:
+    eps32 = float(np.finfo(np.float32).eps)
+    p = np.array([[1e-45, 1.0 - 1e-45], [1e-30, 1.0], [0.25, 0.75]], dtype=np.float32)
+    y = np.array([0, 0, 0])
+    batch = make_batch(p, y, "probs")
+    scores = backend.score(batch, default_params(batch))
+    np.testing.assert_allclose(scores.loss, [-math.log(eps32), -math.log(eps32), math.log(4)], rtol=1e-7)
+
+
+def test_log_probs_edges(backend: CpuBackend) -> None:
+    x = np.array([[0.0, -1e4], [-1e4, 0.0]])
+    batch = make_batch(x, np.array([1, 1]), "log_probs")
+    np.testing.assert_array_equal(backend.score(batch, default_params(batch)).loss, [1e4, 0.0])
+    # Binary: log p = 0 with label 0 means p == 1; 1 - p is floored at eps, as for probs.
+    batch = make_batch(np.array([0.0, -1e-20, -1e4]), np.array([0, 0, 1]), "log_probs")
+    loss = backend.score(batch, default_params(batch)).loss
+    eps = np.finfo(np.float64).eps
+    np.testing.assert_allclose(loss, [-math.log(eps), -math.log(eps), 1e4], rtol=1e-15)
+
+
+def test_unnormalized_rows_are_scored_as_sent(backend: CpuBackend) -> None:
+    p = np.array([[0.5, 0.5], [0.4, 0.4], [0.9, 0.3]])
+    batch = make_batch(p, np.array([0, 0, 0]), "probs")
+    scores = backend.score(batch, ScoringParams(eps=1e-15, focal_gamma=2.0, normalization_tolerance=1e-3))
+    assert scores.unnormalized_rows == 2
+    np.testing.assert_allclose(scores.loss, -np.log([0.5, 0.4, 0.9]), rtol=1e-15)
+
+
+def test_empty_batch(backend: CpuBackend) -> None:
+    batch = make_batch(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), "logits")
+    scores = backend.score(batch, default_params(batch))
+    assert scores.loss.shape == (0,) and scores.unnormalized_rows == 0
+
+
+# --- PyTorch --------------------------------------------------------------------
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("classes", [2, 10, 1000, 50_000])
+def test_logits_equal_torch_cross_entropy(backend: CpuBackend, classes: int) -> None:
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    rng = np.random.default_rng(classes)
+    n = max(4, 200_000 // classes)
+    x = rng.normal(0, 4, (n, classes))
+    y = rng.integers(0, classes, n)
+    batch = make_batch(x, y, "logits")
+    ref = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(y), reduction="none").numpy()
+    np.testing.assert_allclose(backend.score(batch, default_params(batch)).loss, ref, rtol=1e-13, atol=1e-14)
+    # Soft targets: cross_entropy with class probabilities.
+    t = softmax(rng.normal(0, 1, (n, classes)))
+    batch = make_batch(x, t, "logits")
+    ref = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t), reduction="none").numpy()
+    np.testing.assert_allclose(backend.score(batch, default_params(batch)).loss, ref, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.torch
+def test_float32_logits_match_torch_float32(backend: CpuBackend) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 4, (512, 32_000)).astype(np.float32)
+    y = rng.integers(0, 32_000, 512)
+    batch = make_batch(x, y, "logits")
+    ours = backend.score(batch, default_params(batch)).loss
+    ref32 = torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(y), reduction="none")
+    np.testing.assert_allclose(ours, ref32.numpy(), rtol=2e-6)
+    ref64 = torch.nn.functional.cross_entropy(torch.from_numpy(x).double(), torch.from_numpy(y),
+                                              reduction="none")
+    np.testing.assert_allclose(ours, ref64.numpy(), rtol=1e-13)
+
+
+@pytest.mark.torch
+def test_binary_logits_equal_torch_bce_with_logits(backend: CpuBackend) -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(0, 5, 1000), [1e4, -1e4, 0.0, 30.0, -30.0]])
+    t = np.concatenate([rng.random(1000), [0.0, 1.0, 0.5, 0.0, 1.0]])
+    batch = make_batch(x, t, "logits")
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.from_numpy(x), torch.from_numpy(t), reduction="none").numpy()
+    np.testing.assert_allclose(backend.score(batch, default_params(batch)).loss, ref, rtol=1e-13, atol=1e-15)

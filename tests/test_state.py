@@ -1,0 +1,172 @@
+"""Rolling state against a brute-force recomputation over every sample ever seen."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests import naive
+from xentd.config import LimitsConfig, TimeWindow, WindowsConfig
+from xentd.errors import Reason, ValidationError
+from xentd.kernels import SampleScores
+from xentd.state import StateStore, WindowStats
+
+WINDOWS = WindowsConfig(
+    time=(TimeWindow("10s", 10.0), TimeWindow("30s", 30.0)),
+    buckets=4,
+    count=(5, 17, 300),
+    ewma_half_life_seconds=7.0,
+)
+BOUNDS = (0.1, 1.0, 5.0)
+
+
+class FakeClock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _store(classes_limit: int, clock: FakeClock, max_models: int = 10) -> StateStore:
+    return StateStore(WINDOWS, LimitsConfig(max_models=max_models, class_limit=classes_limit,
+                                            loss_buckets=BOUNDS), clock)
+
+
+def _expected(sel: np.ndarray, loss: np.ndarray, focal: np.ndarray, correct: np.ndarray, slot: np.ndarray,
+              w: np.ndarray, decay: np.ndarray | None = None) -> WindowStats:
+    d = np.ones_like(loss) if decay is None else decay
+    ww = (w * d)[sel]
+    sw = ww.sum()
+    nan = math.nan
+    return WindowStats(
+        samples=float(d[sel].sum()), weight=float(sw),
+        cross_entropy=float((ww * loss[sel]).sum() / sw) if sw > 0 else nan,
+        accuracy=float((ww * correct[sel]).sum() / sw) if sw > 0 else nan,
+        focal_loss=float((ww * focal[sel]).sum() / sw) if sw > 0 else nan,
+        balanced_cross_entropy=naive.balanced(loss[sel], slot[sel], ww) if sel.any() else nan,
+    )
+
+
+def _close(got: WindowStats, want: WindowStats, label: str) -> None:
+    for name in WindowStats.__slots__:
+        a, b = getattr(got, name), getattr(want, name)
+        if math.isnan(b):
+            assert math.isnan(a), (label, name, a)
+        else:
+            assert a == pytest.approx(b, rel=1e-9, abs=1e-9), (label, name, a, b)
+
+
+batches = st.lists(
+    st.tuples(st.floats(0.0, 12.0), st.integers(0, 40), st.booleans()),
+    min_size=1, max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(stream=batches, seed=st.integers(0, 2**32 - 1), classes=st.sampled_from([2, 3, 6]),
+       class_limit=st.sampled_from([2, 4, 100]), query_delay=st.floats(0.0, 40.0))
+def test_windows_match_brute_force(stream: list[tuple[float, int, bool]], seed: int, classes: int,
+                                   class_limit: int, query_delay: float) -> None:
+    rng = np.random.default_rng(seed)
+    clock = FakeClock(1_000_000.0 + rng.random() * 100)
+    store = _store(class_limit, clock)
+    model = store.model("m", classes)
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("loss", "focal", "correct", "cls", "w", "t")}
+    for dt, n, weighted in stream:
+        clock.t += dt
+        loss = rng.exponential(1.0, n) * (rng.random(n) < 0.9)
+        scores = SampleScores(loss=loss, focal=loss * rng.random(n),
+                              correct=(rng.random(n) < 0.6).astype(np.uint8),
+                              true_class=rng.integers(0, classes, n), unnormalized_rows=0)
+        weights = rng.random(n) * 2 * (rng.random(n) < 0.9) if weighted else None
+        model.fold(scores, weights, clock.t, None)
+        for k, v in (("loss", scores.loss), ("focal", scores.focal), ("correct", scores.correct),
+                     ("cls", scores.true_class), ("w", np.ones(n) if weights is None else weights),
+                     ("t", np.full(n, clock.t))):
+            cols[k].append(np.asarray(v, np.float64))
+    loss, focal, correct, cls, w, t = (np.concatenate(cols[k]) for k in ("loss", "focal", "correct", "cls",
+                                                                         "w", "t"))
+    slot = np.minimum(cls, class_limit) if classes > class_limit else cls
+    last_batch = clock.t
+    clock.t += query_delay
+    now = clock.t
+    got = dict(model.windows(now))
+
+    for tw in WINDOWS.time:
+        width = tw.seconds / WINDOWS.buckets
+        idx, now_idx = np.floor(t / width), math.floor(now / width)
+        sel = (idx > now_idx - WINDOWS.buckets) & (idx <= now_idx)
+        _close(got[tw.label], _expected(sel, loss, focal, correct, slot, w), tw.label)
+    for k in WINDOWS.count:
+        sel = np.zeros(len(loss), bool)
+        sel[max(0, len(loss) - k):] = True
+        _close(got[f"last_{k}"], _expected(sel, loss, focal, correct, slot, w), f"last_{k}")
+    # EWMA: ratios use weights decayed to the last batch; samples decay to the query time.
+    decay = 2.0 ** (-(last_batch - t) / WINDOWS.ewma_half_life_seconds)
+    want = _expected(np.ones(len(loss), bool), loss, focal, correct, slot, w, decay)
+    want_samples = float((2.0 ** (-(now - t) / WINDOWS.ewma_half_life_seconds)).sum())
+    got_ewma = got["ewma"]
+    assert got_ewma.samples == pytest.approx(want_samples, rel=1e-9, abs=1e-12)
+    _close(WindowStats(want_samples, *[getattr(got_ewma, f) for f in WindowStats.__slots__[1:]]),
+           WindowStats(want_samples, *[getattr(want, f) for f in WindowStats.__slots__[1:]]), "ewma")
+
+    snap = store.snapshot().models[0]
+    assert snap.samples == len(loss)
+    assert snap.weight == pytest.approx(w.sum(), rel=1e-12)
+    assert snap.loss_weighted_sum == pytest.approx((w * loss).sum(), rel=1e-12, abs=1e-12)
+    assert snap.batches == len(stream)
+    np.testing.assert_array_equal(snap.hist_counts,
+                                  np.bincount(np.searchsorted(BOUNDS, loss), minlength=len(BOUNDS) + 1))
+    assert snap.loss_sum == pytest.approx(loss.sum(), rel=1e-12, abs=1e-12)
+    for s, label in enumerate(snap.class_labels):
+        sel = slot == s
+        assert label == ("other" if classes > class_limit and s == class_limit else str(s))
+        assert snap.class_weight[s] == pytest.approx(w[sel].sum(), rel=1e-12, abs=1e-12)
+        assert snap.class_loss_weighted_sum[s] == pytest.approx((w * loss)[sel].sum(), rel=1e-12, abs=1e-12)
+
+
+def test_count_windows_stay_exact_over_long_streams() -> None:
+    """Block sums are only added to, so an outlier leaving the window leaves no residue."""
+    clock = FakeClock(0.0)
+    model = _store(100, clock).model("m", 2)
+    rng = np.random.default_rng(0)
+    all_loss = []
+    for _ in range(400):
+        n = int(rng.integers(1, 200))
+        # Mixed magnitudes are what make add-and-subtract drift.
+        loss = np.where(rng.random(n) < 0.01, 1e6, rng.random(n) * 1e-3)
+        model.fold(SampleScores(loss, loss, np.zeros(n, np.uint8), np.zeros(n, np.int64), 0), None, 0.0, None)
+        all_loss.append(loss)
+    loss = np.concatenate(all_loss)
+    got = dict(model.windows(0.0))
+    for k in WINDOWS.count:
+        assert got[f"last_{k}"].cross_entropy == pytest.approx(loss[-k:].mean(), rel=1e-12)
+    assert model.ring.shape[0] == max(WINDOWS.count)  # memory stops at the largest window
+
+
+def test_clock_going_backwards_does_not_corrupt_windows() -> None:
+    clock = FakeClock(1000.0)
+    model = _store(100, clock).model("m", 2)
+    one = SampleScores(np.ones(1), np.ones(1), np.ones(1, np.uint8), np.zeros(1, np.int64), 0)
+    model.fold(one, None, 1000.0, None)
+    model.fold(one, None, 900.0, None)  # NTP step back: counted as "now"
+    got = dict(model.windows(1000.0))
+    assert got["10s"].samples == 2 and got["last_5"].samples == 2
+
+
+def test_model_cap_and_class_count_are_enforced() -> None:
+    store = _store(100, FakeClock(0.0), max_models=2)
+    store.model("a", 3)
+    store.model("b", 2)
+    with pytest.raises(ValidationError) as info:
+        store.model("c", 2)
+    assert info.value.reason is Reason.TOO_MANY_MODELS
+    with pytest.raises(ValidationError) as info:
+        store.model("a", 4)
+    assert info.value.reason is Reason.CLASS_COUNT_CHANGED
+    assert store.model("a", 3) is store.models["a"]
