@@ -13,6 +13,7 @@ from xentd.errors import (
     DecodeError,
     Reason,
     RejectedBatch,
+    StartupError,
     ValidationError,
     XentdError,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Publisher",
     "Reason",
     "RejectedBatch",
+    "StartupError",
     "ValidationError",
     "XentdError",
     "__version__",

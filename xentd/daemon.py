@@ -28,7 +28,7 @@ import zmq
 from xentd import kernels, wire
 from xentd._version import __version__
 from xentd.config import Config
-from xentd.errors import Reason, RejectedBatch
+from xentd.errors import Reason, RejectedBatch, StartupError
 from xentd.exporter import MetricsServer, build_registry, make_app
 from xentd.kernels import Backend, ScoringParams
 from xentd.state import StateStore
@@ -104,8 +104,11 @@ class Daemon:
     def _init_http(self) -> None:
         registry = build_registry(self.state.snapshot, version=__version__,
                                   backend=self.backend.name if self.backend else "none")
-        self.http = MetricsServer(self.config.metrics.host, self.config.metrics.port,
-                                  make_app(registry, self.health))
+        host, port = self.config.metrics.host, self.config.metrics.port
+        try:
+            self.http = MetricsServer(host, port, make_app(registry, self.health))
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self.http.start()
         self._teardown.append(("metrics server", self.http.stop))
 
@@ -122,12 +125,16 @@ class Daemon:
             for prefix in cfg.subscribe:
                 sock.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
         self._teardown.append(("ingest socket", sock.close))
-        if cfg.connect:
-            sock.connect(cfg.address)
-            self.ingest_endpoint = cfg.address
-        else:
-            sock.bind(cfg.address)
-            self.ingest_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            if cfg.connect:
+                sock.connect(cfg.address)
+                self.ingest_endpoint = cfg.address
+            else:
+                sock.bind(cfg.address)
+                self.ingest_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError as exc:
+            verb = "connect to" if cfg.connect else "bind"
+            raise StartupError(f"cannot {verb} ingest endpoint {cfg.address}: {exc}") from None
         self.socket = sock
 
     def _init_signals(self) -> None:

@@ -3,6 +3,7 @@
     XentdError
     ├── ConfigError            a config file or override is invalid; the daemon refuses to start
     ├── BackendUnavailable     a requested kernel backend cannot run on this machine
+    ├── StartupError           a port or endpoint the daemon needs cannot be bound
     └── RejectedBatch          one message is refused; the daemon counts it and keeps going
         ├── DecodeError        the frames are not a well-formed protocol v1 message
         └── ValidationError    well-formed, but the values cannot be scored
@@ -55,6 +56,10 @@ class ConfigError(XentdError):
 
 class BackendUnavailable(XentdError):
     """A kernel backend was requested that this machine or installation cannot run."""
+
+
+class StartupError(XentdError):
+    """The daemon cannot acquire a resource it needs, such as its metrics port."""
 
 
 class RejectedBatch(XentdError):

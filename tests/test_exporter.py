@@ -1,0 +1,89 @@
+"""The collector: metric names, labels and values from a known state."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.test_state import FakeClock
+from xentd.config import LimitsConfig, WindowsConfig
+from xentd.errors import Reason
+from xentd.exporter import build_registry
+from xentd.kernels import SampleScores
+from xentd.state import StateStore
+
+
+@pytest.fixture
+def store() -> StateStore:
+    clock = FakeClock(1_700_000_000.0)
+    s = StateStore(WindowsConfig(), LimitsConfig(class_limit=2), clock)
+    m = s.model("clf", 3)
+    loss = np.array([0.5, 1.5, 50.0, 0.0])
+    m.fold(SampleScores(loss=loss, focal=loss / 2, correct=np.array([1, 0, 0, 1], np.uint8),
+                        true_class=np.array([0, 1, 2, 2]), unnormalized_rows=1),
+           np.array([1.0, 2.0, 1.0, 0.0]), clock(), 1_699_999_999.0)
+    s.reject(Reason.NON_FINITE)
+    s.messages = 2
+    return s
+
+
+def test_metric_values(store: StateStore) -> None:
+    reg = build_registry(store.snapshot, version="9.9.9", backend="cpu")
+    g = reg.get_sample_value
+    m = {"model": "clf"}
+    assert g("xentd_build_info", {"version": "9.9.9", "backend": "cpu"}) == 1.0
+    assert g("xentd_models") == 1.0
+    assert g("xentd_messages_received_total") == 2.0
+    assert g("xentd_rejected_batches_total", {"reason": "non_finite"}) == 1.0
+    assert g("xentd_rejected_batches_total", {"reason": "too_many_models"}) == 0.0  # every reason exists
+    assert g("xentd_cross_entropy_nats_sum", m) == 0.5 + 3.0 + 50.0
+    assert g("xentd_cross_entropy_nats_count", m) == 4.0
+    assert g("xentd_samples_total", m) == 4.0
+    assert g("xentd_correct_predictions_total", m) == 1.0
+    assert g("xentd_batches_total", m) == 1.0
+    assert g("xentd_unnormalized_rows_total", m) == 1.0
+    assert g("xentd_last_batch_timestamp_seconds", m) == 1_700_000_000.0
+    assert g("xentd_last_event_timestamp_seconds", m) == 1_699_999_999.0
+    # class_limit=2 with 3 classes: class 2 is reported as "other".
+    assert g("xentd_class_cross_entropy_nats_sum", {**m, "class": "0"}) == 0.5
+    assert g("xentd_class_cross_entropy_nats_count", {**m, "class": "1"}) == 2.0
+    assert g("xentd_class_cross_entropy_nats_sum", {**m, "class": "other"}) == 50.0
+    assert g("xentd_sample_loss_nats_bucket", {**m, "le": "0.001"}) == 1.0
+    assert g("xentd_sample_loss_nats_bucket", {**m, "le": "2.0"}) == 3.0
+    assert g("xentd_sample_loss_nats_bucket", {**m, "le": "100.0"}) == 4.0
+    assert g("xentd_sample_loss_nats_bucket", {**m, "le": "+Inf"}) == 4.0
+    assert g("xentd_sample_loss_nats_sum", m) == 52.0
+    for window in ("1m", "5m", "1h", "last_1000", "last_10000", "ewma"):
+        w = {**m, "window": window}
+        assert g("xentd_window_samples", w) == 4.0
+        assert g("xentd_window_cross_entropy_nats", w) == pytest.approx(53.5 / 4)
+        assert g("xentd_window_accuracy_ratio", w) == pytest.approx(1 / 4)
+        assert g("xentd_window_focal_loss_nats", w) == pytest.approx(53.5 / 8)
+        assert g("xentd_window_balanced_cross_entropy_nats", w) == pytest.approx((0.5 + 1.5 + 50.0) / 3)
+    assert g("process_resident_memory_bytes") is not None
+
+
+def test_empty_windows_export_no_ratio(store: StateStore) -> None:
+    store.clock.t += 7200  # type: ignore[attr-defined]
+    reg = build_registry(store.snapshot, version="x", backend="cpu")
+    w = {"model": "clf", "window": "1h"}
+    assert reg.get_sample_value("xentd_window_samples", w) == 0.0
+    assert reg.get_sample_value("xentd_window_cross_entropy_nats", w) is None
+    assert reg.get_sample_value("xentd_window_cross_entropy_nats", {**w, "window": "last_1000"}) is not None
+
+
+def test_exposition_parses_and_has_no_nan(store: StateStore) -> None:
+    text = generate_latest(build_registry(store.snapshot, version="x", backend="cpu")).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("xentd_cross_entropy_nats", "xentd_window_cross_entropy_nats", "xentd_sample_loss_nats",
+                 "xentd_class_cross_entropy_nats", "xentd_rejected_batches", "xentd_build_info"):
+        assert name in families, name
+    assert families["xentd_sample_loss_nats"].type == "histogram"
+    assert families["xentd_cross_entropy_nats"].type == "summary"
+    for f in families.values():
+        for sample in f.samples:
+            assert not math.isnan(sample.value), sample
