@@ -17,6 +17,8 @@ and the EWMA alike, and every mean is a ratio of two of its entries.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from numba import njit
 
@@ -87,12 +89,12 @@ def _add_sample(vec, sign, w, wl, wc, wf, k, slots):  # type: ignore[no-untyped-
 
 def block_size(largest_window: int) -> int:
     """Samples per block: a power of two near sqrt(K), so reads cost O(sqrt(K))."""
-    return max(16, 1 << round(np.log2(max(largest_window, 1)) / 2))
+    return max(16, 1 << round(math.log2(max(largest_window, 1)) / 2))
 
 
 @njit(cache=True)
-def count_push(loss, focal, correct, tcls, weights, weighted, class_limit, slots,
-               ring, ring_cls, blocks, block, total):  # type: ignore[no-untyped-def]
+def count_push(loss, focal, correct, tcls, weights, weighted, class_limit, slots,  # type: ignore[no-untyped-def]
+               ring, ring_cls, blocks, block, total):
     """Append a batch to the sample ring and to the block sums; return the new total.
 
     Sample j lands in ring slot j % len(ring) and in block j // block. Block sums

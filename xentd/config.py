@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from xentd.errors import ConfigError
 from xentd.wire import MODEL_NAME_RE
@@ -177,14 +177,10 @@ class _Table:
         value = self._data.pop(key)
         kinds = kind if isinstance(kind, tuple) else (kind,)
         # bool is an int in Python; a config that says `port = true` is a mistake.
-        if isinstance(value, bool) and bool not in kinds:
-            ok = False
-        else:
-            ok = isinstance(value, kinds)
-        if not ok:
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             names = " or ".join(k.__name__ for k in kinds)
             raise ConfigError(f"{self.where(key)}: expected {names}, got {type(value).__name__} {value!r}")
-        return value  # type: ignore[return-value]
+        return cast(T, value)
 
     def take_table(self, key: str) -> _Table:
         return _Table(self._data.pop(key, {}), self.where(key))
@@ -299,13 +295,13 @@ def _parse_windows(t: _Table) -> WindowsConfig:
 
 
 def _parse_scoring(t: _Table, base: ScoringConfig) -> ScoringConfig:
-    eps = t.take("eps", (int, float), base.eps)  # type: ignore[arg-type]
+    eps = t.take("eps", (int, float), base.eps)
     if eps is not None and not (0.0 < eps < 0.5):
         raise ConfigError(f"{t.where('eps')}: must be in (0, 0.5), got {eps}")
     gamma = float(t.take("focal_gamma", (int, float), base.focal_gamma))
     if not math.isfinite(gamma) or gamma < 0:
         raise ConfigError(f"{t.where('focal_gamma')}: must be a finite number >= 0, got {gamma}")
-    tol = t.take("normalization_tolerance", (int, float), base.normalization_tolerance)  # type: ignore[arg-type]
+    tol = t.take("normalization_tolerance", (int, float), base.normalization_tolerance)
     if tol is not None and not (0.0 < tol < 1.0):
         raise ConfigError(f"{t.where('normalization_tolerance')}: must be in (0, 1), got {tol}")
     t.done(_field_names(ScoringConfig))
@@ -321,7 +317,7 @@ def _parse_limits(t: _Table) -> LimitsConfig:
     buckets = t.take("loss_buckets", list, list(d.loss_buckets))
     if (not buckets or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in buckets)
             or any(not math.isfinite(b) or b <= 0 for b in buckets)
-            or any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:]))):
+            or any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:], strict=False))):
         raise ConfigError(f"{t.where('loss_buckets')}: expected a non-empty, strictly increasing "
                           f"list of positive finite numbers, got {buckets!r}")
     cfg = LimitsConfig(
@@ -370,7 +366,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     scoring = _parse_scoring(root.take_table("scoring"), ScoringConfig())
     models_table = root.take_table("models")
     models: dict[str, ScoringConfig] = {}
-    for name in models_table.keys():
+    for name in models_table.keys():  # noqa: SIM118 - a _Table, not a dict
         if not MODEL_NAME_RE.fullmatch(name):
             raise ConfigError(f"models.{name!r}: not a valid model name "
                               "(1-128 characters of A-Z a-z 0-9 _ . : -)")

@@ -15,10 +15,10 @@ of the metrics contract (see docs/metrics.md) and must only grow.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     """Why a batch was rejected. Values are Prometheus label values."""
 
     # Framing and header (wire).

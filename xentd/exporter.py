@@ -99,7 +99,8 @@ class XentdCollector(Collector):
                   for name, attr, doc in _WINDOW_GAUGES]
         for m in snap.models:
             label = [m.name]
-            ce.add_metric(label, count_value=m.weight, sum_value=m.loss_weighted_sum)
+            # Weighted counts are floats; the exposition format allows them.
+            ce.add_metric(label, count_value=m.weight, sum_value=m.loss_weighted_sum)  # type: ignore[arg-type]
             samples.add_metric(label, m.samples)
             correct.add_metric(label, m.correct_weighted_sum)
             batches.add_metric(label, m.batches)
@@ -107,11 +108,12 @@ class XentdCollector(Collector):
             last.add_metric(label, m.last_batch_time)
             if m.last_event_time is not None:
                 last_event.add_metric(label, m.last_event_time)
-            for cls, w, wl in zip(m.class_labels, m.class_weight, m.class_loss_weighted_sum):
-                per_class.add_metric([m.name, cls], count_value=float(w), sum_value=float(wl))
+            for cls, w, wl in zip(m.class_labels, m.class_weight, m.class_loss_weighted_sum, strict=True):
+                per_class.add_metric([m.name, cls], count_value=float(w),  # type: ignore[arg-type]
+                                     sum_value=float(wl))
             cumulative = 0
             buckets: list[tuple[str, float]] = []
-            for bound, count in zip([*map(_le, m.hist_bounds), "+Inf"], m.hist_counts):
+            for bound, count in zip([*map(_le, m.hist_bounds), "+Inf"], m.hist_counts, strict=True):
                 cumulative += int(count)
                 buckets.append((bound, cumulative))
             hist.add_metric(label, buckets, sum_value=m.loss_sum)

@@ -164,7 +164,7 @@ def encode(
         if arr.ndim > MAX_RANK:
             raise ValueError(f"{name}: rank {arr.ndim} is not supported (at most {MAX_RANK})")
         specs.append({"name": name, "datatype": datatype, "shape": list(arr.shape)})
-        frames.append(memoryview(arr.reshape(-1).view(np.uint8)))
+        frames.append(arr.reshape(-1).view(np.uint8).data)
     header: dict[str, Any] = {"v": VERSION, "model": model, "input": input, "tensors": specs}
     if batch_id is not None:
         header["batch_id"] = batch_id
@@ -270,7 +270,7 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
         raise _fail(Reason.BAD_FRAMING, f"header lists {len(specs)} tensors but {len(data_frames)} "
                                         "data frames follow")
     tensors: dict[str, Tensor] = {}
-    for (name, datatype, shape), buf in zip(specs, data_frames):
+    for (name, datatype, shape), buf in zip(specs, data_frames, strict=True):
         dtype = DATATYPES[datatype]
         count = math.prod(shape)
         expected = count * dtype.itemsize
