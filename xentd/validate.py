@@ -163,12 +163,7 @@ def _targets(t: Tensor, n: int, num_classes: int, binary: bool) -> tuple[np.ndar
             raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} do not match predictions' N={n}")
         if is_float:  # binary soft labels
             values = _as_float(t).astype(np.float64, copy=False)
-            if n:
-                lo, hi = _min_max(values)
-                _check_finite("targets", lo, hi)
-                if lo < 0.0 or hi > 1.0:
-                    raise _reject(Reason.TARGET_OUT_OF_RANGE,
-                                  f"binary soft targets must lie in [0, 1], found [{lo:.6g}, {hi:.6g}]")
+            _check_soft_labels(values, "binary soft targets")
             return values, TargetKind.SOFT
         if n:
             lo_i, hi_i = int(t.array.min()), int(t.array.max())
@@ -185,16 +180,19 @@ def _targets(t: Tensor, n: int, num_classes: int, binary: bool) -> tuple[np.ndar
         values = _as_float(t)
         if values.dtype != np.float32:
             values = values.astype(np.float64, copy=False)
-        if values.size:
-            lo, hi = _min_max(values)
-            _check_finite("targets", lo, hi)
-            if lo < 0.0 or hi > 1.0:
-                raise _reject(Reason.TARGET_OUT_OF_RANGE,
-                              f"one-hot or soft targets must lie in [0, 1], found [{lo:.6g}, {hi:.6g}]")
+        _check_soft_labels(values, "one-hot or soft targets")
         return values, TargetKind.SOFT
     expected = "[N] (0/1 or a probability)" if binary else f"[N] class indices or [N, {num_classes}] floats"
     raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} ({t.datatype}) do not fit predictions; "
                                          f"expected {expected}")
+
+
+def _check_soft_labels(values: np.ndarray, what: str) -> None:
+    if values.size:
+        lo, hi = _min_max(values)
+        _check_finite("targets", lo, hi)
+        if lo < 0.0 or hi > 1.0:
+            raise _reject(Reason.TARGET_OUT_OF_RANGE, f"{what} must lie in [0, 1], found [{lo:.6g}, {hi:.6g}]")
 
 
 def _weights(t: Tensor | None, n: int) -> np.ndarray | None:
