@@ -1,0 +1,54 @@
+"""After warm-up, no batch the daemon can accept triggers a compilation."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from tests.conftest import default_params, make_batch, softmax
+from xentd import accumulate
+from xentd.config import LimitsConfig, WindowsConfig
+from xentd.kernels import cpu
+from xentd.state import StateStore
+from xentd.wire import BF16
+
+
+def _dispatchers() -> list:
+    out = [k for pair in cpu.KERNELS.values() for k in pair]
+    out += [getattr(accumulate, n) for n in ("fold_batch", "time_add", "time_read", "count_push", "count_read")]
+    return out
+
+
+def test_no_compilation_after_warmup() -> None:
+    clock = lambda: 1000.0  # noqa: E731
+    backend = cpu.CpuBackend(parallel_threshold=64)
+    store = StateStore(WindowsConfig(), LimitsConfig(), clock)
+    backend.warmup()
+    store.warmup()
+    before = {id(d): len(d.signatures) for d in _dispatchers()}
+
+    rng = np.random.default_rng(0)
+    p2 = softmax(rng.normal(size=(100, 3)))
+    encoders = {
+        "FP16": lambda x: x.astype(np.float16), "BF16": lambda x: BF16.from_float32(x.astype(np.float32)),
+        "FP32": lambda x: x.astype(np.float32), "FP64": lambda x: x,
+    }
+    targets = {
+        "binary-int": (p2[:, 0], rng.integers(0, 2, 100).astype(np.uint8)),
+        "binary-soft": (p2[:, 0], rng.random(100).astype(np.float16)),
+        "index": (p2, rng.integers(0, 3, 100).astype(np.int32)),
+        "soft32": (p2, softmax(rng.normal(size=(100, 3))).astype(np.float32)),
+        "soft64": (p2, softmax(rng.normal(size=(100, 3)))),
+        "onehot-int": (p2, np.eye(3, dtype=np.uint8)[rng.integers(0, 3, 100)]),
+    }
+    for (dt, enc), (name, (pred, tgt)), weights, n in itertools.product(
+            encoders.items(), targets.items(), (None, np.ones(100, np.float32)), (100, 5)):
+        batch = make_batch(enc(pred[:n]), tgt[:n], "probs", None if weights is None else weights[:n],
+                           model=f"{name}-{pred.ndim}")
+        scores = backend.score(batch, default_params(batch))
+        with store.lock:
+            store.model(batch.model, batch.num_classes).fold(scores, batch.weights, clock(), None)
+    store.snapshot()
+    after = {id(d): len(d.signatures) for d in _dispatchers()}
+    assert after == before
