@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""xentd benchmarks. Prints a table and writes JSON; see BENCHMARKS.md for results.
+
+    python scripts/bench.py kernels [--quick] [--json PATH]
+    python scripts/bench.py e2e     [--quick] [--json PATH]
+    python scripts/bench.py scale   [--quick] [--json PATH]
+    python scripts/bench.py all     [--json PATH]
+
+The machine is shared and noisy, so every figure is reported next to a
+reference measured in the same run (NumPy, PyTorch, the machine's memory read
+bandwidth, a raw pyzmq receive loop); the ratios are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+from xentd import wire  # noqa: E402
+from xentd.kernels import ScoringParams  # noqa: E402
+from xentd.kernels.cpu import CpuBackend  # noqa: E402
+from xentd.validate import validate  # noqa: E402
+
+MB = 1 << 20
+
+
+def best_of(fn: Callable[[], Any], repeats: int, min_time: float = 0.0) -> tuple[float, float]:
+    """(best, median) seconds of ``fn`` over ``repeats`` timed calls, after one warm-up call."""
+    fn()
+    times = []
+    deadline = time.perf_counter() + min_time
+    while len(times) < repeats or time.perf_counter() < deadline:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times), statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "numba_threads": numba.get_num_threads(),
+            "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
+            "threading_layer": _threading_layer()}
+
+
+def _threading_layer() -> str:
+    try:
+        return str(numba.threading_layer())
+    except ValueError:
+        return "not initialised"
+
+
+# --- memory bandwidth ----------------------------------------------------------
+
+
+# fastmath lets the reduction vectorise; without it the sum is bound by the
+# latency of one float add per element, not by memory.
+@njit(parallel=True, fastmath=True, cache=True)
+def _parallel_sum(a):  # type: ignore[no-untyped-def]
+    total = 0.0
+    for i in prange(a.shape[0]):
+        total += a[i]
+    return total
+
+
+def memory_read_bandwidth(repeats: int) -> float:
+    """GB/s of a Numba parallel sum over a 256 MB float32 array."""
+    a = np.ones(256 * MB // 4, np.float32)
+    best, _ = best_of(lambda: _parallel_sum(a), repeats)
+    return a.nbytes / best / 1e9
+
+
+# --- kernels -------------------------------------------------------------------
+
+
+def _np_cross_entropy_logits(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A float32 NumPy log-softmax cross-entropy, as a hand-written consumer would."""
+    m = x.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(x - m).sum(axis=1, keepdims=True)) + m
+    return (lse[:, 0] - x[np.arange(x.shape[0]), y])
+
+
+def _np_cross_entropy_probs(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    eps = np.finfo(p.dtype).eps
+    return -np.log(np.maximum(p[np.arange(p.shape[0]), y], eps))
+
+
+def _make_case(kind: str, classes: int | None, datatype: str, target_bytes: int,
+               rng: np.random.Generator) -> tuple[list[Any], np.ndarray, np.ndarray]:
+    itemsize = 2 if datatype in ("FP16", "BF16") else 4
+    n = max(1, target_bytes // ((classes or 1) * itemsize))
+    shape = (n,) if classes is None else (n, classes)
+    x = rng.standard_normal(shape, dtype=np.float32) * 3
+    if kind == "probs":
+        if classes is None:
+            x = 1.0 / (1.0 + np.exp(-x))
+        else:
+            x = np.exp(x - x.max(axis=1, keepdims=True))
+            x /= x.sum(axis=1, keepdims=True)
+    y = rng.integers(0, classes or 2, n)
+    if datatype == "FP16":
+        sent: Any = x.astype(np.float16)
+    elif datatype == "BF16":
+        sent = wire.BF16.from_float32(x)
+    else:
+        sent = x
+    frames = wire.encode("bench", sent, y, input=kind)
+    return frames, x, y
+
+
+def bench_kernels(args: argparse.Namespace) -> dict[str, Any]:
+    repeats = 3 if args.quick else 5
+    target = (16 if args.quick else 64) * MB
+    rng = np.random.default_rng(0)
+    threads = numba.get_num_threads()
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+    try:
+        from sklearn.metrics import log_loss
+    except ImportError:
+        log_loss = None
+    bw = memory_read_bandwidth(repeats)
+    print(f"memory read bandwidth (numba parallel sum, 256 MB): {bw:.1f} GB/s, {threads} threads")
+    backend = CpuBackend(parallel_threshold=1 << 15)
+    backend.warmup()
+    classes_list: list[int | None] = [None, 10, 100, 1000, 32_000, 128_000]
+    rows = []
+    header = (f"{'input':<7}{'C':>8}{'dtype':>6}{'MB':>6}{'xentd GB/s':>11}{'+valid.':>9}{'Msamp/s':>9}"
+              f"{'%mem':>6}{'numpy':>7}{'torch':>7}{'sklearn':>8}{'x torch':>8}")
+    print(header)
+    for kind in ("logits", "probs"):
+        for classes in classes_list:
+            dtypes = ["FP32"] + (["FP16", "BF16"] if classes is not None and classes >= 32_000 else [])
+            for datatype in dtypes:
+                frames, x32, y = _make_case(kind, classes, datatype, target, rng)
+                msg = wire.decode(frames, max_message_bytes=1 << 34, max_header_bytes=1 << 16)
+                batch = validate(msg)
+                eps = batch.dtype_eps
+                params = ScoringParams(eps, 2.0, math.sqrt(eps))
+                wire_bytes = msg.tensors["predictions"].array.nbytes
+                n = batch.size
+                t_kernel, _ = best_of(lambda: backend.score(batch, params), repeats)
+                t_full, _ = best_of(lambda: backend.score(validate(msg), params), repeats)
+                row: dict[str, Any] = {
+                    "input": kind, "classes": classes or "binary", "datatype": datatype,
+                    "batch_mb": round(wire_bytes / MB, 1), "samples": n,
+                    "xentd_gbps": wire_bytes / t_kernel / 1e9,
+                    "xentd_validate_gbps": wire_bytes / t_full / 1e9,
+                    "xentd_msamples_per_s": n / t_kernel / 1e6,
+                    "pct_of_memory_bw": 100 * wire_bytes / t_kernel / 1e9 / bw,
+                }
+                if classes is not None and datatype == "FP32":
+                    f = _np_cross_entropy_logits if kind == "logits" else _np_cross_entropy_probs
+                    t_np, _ = best_of(lambda: f(x32, y), max(1, repeats // 2))
+                    row["numpy_gbps"] = wire_bytes / t_np / 1e9
+                if torch is not None:
+                    tx = torch.from_numpy(x32)
+                    if datatype == "FP16":
+                        tx = tx.half()
+                    elif datatype == "BF16":
+                        tx = tx.bfloat16()
+                    ty = torch.from_numpy(y)
+                    F = torch.nn.functional
+                    if classes is None:
+                        tyf = ty.to(tx.dtype)
+                        if kind == "logits":
+                            def fn() -> Any:
+                                return F.binary_cross_entropy_with_logits(tx, tyf, reduction="none")
+                        else:
+                            def fn() -> Any:
+                                return F.binary_cross_entropy(tx.clamp(eps, 1 - eps), tyf, reduction="none")
+                    elif kind == "logits":
+                        def fn() -> Any:
+                            return F.cross_entropy(tx, ty, reduction="none")
+                    else:
+                        def fn() -> Any:
+                            return F.nll_loss(torch.log(tx.clamp_min(eps)), ty, reduction="none")
+                    t_torch, _ = best_of(fn, repeats)
+                    row["torch_gbps"] = wire_bytes / t_torch / 1e9
+                    row["speedup_vs_torch"] = t_torch / t_kernel
+                if log_loss is not None and kind == "probs" and datatype == "FP32" and not args.quick:
+                    labels = list(range(classes or 2))
+                    t_sk, _ = best_of(lambda: log_loss(y, x32, labels=labels), 1)
+                    row["sklearn_gbps"] = wire_bytes / t_sk / 1e9
+                rows.append(row)
+                print(f"{kind:<7}{str(classes or 'bin'):>8}{datatype:>6}{row['batch_mb']:>6.0f}"
+                      f"{row['xentd_gbps']:>11.2f}{row['xentd_validate_gbps']:>9.2f}"
+                      f"{row['xentd_msamples_per_s']:>9.1f}{row['pct_of_memory_bw']:>6.0f}"
+                      f"{row.get('numpy_gbps', float('nan')):>7.2f}{row.get('torch_gbps', float('nan')):>7.2f}"
+                      f"{row.get('sklearn_gbps', float('nan')):>8.2f}{row.get('speedup_vs_torch', float('nan')):>8.2f}")
+                del frames, msg, batch, x32
+    return {"memory_read_gbps": bw, "threads": threads, "rows": rows}
+
+
+BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"kernels": bench_kernels}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=[*BENCHES, "all"])
+    p.add_argument("--quick", action="store_true", help="smaller batches and fewer repeats (smoke test)")
+    p.add_argument("--json", type=Path, help="write results here (default: bench-results/<which>.json)")
+    args = p.parse_args()
+    names = list(BENCHES) if args.which == "all" else [args.which]
+    result: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv),
+                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    print(json.dumps(result["machine"]))
+    for name in names:
+        print(f"\n== {name} ==")
+        result[name] = BENCHES[name](args)
+    out = args.json or ROOT / "bench-results" / f"{args.which}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
