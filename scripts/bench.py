@@ -35,7 +35,7 @@ from numba import njit, prange  # noqa: E402
 from xentd import wire  # noqa: E402
 from xentd.kernels import ScoringParams  # noqa: E402
 from xentd.kernels.cpu import CpuBackend  # noqa: E402
-from xentd.validate import validate  # noqa: E402
+from xentd.validate import Scratch, validate  # noqa: E402
 
 MB = 1 << 20
 
@@ -131,6 +131,67 @@ def _make_case(kind: str, classes: int | None, datatype: str, target_bytes: int,
     return frames, x, y
 
 
+def _kernel_case(kind: str, classes: int | None, datatype: str, target: int, rng: np.random.Generator,
+                 repeats: int, backend: CpuBackend, bw: float, torch: Any, log_loss: Any, *,
+                 with_sklearn: bool) -> dict[str, Any]:
+    frames, x32, y = _make_case(kind, classes, datatype, target, rng)
+    msg = wire.decode(frames, max_message_bytes=1 << 34, max_header_bytes=1 << 16)
+    scratch = Scratch()
+    batch = validate(msg, scratch)
+    eps = batch.dtype_eps
+    params = ScoringParams(eps, 2.0, math.sqrt(eps))
+    wire_bytes = msg.tensors["predictions"].array.nbytes
+    n = batch.size
+    t_kernel, _ = best_of(lambda: backend.score(batch, params), repeats)
+    t_full, _ = best_of(lambda: backend.score(validate(msg, scratch), params), repeats)
+    row: dict[str, Any] = {
+        "input": kind, "classes": classes or "binary", "datatype": datatype,
+        "batch_mb": round(wire_bytes / MB, 1), "samples": n,
+        "xentd_gbps": wire_bytes / t_kernel / 1e9,
+        "xentd_validate_gbps": wire_bytes / t_full / 1e9,
+        "xentd_msamples_per_s": n / t_kernel / 1e6,
+        "pct_of_memory_bw": 100 * wire_bytes / t_kernel / 1e9 / bw,
+    }
+    if classes is not None and datatype == "FP32":
+        f = _np_cross_entropy_logits if kind == "logits" else _np_cross_entropy_probs
+        t_np, _ = best_of(lambda: f(x32, y), max(1, repeats // 2))
+        row["numpy_gbps"] = wire_bytes / t_np / 1e9
+    if torch is not None:
+        row.update(_torch_case(torch, kind, classes, datatype, x32, y, eps, repeats, wire_bytes, t_kernel))
+    if log_loss is not None and kind == "probs" and datatype == "FP32" and with_sklearn:
+        labels = list(range(classes or 2))
+        t_sk, _ = best_of(lambda: log_loss(y, x32, labels=labels), 1)
+        row["sklearn_gbps"] = wire_bytes / t_sk / 1e9
+    return row
+
+
+def _torch_case(torch: Any, kind: str, classes: int | None, datatype: str, x32: np.ndarray, y: np.ndarray,
+                eps: float, repeats: int, wire_bytes: int, t_kernel: float) -> dict[str, float]:
+    F = torch.nn.functional
+    tx = torch.from_numpy(x32)
+    if datatype == "FP16":
+        tx = tx.half()
+    elif datatype == "BF16":
+        tx = tx.bfloat16()
+    ty = torch.from_numpy(y)
+    if classes is None:
+        tyf = ty.to(tx.dtype)
+        if kind == "logits":
+            def fn() -> Any:
+                return F.binary_cross_entropy_with_logits(tx, tyf, reduction="none")
+        else:
+            def fn() -> Any:
+                return F.binary_cross_entropy(tx.clamp(eps, 1 - eps), tyf, reduction="none")
+    elif kind == "logits":
+        def fn() -> Any:
+            return F.cross_entropy(tx, ty, reduction="none")
+    else:
+        def fn() -> Any:
+            return F.nll_loss(torch.log(tx.clamp_min(eps)), ty, reduction="none")
+    t_torch, _ = best_of(fn, repeats)
+    return {"torch_gbps": wire_bytes / t_torch / 1e9, "speedup_vs_torch": t_torch / t_kernel}
+
+
 def bench_kernels(args: argparse.Namespace) -> dict[str, Any]:
     repeats = 3 if args.quick else 5
     target = (16 if args.quick else 64) * MB
@@ -159,63 +220,14 @@ def bench_kernels(args: argparse.Namespace) -> dict[str, Any]:
         for classes in classes_list:
             dtypes = ["FP32"] + (["FP16", "BF16"] if classes is not None and classes >= 32_000 else [])
             for datatype in dtypes:
-                frames, x32, y = _make_case(kind, classes, datatype, target, rng)
-                msg = wire.decode(frames, max_message_bytes=1 << 34, max_header_bytes=1 << 16)
-                batch = validate(msg)
-                eps = batch.dtype_eps
-                params = ScoringParams(eps, 2.0, math.sqrt(eps))
-                wire_bytes = msg.tensors["predictions"].array.nbytes
-                n = batch.size
-                t_kernel, _ = best_of(lambda: backend.score(batch, params), repeats)
-                t_full, _ = best_of(lambda: backend.score(validate(msg), params), repeats)
-                row: dict[str, Any] = {
-                    "input": kind, "classes": classes or "binary", "datatype": datatype,
-                    "batch_mb": round(wire_bytes / MB, 1), "samples": n,
-                    "xentd_gbps": wire_bytes / t_kernel / 1e9,
-                    "xentd_validate_gbps": wire_bytes / t_full / 1e9,
-                    "xentd_msamples_per_s": n / t_kernel / 1e6,
-                    "pct_of_memory_bw": 100 * wire_bytes / t_kernel / 1e9 / bw,
-                }
-                if classes is not None and datatype == "FP32":
-                    f = _np_cross_entropy_logits if kind == "logits" else _np_cross_entropy_probs
-                    t_np, _ = best_of(lambda: f(x32, y), max(1, repeats // 2))
-                    row["numpy_gbps"] = wire_bytes / t_np / 1e9
-                if torch is not None:
-                    tx = torch.from_numpy(x32)
-                    if datatype == "FP16":
-                        tx = tx.half()
-                    elif datatype == "BF16":
-                        tx = tx.bfloat16()
-                    ty = torch.from_numpy(y)
-                    F = torch.nn.functional
-                    if classes is None:
-                        tyf = ty.to(tx.dtype)
-                        if kind == "logits":
-                            def fn() -> Any:
-                                return F.binary_cross_entropy_with_logits(tx, tyf, reduction="none")
-                        else:
-                            def fn() -> Any:
-                                return F.binary_cross_entropy(tx.clamp(eps, 1 - eps), tyf, reduction="none")
-                    elif kind == "logits":
-                        def fn() -> Any:
-                            return F.cross_entropy(tx, ty, reduction="none")
-                    else:
-                        def fn() -> Any:
-                            return F.nll_loss(torch.log(tx.clamp_min(eps)), ty, reduction="none")
-                    t_torch, _ = best_of(fn, repeats)
-                    row["torch_gbps"] = wire_bytes / t_torch / 1e9
-                    row["speedup_vs_torch"] = t_torch / t_kernel
-                if log_loss is not None and kind == "probs" and datatype == "FP32" and not args.quick:
-                    labels = list(range(classes or 2))
-                    t_sk, _ = best_of(lambda: log_loss(y, x32, labels=labels), 1)
-                    row["sklearn_gbps"] = wire_bytes / t_sk / 1e9
+                row = _kernel_case(kind, classes, datatype, target, rng, repeats, backend, bw, torch, log_loss,
+                                   with_sklearn=not args.quick)
                 rows.append(row)
                 print(f"{kind:<7}{str(classes or 'bin'):>8}{datatype:>6}{row['batch_mb']:>6.0f}"
                       f"{row['xentd_gbps']:>11.2f}{row['xentd_validate_gbps']:>9.2f}"
                       f"{row['xentd_msamples_per_s']:>9.1f}{row['pct_of_memory_bw']:>6.0f}"
                       f"{row.get('numpy_gbps', float('nan')):>7.2f}{row.get('torch_gbps', float('nan')):>7.2f}"
                       f"{row.get('sklearn_gbps', float('nan')):>8.2f}{row.get('speedup_vs_torch', float('nan')):>8.2f}")
-                del frames, msg, batch, x32
     return {"memory_read_gbps": bw, "threads": threads, "rows": rows}
 
 

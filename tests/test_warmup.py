@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 
 from tests.conftest import default_params, make_batch, softmax
-from xentd import accumulate
+from xentd import accumulate, scan
 from xentd.config import LimitsConfig, WindowsConfig
 from xentd.kernels import cpu
 from xentd.state import StateStore
@@ -17,6 +17,7 @@ from xentd.wire import BF16
 def _dispatchers() -> list:
     out = [k for pair in cpu.KERNELS.values() for k in pair]
     out += [getattr(accumulate, n) for n in ("fold_batch", "time_add", "time_read", "count_push", "count_read")]
+    out += [scan._scan_serial, scan._scan_parallel, scan._widen_serial, scan._widen_parallel]
     return out
 
 
@@ -25,6 +26,7 @@ def test_no_compilation_after_warmup() -> None:
     backend = cpu.CpuBackend(parallel_threshold=64)
     store = StateStore(WindowsConfig(), LimitsConfig(), clock)
     backend.warmup()
+    scan.warmup()
     store.warmup()
     before = {id(d): len(d.signatures) for d in _dispatchers()}
 
@@ -42,10 +44,13 @@ def test_no_compilation_after_warmup() -> None:
         "soft64": (p2, softmax(rng.normal(size=(100, 3)))),
         "onehot-int": (p2, np.eye(3, dtype=np.uint8)[rng.integers(0, 3, 100)]),
     }
-    for (dt, enc), (name, (pred, tgt)), weights, n in itertools.product(
-            encoders.items(), targets.items(), (None, np.ones(100, np.float32)), (100, 5)):
-        batch = make_batch(enc(pred[:n]), tgt[:n], "probs", None if weights is None else weights[:n],
-                           model=f"{name}-{pred.ndim}")
+    big = softmax(rng.normal(size=(30_000, 3)))  # past scan.PARALLEL_MIN: the parallel builds
+    targets["big"] = (big, rng.integers(0, 3, 30_000))
+    for (_dt, enc), (name, (pred, tgt)), weighted, short in itertools.product(
+            encoders.items(), targets.items(), (False, True), (False, True)):
+        n = 5 if short else len(pred)
+        weights = np.ones(n, np.float32) if weighted else None
+        batch = make_batch(enc(pred[:n]), tgt[:n], "probs", weights, model=f"{name}-{pred.ndim}")
         scores = backend.score(batch, default_params(batch))
         with store.lock:
             store.model(batch.model, batch.num_classes).fold(scores, batch.weights, clock(), None)

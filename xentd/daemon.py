@@ -25,14 +25,14 @@ from typing import Any
 
 import zmq
 
-from xentd import kernels, wire
+from xentd import kernels, scan, wire
 from xentd._version import __version__
 from xentd.config import Config
 from xentd.errors import Reason, RejectedBatch, StartupError
 from xentd.exporter import MetricsServer, build_registry, make_app
 from xentd.kernels import Backend, ScoringParams
 from xentd.state import StateStore
-from xentd.validate import Batch, validate
+from xentd.validate import Batch, Scratch, validate
 
 log = logging.getLogger("xentd")
 
@@ -76,6 +76,7 @@ class Daemon:
         self._ready = False
         self._heartbeat = time.monotonic()
         self._params: dict[tuple[str, str], ScoringParams] = {}
+        self._scratch = Scratch()
         self._log_rejection = _RejectionLog(config.log.rejection_interval_seconds)
         self._teardown: list[tuple[str, Callable[[], None]]] = []
 
@@ -97,6 +98,7 @@ class Daemon:
         backend = kernels.create(self.config.engine.backend,
                                  parallel_threshold=self.config.engine.parallel_threshold)
         backend.warmup()
+        scan.warmup()
         self.state.warmup()
         self.backend = backend
         log.info("kernels ready (%s backend) in %.1fs", backend.name, time.monotonic() - started)
@@ -217,7 +219,7 @@ class Daemon:
                               max_header_bytes=self.config.ingest.max_header_bytes,
                               topic=self.config.ingest.socket == "sub")
             model = msg.model
-            batch = validate(msg)
+            batch = validate(msg, self._scratch)
             with self.state.lock:
                 state = self.state.model(batch.model, batch.num_classes)
             assert self.backend is not None

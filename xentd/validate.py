@@ -1,7 +1,8 @@
 """Turn a decoded :class:`~xentd.wire.Message` into a :class:`Batch` the kernels can trust.
 
-Every rule that makes a batch unscoreable is checked here, with vectorised NumPy
-reductions (no per-sample Python): finiteness, ranges, shapes, class indices.
+Every rule that makes a batch unscoreable is checked here: finiteness, ranges,
+shapes, class indices. Each float tensor is checked in one pass of a Numba scan
+(:mod:`xentd.scan`) that also widens FP16/BF16; there is no per-sample Python.
 The kernels assume all of it and check nothing.
 
 Predictions are widened to float32 (FP16, BF16) or kept as float32/float64; the
@@ -17,7 +18,8 @@ from enum import IntEnum
 import numpy as np
 
 from xentd.errors import Reason, ValidationError
-from xentd.wire import FLOAT_DATATYPES, MODEL_NAME_RE, Message, Tensor, bf16_to_float32
+from xentd.scan import scan, widen
+from xentd.wire import FLOAT_DATATYPES, MODEL_NAME_RE, Message, Tensor
 
 # Machine epsilon of each float wire datatype: sklearn's default clip for probabilities.
 DATATYPE_EPS = {
@@ -89,28 +91,48 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def _as_float(t: Tensor) -> np.ndarray:
-    if t.datatype == "BF16":
-        return bf16_to_float32(t.array)
-    if t.datatype == "FP16":
-        return t.array.astype(np.float32)
-    if t.datatype in ("FP32", "FP64"):
-        return t.array.astype(t.array.dtype.newbyteorder("="), copy=False)
-    return t.array.astype(np.float64)
+class Scratch:
+    """A reusable float32 buffer for widening FP16/BF16 predictions.
+
+    A batch validated with a scratch holds a view of it, valid until the next
+    batch is validated with the same scratch. The daemon scores each batch
+    before it validates the next, so one buffer serves them all; without it,
+    first-touching a fresh buffer for every batch costs more than the widening.
+    """
+
+    def __init__(self) -> None:
+        self._buf = np.empty(0, np.float32)
+
+    def float32(self, shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape))
+        if n > self._buf.size:
+            self._buf = np.empty(max(n, 2 * self._buf.size), np.float32)
+        return self._buf[:n].reshape(shape)
 
 
-def _min_max(a: np.ndarray) -> tuple[float, float]:
-    # min/max propagate NaN, so one pass each also detects NaN and +-Inf without a temporary.
-    return float(a.min()), float(a.max())
+def _floats(name: str, t: Tensor, scratch: Scratch | None = None) -> tuple[np.ndarray, float, float]:
+    """The tensor as float32 or float64 values with their (min, max); rejects NaN and Inf."""
+    if t.datatype in ("FP16", "BF16"):
+        values = scratch.float32(t.array.shape) if scratch is not None else np.empty(t.array.shape, np.float32)
+        lo, hi, bad = widen(t.array.view(np.uint16), values, half=t.datatype == "FP16")
+    else:
+        if t.datatype in ("FP32", "FP64"):
+            values = t.array.astype(t.array.dtype.newbyteorder("="), copy=False)
+        else:
+            values = t.array.astype(np.float64)
+        if not (values.flags.c_contiguous and values.flags.aligned):
+            values = np.ascontiguousarray(values).copy()
+        lo, hi, bad = scan(values)
+    if bad:
+        raise _reject(Reason.NON_FINITE, f"{name} contains {bad} NaN or Inf value(s)")
+    return values, lo, hi
 
 
-def _check_finite(name: str, lo: float, hi: float) -> None:
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise _reject(Reason.NON_FINITE, f"{name} contains NaN or Inf")
+def validate(msg: Message, scratch: Scratch | None = None) -> Batch:
+    """Check a decoded message and return a :class:`Batch`, or raise ValidationError.
 
-
-def validate(msg: Message) -> Batch:
-    """Check a decoded message and return a :class:`Batch`, or raise ValidationError."""
+    With a ``scratch``, widened FP16/BF16 predictions live in its buffer (see :class:`Scratch`).
+    """
     if not MODEL_NAME_RE.fullmatch(msg.model):
         raise _reject(Reason.BAD_MODEL_NAME, f"model name {msg.model[:64]!r} must be 1-128 characters "
                                              "of A-Z a-z 0-9 _ . : -")
@@ -127,17 +149,15 @@ def validate(msg: Message) -> Batch:
     if pred_t.datatype not in FLOAT_DATATYPES:
         raise _reject(Reason.BAD_DATATYPE, f"predictions must be FP16, BF16, FP32 or FP64, "
                                            f"got {pred_t.datatype}")
-    pred = _as_float(pred_t)
-    if pred.ndim not in (1, 2) or (pred.ndim == 2 and pred.shape[1] < 2):
+    shape = pred_t.array.shape
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] < 2):
         raise _reject(Reason.SHAPE_MISMATCH, f"predictions must be [N] (binary) or [N, C] with C >= 2, "
-                                             f"got {list(pred.shape)}")
+                                             f"got {list(shape)}")
+    pred, lo, hi = _floats("predictions", pred_t, scratch)
     n = pred.shape[0]
     binary = pred.ndim == 1
     num_classes = 2 if binary else int(pred.shape[1])
-
-    if n and pred.size:
-        lo, hi = _min_max(pred)
-        _check_finite("predictions", lo, hi)
+    if pred.size:
         if kind is InputKind.PROBS and (lo < 0.0 or hi > 1.0):
             raise _reject(Reason.PROBABILITY_OUT_OF_RANGE,
                           f"probabilities must lie in [0, 1], found values in [{lo:.6g}, {hi:.6g}]")
@@ -162,9 +182,9 @@ def _targets(t: Tensor, n: int, num_classes: int, binary: bool) -> tuple[np.ndar
         if shape[0] != n:
             raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} do not match predictions' N={n}")
         if is_float:  # binary soft labels
-            values = _as_float(t).astype(np.float64, copy=False)
-            _check_soft_labels(values, "binary soft targets")
-            return values, TargetKind.SOFT
+            values, lo, hi = _floats("targets", t)
+            _check_soft_labels(lo, hi, values.size, "binary soft targets")
+            return values.astype(np.float64, copy=False), TargetKind.SOFT
         if n:
             lo_i, hi_i = int(t.array.min()), int(t.array.max())
             if lo_i < 0 or hi_i >= num_classes:
@@ -177,22 +197,17 @@ def _targets(t: Tensor, n: int, num_classes: int, binary: bool) -> tuple[np.ndar
         if shape != [n, num_classes]:
             raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} do not match predictions "
                                                  f"[{n}, {num_classes}]")
-        values = _as_float(t)
-        if values.dtype != np.float32:
-            values = values.astype(np.float64, copy=False)
-        _check_soft_labels(values, "one-hot or soft targets")
+        values, lo, hi = _floats("targets", t)
+        _check_soft_labels(lo, hi, values.size, "one-hot or soft targets")
         return values, TargetKind.SOFT
     expected = "[N] (0/1 or a probability)" if binary else f"[N] class indices or [N, {num_classes}] floats"
     raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} ({t.datatype}) do not fit predictions; "
                                          f"expected {expected}")
 
 
-def _check_soft_labels(values: np.ndarray, what: str) -> None:
-    if values.size:
-        lo, hi = _min_max(values)
-        _check_finite("targets", lo, hi)
-        if lo < 0.0 or hi > 1.0:
-            raise _reject(Reason.TARGET_OUT_OF_RANGE, f"{what} must lie in [0, 1], found [{lo:.6g}, {hi:.6g}]")
+def _check_soft_labels(lo: float, hi: float, size: int, what: str) -> None:
+    if size and (lo < 0.0 or hi > 1.0):
+        raise _reject(Reason.TARGET_OUT_OF_RANGE, f"{what} must lie in [0, 1], found [{lo:.6g}, {hi:.6g}]")
 
 
 def _weights(t: Tensor | None, n: int) -> np.ndarray | None:
@@ -200,10 +215,7 @@ def _weights(t: Tensor | None, n: int) -> np.ndarray | None:
         return None
     if list(t.array.shape) != [n]:
         raise _reject(Reason.SHAPE_MISMATCH, f"weights {list(t.array.shape)} must be [N] with N={n}")
-    w = _as_float(t).astype(np.float64, copy=False)
-    if n:
-        lo, hi = _min_max(w)
-        _check_finite("weights", lo, hi)
-        if lo < 0.0:
-            raise _reject(Reason.NEGATIVE_WEIGHT, f"weights must be >= 0, found {lo:.6g}")
-    return w
+    w, lo, _ = _floats("weights", t)
+    if n and lo < 0.0:
+        raise _reject(Reason.NEGATIVE_WEIGHT, f"weights must be >= 0, found {lo:.6g}")
+    return w.astype(np.float64, copy=False)

@@ -1,0 +1,179 @@
+"""One-pass validation scans: min, max and a count of non-finite values.
+
+:mod:`xentd.validate` needs the range of every float tensor and whether it holds
+NaN or Inf; for FP16 and BF16 it also needs the values widened to float32 for
+the kernels. These Numba kernels do both in a single pass at memory speed,
+instead of NumPy's separate ``astype``, ``min`` and ``max`` passes.
+
+Widening is exact: FP16 through LLVM's half-to-float extension (the F16C
+instruction vcvtph2ps on x86), BF16 as the top half of a float32.
+
+Min and max skip non-finite values (they are counted instead), so the
+``llvm.maxnum``/``llvm.minnum`` calls, which carry fast-math flags to be
+vectorised, never see a NaN or an infinity.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange
+from numba import types as nbtypes
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# Arrays smaller than this are scanned on one thread: starting the pool costs more.
+PARALLEL_MIN = 1 << 16
+CHUNK = 1 << 14
+
+
+@intrinsic
+def bits_to_float32(typingctx, bits):  # type: ignore[no-untyped-def]
+    """Reinterpret the low 32 bits of an integer as a float32 (a free bitcast)."""
+    if not isinstance(bits, nbtypes.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        value = args[0]
+        if bits.bitwidth > 32:
+            value = builder.trunc(value, ir.IntType(32))
+        elif bits.bitwidth < 32:
+            value = builder.zext(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return nbtypes.float32(bits), codegen
+
+
+def _minmax_intrinsic(name: str):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def impl(typingctx, a, b):  # type: ignore[no-untyped-def]
+        if a not in (nbtypes.float32, nbtypes.float64) or a != b:
+            return None
+        llty = ir.FloatType() if a == nbtypes.float32 else ir.DoubleType()
+        suffix = "f32" if a == nbtypes.float32 else "f64"
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            fnty = ir.FunctionType(llty, [llty, llty])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.{name}.{suffix}")
+            return builder.call(fn, args, fastmath=("fast",))
+
+        return a(a, b), codegen
+
+    return impl
+
+
+fmax = _minmax_intrinsic("maxnum")
+fmin = _minmax_intrinsic("minnum")
+
+@intrinsic
+def half_bits_to_float32(typingctx, bits):  # type: ignore[no-untyped-def]
+    """IEEE half bit pattern -> float32, exactly (LLVM fpext; F16C's vcvtph2ps where available)."""
+    if not isinstance(bits, nbtypes.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        value = args[0]
+        if bits.bitwidth != 16:
+            value = builder.trunc(value, ir.IntType(16))
+        return builder.fpext(builder.bitcast(value, ir.HalfType()), ir.FloatType())
+
+    return nbtypes.float32(bits), codegen
+
+
+_BIG = 1.7976931348623157e308  # finite identities: fast-math min/max must never see an infinity
+
+
+def _scan(x):  # type: ignore[no-untyped-def]
+    """(min, max, count of NaN/Inf) of a 1-D float array.
+
+    Min and max are only meaningful when the count is 0; non-finite values are
+    masked to 0 before they reach them.
+    """
+    n = x.shape[0]
+    chunks = (n + CHUNK - 1) // CHUNK
+    los = np.empty(chunks, np.float64)
+    his = np.empty(chunks, np.float64)
+    bads = np.empty(chunks, np.int64)
+    for k in prange(chunks):
+        lo = _BIG
+        hi = -_BIG
+        bad = 0
+        for j in range(k * CHUNK, min(n, (k + 1) * CHUNK)):
+            v = np.float64(x[j])
+            finite = (v - v) == 0.0
+            bad += 0 if finite else 1
+            clean = v if finite else 0.0
+            lo = fmin(lo, clean)
+            hi = fmax(hi, clean)
+        los[k] = lo
+        his[k] = hi
+        bads[k] = bad
+    lo = _BIG
+    hi = -_BIG
+    for k in range(chunks):
+        lo = min(lo, los[k])
+        hi = max(hi, his[k])
+    return lo, hi, bads.sum()
+
+
+def _widen(bits, out, half):  # type: ignore[no-untyped-def]
+    """Widen FP16 (half=True) or BF16 bit patterns into ``out``."""
+    for j in prange(bits.shape[0]):
+        out[j] = half_bits_to_float32(bits[j]) if half else bits_to_float32(np.int32(bits[j]) << np.int32(16))
+
+
+def _twin(f: Callable[..., Any], suffix: str) -> Callable[..., Any]:
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
+    g.__qualname__ = f.__qualname__ + suffix
+    return g
+
+
+_scan_serial = njit(cache=True)(_scan)
+_scan_parallel = njit(cache=True, parallel=True)(_twin(_scan, "__parallel"))
+_widen_serial = njit(cache=True)(_widen)
+_widen_parallel = njit(cache=True, parallel=True)(_twin(_widen, "__parallel"))
+
+
+def _readonly_flat(x: np.ndarray) -> np.ndarray:
+    # Frames arrive read-only and conversions are writeable; Numba compiles each
+    # separately, so every input is passed read-only to keep one signature per dtype.
+    flat = x.reshape(-1).view()
+    flat.flags.writeable = False
+    return flat
+
+
+def scan(x: np.ndarray) -> tuple[float, float, int]:
+    """(min, max, NaN/Inf count) of a float32 or float64 array of any shape (C-contiguous)."""
+    flat = _readonly_flat(x)
+    if flat.size == 0:
+        return 0.0, 0.0, 0
+    lo, hi, bad = (_scan_serial if flat.size < PARALLEL_MIN else _scan_parallel)(flat)
+    return float(lo), float(hi), int(bad)
+
+
+def widen(bits: np.ndarray, out: np.ndarray, *, half: bool) -> tuple[float, float, int]:
+    """Widen FP16 (half=True) or BF16 bit patterns into ``out`` (float32, same size,
+    C-contiguous) and return its (min, max, NaN/Inf count).
+
+    ``out`` is the caller's, so that a long-running caller can reuse one buffer:
+    first-touching a fresh 64 MB array costs more than widening into it.
+    """
+    flat_bits, flat_out = _readonly_flat(bits), out.reshape(-1)
+    if flat_bits.size == 0:
+        return 0.0, 0.0, 0
+    (_widen_serial if flat_bits.size < PARALLEL_MIN else _widen_parallel)(flat_bits, flat_out, half)
+    return scan(flat_out)
+
+
+def warmup() -> None:
+    """Compile every scan signature validation uses, serial and parallel."""
+    for build in (_scan_serial, _scan_parallel):
+        for dtype in (np.float32, np.float64):
+            build(_readonly_flat(np.zeros(2, dtype)))
+    for build in (_widen_serial, _widen_parallel):
+        for half in (True, False):
+            build(_readonly_flat(np.zeros(2, np.uint16)), np.empty(2, np.float32), half)
