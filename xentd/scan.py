@@ -174,6 +174,6 @@ def warmup() -> None:
     for build in (_scan_serial, _scan_parallel):
         for dtype in (np.float32, np.float64):
             build(_readonly_flat(np.zeros(2, dtype)))
-    for build in (_widen_serial, _widen_parallel):
+    for widen_build in (_widen_serial, _widen_parallel):
         for half in (True, False):
-            build(_readonly_flat(np.zeros(2, np.uint16)), np.empty(2, np.float32), half)
+            widen_build(_readonly_flat(np.zeros(2, np.uint16)), np.empty(2, np.float32), half)
