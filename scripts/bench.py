@@ -231,7 +231,228 @@ def bench_kernels(args: argparse.Namespace) -> dict[str, Any]:
     return {"memory_read_gbps": bw, "threads": threads, "rows": rows}
 
 
-BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"kernels": bench_kernels}
+# --- end to end ------------------------------------------------------------------
+
+E2E_WORKLOADS = [
+    # name, samples per message, classes, datatype, messages (full run)
+    ("64x10 fp32", 64, 10, "FP32", 200_000),
+    ("65536x10 fp32", 65_536, 10, "FP32", 1_500),
+    ("8x32000 fp16", 8, 32_000, "FP16", 6_000),
+]
+
+
+def _e2e_frames(samples: int, classes: int, datatype: str, model: str) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((samples, classes), dtype=np.float32) * 2
+    y = rng.integers(0, classes, samples)
+    pred = x.astype(np.float16) if datatype == "FP16" else x
+    return [bytes(f) for f in wire.encode(model, pred, y, input="logits")]
+
+
+def _producer(address: str, frames: list[bytes], count: int, start: Any, rate: float) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 10_000)
+    sock.setsockopt(zmq.LINGER, -1)
+    sock.connect(address)
+    start.wait()
+    t0 = time.perf_counter()
+    for i in range(count):
+        if rate:
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        sock.send_multipart(frames, copy=len(frames[1]) < 65536)
+    sock.close()
+    # multiprocessing children leave through os._exit, which skips context
+    # teardown; only term() waits for queued messages to be flushed.
+    ctx.term()
+
+
+def _raw_receiver(address: str, count: int, ready: Any, result: Any) -> None:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 1000)
+    sock.bind(address)
+    ready.set()
+    nbytes = 0
+    for _ in range(count):
+        frames = sock.recv_multipart(copy=False)
+        nbytes += sum(len(f) for f in frames)
+    result.put((time.perf_counter(), nbytes))
+
+
+def _free_tcp() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _start_producers(address: str, frames: list[bytes], total: int, producers: int, rate: float = 0.0) -> tuple[list[Any], Any]:
+    import multiprocessing as mp
+
+    start = mp.Event()
+    procs = []
+    for k in range(producers):
+        share = total // producers + (1 if k < total % producers else 0)
+        p = mp.Process(target=_producer, args=(address, frames, share, start, rate / producers))
+        p.start()
+        procs.append(p)
+    return procs, start
+
+
+def _raw_rate(frames: list[bytes], total: int, producers: int) -> tuple[float, float]:
+    import multiprocessing as mp
+
+    address = _free_tcp()
+    ready, result = mp.Event(), mp.Queue()
+    rx = mp.Process(target=_raw_receiver, args=(address, total, ready, result))
+    rx.start()
+    ready.wait()
+    procs, start = _start_producers(address, frames, total, producers)
+    time.sleep(0.5)  # let the producers connect
+    t0 = time.perf_counter()
+    start.set()
+    t_end, nbytes = result.get()
+    for p in [*procs, rx]:
+        p.join()
+    return total / (t_end - t0), nbytes / (t_end - t0)
+
+
+class _Daemon:
+    def __init__(self, config: str = "") -> None:
+        import subprocess
+        import tempfile
+
+        self.ingest = _free_tcp()
+        self._dir = tempfile.TemporaryDirectory()
+        cfg = Path(self._dir.name) / "xentd.toml"
+        cfg.write_text(config)
+        self.proc = subprocess.Popen([sys.executable, "-m", "xentd", "run", "--config", str(cfg), "--ingest",
+                                      self.ingest, "--metrics", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            if "ready:" in line:
+                self.http = "http://" + line.split("metrics http://", 1)[1].split("/metrics", 1)[0]
+                break
+        else:
+            raise RuntimeError("daemon did not start")
+        import threading
+
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()  # type: ignore[union-attr]
+
+    def scrape(self) -> tuple[str, float]:
+        import urllib.request
+
+        t = time.perf_counter()
+        with urllib.request.urlopen(self.http + "/metrics", timeout=30) as r:
+            body = r.read().decode()
+        return body, time.perf_counter() - t
+
+    def value(self, name: str, model: str) -> float:
+        body, _ = self.scrape()
+        prefix = f'{name}{{model="{model}"}} '
+        for line in body.splitlines():
+            if line.startswith(prefix):
+                return float(line[len(prefix):])
+        return 0.0
+
+    def rss_bytes(self) -> int:
+        return int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        self._dir.cleanup()
+
+
+def _xentd_rate(daemon: _Daemon, model: str, frames: list[bytes], total: int, samples: int,
+                producers: int) -> tuple[float, float, float]:
+    procs, start = _start_producers(daemon.ingest, frames, total, producers)
+    time.sleep(0.5)
+    before = daemon.value("xentd_cross_entropy_nats_count", model)
+    t0 = time.perf_counter()
+    start.set()
+    expected = before + total * samples
+    while True:
+        got = daemon.value("xentd_cross_entropy_nats_count", model)
+        if got >= expected:
+            break
+        time.sleep(0.02)
+    elapsed = time.perf_counter() - t0
+    for p in procs:
+        p.join()
+    nbytes = total * sum(len(f) for f in frames)
+    return total / elapsed, nbytes / elapsed, got - before
+
+
+def _latency(daemon: _Daemon, rate: float, frames: list[bytes], probes: int) -> tuple[float, float]:
+    """send-to-visible latency of probe batches while a background load runs at ``rate`` msg/s."""
+    import zmq
+
+    duration = probes * 0.05 + 2
+    procs, start = _start_producers(daemon.ingest, frames, int(rate * duration), 2, rate)
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.connect(daemon.ingest)
+    probe = [bytes(f) for f in wire.encode("latency-probe", np.full((1, 10), 0.1, np.float32), np.zeros(1, np.int64))]
+    time.sleep(0.5)
+    start.set()
+    time.sleep(0.5)
+    seen = daemon.value("xentd_batches_total", "latency-probe")
+    lat = []
+    for _ in range(probes):
+        t = time.perf_counter()
+        sock.send_multipart(probe)
+        while daemon.value("xentd_batches_total", "latency-probe") <= seen:
+            pass
+        lat.append(time.perf_counter() - t)
+        seen += 1
+        time.sleep(0.02)
+    for p in procs:
+        p.join()
+    sock.close()
+    return float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+
+
+def bench_e2e(args: argparse.Namespace) -> dict[str, Any]:
+    producers = 2
+    rows = []
+    print(f"{'workload':<16}{'raw msg/s':>11}{'xentd msg/s':>12}{'ratio':>7}{'raw MB/s':>10}{'xentd MB/s':>11}"
+          f"{'ratio':>7}{'Msamples/s':>11}{'lost':>6}")
+    daemon = _Daemon("[limits]\nmax_models = 100\n")
+    try:
+        for name, samples, classes, datatype, messages in E2E_WORKLOADS:
+            total = messages // 10 if args.quick else messages
+            model = "e2e-" + name.split()[0]
+            frames = _e2e_frames(samples, classes, datatype, model)
+            raw_msgs, raw_bytes = _raw_rate(frames, total, producers)
+            x_msgs, x_bytes, counted = _xentd_rate(daemon, model, frames, total, samples, producers)
+            lost = total * samples - counted
+            row = {"workload": name, "messages": total, "message_bytes": sum(len(f) for f in frames),
+                   "raw_msgs_per_s": raw_msgs, "raw_bytes_per_s": raw_bytes,
+                   "xentd_msgs_per_s": x_msgs, "xentd_bytes_per_s": x_bytes,
+                   "xentd_samples_per_s": x_msgs * samples, "msg_ratio": x_msgs / raw_msgs,
+                   "byte_ratio": x_bytes / raw_bytes, "lost_samples": lost}
+            rows.append(row)
+            print(f"{name:<16}{raw_msgs:>11.0f}{x_msgs:>12.0f}{x_msgs / raw_msgs:>7.2f}{raw_bytes / 1e6:>10.0f}"
+                  f"{x_bytes / 1e6:>11.0f}{x_bytes / raw_bytes:>7.2f}{x_msgs * samples / 1e6:>11.2f}{lost:>6.0f}")
+        small = rows[0]
+        rate = small["xentd_msgs_per_s"] / 2
+        p50, p99 = _latency(daemon, rate, _e2e_frames(64, 10, "FP32", "latency-load"), 30 if args.quick else 200)
+        print(f"send-to-visible latency at {rate:.0f} msg/s (half of max, 64x10): p50 {p50 * 1e3:.1f} ms, "
+              f"p99 {p99 * 1e3:.1f} ms")
+    finally:
+        daemon.close()
+    return {"producers": producers, "rows": rows,
+            "latency": {"rate_msgs_per_s": rate, "p50_s": p50, "p99_s": p99}}
+
+
+BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"kernels": bench_kernels, "e2e": bench_e2e}
 
 
 def main() -> int:
@@ -240,6 +461,15 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="smaller batches and fewer repeats (smoke test)")
     p.add_argument("--json", type=Path, help="write results here (default: bench-results/<which>.json)")
     args = p.parse_args()
+    # Producers and receivers are separate processes. Fork after Numba's OpenMP
+    # pool has started can deadlock the child, so they are spawned.
+    import multiprocessing as mp
+
+    mp.set_start_method("spawn")
+    if os.environ.get("XENTD_BENCH_WATCHDOG"):
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["XENTD_BENCH_WATCHDOG"]), exit=True)
     names = list(BENCHES) if args.which == "all" else [args.which]
     result: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv),
                               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -103,8 +103,11 @@ class EngineConfig:
     backend: Literal["cpu"] = "cpu"
     # Batches with at least this many prediction elements use the multi-threaded kernels.
     parallel_threshold: int = 1 << 15
-    # Most messages taken off the socket per loop turn before state is published.
+    # Most messages taken off the socket per loop turn.
     drain_max: int = 256
+    # Within one turn, a model's batches of at most this many prediction values
+    # are concatenated and scored in one kernel call (per-message overhead dominates them).
+    group_max_elements: int = 1 << 16
     # On SIGTERM, how long to keep scoring messages already queued in the socket.
     shutdown_drain_seconds: float = 5.0
 
@@ -338,9 +341,12 @@ def _parse_engine(t: _Table) -> EngineConfig:
         backend=_choice(t, "backend", ("cpu",), d.backend),  # type: ignore[arg-type]
         parallel_threshold=parallel_threshold,
         drain_max=_positive_int(t, "drain_max", d.drain_max),
+        group_max_elements=t.take("group_max_elements", int, d.group_max_elements),
         shutdown_drain_seconds=_duration(t, "shutdown_drain", d.shutdown_drain_seconds),
     )
-    t.done(["backend", "parallel_threshold", "drain_max", "shutdown_drain"])
+    if cfg.group_max_elements < 0:
+        raise ConfigError(f"{t.where('group_max_elements')}: must be >= 0 (0 disables grouping)")
+    t.done(["backend", "parallel_threshold", "drain_max", "group_max_elements", "shutdown_drain"])
     return cfg
 
 

@@ -31,8 +31,8 @@ from xentd.config import Config
 from xentd.errors import Reason, RejectedBatch, StartupError
 from xentd.exporter import MetricsServer, build_registry, make_app
 from xentd.kernels import Backend, ScoringParams
-from xentd.state import StateStore
-from xentd.validate import Batch, Scratch, validate
+from xentd.state import ModelState, StateStore
+from xentd.validate import Batch, Scratch, concatenate, layout, validate
 
 log = logging.getLogger("xentd")
 
@@ -60,6 +60,15 @@ class _RejectionLog:
         suppressed = self._suppressed.pop(reason, 0)
         more = f" ({suppressed} more since last report)" if suppressed else ""
         log.warning("rejected batch%s: %s%s", f" for model {model!r}" if model else "", detail, more)
+
+
+@dataclass
+class _Group:
+    """Batches of one model with one layout, waiting to be scored together."""
+
+    state: ModelState
+    key: tuple[object, ...]
+    batches: list[Batch]
 
 
 class Daemon:
@@ -202,36 +211,86 @@ class Daemon:
     # --- the hot path -------------------------------------------------------
 
     def _drain(self, limit: int) -> int:
+        """Take up to ``limit`` waiting messages off the socket and process them together."""
         assert self.socket is not None
-        for count in range(limit):
+        messages = []
+        for _ in range(limit):
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                messages.append(self.socket.recv_multipart(zmq.NOBLOCK, copy=False))
             except zmq.Again:
-                return count
-            self.handle(frames)
-        return limit
+                break
+        if messages:
+            self.handle_many(messages)
+        return len(messages)
 
     def handle(self, frames: list[Any]) -> None:
         """Decode, validate, score and fold one message. Never raises."""
+        self.handle_many([frames])
+
+    def handle_many(self, messages: list[list[Any]]) -> None:
+        """Process messages in arrival order. Never raises.
+
+        Each message is decoded and validated on its own, so a bad one is rejected
+        alone. Small valid batches are grouped per model and scored with one kernel
+        call and one fold: for small batches the per-call overhead is most of the
+        cost. A model's open group is scored before any batch of that model that
+        cannot join it, so every model still sees its samples in arrival order.
+        """
+        groups: dict[str, _Group] = {}
+        for frames in messages:
+            accepted = self._accept(frames)
+            if accepted is None:
+                continue
+            batch, state, small = accepted
+            key = layout(batch)
+            group = groups.get(batch.model)
+            if small and group is not None and group.key == key:
+                group.batches.append(batch)
+                continue
+            if group is not None:
+                self._score(groups.pop(batch.model))
+            if small:
+                groups[batch.model] = _Group(state, key, [batch])
+            else:
+                self._score(_Group(state, key, [batch]))
+        for group in groups.values():
+            self._score(group)
+
+    def _accept(self, frames: list[Any]) -> tuple[Batch, ModelState, bool] | None:
         model: str | None = None
         try:
             msg = wire.decode(frames, max_message_bytes=self.config.ingest.max_message_bytes,
                               max_header_bytes=self.config.ingest.max_header_bytes,
                               topic=self.config.ingest.socket == "sub")
             model = msg.model
-            batch = validate(msg, self._scratch)
+            pred = msg.tensors.get("predictions")
+            small = pred is not None and pred.array.size <= self.config.engine.group_max_elements
+            # A grouped batch must own its arrays; a scratch buffer is reused by the next message.
+            batch = validate(msg, None if small else self._scratch)
             with self.state.lock:
                 state = self.state.model(batch.model, batch.num_classes)
-            assert self.backend is not None
-            scores = self.backend.score(batch, self._scoring_params(batch))
-            with self.state.lock:
-                state.fold(scores, batch.weights, self.clock(), batch.ts)
-                self.state.messages += 1
+            return batch, state, small
         except RejectedBatch as exc:
             self._rejected(exc.reason, exc.detail, model)
         except Exception:
-            log.exception("internal error while scoring a batch for model %r", model)
+            log.exception("internal error while validating a batch for model %r", model)
             self._rejected(Reason.INTERNAL_ERROR, "internal error", model)
+        return None
+
+    def _score(self, group: _Group) -> None:
+        count = len(group.batches)
+        model = group.batches[0].model
+        try:
+            batch = concatenate(group.batches)
+            assert self.backend is not None
+            scores = self.backend.score(batch, self._scoring_params(batch))
+            with self.state.lock:
+                group.state.fold(scores, batch.weights, self.clock(), batch.ts, batches=count)
+                self.state.messages += count
+        except Exception:
+            log.exception("internal error while scoring %d batch(es) for model %r", count, model)
+            for _ in range(count):
+                self._rejected(Reason.INTERNAL_ERROR, "internal error", model)
 
     def _rejected(self, reason: Reason, detail: str, model: str | None) -> None:
         with self.state.lock:

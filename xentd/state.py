@@ -136,7 +136,8 @@ class ModelState:
         self.ring, self.ring_cls = ring, ring_cls
 
     def fold(self, scores: SampleScores, weights: np.ndarray | None, now: float,
-             event_time: float | None) -> None:
+             event_time: float | None, batches: int = 1) -> None:
+        """Add scored samples (``batches`` messages' worth, concatenated in arrival order)."""
         self.clock = max(self.clock, now)
         now = self.clock
         weighted = weights is not None
@@ -158,7 +159,7 @@ class ModelState:
                 scores.loss, scores.focal, scores.correct, scores.true_class, w, weighted,
                 self.class_limit, self.slots, self.ring, self.ring_cls, self.blocks, self.block,
                 self.count_total)
-        self.batches += 1
+        self.batches += batches
         self.unnormalized_rows += scores.unnormalized_rows
         self.last_batch_time = now
         if event_time is not None:

@@ -12,6 +12,7 @@ clipping, as sklearn does.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -219,3 +220,25 @@ def _weights(t: Tensor | None, n: int) -> np.ndarray | None:
     if n and lo < 0.0:
         raise _reject(Reason.NEGATIVE_WEIGHT, f"weights must be >= 0, found {lo:.6g}")
     return w.astype(np.float64, copy=False)
+
+
+def layout(batch: Batch) -> tuple[object, ...]:
+    """What two batches must share to be scored as one: everything but N and the values."""
+    return (batch.kind, batch.predictions.dtype.str, batch.prediction_datatype, batch.predictions.ndim,
+            batch.num_classes, batch.target_kind, batch.targets.dtype.str, batch.targets.ndim,
+            batch.weights is None)
+
+
+def concatenate(batches: list[Batch]) -> Batch:
+    """One batch holding ``batches`` in order. They must share :func:`layout` and model."""
+    first = batches[0]
+    if len(batches) == 1:
+        return first
+    weights = None if first.weights is None else _frozen(np.concatenate([b.weights for b in batches]))
+    ts = next((b.ts for b in reversed(batches) if b.ts is not None), None)
+    return dataclasses.replace(
+        first,
+        predictions=_frozen(np.concatenate([b.predictions for b in batches])),
+        targets=_frozen(np.concatenate([b.targets for b in batches])),
+        weights=weights, ts=ts, batch_id=batches[-1].batch_id,
+    )
