@@ -452,7 +452,83 @@ def bench_e2e(args: argparse.Namespace) -> dict[str, Any]:
             "latency": {"rate_msgs_per_s": rate, "p50_s": p50, "p99_s": p99}}
 
 
-BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"kernels": bench_kernels, "e2e": bench_e2e}
+# --- scale -------------------------------------------------------------------------
+
+
+def _multi_producer(address: str, models: int, rounds: int, start: Any) -> None:
+    import zmq
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 10), dtype=np.float32)
+    y = rng.integers(0, 10, 64)
+    messages = [[bytes(f) for f in wire.encode(f"model-{m:05d}", x, y, input="logits")] for m in range(models)]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 10_000)
+    sock.connect(address)
+    start.wait()
+    for _ in range(rounds):
+        for frames in messages:
+            sock.send_multipart(frames)
+    sock.close()
+    ctx.term()
+
+
+def _ingest(daemon: _Daemon, models: int, rounds: int) -> float:
+    """messages/s for ``rounds`` passes over ``models`` models, until all are visible in /metrics."""
+    import multiprocessing as mp
+
+    start = mp.Event()
+    proc = mp.Process(target=_multi_producer, args=(daemon.ingest, models, rounds, start))
+    proc.start()
+    time.sleep(1.0 + models / 20_000)  # the producer pre-encodes its messages
+    before = _total_batches(daemon)
+    t0 = time.perf_counter()
+    start.set()
+    # A scrape of many models costs seconds of the daemon's CPU, so polling
+    # starts only once the producer is done; at most the queues' worth is left.
+    proc.join()
+    while _total_batches(daemon) < before + models * rounds:
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - t0
+    return models * rounds / elapsed
+
+
+def _total_batches(daemon: _Daemon) -> float:
+    body, _ = daemon.scrape()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+               if line.startswith("xentd_batches_total{"))
+
+
+def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
+    models = 1_000 if args.quick else 10_000
+    messages = 20_000 if args.quick else 100_000
+    daemon = _Daemon(f"[limits]\nmax_models = {models + 10}\n")
+    try:
+        rss_empty = daemon.rss_bytes()
+        one = _ingest(daemon, 1, messages)
+        many = _ingest(daemon, models, messages // models)
+        rss = daemon.rss_bytes()
+        times = []
+        for _ in range(5):
+            body, dt = daemon.scrape()
+            times.append(dt)
+        size = len(body.encode())
+        series = sum(1 for line in body.splitlines() if line and not line.startswith("#"))
+    finally:
+        daemon.close()
+    result = {"models": models, "messages": messages, "one_model_msgs_per_s": one,
+              "many_models_msgs_per_s": many, "ratio": many / one, "rss_bytes": rss,
+              "rss_empty_bytes": rss_empty, "scrape_seconds_best": min(times),
+              "scrape_seconds_median": statistics.median(times), "scrape_bytes": size, "series": series}
+    print(f"ingest 64x10: 1 model {one:.0f} msg/s, {models} models {many:.0f} msg/s (ratio {many / one:.2f})")
+    print(f"RSS {rss / 2**20:.0f} MiB ({rss_empty / 2**20:.0f} MiB at start); /metrics: {series} series, "
+          f"{size / 2**20:.1f} MiB, scrape best {min(times):.2f} s, median {statistics.median(times):.2f} s")
+    return result
+
+
+BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "kernels": bench_kernels, "e2e": bench_e2e, "scale": bench_scale}
 
 
 def main() -> int:

@@ -59,21 +59,20 @@ class WindowStats:
     balanced_cross_entropy: float
 
 
-def derive(vec: np.ndarray, slots: int, samples: float | None = None) -> WindowStats:
-    sw = float(vec[acc.SW])
-    cw = vec[acc.HEAD: acc.HEAD + slots]
-    cwl = vec[acc.HEAD + slots: acc.HEAD + 2 * slots]
+def derive_all(matrix: np.ndarray, slots: int) -> list[WindowStats]:
+    """:func:`derive` for every row of a (windows, vector) matrix, in one vectorised pass."""
+    sw = matrix[:, acc.SW]
+    cw = matrix[:, acc.HEAD: acc.HEAD + slots]
+    cwl = matrix[:, acc.HEAD + slots: acc.HEAD + 2 * slots]
     present = cw > 0.0
-    if sw > 0.0:
-        ce, accuracy, focal = vec[acc.SWL] / sw, vec[acc.SWC] / sw, vec[acc.SWF] / sw
-    else:
-        ce = accuracy = focal = math.nan
-    balanced = float(np.mean(cwl[present] / cw[present])) if present.any() else math.nan
-    return WindowStats(
-        samples=float(vec[acc.N]) if samples is None else samples, weight=sw,
-        cross_entropy=float(ce), accuracy=float(accuracy), focal_loss=float(focal),
-        balanced_cross_entropy=balanced,
-    )
+    n_present = present.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        safe = np.where(sw > 0.0, sw, np.nan)
+        ce, accuracy, focal = matrix[:, acc.SWL] / safe, matrix[:, acc.SWC] / safe, matrix[:, acc.SWF] / safe
+        class_means = np.where(present, cwl / np.where(present, cw, 1.0), 0.0)
+        balanced = np.where(n_present > 0, class_means.sum(axis=1) / np.maximum(n_present, 1), np.nan)
+    return [WindowStats(*row) for row in zip(matrix[:, acc.N].tolist(), sw.tolist(), ce.tolist(),
+                                             accuracy.tolist(), focal.tolist(), balanced.tolist(), strict=True)]
 
 
 class _TimeWindow:
@@ -165,20 +164,32 @@ class ModelState:
         if event_time is not None:
             self.last_event_time = event_time
 
-    def windows(self, now: float) -> list[tuple[str, WindowStats]]:
+    def window_labels(self) -> list[str]:
+        return ([tw.label for tw in self.time_windows] + [f"last_{size}" for size in self.count_sizes]
+                + ["ewma"])
+
+    def window_matrix(self, now: float) -> np.ndarray:
+        """Every window's stat vector, one row each, in :meth:`window_labels` order.
+
+        Cheap (a few Numba calls), so it can run under the state lock; deriving
+        means from it can then happen outside. The ewma row's sample count is
+        decayed to ``now``; its other entries are ratios' numerators and
+        denominators, which decay alike.
+        """
         now = max(now, self.clock)
-        out: list[tuple[str, WindowStats]] = []
-        buf = np.zeros_like(self.lifetime)
-        for tw in self.time_windows:
-            acc.time_read(tw.epochs, tw.buckets, tw.index(now), buf)
-            out.append((tw.label, derive(buf, self.slots)))
-        for size in self.count_sizes:
+        out = np.empty((len(self.time_windows) + len(self.count_sizes) + 1, self.lifetime.shape[0]))
+        for i, tw in enumerate(self.time_windows):
+            acc.time_read(tw.epochs, tw.buckets, tw.index(now), out[i])
+        base = len(self.time_windows)
+        for k, size in enumerate(self.count_sizes):
             acc.count_read(self.ring, self.ring_cls, self.blocks, self.block, self.count_total, size,
-                           self.slots, buf)
-            out.append((f"last_{size}", derive(buf, self.slots)))
-        decayed_n = float(self.ewma[acc.N]) * 2.0 ** (-(now - self.ewma_time) / self.half_life)
-        out.append(("ewma", derive(self.ewma, self.slots, samples=decayed_n)))
+                           self.slots, out[base + k])
+        out[-1] = self.ewma
+        out[-1, acc.N] = float(self.ewma[acc.N]) * 2.0 ** (-(now - self.ewma_time) / self.half_life)
         return out
+
+    def windows(self, now: float) -> list[tuple[str, WindowStats]]:
+        return list(zip(self.window_labels(), derive_all(self.window_matrix(now), self.slots), strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,21 +261,26 @@ class StateStore:
         self.rejected[reason.value] += 1
 
     def snapshot(self) -> Snapshot:
+        """A consistent copy of all state. The lock is held only to copy raw sums;
+        means and labels are derived after it is released, so scrapes of many
+        models do not stall ingestion."""
         with self.lock:
             now = self.clock()
-            models = []
-            for m in self.models.values():
-                s = m.slots
-                models.append(ModelSnapshot(
-                    name=m.name, samples=float(m.lifetime[acc.N]), weight=float(m.lifetime[acc.SW]),
-                    loss_weighted_sum=float(m.lifetime[acc.SWL]),
-                    correct_weighted_sum=float(m.lifetime[acc.SWC]),
-                    batches=m.batches, unnormalized_rows=m.unnormalized_rows,
-                    last_batch_time=m.last_batch_time, last_event_time=m.last_event_time,
-                    class_labels=class_labels(m.num_classes, m.class_limit),
-                    class_weight=m.lifetime[acc.HEAD: acc.HEAD + s].copy(),
-                    class_loss_weighted_sum=m.lifetime[acc.HEAD + s: acc.HEAD + 2 * s].copy(),
-                    hist_bounds=m.bounds, hist_counts=m.hist.copy(), loss_sum=m.loss_sum,
-                    windows=m.windows(now),
-                ))
-            return Snapshot(models=models, rejected=dict(self.rejected), messages=self.messages)
+            raw = [(m.name, m.num_classes, m.class_limit, m.slots, m.lifetime.copy(), m.hist.copy(), m.bounds,
+                    m.loss_sum, m.batches, m.unnormalized_rows, m.last_batch_time, m.last_event_time,
+                    m.window_labels(), m.window_matrix(now)) for m in self.models.values()]
+            rejected = dict(self.rejected)
+            messages = self.messages
+        models = []
+        for (name, num_classes, class_limit, s, life, hist, bounds, loss_sum, batches, unnorm, last_batch,
+             last_event, labels, matrix) in raw:
+            models.append(ModelSnapshot(
+                name=name, samples=float(life[acc.N]), weight=float(life[acc.SW]),
+                loss_weighted_sum=float(life[acc.SWL]), correct_weighted_sum=float(life[acc.SWC]),
+                batches=batches, unnormalized_rows=unnorm, last_batch_time=last_batch,
+                last_event_time=last_event, class_labels=class_labels(num_classes, class_limit),
+                class_weight=life[acc.HEAD: acc.HEAD + s], class_loss_weighted_sum=life[acc.HEAD + s: acc.HEAD + 2 * s],
+                hist_bounds=bounds, hist_counts=hist, loss_sum=loss_sum,
+                windows=list(zip(labels, derive_all(matrix, s), strict=True)),
+            ))
+        return Snapshot(models=models, rejected=rejected, messages=messages)
