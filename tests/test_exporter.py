@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_state import FakeClock
@@ -87,3 +87,61 @@ def test_exposition_parses_and_has_no_nan(store: StateStore) -> None:
     for f in families.values():
         for sample in f.samples:
             assert not math.isnan(sample.value), sample
+
+
+def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def _types(text: str) -> dict[str, str]:
+    return {f.name: f.type for f in text_string_to_metric_families(text)}
+
+
+def test_direct_text_equals_the_collector(store: StateStore) -> None:
+    """render_text is a fast path: it must say exactly what the collector says."""
+    from xentd.exporter import Exposition, XentdCollector
+
+    for name in ("other-model", "weird:name.v2", "third"):  # several models, one with no traffic in windows
+        m = store.model(name, 2)
+        loss = np.array([0.1, 3.0])
+        m.fold(SampleScores(loss=loss, focal=loss, correct=np.array([1, 0], np.uint8),
+                            true_class=np.array([0, 1]), unnormalized_rows=0), None, store.clock(), None)
+    store.clock.t += 90  # type: ignore[attr-defined]
+    registry = CollectorRegistry()
+    registry.register(XentdCollector(store.snapshot, version="1.2.3", backend="cpu"))
+    reference = generate_latest(registry).decode()
+    fast = Exposition(store.snapshot, version="1.2.3", backend="cpu").text().decode()
+    fast_xentd = "\n".join(line for line in fast.splitlines() if "xentd_" in line) + "\n"
+    assert _samples(fast_xentd) == _samples(reference)
+    assert _types(fast_xentd) == _types(reference)
+    assert "process_resident_memory_bytes" in fast
+
+
+def test_http_serves_text_gzip_and_openmetrics(store: StateStore) -> None:
+    import gzip
+
+    from xentd.exporter import Exposition, make_app
+
+    app = make_app(Exposition(store.snapshot, version="x", backend="cpu"), lambda: (True, "ok"))
+
+    def get(**environ: str) -> tuple[str, dict[str, str], bytes]:
+        seen: dict[str, object] = {}
+
+        def start_response(status: str, headers: list[tuple[str, str]]) -> None:
+            seen["status"], seen["headers"] = status, dict(headers)
+
+        body = b"".join(app({"PATH_INFO": "/metrics", "REQUEST_METHOD": "GET", "QUERY_STRING": "",
+                             **environ}, start_response))
+        return str(seen["status"]), seen["headers"], body  # type: ignore[return-value]
+
+    status, headers, body = get(HTTP_ACCEPT="application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+                                HTTP_ACCEPT_ENCODING="gzip")
+    assert status == "200 OK" and headers["Content-Encoding"] == "gzip"
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert _samples(gzip.decompress(body).decode())[("xentd_samples_total", frozenset({("model", "clf")}))] == 4
+    status, headers, body = get(HTTP_ACCEPT="application/openmetrics-text;version=1.0.0")
+    assert "openmetrics" in headers["Content-Type"] and body.rstrip().endswith(b"# EOF")

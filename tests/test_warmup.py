@@ -16,7 +16,8 @@ from xentd.wire import BF16
 
 def _dispatchers() -> list:
     out = [k for pair in cpu.KERNELS.values() for k in pair]
-    out += [getattr(accumulate, n) for n in ("fold_batch", "time_add", "time_read", "count_push", "count_read")]
+    out += [getattr(accumulate, n) for n in ("fold_batch", "time_add", "time_read", "count_push", "count_read",
+                                             "derive_rows")]
     out += [scan._scan_serial, scan._scan_parallel, scan._widen_serial, scan._widen_parallel]
     return out
 

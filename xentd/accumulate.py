@@ -138,3 +138,34 @@ def count_read(ring, ring_cls, blocks, block, total, size, slots, out):  # type:
         for m in range(lo, hi):
             p = m % cap
             _add_sample(out, 1.0, ring[p, 0], ring[p, 1], ring[p, 2], ring[p, 3], ring_cls[p], slots)
+
+
+@njit(cache=True)
+def derive_rows(matrix, slots, out):  # type: ignore[no-untyped-def]
+    """Per window row: samples, weight, mean loss, accuracy, mean focal loss, balanced loss.
+
+    Ratios are NaN when the window holds no weight; the balanced loss averages the
+    per-class means of the classes present (positive weight), NaN if none is.
+    """
+    nan = np.nan
+    for r in range(matrix.shape[0]):
+        row = matrix[r]
+        sw = row[SW]
+        out[r, 0] = row[N]
+        out[r, 1] = sw
+        if sw > 0.0:
+            out[r, 2] = row[SWL] / sw
+            out[r, 3] = row[SWC] / sw
+            out[r, 4] = row[SWF] / sw
+        else:
+            out[r, 2] = nan
+            out[r, 3] = nan
+            out[r, 4] = nan
+        total = 0.0
+        present = 0
+        for k in range(slots):
+            cw = row[HEAD + k]
+            if cw > 0.0:
+                total += row[HEAD + slots + k] / cw
+                present += 1
+        out[r, 5] = total / present if present else nan

@@ -29,7 +29,7 @@ from xentd import kernels, scan, wire
 from xentd._version import __version__
 from xentd.config import Config
 from xentd.errors import Reason, RejectedBatch, StartupError
-from xentd.exporter import MetricsServer, build_registry, make_app
+from xentd.exporter import Exposition, MetricsServer, make_app
 from xentd.kernels import Backend, ScoringParams
 from xentd.state import ModelState, StateStore
 from xentd.validate import Batch, Scratch, concatenate, layout, validate
@@ -113,11 +113,11 @@ class Daemon:
         log.info("kernels ready (%s backend) in %.1fs", backend.name, time.monotonic() - started)
 
     def _init_http(self) -> None:
-        registry = build_registry(self.state.snapshot, version=__version__,
-                                  backend=self.backend.name if self.backend else "none")
+        exposition = Exposition(self.state.snapshot, version=__version__,
+                                backend=self.backend.name if self.backend else "none")
         host, port = self.config.metrics.host, self.config.metrics.port
         try:
-            self.http = MetricsServer(host, port, make_app(registry, self.health))
+            self.http = MetricsServer(host, port, make_app(exposition, self.health))
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self.http.start()

@@ -19,7 +19,7 @@ under the same lock, so a scrape never sees half a batch.
 
 from __future__ import annotations
 
-import math
+import functools
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -40,11 +40,12 @@ def class_slots(num_classes: int, class_limit: int) -> int:
     return num_classes if num_classes <= class_limit else class_limit + 1
 
 
-def class_labels(num_classes: int, class_limit: int) -> list[str]:
+@functools.lru_cache(maxsize=256)
+def class_labels(num_classes: int, class_limit: int) -> tuple[str, ...]:
     labels = [str(c) for c in range(min(num_classes, class_limit))]
     if num_classes > class_limit:
         labels.append("other")
-    return labels
+    return tuple(labels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,19 +61,10 @@ class WindowStats:
 
 
 def derive_all(matrix: np.ndarray, slots: int) -> list[WindowStats]:
-    """:func:`derive` for every row of a (windows, vector) matrix, in one vectorised pass."""
-    sw = matrix[:, acc.SW]
-    cw = matrix[:, acc.HEAD: acc.HEAD + slots]
-    cwl = matrix[:, acc.HEAD + slots: acc.HEAD + 2 * slots]
-    present = cw > 0.0
-    n_present = present.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        safe = np.where(sw > 0.0, sw, np.nan)
-        ce, accuracy, focal = matrix[:, acc.SWL] / safe, matrix[:, acc.SWC] / safe, matrix[:, acc.SWF] / safe
-        class_means = np.where(present, cwl / np.where(present, cw, 1.0), 0.0)
-        balanced = np.where(n_present > 0, class_means.sum(axis=1) / np.maximum(n_present, 1), np.nan)
-    return [WindowStats(*row) for row in zip(matrix[:, acc.N].tolist(), sw.tolist(), ce.tolist(),
-                                             accuracy.tolist(), focal.tolist(), balanced.tolist(), strict=True)]
+    """:class:`WindowStats` for every row of a (windows, stat vector) matrix."""
+    out = np.empty((matrix.shape[0], 6))
+    acc.derive_rows(matrix, slots, out)
+    return [WindowStats(*row) for row in out.tolist()]
 
 
 class _TimeWindow:
@@ -203,7 +195,7 @@ class ModelSnapshot:
     unnormalized_rows: int
     last_batch_time: float
     last_event_time: float | None
-    class_labels: list[str]
+    class_labels: tuple[str, ...]
     class_weight: np.ndarray
     class_loss_weighted_sum: np.ndarray
     hist_bounds: np.ndarray
