@@ -15,16 +15,14 @@ vectorised, never see a NaN or an infinity.
 
 from __future__ import annotations
 
-import types
-from collections.abc import Callable
-from typing import Any
-
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange
+from numba import prange
 from numba import types as nbtypes
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from xentd.jit import serial_and_parallel
 
 # Arrays smaller than this are scanned on one thread: starting the pool costs more.
 PARALLEL_MIN = 1 << 16
@@ -126,16 +124,8 @@ def _widen(bits, out, half):  # type: ignore[no-untyped-def]
         out[j] = half_bits_to_float32(bits[j]) if half else bits_to_float32(np.int32(bits[j]) << np.int32(16))
 
 
-def _twin(f: Callable[..., Any], suffix: str) -> Callable[..., Any]:
-    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
-    g.__qualname__ = f.__qualname__ + suffix
-    return g
-
-
-_scan_serial = njit(cache=True)(_scan)
-_scan_parallel = njit(cache=True, parallel=True)(_twin(_scan, "__parallel"))
-_widen_serial = njit(cache=True)(_widen)
-_widen_parallel = njit(cache=True, parallel=True)(_twin(_widen, "__parallel"))
+_scan_serial, _scan_parallel = serial_and_parallel(_scan)
+_widen_serial, _widen_parallel = serial_and_parallel(_widen)
 
 
 def _readonly_flat(x: np.ndarray) -> np.ndarray:

@@ -1,9 +1,7 @@
 """CPU backend: Numba kernels that score every sample in one pass over its row.
 
 Each kernel family exists twice, compiled from the same Python source: a serial
-build for small batches, where starting the thread pool costs more than the work
-(~6 us against ~0.4 us for a plain call, measured on the dev machine), and a
-``parallel=True`` build that splits rows across cores with ``prange``.
+build for small batches and a ``parallel=True`` build (see :mod:`xentd.jit`).
 
 Kernels check nothing: :mod:`xentd.validate` guarantees finite values, ranges,
 shapes and class indices before they run.
@@ -22,9 +20,6 @@ docs/metrics.md gives every formula computed here.
 from __future__ import annotations
 
 import math
-import types
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 from llvmlite import ir
@@ -33,6 +28,7 @@ from numba import types as nbtypes
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from xentd.jit import serial_and_parallel
 from xentd.kernels import SampleScores, ScoringParams
 from xentd.validate import Batch, InputKind, TargetKind
 
@@ -48,9 +44,9 @@ from xentd.validate import Batch, InputKind, TargetKind
 #   which the vectoriser does recognise.
 # Both assume finite inputs (validated upstream). Under fast-math an infinite
 # operand is poison in LLVM, so reductions start from LOWEST32, never -inf.
-# They live in this file on purpose: Numba invalidates a cached kernel only
-# when the kernel's own source file changes, not when an inlined helper from
-# another module does.
+# They live in this file on purpose, even where xentd/scan.py has a twin: Numba
+# invalidates a cached kernel only when the kernel's own source file changes,
+# not when an inlined helper or intrinsic from another module does.
 
 F32 = np.float32
 LOWEST32 = F32(np.finfo(np.float32).min)
@@ -350,27 +346,11 @@ def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm
         unnorm[i] = 0
 
 
-def _twin(f: Callable[..., Any], suffix: str) -> Callable[..., Any]:
-    """A copy of ``f`` under another qualname.
-
-    Numba's on-disk cache is keyed by qualname, and a serial and a parallel
-    dispatcher of one function share an index: the parallel one then loads the
-    serial build from cache. A distinct qualname gives each its own entry.
-    """
-    g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
-    g.__qualname__ = f.__qualname__ + suffix
-    return g
-
-
-def _builds(f: Callable[..., Any]) -> tuple[Any, Any]:
-    return njit(cache=True)(f), njit(cache=True, parallel=True)(_twin(f, "__parallel"))
-
-
 KERNELS = {
-    "binary": _builds(_binary),
-    "index": _builds(_multiclass_index),
-    "index_f32": _builds(_multiclass_index_f32),
-    "soft": _builds(_multiclass_soft),
+    "binary": serial_and_parallel(_binary),
+    "index": serial_and_parallel(_multiclass_index),
+    "index_f32": serial_and_parallel(_multiclass_index_f32),
+    "soft": serial_and_parallel(_multiclass_soft),
 }
 
 
