@@ -293,7 +293,8 @@ def _free_tcp() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def _start_producers(address: str, frames: list[bytes], total: int, producers: int, rate: float = 0.0) -> tuple[list[Any], Any]:
+def _start_producers(address: str, frames: list[bytes], total: int, producers: int,
+                     rate: float = 0.0) -> tuple[list[Any], Any]:
     import multiprocessing as mp
 
     start = mp.Event()
