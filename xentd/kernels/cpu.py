@@ -129,11 +129,6 @@ LOG_PROBS = int(InputKind.LOG_PROBS)
 LOG_HALF = math.log(0.5)
 
 
-@njit(cache=True)
-def _softplus(z: float) -> float:
-    return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
-
-
 def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
     n, c = pred.shape
     for i in prange(n):
@@ -323,21 +318,34 @@ def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm
         t = tgt[i]
         if kind == PROBS:
             p = min(max(x, eps), 1.0 - eps)
+            q = 1.0 - p
             lp = math.log(p)
             lq = math.log1p(-p)
             positive = x > 0.5
         elif kind == LOGITS:
-            lp = -_softplus(-x)
-            lq = -_softplus(x)
+            # Everything from e = exp(-|x|): log sigmoid(x) = -log1p(e) for x >= 0, and
+            # log(1 - sigmoid(x)) = log sigmoid(x) - x. Two libm calls, no cancellation.
+            e = math.exp(-abs(x))
+            l1 = math.log1p(e)
+            if x >= 0.0:
+                lp = -l1
+                lq = -x - l1
+                p = 1.0 / (1.0 + e)
+                q = e / (1.0 + e)
+            else:
+                lp = x - l1
+                lq = -l1
+                p = e / (1.0 + e)
+                q = 1.0 / (1.0 + e)
             positive = x > 0.0
         else:
             # log(1 - p) is derived, so p rounding to 1 would make it -inf:
             # floor 1 - p at eps, as the probs path does.
             lp = x
-            lq = math.log(max(-math.expm1(x), eps)) if x < 0.0 else log_eps
+            q = max(-math.expm1(x), eps) if x < 0.0 else eps
+            lq = math.log(q) if x < 0.0 else log_eps
+            p = math.exp(x)
             positive = x > LOG_HALF
-        p = math.exp(lp)
-        q = math.exp(lq)
         loss[i] = -(t * lp + (1.0 - t) * lq)
         focal[i] = -(t * _focal_weight(q, gamma) * lp + (1.0 - t) * _focal_weight(p, gamma) * lq)
         truth = t > 0.5
