@@ -240,7 +240,13 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
             # log(sum of exp(row - m)) = log1p(others + ties - 1), without ever forming 1 + tiny.
             excess = others if ties == 1.0 else others + (ties - 1.0)
             lpt = (xt - np.float64(m)) - math.log1p(excess)
-            q = -math.expm1(lpt)
+            # 1 - p_t from the same sums, without expm1: exact when the target is
+            # a maximum (p_t = 1/S), and free of cancellation otherwise (p_t <= 1/2).
+            total = 1.0 + excess
+            if row[t] == m:
+                q = excess / total
+            else:
+                q = 1.0 - np.float64(exp2_neg((row[t] - m) * LOG2E32)) / total
         elif kind == PROBS:
             mass = _sum_span(row, c)
             pt = max(xt, eps)
