@@ -12,6 +12,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from numba import njit
 
 
@@ -25,6 +26,22 @@ def _twin(f: Callable[..., Any], suffix: str) -> Callable[..., Any]:
     g = types.FunctionType(f.__code__, f.__globals__, f.__name__ + suffix, f.__defaults__, f.__closure__)
     g.__qualname__ = f.__qualname__ + suffix
     return g
+
+
+def kernel_array(a: np.ndarray) -> np.ndarray:
+    """A C-contiguous, aligned, read-only view of ``a``, copying only when it is not
+    already contiguous and aligned.
+
+    Numba compiles one specialisation per array type, and read-only (a frame's
+    buffer) and writeable (a conversion) arrays are different types. Every array
+    handed to a kernel goes through here, so each dtype has one signature, the
+    one warm-up compiles.
+    """
+    if not (a.flags.c_contiguous and a.flags.aligned):
+        a = np.ascontiguousarray(a).copy()
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 def serial_and_parallel(f: Callable[..., Any]) -> tuple[Any, Any]:

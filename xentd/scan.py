@@ -22,7 +22,7 @@ from numba import types as nbtypes
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from xentd.jit import serial_and_parallel
+from xentd.jit import kernel_array, serial_and_parallel
 
 # Arrays smaller than this are scanned on one thread: starting the pool costs more.
 PARALLEL_MIN = 1 << 16
@@ -128,17 +128,9 @@ _scan_serial, _scan_parallel = serial_and_parallel(_scan)
 _widen_serial, _widen_parallel = serial_and_parallel(_widen)
 
 
-def _readonly_flat(x: np.ndarray) -> np.ndarray:
-    # Frames arrive read-only and conversions are writeable; Numba compiles each
-    # separately, so every input is passed read-only to keep one signature per dtype.
-    flat = x.reshape(-1).view()
-    flat.flags.writeable = False
-    return flat
-
-
 def scan(x: np.ndarray) -> tuple[float, float, int]:
     """(min, max, NaN/Inf count) of a float32 or float64 array of any shape (C-contiguous)."""
-    flat = _readonly_flat(x)
+    flat = kernel_array(x.reshape(-1))
     if flat.size == 0:
         return 0.0, 0.0, 0
     lo, hi, bad = (_scan_serial if flat.size < PARALLEL_MIN else _scan_parallel)(flat)
@@ -152,7 +144,7 @@ def widen(bits: np.ndarray, out: np.ndarray, *, half: bool) -> tuple[float, floa
     ``out`` is the caller's, so that a long-running caller can reuse one buffer:
     first-touching a fresh 64 MB array costs more than widening into it.
     """
-    flat_bits, flat_out = _readonly_flat(bits), out.reshape(-1)
+    flat_bits, flat_out = kernel_array(bits.reshape(-1)), out.reshape(-1)
     if flat_bits.size == 0:
         return 0.0, 0.0, 0
     (_widen_serial if flat_bits.size < PARALLEL_MIN else _widen_parallel)(flat_bits, flat_out, half)
@@ -163,7 +155,7 @@ def warmup() -> None:
     """Compile every scan signature validation uses, serial and parallel."""
     for build in (_scan_serial, _scan_parallel):
         for dtype in (np.float32, np.float64):
-            build(_readonly_flat(np.zeros(2, dtype)))
+            build(kernel_array(np.zeros(2, dtype)))
     for widen_build in (_widen_serial, _widen_parallel):
         for half in (True, False):
-            widen_build(_readonly_flat(np.zeros(2, np.uint16)), np.empty(2, np.float32), half)
+            widen_build(kernel_array(np.zeros(2, np.uint16)), np.empty(2, np.float32), half)

@@ -101,6 +101,8 @@ class ModelState:
         self.clock = created  # never goes backwards, so buckets stay monotone
         self.time_windows = [_TimeWindow(w.label, w.seconds, windows.buckets, size) for w in windows.time]
         self.count_sizes = tuple(windows.count)
+        # The row labels of window_matrix, in its order.
+        self.window_labels = (*(w.label for w in windows.time), *(f"last_{k}" for k in windows.count), "ewma")
         self.count_total = 0
         self.count_cap_max = max(windows.count, default=0)
         self.block = acc.block_size(self.count_cap_max)
@@ -156,12 +158,8 @@ class ModelState:
         if event_time is not None:
             self.last_event_time = event_time
 
-    def window_labels(self) -> list[str]:
-        return ([tw.label for tw in self.time_windows] + [f"last_{size}" for size in self.count_sizes]
-                + ["ewma"])
-
     def window_matrix(self, now: float) -> np.ndarray:
-        """Every window's stat vector, one row each, in :meth:`window_labels` order.
+        """Every window's stat vector, one row each, in :attr:`window_labels` order.
 
         Cheap (a few Numba calls), so it can run under the state lock; deriving
         means from it can then happen outside. The ewma row's sample count is
@@ -181,7 +179,7 @@ class ModelState:
         return out
 
     def windows(self, now: float) -> list[tuple[str, WindowStats]]:
-        return list(zip(self.window_labels(), derive_all(self.window_matrix(now), self.slots), strict=True))
+        return list(zip(self.window_labels, derive_all(self.window_matrix(now), self.slots), strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +258,7 @@ class StateStore:
             now = self.clock()
             raw = [(m.name, m.num_classes, m.class_limit, m.slots, m.lifetime.copy(), m.hist.copy(), m.bounds,
                     m.loss_sum, m.batches, m.unnormalized_rows, m.last_batch_time, m.last_event_time,
-                    m.window_labels(), m.window_matrix(now)) for m in self.models.values()]
+                    m.window_labels, m.window_matrix(now)) for m in self.models.values()]
             rejected = dict(self.rejected)
             messages = self.messages
         models = []

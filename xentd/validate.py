@@ -19,6 +19,7 @@ from enum import IntEnum
 import numpy as np
 
 from xentd.errors import Reason, ValidationError
+from xentd.jit import kernel_array
 from xentd.scan import scan, widen
 from xentd.wire import FLOAT_DATATYPES, MODEL_NAME_RE, Message, Tensor
 
@@ -83,15 +84,6 @@ def _reject(reason: Reason, detail: str) -> ValidationError:
     return ValidationError(reason, detail)
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
-    """A C-contiguous, aligned, read-only view, so the kernels see one array type."""
-    if not (a.flags.c_contiguous and a.flags.aligned):
-        a = np.ascontiguousarray(a).copy()
-    v = a.view()
-    v.flags.writeable = False
-    return v
-
-
 class Scratch:
     """A reusable float32 buffer for widening FP16/BF16 predictions.
 
@@ -121,8 +113,6 @@ def _floats(name: str, t: Tensor, scratch: Scratch | None = None) -> tuple[np.nd
             values = t.array.astype(t.array.dtype.newbyteorder("="), copy=False)
         else:
             values = t.array.astype(np.float64)
-        if not (values.flags.c_contiguous and values.flags.aligned):
-            values = np.ascontiguousarray(values).copy()
         lo, hi, bad = scan(values)
     if bad:
         raise _reject(Reason.NON_FINITE, f"{name} contains {bad} NaN or Inf value(s)")
@@ -169,8 +159,8 @@ def validate(msg: Message, scratch: Scratch | None = None) -> Batch:
     targets, target_kind = _targets(msg.tensors["targets"], n, num_classes, binary)
     weights = _weights(msg.tensors.get("weights"), n)
     return Batch(
-        model=msg.model, kind=kind, predictions=_frozen(pred), targets=_frozen(targets),
-        target_kind=target_kind, weights=None if weights is None else _frozen(weights),
+        model=msg.model, kind=kind, predictions=kernel_array(pred), targets=kernel_array(targets),
+        target_kind=target_kind, weights=None if weights is None else kernel_array(weights),
         num_classes=num_classes, prediction_datatype=pred_t.datatype,
         batch_id=msg.batch_id, ts=msg.ts,
     )
@@ -234,11 +224,11 @@ def concatenate(batches: list[Batch]) -> Batch:
     first = batches[0]
     if len(batches) == 1:
         return first
-    weights = None if first.weights is None else _frozen(np.concatenate([b.weights for b in batches]))
+    weights = None if first.weights is None else kernel_array(np.concatenate([b.weights for b in batches]))
     ts = next((b.ts for b in reversed(batches) if b.ts is not None), None)
     return dataclasses.replace(
         first,
-        predictions=_frozen(np.concatenate([b.predictions for b in batches])),
-        targets=_frozen(np.concatenate([b.targets for b in batches])),
+        predictions=kernel_array(np.concatenate([b.predictions for b in batches])),
+        targets=kernel_array(np.concatenate([b.targets for b in batches])),
         weights=weights, ts=ts, batch_id=batches[-1].batch_id,
     )

@@ -28,7 +28,7 @@ from numba import types as nbtypes
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from xentd.jit import serial_and_parallel
+from xentd.jit import kernel_array, serial_and_parallel
 from xentd.kernels import SampleScores, ScoringParams
 from xentd.validate import Batch, InputKind, TargetKind
 
@@ -368,12 +368,6 @@ KERNELS = {
 }
 
 
-def _readonly(a: np.ndarray) -> np.ndarray:
-    v = np.ascontiguousarray(a).view()
-    v.flags.writeable = False
-    return v
-
-
 class CpuBackend:
     """Scores batches with the Numba CPU kernels above."""
 
@@ -415,13 +409,13 @@ class CpuBackend:
         """Compile (or load from the on-disk cache) every signature ``score`` can use."""
         out = (np.empty(2), np.empty(2), np.empty(2, np.uint8), np.empty(2, np.int64), np.empty(2, np.uint8))
         for dtype in (np.float32, np.float64):
-            pred1 = _readonly(np.full(2, 0.5, dtype))
-            pred2 = _readonly(np.full((2, 2), 0.5, dtype))
+            pred1 = kernel_array(np.full(2, 0.5, dtype))
+            pred2 = kernel_array(np.full((2, 2), 0.5, dtype))
             cases = [
-                ("binary", pred1, _readonly(np.zeros(2))),
-                ("index_f32" if dtype == np.float32 else "index", pred2, _readonly(np.zeros(2, np.int64))),
-                ("soft", pred2, _readonly(np.zeros((2, 2), np.float32))),
-                ("soft", pred2, _readonly(np.zeros((2, 2), np.float64))),
+                ("binary", pred1, kernel_array(np.zeros(2))),
+                ("index_f32" if dtype == np.float32 else "index", pred2, kernel_array(np.zeros(2, np.int64))),
+                ("soft", pred2, kernel_array(np.zeros((2, 2), np.float32))),
+                ("soft", pred2, kernel_array(np.zeros((2, 2), np.float64))),
             ]
             for family, pred, tgt in cases:
                 for kernel in KERNELS[family]:
