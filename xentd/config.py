@@ -209,13 +209,6 @@ def _positive_int(t: _Table, key: str, default: int) -> int:
     return value
 
 
-def _positive_float(t: _Table, key: str, default: float) -> float:
-    value = float(t.take(key, (int, float), default))
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{t.where(key)}: must be a positive number, got {value}")
-    return value
-
-
 def _choice(t: _Table, key: str, choices: tuple[str, ...], default: str) -> str:
     value = t.take(key, str, default)
     if value not in choices:
