@@ -287,6 +287,13 @@ class Daemon:
             with self.state.lock:
                 group.state.fold(scores, batch.weights, self.clock(), batch.ts, batches=count)
                 self.state.messages += count
+        except RejectedBatch as exc:
+            if count == 1:
+                self._rejected(exc.reason, exc.detail, model)
+            else:
+                # One message spoiled the group (its losses overflow); find it, keep the rest.
+                for b in group.batches:
+                    self._score(_Group(group.state, group.key, [b]))
         except Exception:
             log.exception("internal error while scoring %d batch(es) for model %r", count, model)
             for _ in range(count):

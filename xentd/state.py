@@ -93,6 +93,7 @@ class ModelState:
         self.lifetime = np.zeros(size)
         self.bounds = np.asarray(limits.loss_buckets, np.float64)
         self.hist = np.zeros(len(limits.loss_buckets) + 1, np.int64)
+        self.hist_scratch = np.zeros_like(self.hist)
         self.loss_sum = 0.0
         self.batches = 0
         self.unnormalized_rows = 0
@@ -131,15 +132,27 @@ class ModelState:
     def fold(self, scores: SampleScores, weights: np.ndarray | None, now: float,
              event_time: float | None, batches: int = 1) -> None:
         """Add scored samples (``batches`` messages' worth, concatenated in arrival order)."""
-        self.clock = max(self.clock, now)
-        now = self.clock
         weighted = weights is not None
         w = weights if weights is not None else _NO_WEIGHTS
         vec = self.scratch
         vec[:] = 0.0
-        self.loss_sum += acc.fold_batch(scores.loss, scores.focal, scores.correct, scores.true_class, w,
-                                        weighted, self.class_limit, self.slots, self.bounds, vec, self.hist)
-        self.lifetime += vec
+        hist = self.hist_scratch
+        hist[:] = 0
+        loss_sum = self.loss_sum + acc.fold_batch(scores.loss, scores.focal, scores.correct, scores.true_class,
+                                                  w, weighted, self.class_limit, self.slots, self.bounds, vec, hist)
+        with np.errstate(over="ignore", invalid="ignore"):
+            lifetime = self.lifetime + vec
+        # Finite inputs can still overflow float64 (FP64 logits near 1e308, weights
+        # near 1e308). Scores and weights are >= 0, so every window and class sum is
+        # at most its lifetime total: if those stay finite, everything does.
+        if not (np.isfinite(lifetime[: acc.HEAD]).all() and np.isfinite(loss_sum)):
+            raise ValidationError(Reason.NON_FINITE, "the batch's weighted losses overflow float64 "
+                                  f"(model {self.name!r} totals would become infinite)")
+        self.clock = max(self.clock, now)
+        now = self.clock
+        self.loss_sum = loss_sum
+        self.hist += hist
+        self.lifetime = lifetime
         for tw in self.time_windows:
             acc.time_add(tw.epochs, tw.buckets, tw.index(now), vec)
         decay = 2.0 ** (-(now - self.ewma_time) / self.half_life)

@@ -33,6 +33,9 @@ INPUT_KINDS: Final = ("probs", "logits", "log_probs")
 TENSOR_NAMES: Final = ("predictions", "targets", "weights")
 MAX_BATCH_ID_CHARS: Final = 256
 MAX_RANK: Final = 2
+# Far past any frame that fits in memory; bounds dimensions that a zero elsewhere
+# in the shape would otherwise let through to NumPy unchecked.
+MAX_DIM: Final = 1 << 40
 
 # Open Inference Protocol datatype names -> little-endian storage dtype.
 # BF16 has no NumPy dtype; it travels as its 16 raw bits and is widened on decode.
@@ -220,9 +223,9 @@ def _tensor_specs(header: Mapping[str, Any]) -> list[tuple[str, str, tuple[int, 
             raise _fail(Reason.UNKNOWN_DATATYPE, f"tensor {name!r}: datatype {datatype[:32]!r} is not one of "
                                                  f"{', '.join(DATATYPES)}")
         if (not isinstance(shape, list) or len(shape) > MAX_RANK
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)):
             raise _fail(Reason.BAD_SHAPE, f"tensor {name!r}: shape must be a list of at most {MAX_RANK} "
-                                          f"non-negative integers, got {str(shape)[:64]}")
+                                          f"integers in [0, 2^40], got {str(shape)[:64]}")
         out.append((name, datatype, tuple(shape)))
     return out
 

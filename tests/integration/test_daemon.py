@@ -17,7 +17,7 @@ from sklearn.metrics import log_loss
 
 from tests import naive
 from tests.conftest import softmax
-from tests.integration.conftest import DaemonProcess
+from tests.integration.harness import DaemonProcess
 from xentd import wire
 from xentd.client import Publisher
 from xentd.errors import Reason
