@@ -115,6 +115,8 @@ def test_encode_refuses_misuse() -> None:
     (_frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [1, 1, 2]}]), GOOD[0]),
      Reason.BAD_SHAPE),
     (_frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [2**62, 2**62]}]),
+             GOOD[0]), Reason.BAD_SHAPE),
+    (_frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [2**33, 2**33]}]),
              GOOD[0]), Reason.SIZE_MISMATCH),
     (_frames(_header(), GOOD[0], GOOD[1][:-1]), Reason.SIZE_MISMATCH),
     (_frames(_header(), GOOD[0]), Reason.BAD_FRAMING),

@@ -28,6 +28,16 @@ MiB = 1 << 20
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    """CURVE encryption and client authentication for a tcp ingest socket."""
+
+    # The server's secret key file (from `xentd keygen`); its public half goes to producers.
+    server_secret_key: str
+    # A directory of client public key files; only these clients may connect.
+    authorized_keys: str
+
+
+@dataclass(frozen=True)
 class IngestConfig:
     """The ZeroMQ socket batches arrive on."""
 
@@ -40,6 +50,26 @@ class IngestConfig:
     receive_hwm: int = 1000
     max_message_bytes: int = 256 * MiB
     max_header_bytes: int = 64 * 1024
+    # Recent (model, batch_id) pairs remembered; a batch whose pair is among them
+    # is a retry, counted in xentd_duplicate_batches_total and not scored. 0: off.
+    dedup_window: int = 65536
+    curve: CurveConfig | None = None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert_file: str
+    key_file: str
+    # When set, clients must present a certificate signed by this CA (mutual TLS).
+    client_ca_file: str | None = None
+
+
+@dataclass(frozen=True)
+class BasicAuthConfig:
+    username: str
+    # A file holding the password (trailing newline ignored); the same file can
+    # serve Prometheus's scrape_config `basic_auth.password_file`.
+    password_file: str
 
 
 @dataclass(frozen=True)
@@ -48,6 +78,8 @@ class MetricsConfig:
 
     host: str = "127.0.0.1"
     port: int = 9650
+    tls: TlsConfig | None = None
+    basic_auth: BasicAuthConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +128,26 @@ class LimitsConfig:
     # Classes 0..class_limit-1 get their own series and window slots; the rest share "other".
     class_limit: int = 100
     loss_buckets: tuple[float, ...] = DEFAULT_LOSS_BUCKETS
+    # When either is set, a new model must be listed or match the pattern (fullmatch).
+    allowed_models: tuple[str, ...] = ()
+    model_pattern: str | None = None
+    # A model with no batch for this long is dropped, and its series leave /metrics. None: never.
+    model_ttl_seconds: float | None = 86400.0
+
+    def admits(self, model: str) -> bool:
+        if not self.allowed_models and self.model_pattern is None:
+            return True
+        return model in self.allowed_models or (
+            self.model_pattern is not None and re.fullmatch(self.model_pattern, model) is not None)
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Snapshots of the rolling state, so restarts lose nothing."""
+
+    # None: keep state in memory only.
+    directory: str | None = None
+    snapshot_interval_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +181,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    state: StateConfig = field(default_factory=StateConfig)
 
     def scoring_for(self, model: str) -> ScoringConfig:
         return self.models.get(model, self.scoring)
@@ -202,6 +255,13 @@ class _Table:
         raise ConfigError(f"{self.where(key)}: unknown key{suggestion}; known keys here: {allowed}")
 
 
+def _non_negative_int(t: _Table, key: str, default: int) -> int:
+    value = t.take(key, int, default)
+    if value < 0:
+        raise ConfigError(f"{t.where(key)}: must be >= 0, got {value}")
+    return value
+
+
 def _positive_int(t: _Table, key: str, default: int) -> int:
     value = t.take(key, int, default)
     if value <= 0:
@@ -217,11 +277,14 @@ def _choice(t: _Table, key: str, choices: tuple[str, ...], default: str) -> str:
 
 
 def _duration(t: _Table, key: str, default: float) -> float:
-    value = t.take(key, (str, int, float), default)
+    return _seconds(t.take(key, (str, int, float), default), t.where(key))
+
+
+def _seconds(value: str | float, where: str) -> float:
     if isinstance(value, str):
-        return parse_duration(value, t.where(key))
+        return parse_duration(value, where)
     if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{t.where(key)}: must be a positive number of seconds, got {value}")
+        raise ConfigError(f"{where}: must be a positive number of seconds, got {value}")
     return float(value)
 
 
@@ -246,10 +309,45 @@ def _parse_ingest(t: _Table) -> IngestConfig:
         receive_hwm=_positive_int(t, "receive_hwm", d.receive_hwm),
         max_message_bytes=_positive_int(t, "max_message_bytes", d.max_message_bytes),
         max_header_bytes=_positive_int(t, "max_header_bytes", d.max_header_bytes),
+        dedup_window=_non_negative_int(t, "dedup_window", d.dedup_window),
+        curve=_parse_curve(t.take_table("curve")) if "curve" in t.keys() else None,
     )
     if cfg.connect and cfg.socket != "sub":
         raise ConfigError(f"{t.where('connect')}: only a SUB socket can connect; a PULL socket binds")
+    if cfg.curve is not None and not address.startswith("tcp://"):
+        raise ConfigError(f"{t.where('curve')}: CURVE authentication needs a tcp:// address, got {address!r} "
+                          "(ipc sockets are guarded by file permissions instead)")
     t.done(_field_names(IngestConfig))
+    return cfg
+
+
+def _required_str(t: _Table, key: str) -> str:
+    value = t.take(key, str, "")
+    if not value:
+        raise ConfigError(f"{t.where(key)}: required, as a non-empty string")
+    return value
+
+
+def _parse_curve(t: _Table) -> CurveConfig:
+    cfg = CurveConfig(server_secret_key=_required_str(t, "server_secret_key"),
+                      authorized_keys=_required_str(t, "authorized_keys"))
+    t.done(_field_names(CurveConfig))
+    return cfg
+
+
+def _parse_tls(t: _Table) -> TlsConfig:
+    ca = t.take("client_ca_file", str, "")
+    cfg = TlsConfig(cert_file=_required_str(t, "cert_file"), key_file=_required_str(t, "key_file"),
+                    client_ca_file=ca or None)
+    t.done(_field_names(TlsConfig))
+    return cfg
+
+
+def _parse_basic_auth(t: _Table) -> BasicAuthConfig:
+    cfg = BasicAuthConfig(username=_required_str(t, "username"), password_file=_required_str(t, "password_file"))
+    if ":" in cfg.username:
+        raise ConfigError(f"{t.where('username')}: a basic-auth username cannot contain ':'")
+    t.done(_field_names(BasicAuthConfig))
     return cfg
 
 
@@ -257,8 +355,10 @@ def _parse_metrics(t: _Table) -> MetricsConfig:
     d = MetricsConfig()
     listen = t.take("listen", str, f"{d.host}:{d.port}")
     host, port = parse_listen(listen, t.where("listen"))
-    t.done(["listen"])
-    return MetricsConfig(host=host, port=port)
+    tls = _parse_tls(t.take_table("tls")) if "tls" in t.keys() else None
+    auth = _parse_basic_auth(t.take_table("basic_auth")) if "basic_auth" in t.keys() else None
+    t.done(["listen", "tls", "basic_auth"])
+    return MetricsConfig(host=host, port=port, tls=tls, basic_auth=auth)
 
 
 _WINDOW_LABEL_RE = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -316,12 +416,36 @@ def _parse_limits(t: _Table) -> LimitsConfig:
             or any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:], strict=False))):
         raise ConfigError(f"{t.where('loss_buckets')}: expected a non-empty, strictly increasing "
                           f"list of positive finite numbers, got {buckets!r}")
+    allowed = t.take("allowed_models", list, list(d.allowed_models))
+    for i, name in enumerate(allowed):
+        if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
+            raise ConfigError(f"{t.where('allowed_models')}[{i}]: {name!r} is not a valid model name")
+    pattern = t.take("model_pattern", str, "") or None
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{t.where('model_pattern')}: not a regular expression: {exc}") from None
+    ttl_value = t.take("model_ttl", (str, int, float), "24h")
+    ttl = None if ttl_value == "never" else _seconds(ttl_value, t.where("model_ttl"))
     cfg = LimitsConfig(
         max_models=_positive_int(t, "max_models", d.max_models),
         class_limit=_positive_int(t, "class_limit", d.class_limit),
         loss_buckets=tuple(float(b) for b in buckets),
+        allowed_models=tuple(allowed),
+        model_pattern=pattern,
+        model_ttl_seconds=ttl,
     )
-    t.done(_field_names(LimitsConfig))
+    t.done(["max_models", "class_limit", "loss_buckets", "allowed_models", "model_pattern", "model_ttl"])
+    return cfg
+
+
+def _parse_state(t: _Table) -> StateConfig:
+    d = StateConfig()
+    directory = t.take("directory", str, "")
+    cfg = StateConfig(directory=directory or None,
+                      snapshot_interval_seconds=_duration(t, "snapshot_interval", d.snapshot_interval_seconds))
+    t.done(["directory", "snapshot_interval"])
     return cfg
 
 
@@ -353,7 +477,7 @@ def _parse_log(t: _Table) -> LogConfig:
     return cfg
 
 
-_SECTIONS = ["ingest", "metrics", "windows", "scoring", "models", "limits", "engine", "log"]
+_SECTIONS = ["ingest", "metrics", "windows", "scoring", "models", "limits", "engine", "log", "state"]
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
@@ -373,9 +497,10 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     limits = _parse_limits(root.take_table("limits"))
     engine = _parse_engine(root.take_table("engine"))
     log = _parse_log(root.take_table("log"))
+    state = _parse_state(root.take_table("state"))
     root.done(_SECTIONS)
     return Config(ingest=ingest, metrics=metrics, windows=windows, scoring=scoring,
-                  models=MappingProxyType(models), limits=limits, engine=engine, log=log)
+                  models=MappingProxyType(models), limits=limits, engine=engine, log=log, state=state)
 
 
 def load(path: str | Path) -> Config:
@@ -400,15 +525,14 @@ def load(path: str | Path) -> Config:
 def with_overrides(cfg: Config, *, ingest: str | None = None, metrics: str | None = None) -> Config:
     """Apply the ``--ingest`` and ``--metrics`` command-line overrides."""
     if ingest is not None:
-        cfg = dataclasses.replace(cfg, ingest=_parse_ingest(_Table(
-            {**_ingest_as_toml(cfg.ingest), "address": ingest}, "--ingest")))
+        table = _Table({"address": ingest}, "--ingest")
+        address = _parse_ingest(table).address  # the same address checks as the file's
+        fixed = dataclasses.replace(cfg.ingest, address=address)
+        if fixed.curve is not None and not address.startswith("tcp://"):
+            raise ConfigError(f"--ingest: CURVE authentication is configured, which needs a tcp:// address, "
+                              f"got {address!r}")
+        cfg = dataclasses.replace(cfg, ingest=fixed)
     if metrics is not None:
         host, port = parse_listen(metrics, "--metrics")
-        cfg = dataclasses.replace(cfg, metrics=MetricsConfig(host=host, port=port))
+        cfg = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, host=host, port=port))
     return cfg
-
-
-def _ingest_as_toml(i: IngestConfig) -> dict[str, Any]:
-    return {"address": i.address, "socket": i.socket, "connect": i.connect,
-            "subscribe": list(i.subscribe), "receive_hwm": i.receive_hwm,
-            "max_message_bytes": i.max_message_bytes, "max_header_bytes": i.max_header_bytes}

@@ -2,35 +2,44 @@
 
 Lifecycle, in order (teardown runs in reverse, and logs each step)::
 
-    initialize()  logging is the caller's; then backend warm-up (compile), state,
-                  metrics HTTP server, ingest socket, signal handlers
-    run()         poll the socket, drain what is waiting, score it; until stopped
-    stop          drain what is already queued (bounded), close everything, return 0
+    initialize()  logging is the caller's; then backend warm-up (compile), the
+                  state snapshot restored, metrics HTTP server, ingest socket,
+                  signal handlers; then READY=1 to systemd
+    run()         poll the socket, drain what is waiting, score it; between
+                  drains: watchdog ping, snapshots, idle-model eviction
+    stop          STOPPING=1; drain what is already queued (bounded); a final
+                  snapshot; close everything; return 0
 
 Signal handlers only set a flag. A message that cannot be decoded or scored is
 counted under its reason, logged at a limited rate, and dropped; the loop goes on.
+The loop reads only when it has scored what it read before, so when scoring
+falls behind, ZeroMQ's queues fill and producers' sends block: back-pressure,
+not loss (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import zmq
 
-from xentd import kernels, scan, wire
+from xentd import ingest, kernels, persist, scan, wire
 from xentd._version import __version__
 from xentd.config import Config
 from xentd.errors import Reason, RejectedBatch, StartupError
 from xentd.exporter import Exposition, MetricsServer, make_app
 from xentd.kernels import Backend, ScoringParams
+from xentd.notify import Notifier
 from xentd.state import ModelState, StateStore
 from xentd.validate import Batch, Scratch, concatenate, layout, validate
 
@@ -39,6 +48,8 @@ log = logging.getLogger("xentd")
 POLL_MS = 100
 # /healthz fails if the loop has not turned for this long (it turns every POLL_MS).
 STALL_SECONDS = 10.0
+# Idle-model eviction and the systemd STATUS line run at most this often.
+HOUSEKEEPING_SECONDS = 1.0
 
 
 @dataclass
@@ -75,7 +86,10 @@ class Daemon:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        self.state = StateStore(config.windows, config.limits, clock)
+        self.state = StateStore(config.windows, config.limits, clock, dedup_window=config.ingest.dedup_window)
+        self.notifier = Notifier()
+        self.snapshotter: persist.Snapshotter | None = None
+        self._housekeeping_due = 0.0
         self.backend: Backend | None = None
         self.context: zmq.Context[Any] | None = None
         self.socket: zmq.Socket[Any] | None = None
@@ -92,15 +106,35 @@ class Daemon:
     # --- lifecycle ----------------------------------------------------------
 
     def initialize(self, *, install_signals: bool = True) -> None:
+        self._teardown.append(("systemd notifier", self.notifier.close))
         self._init_backend()
+        self._init_state()
         self._init_http()
         self._init_socket()
         if install_signals:
             self._init_signals()
         self._ready = True
-        log.info("ready: ingest %s (%s), metrics http://%s:%d/metrics, backend %s",
-                 self.ingest_endpoint, self.config.ingest.socket.upper(), self.config.metrics.host,
+        scheme = "https" if self.config.metrics.tls else "http"
+        log.info("ready: ingest %s (%s), metrics %s://%s:%d/metrics, backend %s",
+                 self.ingest_endpoint, self.config.ingest.socket.upper(), scheme, _url_host(self.config.metrics.host),
                  self.http.port if self.http else -1, self.backend.name if self.backend else "?")
+        self.notifier.ready(self._status())
+
+    def _init_state(self) -> None:
+        directory = self.config.state.directory
+        if directory is None:
+            return
+        path = Path(directory)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".xentd-write-test.{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StartupError(f"state.directory {directory}: not a writable directory: "
+                               f"{exc.strerror or exc}") from None
+        persist.load_into(self.state, path)
+        self.snapshotter = persist.Snapshotter(self.state, path, self.config.state.snapshot_interval_seconds)
 
     def _init_backend(self) -> None:
         started = time.monotonic()
@@ -115,11 +149,12 @@ class Daemon:
     def _init_http(self) -> None:
         exposition = Exposition(self.state.snapshot, version=__version__,
                                 backend=self.backend.name if self.backend else "none")
-        host, port = self.config.metrics.host, self.config.metrics.port
+        cfg = self.config.metrics
         try:
-            self.http = MetricsServer(host, port, make_app(exposition, self.health))
+            self.http = MetricsServer(cfg.host, cfg.port, make_app(exposition, self.health, cfg.basic_auth),
+                                      tls=cfg.tls)
         except OSError as exc:
-            raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+            raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         self.http.start()
         self._teardown.append(("metrics server", self.http.stop))
 
@@ -127,26 +162,23 @@ class Daemon:
         cfg = self.config.ingest
         self.context = zmq.Context()
         self._teardown.append(("zmq context", self.context.term))
-        kind = zmq.PULL if cfg.socket == "pull" else zmq.SUB
-        sock = self.context.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, cfg.receive_hwm)
-        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
-        if kind == zmq.SUB:
-            for prefix in cfg.subscribe:
-                sock.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
-        self._teardown.append(("ingest socket", sock.close))
-        try:
-            if cfg.connect:
-                sock.connect(cfg.address)
-                self.ingest_endpoint = cfg.address
+        if cfg.curve is not None:
+            auth = ingest.start_authenticator(self.context, cfg.curve)
+            self._teardown.append(("CURVE authenticator", auth.stop))
+        self.socket, self.ingest_endpoint = ingest.open_socket(self.context, cfg)
+        self._teardown.append(("ingest socket", self.socket.close))
+        monitor = ingest.TransportMonitor(self.socket, self._transport_event)
+        monitor.start()
+        self._teardown.append(("transport monitor", monitor.stop))
+
+    def _transport_event(self, event: str) -> None:
+        with self.state.lock:
+            if event == "auth_failed":
+                self.state.counters.ingest_auth_failures += 1
             else:
-                sock.bind(cfg.address)
-                self.ingest_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        except zmq.ZMQError as exc:
-            verb = "connect to" if cfg.connect else "bind"
-            raise StartupError(f"cannot {verb} ingest endpoint {cfg.address}: {exc}") from None
-        self.socket = sock
+                self.state.counters.ingest_disconnects += 1
+        if event == "auth_failed":
+            self._log_rejection(Reason.BAD_FRAMING, "a producer failed CURVE authentication", None)
 
     def _init_signals(self) -> None:
         def handler(signum: int, _frame: FrameType | None) -> None:
@@ -164,6 +196,27 @@ class Daemon:
         if not self._stop.is_set():
             log.info("stopping (%s): draining queued messages", why)
         self._stop.set()
+
+    def _status(self) -> str:
+        c = self.state.counters
+        return f"{len(self.state.models)} model(s), {c.messages} message(s), backend {self.config.engine.backend}"
+
+    def housekeeping(self, force: bool = False) -> None:
+        """Between drains: watchdog ping, snapshots, idle-model eviction, status."""
+        self.notifier.watchdog()
+        now = time.monotonic()
+        if self.snapshotter is not None:
+            self.snapshotter.maybe(now)
+        if not force and now < self._housekeeping_due:
+            return
+        self._housekeeping_due = now + HOUSEKEEPING_SECONDS
+        with self.state.lock:
+            evicted = self.state.evict_idle(self.clock())
+        if evicted:
+            log.info("dropped %d model(s) idle for over %s s: %s%s", len(evicted),
+                     self.config.limits.model_ttl_seconds, ", ".join(evicted[:5]),
+                     " ..." if len(evicted) > 5 else "")
+        self.notifier.status(self._status())
 
     def health(self) -> tuple[bool, str]:
         if not self._ready:
@@ -185,14 +238,19 @@ class Daemon:
                 self._heartbeat = time.monotonic()
                 if poller.poll(POLL_MS):
                     self._drain(self.config.engine.drain_max)
+                self.housekeeping()
+            self.notifier.stopping("draining queued messages")
             deadline = time.monotonic() + self.config.engine.shutdown_drain_seconds
             drained = 0
             while time.monotonic() < deadline:
+                self.notifier.watchdog()
                 n = self._drain(self.config.engine.drain_max)
                 drained += n
                 if n == 0:
                     break
             log.info("drained %d queued messages", drained)
+            if self.snapshotter is not None and self.snapshotter.final():
+                log.info("state snapshot written to %s", self.snapshotter.directory)
         finally:
             self.close()
         return 0
@@ -263,12 +321,24 @@ class Daemon:
                               max_header_bytes=self.config.ingest.max_header_bytes,
                               topic=self.config.ingest.socket == "sub")
             model = msg.model
+            if msg.producer is not None and msg.seq is not None:
+                # Before validation: a message that arrived but is refused is not a gap.
+                with self.state.lock:
+                    self.state.counters.sequence_gaps += self.state.sequences.observe(msg.producer, msg.seq)
             pred = msg.tensors.get("predictions")
             small = pred is not None and pred.array.size <= self.config.engine.group_max_elements
             # A grouped batch must own its arrays; a scratch buffer is reused by the next message.
             batch = validate(msg, None if small else self._scratch)
             with self.state.lock:
+                if batch.batch_id is not None and self.state.recent.capacity:
+                    key = (batch.model, batch.batch_id)
+                    if key in self.state.recent:
+                        self.state.counters.duplicate_batches += 1
+                        self.state.messages += 1
+                        return None
                 state = self.state.model(batch.model, batch.num_classes)
+                if batch.batch_id is not None:
+                    self.state.recent.add((batch.model, batch.batch_id))
             return batch, state, small
         except RejectedBatch as exc:
             self._rejected(exc.reason, exc.detail, model)
@@ -285,7 +355,8 @@ class Daemon:
             assert self.backend is not None
             scores = self.backend.score(batch, self._scoring_params(batch))
             with self.state.lock:
-                group.state.fold(scores, batch.weights, self.clock(), batch.ts, batches=count)
+                if group.state.fold(scores, batch.weights, self.clock(), batch.ts, batches=count):
+                    self.state.counters.limit_hits["class_limit"] += 1
                 self.state.messages += count
         except RejectedBatch as exc:
             if count == 1:
@@ -318,6 +389,10 @@ class Daemon:
             )
             self._params[key] = params
         return params
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def serve(config: Config) -> int:

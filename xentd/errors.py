@@ -4,6 +4,7 @@
     ├── ConfigError            a config file or override is invalid; the daemon refuses to start
     ├── BackendUnavailable     a requested kernel backend cannot run on this machine
     ├── StartupError           a port or endpoint the daemon needs cannot be bound
+    ├── SnapshotError          a state snapshot is corrupt or from an incompatible version
     └── RejectedBatch          one message is refused; the daemon counts it and keeps going
         ├── DecodeError        the frames are not a well-formed protocol v1 message
         └── ValidationError    well-formed, but the values cannot be scored
@@ -42,6 +43,7 @@ class Reason(StrEnum):
     NEGATIVE_WEIGHT = "negative_weight"
     CLASS_COUNT_CHANGED = "class_count_changed"
     TOO_MANY_MODELS = "too_many_models"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
     # A bug in xentd, not in the producer: logged with a traceback.
     INTERNAL_ERROR = "internal_error"
 
@@ -60,6 +62,10 @@ class BackendUnavailable(XentdError):
 
 class StartupError(XentdError):
     """The daemon cannot acquire a resource it needs, such as its metrics port."""
+
+
+class SnapshotError(XentdError):
+    """A state snapshot cannot be used. The daemon sets the file aside and starts empty."""
 
 
 class RejectedBatch(XentdError):

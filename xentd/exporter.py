@@ -8,12 +8,17 @@ and labels are a contract; docs/metrics.md lists them and must change with them.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import gzip
+import hmac
 import logging
 import math
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -29,9 +34,13 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest, make_wsgi_app
 from prometheus_client.registry import Collector
 
-from xentd.state import ModelSnapshot, Snapshot, WindowStats
+from xentd.config import BasicAuthConfig, TlsConfig
+from xentd.errors import StartupError
+from xentd.state import Counters, ModelSnapshot, Snapshot, WindowStats
 
 log = logging.getLogger("xentd.exporter")
+
+REQUEST_TIMEOUT_SECONDS = 30
 
 _WINDOW_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("xentd_window_cross_entropy_nats", "cross_entropy",
@@ -82,6 +91,13 @@ class XentdCollector(Collector):
         for reason, count in sorted(snap.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
+        for name, kind, doc, label, values in daemon_families(snap.counters):
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            base = name[: -len("_total")] if kind == "counter" else name
+            family = cls(base, doc, labels=[label] if label else None)
+            for label_value, value in values:
+                family.add_metric([label_value] if label else [], value)
+            yield family
         yield from self._model_families(snap)
 
     def _model_families(self, snap: Snapshot) -> Iterator[Metric]:
@@ -122,6 +138,41 @@ class XentdCollector(Collector):
                 _add_ratios(gauges, [m.name, window], stats)
         yield from (ce, samples, correct, batches, unnorm, last, last_event, per_class, hist, window_samples)
         yield from (g for g, _ in gauges)
+
+
+def daemon_families(c: Counters) -> list[tuple[str, str, str, str | None, list[tuple[str, float]]]]:
+    """Daemon-wide families: (name, type, help, label name, [(label value, value)]).
+
+    A gauge with nothing to report yet (no snapshot written) has no sample."""
+    def one(value: float | None) -> list[tuple[str, float]]:
+        return [] if value is None else [("", value)]
+
+    return [
+        ("xentd_duplicate_batches_total", "counter", "Batches not scored because the same (model, batch_id) "
+         "was scored recently: producer retries.", None, one(c.duplicate_batches)),
+        ("xentd_sequence_gaps_total", "counter", "Messages missing from producers' seq numbering: "
+         "sent but never received.", None, one(c.sequence_gaps)),
+        ("xentd_models_evicted_total", "counter", "Models dropped after limits.model_ttl without a batch.",
+         None, one(c.models_evicted)),
+        ("xentd_limit_hits_total", "counter", "Batches a cardinality limit acted on: refused (max_models, "
+         "allowed_models) or with samples folded into class \"other\" (class_limit).", "limit",
+         sorted(c.limit_hits.items())),
+        ("xentd_ingest_disconnects_total", "counter", "Producer connections that ended: producers going away, "
+         "or ZeroMQ dropping one that sent a frame over ingest.max_message_bytes.", None,
+         one(c.ingest_disconnects)),
+        ("xentd_ingest_auth_failures_total", "counter", "CURVE handshakes refused: the client key is not "
+         "in ingest.curve.authorized_keys.", None, one(c.ingest_auth_failures)),
+        ("xentd_snapshots_written_total", "counter", "State snapshots written by this process.", None,
+         one(c.snapshots_written)),
+        ("xentd_snapshot_failures_total", "counter", "State snapshots that could not be written.", None,
+         one(c.snapshot_failures)),
+        ("xentd_last_snapshot_timestamp_seconds", "gauge", "When the state in the last written snapshot was "
+         "taken (Unix seconds).", None, one(c.last_snapshot_time)),
+        ("xentd_last_snapshot_duration_seconds", "gauge", "How long writing the last snapshot took.", None,
+         one(c.last_snapshot_seconds)),
+        ("xentd_last_snapshot_bytes", "gauge", "Size of the last snapshot written.", None,
+         one(c.last_snapshot_bytes)),
+    ]
 
 
 # --- direct text exposition -----------------------------------------------------
@@ -172,6 +223,11 @@ def render_text(snap: Snapshot, *, version: str, backend: str) -> str:
     _family(out, "xentd_rejected_batches_total", *_HELP["xentd_rejected_batches_total"])
     out.extend(f'xentd_rejected_batches_total{{reason="{_esc(r)}"}} {_v(c)}\n'
                for r, c in sorted(snap.rejected.items()))
+    for name, kind, doc, label, values in daemon_families(snap.counters):
+        _family(out, name, kind, doc)
+        for label_value, value in values:
+            labels = f'{{{label}="{_esc(label_value)}"}}' if label else ""
+            out.append(f"{name}{labels} {_v(value)}\n")
     models = [(f'model="{_esc(m.name)}"', m) for m in snap.models]
 
     def per_model(name: str, kind: str, doc: str, value: Callable[[ModelSnapshot], float | None],
@@ -277,16 +333,50 @@ class _Server6(_Server):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # A client that sends nothing for this long is dropped, so idle or slow
+    # connections cannot pile up handler threads.
+    timeout = REQUEST_TIMEOUT_SECONDS
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("http %s", format % args)
 
 
-def make_app(exposition: Exposition, health: Callable[[], tuple[bool, str]]) -> Callable[..., Any]:
+def _basic_auth_check(cfg: BasicAuthConfig) -> Callable[[str], bool]:
+    """A checker for an ``Authorization`` header value. The password file is read once, at start."""
+    try:
+        password = Path(cfg.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"metrics.basic_auth.password_file: cannot read {cfg.password_file}: {exc}") from None
+    if not password:
+        raise StartupError(f"metrics.basic_auth.password_file: {cfg.password_file} is empty")
+    expected = f"{cfg.username}:{password}".encode()
+
+    def check(header: str) -> bool:
+        scheme, _, credentials = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            given = base64.b64decode(credentials.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return hmac.compare_digest(given, expected)
+
+    return check
+
+
+def make_app(exposition: Exposition, health: Callable[[], tuple[bool, str]],
+             basic_auth: BasicAuthConfig | None = None) -> Callable[..., Any]:
+    """/metrics (behind basic auth when configured) and /healthz (always open, for liveness probes)."""
     openmetrics_app = make_wsgi_app(exposition.registry)
+    authorized = _basic_auth_check(basic_auth) if basic_auth is not None else None
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
+            if authorized is not None and not authorized(environ.get("HTTP_AUTHORIZATION", "")):
+                start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                                    ("WWW-Authenticate", 'Basic realm="xentd", charset="UTF-8"')])
+                return [b"xentd: unauthorized\n"]
             accept = environ.get("HTTP_ACCEPT", "")
             if "openmetrics" in accept and "text/plain" not in accept:
                 return openmetrics_app(environ, start_response)  # type: ignore[no-any-return]
@@ -309,12 +399,58 @@ def make_app(exposition: Exposition, health: Callable[[], tuple[bool, str]]) -> 
     return app
 
 
-class MetricsServer:
-    """Serves the WSGI app on a background thread."""
+def _tls_context(cfg: TlsConfig) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+        if cfg.client_ca_file:
+            ctx.load_verify_locations(cfg.client_ca_file)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"metrics.tls: cannot load the certificate, key or CA: {exc}") from None
+    return ctx
 
-    def __init__(self, host: str, port: int, app: Callable[..., Any]) -> None:
-        server_class = _Server6 if ":" in host else _Server
+
+class _TlsMixIn:
+    """The TLS handshake runs on the request's own thread, under the request timeout,
+    so a client that stalls mid-handshake cannot block the accept loop."""
+
+    tls_context: ssl.SSLContext
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(REQUEST_TIMEOUT_SECONDS)
+        try:
+            tls = self.tls_context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("TLS handshake with %s failed: %s", client_address, exc)
+            return
+        try:
+            super().finish_request(tls, client_address)  # type: ignore[misc]
+        finally:
+            tls.close()
+
+
+class _TlsServer(_TlsMixIn, _Server):
+    pass
+
+
+class _TlsServer6(_TlsMixIn, _Server6):
+    pass
+
+
+class MetricsServer:
+    """Serves the WSGI app on a background thread, over HTTPS when ``tls`` is given."""
+
+    def __init__(self, host: str, port: int, app: Callable[..., Any], *, tls: TlsConfig | None = None) -> None:
+        context = _tls_context(tls) if tls is not None else None
+        if context is not None:
+            server_class: type[_Server] = _TlsServer6 if ":" in host else _TlsServer
+        else:
+            server_class = _Server6 if ":" in host else _Server
         self._httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
+        if context is not None:
+            self._httpd.tls_context = context  # type: ignore[attr-defined]
         self.port = int(self._httpd.server_address[1])
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="xentd-http", daemon=True)
 

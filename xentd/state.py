@@ -19,16 +19,18 @@ under the same lock, so a scrape never sees half a batch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from xentd import accumulate as acc
 from xentd.config import LimitsConfig, WindowsConfig
+from xentd.delivery import RecentBatches, SequenceTracker
 from xentd.errors import Reason, ValidationError
 from xentd.kernels import SampleScores
 
@@ -116,6 +118,55 @@ class ModelState:
         self.ewma_time = created
         self.scratch = np.zeros(size)
 
+    # --- persistence (the file format is xentd.persist's) -------------------------
+
+    _SCALARS = ("num_classes", "loss_sum", "batches", "unnormalized_rows", "last_batch_time", "last_event_time",
+                "clock", "count_total", "ewma_time")
+
+    def export(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+        """Copies of everything needed to rebuild this state: (scalars, arrays)."""
+        scalars = {k: getattr(self, k) for k in self._SCALARS}
+        arrays: dict[str, np.ndarray] = {"lifetime": self.lifetime.copy(), "hist": self.hist.copy(), "ewma": self.ewma.copy(),
+                  "ring": self.ring.copy(), "ring_cls": self.ring_cls.copy(), "blocks": self.blocks.copy()}
+        if self.time_windows:
+            arrays["tw_epochs"] = np.stack([tw.epochs for tw in self.time_windows])
+            arrays["tw_buckets"] = np.stack([tw.buckets for tw in self.time_windows])
+        return scalars, arrays
+
+    def restore(self, scalars: dict[str, object], arrays: dict[str, np.ndarray], *, windows: bool) -> None:
+        """Load what :meth:`export` produced. With ``windows=False`` (the window
+        configuration changed) only the lifetime totals come back."""
+        def shaped(name: str, like: np.ndarray) -> np.ndarray:
+            a = arrays[name]
+            if a.shape != like.shape or a.dtype != like.dtype:
+                raise ValueError(f"{name}: shape {a.shape} {a.dtype}, expected {like.shape} {like.dtype}")
+            return a.copy()
+
+        self.lifetime = shaped("lifetime", self.lifetime)
+        self.hist = shaped("hist", self.hist)
+        for k in ("loss_sum", "last_batch_time", "clock"):
+            setattr(self, k, float(scalars[k]))  # type: ignore[arg-type]
+        self.batches = int(scalars["batches"])  # type: ignore[call-overload]
+        self.unnormalized_rows = int(scalars["unnormalized_rows"])  # type: ignore[call-overload]
+        event = scalars["last_event_time"]
+        self.last_event_time = None if event is None else float(event)  # type: ignore[arg-type]
+        if not windows:
+            return
+        self.ewma = shaped("ewma", self.ewma)
+        self.ewma_time = float(scalars["ewma_time"])  # type: ignore[arg-type]
+        self.blocks = shaped("blocks", self.blocks)
+        ring, ring_cls = arrays["ring"], arrays["ring_cls"]
+        if (ring.ndim != 2 or ring.shape[1] != 4 or ring.shape[0] > self.count_cap_max
+                or ring_cls.shape != (ring.shape[0],)):
+            raise ValueError(f"ring: shape {ring.shape}, classes {ring_cls.shape}")
+        self.ring, self.ring_cls = ring.astype(np.float64), ring_cls.astype(np.int32)
+        self.count_total = int(scalars["count_total"])  # type: ignore[call-overload]
+        if self.time_windows:
+            epochs = shaped("tw_epochs", np.stack([tw.epochs for tw in self.time_windows]))
+            buckets = shaped("tw_buckets", np.stack([tw.buckets for tw in self.time_windows]))
+            for i, tw in enumerate(self.time_windows):
+                tw.epochs, tw.buckets = epochs[i].copy(), buckets[i].copy()
+
     def _grow_ring(self, incoming: int) -> None:
         needed = min(self.count_cap_max, self.count_total + incoming)
         cap = self.ring.shape[0]
@@ -130,8 +181,11 @@ class ModelState:
         self.ring, self.ring_cls = ring, ring_cls
 
     def fold(self, scores: SampleScores, weights: np.ndarray | None, now: float,
-             event_time: float | None, batches: int = 1) -> None:
-        """Add scored samples (``batches`` messages' worth, concatenated in arrival order)."""
+             event_time: float | None, batches: int = 1) -> bool:
+        """Add scored samples (``batches`` messages' worth, concatenated in arrival order).
+
+        Returns whether any sample's class was past the class limit (folded into "other").
+        """
         weighted = weights is not None
         w = weights if weights is not None else _NO_WEIGHTS
         vec = self.scratch
@@ -170,6 +224,8 @@ class ModelState:
         self.last_batch_time = now
         if event_time is not None:
             self.last_event_time = event_time
+        return (self.num_classes > self.class_limit and scores.true_class.shape[0] > 0
+                and int(scores.true_class.max()) >= self.class_limit)
 
     def window_matrix(self, now: float) -> np.ndarray:
         """Every window's stat vector, one row each, in :attr:`window_labels` order.
@@ -215,39 +271,102 @@ class ModelSnapshot:
     windows: list[tuple[str, WindowStats]]
 
 
+LIMITS = ("max_models", "allowed_models", "class_limit")
+
+
+@dataclass
+class Counters:
+    """Daemon-wide counts and gauges. Persisted counts survive restarts; the rest describe this process."""
+
+    messages: int = 0
+    duplicate_batches: int = 0
+    sequence_gaps: int = 0
+    models_evicted: int = 0
+    limit_hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LIMITS, 0))
+    # This process only:
+    ingest_disconnects: int = 0
+    ingest_auth_failures: int = 0
+    snapshots_written: int = 0
+    snapshot_failures: int = 0
+    last_snapshot_time: float | None = None
+    last_snapshot_seconds: float | None = None
+    last_snapshot_bytes: int | None = None
+    restored_models: int = 0
+
+    PERSISTED = ("messages", "duplicate_batches", "sequence_gaps", "models_evicted", "limit_hits")
+
+    def copy(self) -> Counters:
+        return dataclasses.replace(self, limit_hits=dict(self.limit_hits))
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     models: list[ModelSnapshot]
     rejected: dict[str, int]
-    messages: int
+    counters: Counters
+
+    @property
+    def messages(self) -> int:
+        return self.counters.messages
 
 
 class StateStore:
     """Every model's state plus the daemon-wide counters, behind one lock."""
 
     def __init__(self, windows: WindowsConfig, limits: LimitsConfig,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *, dedup_window: int = 0) -> None:
         self.windows_cfg = windows
         self.limits = limits
         self.clock = clock
         self.lock = threading.Lock()
         self.models: dict[str, ModelState] = {}
         self.rejected: Counter[str] = Counter({r.value: 0 for r in Reason})
-        self.messages = 0
+        self.counters = Counters()
+        self.recent = RecentBatches(dedup_window)
+        self.sequences = SequenceTracker()
+
+    @property
+    def messages(self) -> int:
+        return self.counters.messages
+
+    @messages.setter
+    def messages(self, value: int) -> None:
+        self.counters.messages = value
 
     def model(self, name: str, num_classes: int) -> ModelState:
         """The model's state, created on first sight. Call with the lock held."""
         state = self.models.get(name)
         if state is None:
+            if not self.limits.admits(name):
+                self.counters.limit_hits["allowed_models"] += 1
+                raise ValidationError(Reason.MODEL_NOT_ALLOWED,
+                                      f"model {name!r} is not in limits.allowed_models and does not match "
+                                      "limits.model_pattern")
             if len(self.models) >= self.limits.max_models:
+                self.counters.limit_hits["max_models"] += 1
                 raise ValidationError(Reason.TOO_MANY_MODELS,
                                       f"model {name!r} would exceed limits.max_models={self.limits.max_models}")
-            state = ModelState(name, num_classes, self.windows_cfg, self.limits, self.clock())
-            self.models[name] = state
+            state = self._create(name, num_classes)
         elif state.num_classes != num_classes:
             raise ValidationError(Reason.CLASS_COUNT_CHANGED,
                                   f"model {name!r} has {state.num_classes} classes, batch has {num_classes}")
         return state
+
+    def _create(self, name: str, num_classes: int) -> ModelState:
+        state = ModelState(name, num_classes, self.windows_cfg, self.limits, self.clock())
+        self.models[name] = state
+        return state
+
+    def evict_idle(self, now: float) -> list[str]:
+        """Drop models with no batch for ``limits.model_ttl_seconds``. Call with the lock held."""
+        ttl = self.limits.model_ttl_seconds
+        if ttl is None:
+            return []
+        idle = [name for name, m in self.models.items() if now - m.last_batch_time > ttl]
+        for name in idle:
+            del self.models[name]
+        self.counters.models_evicted += len(idle)
+        return idle
 
     def warmup(self) -> None:
         """Compile the fold kernels through the real code path, on a throwaway model."""
@@ -273,7 +392,7 @@ class StateStore:
                     m.loss_sum, m.batches, m.unnormalized_rows, m.last_batch_time, m.last_event_time,
                     m.window_labels, m.window_matrix(now)) for m in self.models.values()]
             rejected = dict(self.rejected)
-            messages = self.messages
+            counters = self.counters.copy()
         models = []
         for (name, num_classes, class_limit, s, life, hist, bounds, loss_sum, batches, unnorm, last_batch,
              last_event, labels, matrix) in raw:
@@ -286,4 +405,4 @@ class StateStore:
                 hist_bounds=bounds, hist_counts=hist, loss_sum=loss_sum,
                 windows=list(zip(labels, derive_all(matrix, s), strict=True)),
             ))
-        return Snapshot(models=models, rejected=rejected, messages=messages)
+        return Snapshot(models=models, rejected=rejected, counters=counters)

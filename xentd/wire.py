@@ -32,6 +32,7 @@ MODEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")  # always fullmatc
 INPUT_KINDS: Final = ("probs", "logits", "log_probs")
 TENSOR_NAMES: Final = ("predictions", "targets", "weights")
 MAX_BATCH_ID_CHARS: Final = 256
+MAX_SEQ: Final = (1 << 63) - 1
 MAX_RANK: Final = 2
 # Far past any frame that fits in memory; bounds dimensions that a zero elsewhere
 # in the shape would otherwise let through to NumPy unchecked.
@@ -73,6 +74,9 @@ class Message:
     batch_id: str | None
     ts: float | None
     nbytes: int
+    # A producer's stream: its id and this message's sequence number in it.
+    producer: str | None = None
+    seq: int | None = None
 
 
 # --- encoding (publisher side) ------------------------------------------------
@@ -149,6 +153,8 @@ def encode(
     weights: Any = None,
     batch_id: str | None = None,
     ts: float | None = None,
+    producer: str | None = None,
+    seq: int | None = None,
 ) -> list[bytes | memoryview]:
     """Encode one batch into frames (header first). Raises ValueError/TypeError on misuse."""
     if not isinstance(model, str) or not MODEL_NAME_RE.fullmatch(model):
@@ -157,6 +163,12 @@ def encode(
         raise ValueError(f"input must be one of {', '.join(INPUT_KINDS)}, got {input!r}")
     if batch_id is not None and (not isinstance(batch_id, str) or len(batch_id) > MAX_BATCH_ID_CHARS):
         raise ValueError(f"batch_id must be a string of at most {MAX_BATCH_ID_CHARS} characters")
+    if (producer is None) != (seq is None):
+        raise ValueError("producer and seq go together")
+    if producer is not None and not MODEL_NAME_RE.fullmatch(producer):
+        raise ValueError(f"producer {producer!r} must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+    if seq is not None and not (isinstance(seq, int) and 0 <= seq <= MAX_SEQ):
+        raise ValueError(f"seq must be an integer in [0, 2^63), got {seq!r}")
     named = [("predictions", predictions), ("targets", targets)]
     if weights is not None:
         named.append(("weights", weights))
@@ -173,6 +185,9 @@ def encode(
         header["batch_id"] = batch_id
     if ts is not None:
         header["ts"] = float(ts)
+    if producer is not None:
+        header["producer"] = producer
+        header["seq"] = seq
     return [json.dumps(header, separators=(",", ":")).encode("utf-8"), *frames]
 
 
@@ -267,6 +282,13 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
         if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
             raise _fail(Reason.BAD_HEADER, "header.ts must be a finite number of Unix seconds")
         ts = float(ts)
+    producer, seq = header.get("producer"), header.get("seq")
+    if producer is not None or seq is not None:
+        if not isinstance(producer, str) or not MODEL_NAME_RE.fullmatch(producer):
+            raise _fail(Reason.BAD_HEADER, "header.producer must be 1-128 characters of A-Z a-z 0-9 _ . : - "
+                                           "when seq is given")
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
+            raise _fail(Reason.BAD_HEADER, "header.seq must be an integer in [0, 2^63) when producer is given")
     specs = _tensor_specs(header)
     data_frames = buffers[1:]
     if len(data_frames) != len(specs):
@@ -282,4 +304,5 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
                                               f"{expected} bytes but its frame has {buf.nbytes}")
         arr = np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
         tensors[name] = Tensor(datatype, arr)
-    return Message(model=model, input=kind, tensors=tensors, batch_id=batch_id, ts=ts, nbytes=nbytes)
+    return Message(model=model, input=kind, tensors=tensors, batch_id=batch_id, ts=ts, nbytes=nbytes,
+                   producer=producer, seq=seq)

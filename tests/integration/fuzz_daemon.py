@@ -44,8 +44,10 @@ def fuzz_real_daemon(tmp: Path, seed: int, messages: int) -> tuple[list[str], st
         batches = sum(v for (n, _), v in s.items() if n == "xentd_batches_total")
         if rejected.get(Reason.INTERNAL_ERROR.value):
             problems.append(f"{rejected[Reason.INTERNAL_ERROR.value]} internal errors")
-        if batches + sum(rejected.values()) != sent:
-            problems.append(f"{batches} scored + {sum(rejected.values())} rejected != {sent} sent")
+        duplicates = s[("xentd_duplicate_batches_total", frozenset())]
+        if batches + sum(rejected.values()) + duplicates != sent:
+            problems.append(f"{batches} scored + {sum(rejected.values())} rejected + {duplicates} duplicates "
+                            f"!= {sent} sent")
         for model, n in expected.items():
             got = d.value("xentd_samples_total", model=model)
             if n and got != n:
