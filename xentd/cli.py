@@ -1,9 +1,10 @@
-"""The ``xentd`` command: run, check-config, send, version."""
+"""The ``xentd`` command: run, check-config, send, keygen, version."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--input", default="probs", choices=["probs", "logits", "log_probs"])
     send.add_argument("--batch-id")
     send.add_argument("--pub", action="store_true", help="bind a PUB socket instead of connecting PUSH")
+    send.add_argument("--curve-server-key", metavar="FILE", help="the daemon's public key file (CURVE)")
+    send.add_argument("--curve-secret-key", metavar="FILE", help="this client's .key_secret file (CURVE)")
+
+    keygen = sub.add_parser("keygen", help="create a CURVE key pair: NAME.key (public) and NAME.key_secret")
+    keygen.add_argument("directory", type=Path)
+    keygen.add_argument("--name", default="server", help="file name stem (default: server)")
     return p
 
 
@@ -70,7 +77,8 @@ def _send(args: argparse.Namespace) -> int:
             raise XentdError(f"{args.file}: missing array(s) {', '.join(sorted(missing))}; "
                              f"it has {', '.join(data.files) or 'none'}")
         arrays = {k: data[k] for k in ("predictions", "targets", "weights") if k in data.files}
-    with Publisher(args.to, socket="pub" if args.pub else "push") as pub:
+    with Publisher(args.to, socket="pub" if args.pub else "push", curve_server_key=args.curve_server_key,
+                   curve_secret_key=args.curve_secret_key) as pub:
         try:
             pub.send(args.model, arrays["predictions"], arrays["targets"], input=args.input,
                      weights=arrays.get("weights"), batch_id=args.batch_id)
@@ -81,9 +89,30 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    import zmq.auth
+
+    directory: Path = args.directory
+    public, secret = directory / f"{args.name}.key", directory / f"{args.name}.key_secret"
+    if public.exists() or secret.exists():
+        raise XentdError(f"{public} or {secret} already exists; refusing to overwrite a key")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        old = os.umask(0o077)  # the secret key is readable by its owner only, from the start
+        try:
+            zmq.auth.create_certificates(str(directory), args.name)
+        finally:
+            os.umask(old)
+        public.chmod(0o644)
+    except OSError as exc:
+        raise XentdError(f"cannot write keys to {directory}: {exc.strerror or exc}") from None
+    print(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it here)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "check-config": _check, "send": _send}
+    handlers = {"run": _run, "check-config": _check, "send": _send, "keygen": _keygen}
     try:
         return handlers[args.command](args)
     except XentdError as exc:

@@ -108,29 +108,37 @@ def write(directory: Path, image: Image) -> int:
 def read(path: Path) -> Image:
     """Read a snapshot file, or raise :class:`SnapshotError` saying why it cannot be used."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            try:
-                manifest = json.loads(bytes(npz["manifest"]).decode("utf-8"))
-            except KeyError:
-                raise SnapshotError("no manifest: not an xentd snapshot") from None
-            if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-                raise SnapshotError("not an xentd snapshot")
-            if manifest.get("version") != VERSION:
-                raise SnapshotError(f"format version {manifest.get('version')!r}; this xentd reads {VERSION}")
-            models = []
-            for i, entry in enumerate(manifest["models"]):
-                prefix = f"m{i}."
-                arrays = {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
-                scalars = {k: v for k, v in entry.items() if k != "name"}
-                models.append((str(entry["name"]), scalars, arrays))
-            return Image(taken=float(manifest["taken"]), layout=manifest["layout"], counters=manifest["counters"],
-                         rejected={str(k): int(v) for k, v in manifest["rejected"].items()},
-                         recent=[(str(m), str(b)) for m, b in manifest["recent"]], models=models)
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise SnapshotError("not a zip archive: not an xentd snapshot, or truncated")
+            f.seek(0)
+            with np.load(f, allow_pickle=False) as npz:
+                return _from_npz(npz)
     except SnapshotError:
         raise
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation,
             UnicodeDecodeError) as exc:
         raise SnapshotError(f"unreadable: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _from_npz(npz: Any) -> Image:
+    try:
+        manifest = json.loads(bytes(npz["manifest"]).decode("utf-8"))
+    except KeyError:
+        raise SnapshotError("no manifest: not an xentd snapshot") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SnapshotError("not an xentd snapshot")
+    if manifest.get("version") != VERSION:
+        raise SnapshotError(f"format version {manifest.get('version')!r}; this xentd reads {VERSION}")
+    models = []
+    for i, entry in enumerate(manifest["models"]):
+        prefix = f"m{i}."
+        arrays = {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
+        scalars = {k: v for k, v in entry.items() if k != "name"}
+        models.append((str(entry["name"]), scalars, arrays))
+    return Image(taken=float(manifest["taken"]), layout=manifest["layout"], counters=manifest["counters"],
+                 rejected={str(k): int(v) for k, v in manifest["rejected"].items()},
+                 recent=[(str(m), str(b)) for m, b in manifest["recent"]], models=models)
 
 
 @dataclass(frozen=True)
@@ -179,7 +187,12 @@ def restore(store: StateStore, image: Image) -> Restored:
 
 def set_aside(path: Path, why: str) -> Path:
     """Rename an unusable snapshot out of the way, keeping it for inspection."""
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
     os.replace(path, aside)
     log.error("state snapshot %s cannot be used (%s); moved it to %s and starting with empty state",
               path, why, aside)
