@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -16,8 +17,8 @@ __all__ = ["DaemonProcess"]
 def start_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(config: str = "", ingest: str | None = "tcp://127.0.0.1:*") -> DaemonProcess:
-        d = DaemonProcess(tmp_path_factory.mktemp("xentd"), config, ingest)
+    def start(config: str = "", ingest: str | None = "tcp://127.0.0.1:*", **kwargs: Any) -> DaemonProcess:
+        d = DaemonProcess(tmp_path_factory.mktemp("xentd"), config, ingest, **kwargs)
         started.append(d)
         return d
 

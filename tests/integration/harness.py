@@ -85,6 +85,16 @@ class DaemonProcess:
             time.sleep(0.05)
         raise AssertionError(f"{name}{labels} is {got}, expected {expected}\n{self.log}")
 
+    def wait_for_at_least(self, name: str, minimum: float, timeout: float = 60.0, **labels: str) -> float:
+        deadline = time.monotonic() + timeout
+        got = None
+        while time.monotonic() < deadline:
+            got = self.value(name, **labels)
+            if got is not None and got >= minimum:
+                return got
+            time.sleep(0.05)
+        raise AssertionError(f"{name}{labels} is {got}, expected at least {minimum}\n{self.log}")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
