@@ -305,3 +305,12 @@ def test_sd_notify_from_the_real_daemon(start_daemon: Callable[..., DaemonProces
         assert any(m.startswith("STOPPING=1") for m in rest)
     finally:
         sock.close()
+
+
+def test_soak_sample(tmp_path: Path) -> None:
+    """A few seconds of scripts/soak.py: exact counts under steady load with scrapes and snapshots."""
+    from tests.integration.soak import run_soak
+
+    result = run_soak(tmp_path, seconds=6.0, rate=300.0, sample_every=1.0)
+    assert not result.problems, result.problems
+    assert result.messages >= 1000 and len(result.rss) >= 6
