@@ -86,3 +86,32 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["check-config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("xentd: error: ") and "windows.time[0]" in err
+
+
+def test_reliability_settings() -> None:
+    cfg = config.from_mapping({
+        "ingest": {"dedup_window": 0, "curve": {"server_secret_key": "/k/server.key_secret",
+                                                 "authorized_keys": "/k/authorized"}},
+        "metrics": {"listen": "0.0.0.0:9650", "tls": {"cert_file": "/c", "key_file": "/k"},
+                    "basic_auth": {"username": "prom", "password_file": "/p"}},
+        "state": {"directory": "/var/lib/xentd", "snapshot_interval": "10s"},
+    })
+    assert cfg.ingest.dedup_window == 0 and cfg.ingest.curve is not None
+    assert cfg.metrics.tls == config.TlsConfig("/c", "/k") and cfg.metrics.basic_auth is not None
+    assert cfg.state == config.StateConfig("/var/lib/xentd", 10.0)
+    over = config.with_overrides(cfg, metrics="127.0.0.1:1", state_dir="/tmp/s")
+    assert over.metrics.tls == cfg.metrics.tls and over.state.directory == "/tmp/s"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"ingest": {"address": "ipc:///x", "curve": {"server_secret_key": "a", "authorized_keys": "b"}}},
+     "needs a tcp:// address"),
+    ({"ingest": {"curve": {"server_secret_key": "a"}}}, "authorized_keys: required"),
+    ({"metrics": {"tls": {"cert_file": "/c"}}}, "key_file: required"),
+    ({"metrics": {"basic_auth": {"username": "a:b", "password_file": "/p"}}}, "cannot contain ':'"),
+    ({"state": {"snapshot_interval": "0s"}}, "must be positive"),
+    ({"ingest": {"dedup_window": -1}}, "must be >= 0"),
+])
+def test_reliability_setting_errors(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.from_mapping(data)

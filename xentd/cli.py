@@ -25,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", type=Path, help="TOML config file (default: built-in defaults)")
     run.add_argument("--ingest", metavar="ADDR", help="ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5557")
     run.add_argument("--metrics", metavar="HOST:PORT", help="where to serve /metrics and /healthz")
+    run.add_argument("--state-dir", metavar="DIR", help="where to snapshot state (overrides state.directory)")
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", type=Path)
@@ -50,7 +51,8 @@ def _load(path: Path | None) -> config_mod.Config:
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = config_mod.with_overrides(_load(args.config), ingest=args.ingest, metrics=args.metrics)
+    cfg = config_mod.with_overrides(_load(args.config), ingest=args.ingest, metrics=args.metrics,
+                                    state_dir=args.state_dir)
     logging.basicConfig(stream=sys.stderr, level=cfg.log.level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from xentd.daemon import serve

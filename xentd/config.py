@@ -522,8 +522,9 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"{p}: {exc}") from None
 
 
-def with_overrides(cfg: Config, *, ingest: str | None = None, metrics: str | None = None) -> Config:
-    """Apply the ``--ingest`` and ``--metrics`` command-line overrides."""
+def with_overrides(cfg: Config, *, ingest: str | None = None, metrics: str | None = None,
+                   state_dir: str | None = None) -> Config:
+    """Apply the ``--ingest``, ``--metrics`` and ``--state-dir`` command-line overrides."""
     if ingest is not None:
         table = _Table({"address": ingest}, "--ingest")
         address = _parse_ingest(table).address  # the same address checks as the file's
@@ -535,4 +536,8 @@ def with_overrides(cfg: Config, *, ingest: str | None = None, metrics: str | Non
     if metrics is not None:
         host, port = parse_listen(metrics, "--metrics")
         cfg = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, host=host, port=port))
+    if state_dir is not None:
+        if not state_dir:
+            raise ConfigError("--state-dir: empty; under systemd, set StateDirectory= in the unit")
+        cfg = dataclasses.replace(cfg, state=dataclasses.replace(cfg.state, directory=state_dir))
     return cfg

@@ -90,6 +90,7 @@ class Daemon:
         self.notifier = Notifier()
         self.snapshotter: persist.Snapshotter | None = None
         self._housekeeping_due = 0.0
+        self._last_auth_log = -math.inf
         self.backend: Backend | None = None
         self.context: zmq.Context[Any] | None = None
         self.socket: zmq.Socket[Any] | None = None
@@ -177,8 +178,13 @@ class Daemon:
                 self.state.counters.ingest_auth_failures += 1
             else:
                 self.state.counters.ingest_disconnects += 1
-        if event == "auth_failed":
-            self._log_rejection(Reason.BAD_FRAMING, "a producer failed CURVE authentication", None)
+        now = time.monotonic()
+        if event == "auth_failed" and now - self._last_auth_log >= self.config.log.rejection_interval_seconds:
+            # From the monitor thread; rate-limited like rejections, so a scanner cannot flood the log.
+            self._last_auth_log = now
+            log.warning("a producer failed CURVE authentication (its key is not in %s); "
+                        "see xentd_ingest_auth_failures_total",
+                        self.config.ingest.curve.authorized_keys if self.config.ingest.curve else "?")
 
     def _init_signals(self) -> None:
         def handler(signum: int, _frame: FrameType | None) -> None:
