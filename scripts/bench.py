@@ -4,6 +4,7 @@
     python scripts/bench.py kernels [--quick] [--json PATH]
     python scripts/bench.py e2e     [--quick] [--json PATH]
     python scripts/bench.py scale   [--quick] [--json PATH]
+    python scripts/bench.py snapshot [--quick] [--json PATH]
     python scripts/bench.py all     [--json PATH]
 
 The machine is shared and noisy, so every figure is reported next to a
@@ -528,8 +529,61 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def bench_snapshot(args: argparse.Namespace) -> dict[str, Any]:
+    """State snapshots: how long the state lock is held, and the write against a raw write of the same bytes."""
+    import tempfile
+
+    from xentd import persist
+    from xentd.config import LimitsConfig, WindowsConfig
+    from xentd.kernels import SampleScores
+    from xentd.state import StateStore
+
+    models = 100 if args.quick else 1_000
+    clock = lambda: 1.7e9  # noqa: E731
+    store = StateStore(WindowsConfig(), LimitsConfig(max_models=models), clock, dedup_window=65536)
+    rng = np.random.default_rng(0)
+    n = 10_000  # fills the default last_10000 window
+    scores = SampleScores(loss=rng.random(n), focal=rng.random(n), correct=rng.integers(0, 2, n).astype(np.uint8),
+                          true_class=rng.integers(0, 10, n), unnormalized_rows=0)
+    for i in range(models):
+        store.model(f"model-{i}", 10).fold(scores, None, clock(), None)
+    for i in range(65536):
+        store.recent.add((f"model-{i % models}", f"batch-{i}"))
+    with tempfile.TemporaryDirectory(dir=ROOT) as tmp:
+        directory = Path(tmp)
+        capture = []
+        write = []
+        raw = []
+        for _ in range(3):
+            t = time.perf_counter()
+            with store.lock:
+                image = persist.capture(store)
+            capture.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            size = persist.write(directory, image)
+            write.append(time.perf_counter() - t)
+            blob = os.urandom(size)
+            t = time.perf_counter()
+            with open(directory / "raw", "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            raw.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fresh = StateStore(WindowsConfig(), LimitsConfig(max_models=models), clock, dedup_window=65536)
+        restored = persist.restore(fresh, persist.read(directory / persist.FILENAME))
+        restore_s = time.perf_counter() - t
+    assert restored.models == models
+    result = {"models": models, "bytes": size, "lock_held_s": min(capture), "write_s": min(write),
+              "raw_write_s": min(raw), "write_vs_raw": min(raw) / min(write), "restore_s": restore_s}
+    print(f"{models} models (10 classes, full windows), 65,536 batch ids: {size / 2**20:.1f} MiB; "
+          f"lock held {min(capture) * 1e3:.1f} ms; write {min(write):.3f} s vs raw write+fsync "
+          f"{min(raw):.3f} s ({result['write_vs_raw']:.2f}x); restore {restore_s:.2f} s")
+    return result
+
+
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "kernels": bench_kernels, "e2e": bench_e2e, "scale": bench_scale}
+    "kernels": bench_kernels, "e2e": bench_e2e, "scale": bench_scale, "snapshot": bench_snapshot}
 
 
 def main() -> int:

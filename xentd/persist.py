@@ -165,7 +165,7 @@ def restore(store: StateStore, image: Image) -> Restored:
                 if not store.limits.admits(name) or len(store.models) >= store.limits.max_models:
                     dropped.append(name)
                     continue
-                state = store._create(name, int(scalars["num_classes"]))
+                state = store.add_model(name, int(scalars["num_classes"]))
                 state.restore(scalars, arrays, windows=windows)
             counters = image.counters
             store.counters = dataclasses.replace(

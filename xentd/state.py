@@ -346,13 +346,14 @@ class StateStore:
                 self.counters.limit_hits["max_models"] += 1
                 raise ValidationError(Reason.TOO_MANY_MODELS,
                                       f"model {name!r} would exceed limits.max_models={self.limits.max_models}")
-            state = self._create(name, num_classes)
+            state = self.add_model(name, num_classes)
         elif state.num_classes != num_classes:
             raise ValidationError(Reason.CLASS_COUNT_CHANGED,
                                   f"model {name!r} has {state.num_classes} classes, batch has {num_classes}")
         return state
 
-    def _create(self, name: str, num_classes: int) -> ModelState:
+    def add_model(self, name: str, num_classes: int) -> ModelState:
+        """A new, empty model, without the admission checks of :meth:`model` (restores use it)."""
         state = ModelState(name, num_classes, self.windows_cfg, self.limits, self.clock())
         self.models[name] = state
         return state
