@@ -314,3 +314,22 @@ def test_soak_sample(tmp_path: Path) -> None:
     result = run_soak(tmp_path, seconds=6.0, rate=300.0, sample_every=1.0)
     assert not result.problems, result.problems
     assert result.messages >= 1000 and len(result.rss) >= 6
+
+
+def test_a_frame_over_the_size_limit_is_cut_off_by_zeromq(start_daemon: Callable[..., DaemonProcess]) -> None:
+    """ZMQ_MAXMSGSIZE drops the connection before xentd allocates the frame; the daemon carries on."""
+    d = start_daemon("[ingest]\nmax_message_bytes = 65536\n")
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(d.ingest)
+    push.send_multipart([b"{}", b"\0" * (1 << 20)])
+    deadline = time.monotonic() + 10
+    while not d.value("xentd_ingest_disconnects_total") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert d.value("xentd_ingest_disconnects_total") == 1
+    push.close(linger=0)
+    with Publisher(d.ingest) as pub:  # a new connection is served as usual
+        pub.send("after", *_batch(np.random.default_rng(5)))
+    d.wait_for("xentd_batches_total", 1.0, model="after")
+    assert d.value("xentd_messages_received_total") == 1  # the oversize frame never reached the decoder
+    ctx.term()
