@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -36,7 +37,8 @@ from xentd import wire
 class Publisher:
     """A PUSH (default) or PUB socket that sends protocol v1 batches.
 
-    ``socket="push"`` connects to a daemon's PULL socket. ``socket="pub"`` binds
+    ``socket="push"`` connects to a daemon's PULL socket, or to several (a
+    list of addresses), which then get the batches round-robin. ``socket="pub"`` binds
     (by default) a PUB socket that daemons in SUB mode connect to; each message
     then starts with a topic frame holding the model name.
 
@@ -48,7 +50,7 @@ class Publisher:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         *,
         socket: Literal["push", "pub"] = "push",
         bind: bool | None = None,
@@ -87,11 +89,17 @@ class Publisher:
             self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._disconnected = False
         self.resent = 0
+        addresses = [address] if isinstance(address, str) else list(address)
+        if not addresses:
+            raise ValueError("no address given")
         if bind if bind is not None else self._topic:
-            self._socket.bind(address)
+            if len(addresses) > 1:
+                raise ValueError("a bound socket takes one address")
+            self._socket.bind(addresses[0])
         else:
-            self._socket.connect(address)
-        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) or address
+            for a in addresses:  # several: ZeroMQ sends round-robin to them (docs/scaling.md)
+                self._socket.connect(a)
+        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) or addresses[-1]
 
     def _configure_curve(self, server_key: str | bytes | None, secret_key: str | None) -> None:
         if server_key is None or secret_key is None:

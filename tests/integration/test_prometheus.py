@@ -99,9 +99,7 @@ def test_three_instances_merge_to_the_single_instance_reference(
     reference = start_daemon()
     prom = prometheus([_target(d) for d in shards])
     ctx = zmq.Context()
-    fanout = ctx.socket(zmq.PUSH)
-    for d in shards:
-        fanout.connect(d.ingest)
+    fanout = Publisher([d.ingest for d in shards], context=ctx)
     single = ctx.socket(zmq.PUSH)
     single.connect(reference.ingest)
     # A connecting PUSH socket has a pipe per endpoint from connect() on, so
@@ -112,9 +110,8 @@ def test_three_instances_merge_to_the_single_instance_reference(
         n = int(rng.integers(10, 100))
         p, y = _data(100 + i, n)
         w = rng.random(n) + 0.5
-        frames = wire.encode("shared", p, y, weights=w)
-        fanout.send_multipart(frames)
-        single.send_multipart(frames)
+        fanout.send("shared", p, y, weights=w)
+        single.send_multipart(wire.encode("shared", p, y, weights=w))
         ps.append(p)
         ys.append(y)
         ws.append(w)
@@ -138,6 +135,36 @@ def test_three_instances_merge_to_the_single_instance_reference(
     naive = prom.query('avg(xentd_cross_entropy_nats_sum{model="shared"} '
                        '/ xentd_cross_entropy_nats_count{model="shared"})')
     assert list(naive.values())[0] != pytest.approx(sk, rel=1e-9)
-    fanout.close(linger=0)
+    fanout.close()
     single.close(linger=0)
     ctx.term()
+
+
+def test_sub_instances_shard_models_by_topic_prefix(
+        start_daemon: Callable[..., DaemonProcess], prometheus: Callable[[list[str]], PrometheusProcess]) -> None:
+    """Three instances SUB to one PUB stream, each subscribed to its own model-name prefix."""
+    import time
+
+    with Publisher("tcp://127.0.0.1:*", socket="pub") as pub:
+        shards = [start_daemon(f'[ingest]\nsocket = "sub"\nconnect = true\naddress = "{pub.address}"\n'
+                               f'subscribe = ["{prefix}-"]\n', ingest=None) for prefix in ("a", "b", "c")]
+        prom = prometheus([_target(d) for d in shards])
+        probe_p, probe_y = _data(4, 1)
+        deadline = time.monotonic() + 30
+        while not all(d.value("xentd_batches_total", model=f"{x}-probe") for d, x in zip(shards, "abc")):
+            assert time.monotonic() < deadline, "subscriptions never reached the publisher"
+            for x in "abc":
+                pub.send(f"{x}-probe", probe_p, probe_y)
+            time.sleep(0.05)
+        sent: dict[str, int] = {}
+        for i, model in enumerate(["a-fraud", "b-ranker", "c-lm", "b-ads"] * 5):
+            p, y = _data(200 + i, 30)
+            pub.send(model, p, y)
+            sent[model] = sent.get(model, 0) + 30
+    for model, n in sent.items():
+        prom.wait_until(f'sum(xentd_samples_total{{model="{model}"}})', lambda r, n=n: list(r.values()) == [n])
+        owners = prom.query(f'xentd_samples_total{{model="{model}"}}')
+        assert len(owners) == 1  # exactly one instance holds each model
+        (labels,) = owners
+        instance = dict(labels)["instance"]
+        assert instance == _target(shards["abc".index(model[0])])
