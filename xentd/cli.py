@@ -1,4 +1,4 @@
-"""The ``xentd`` command: run, check-config, send, keygen, version."""
+"""The ``xentd`` command: run, check-config, send, replay, top, keygen, version."""
 
 from __future__ import annotations
 
@@ -39,6 +39,27 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--pub", action="store_true", help="bind a PUB socket instead of connecting PUSH")
     send.add_argument("--curve-server-key", metavar="FILE", help="the daemon's public key file (CURVE)")
     send.add_argument("--curve-secret-key", metavar="FILE", help="this client's .key_secret file (CURVE)")
+
+    top = sub.add_parser("top", help="live view of the models in a running daemon (reads its /metrics)")
+    top.add_argument("--url", default="http://127.0.0.1:9650", help="the daemon's metrics address")
+    top.add_argument("--window", default="5m", help="which window's loss and accuracy to show (default 5m)")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--sort", choices=["name", "rate", "loss"], default="name")
+    top.add_argument("--limit", type=int, default=50, help="most models shown")
+    top.add_argument("--once", action="store_true", help="print one view (two scrapes apart) and exit")
+    top.add_argument("--auth", metavar="USER:PASSWORD", help="basic auth for /metrics")
+    top.add_argument("--cafile", help="CA certificate for an https URL")
+
+    replay = sub.add_parser("replay", help="stream a dataset (.npz or .csv) to a daemon at a chosen rate")
+    replay.add_argument("file", type=Path)
+    replay.add_argument("--model", required=True)
+    replay.add_argument("--to", required=True, metavar="ADDR", help="daemon ingest endpoint")
+    replay.add_argument("--input", default="probs", choices=["probs", "logits", "log_probs"])
+    replay.add_argument("--batch-size", type=int, default=256, help="rows per batch (default 256)")
+    replay.add_argument("--rate", type=float, default=0.0, help="batches per second (default 0: as fast as accepted)")
+    replay.add_argument("--pub", action="store_true", help="bind a PUB socket instead of connecting PUSH")
+    replay.add_argument("--curve-server-key", metavar="FILE")
+    replay.add_argument("--curve-secret-key", metavar="FILE")
 
     keygen = sub.add_parser("keygen", help="create a CURVE key pair: NAME.key (public) and NAME.key_secret")
     keygen.add_argument("directory", type=Path)
@@ -112,9 +133,27 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _top(args: argparse.Namespace) -> int:
+    from xentd import top
+
+    if args.interval <= 0 or args.limit <= 0:
+        raise XentdError("--interval and --limit must be positive")
+    return top.run(args.url, window=args.window, interval=args.interval, once=args.once, sort=args.sort,
+                   limit=args.limit, auth=args.auth, cafile=args.cafile)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from xentd import replay
+
+    return replay.run(args.file, to=args.to, model=args.model, input=args.input, batch_size=args.batch_size,
+                      rate=args.rate, pub=args.pub, curve_server_key=args.curve_server_key,
+                      curve_secret_key=args.curve_secret_key)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "check-config": _check, "send": _send, "keygen": _keygen}
+    handlers = {"run": _run, "check-config": _check, "send": _send, "keygen": _keygen, "top": _top,
+                "replay": _replay}
     try:
         return handlers[args.command](args)
     except XentdError as exc:
