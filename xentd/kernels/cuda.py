@@ -1,0 +1,445 @@
+"""The CUDA backend: the CPU kernels' definitions, computed on a GPU with numba-cuda.
+
+Same arguments and same results as :mod:`xentd.kernels.cpu` (its float64
+kernels are the reference: every sum here is float64 too, so the two agree to
+rounding order, about 1e-15 relative).
+
+Multiclass rows are cooperative: one block per row (a grid-stride loop over
+rows when there are more rows than blocks), its threads striding over the
+classes. Each pass reduces per-thread partials across the block: a
+shared-memory tree down to one warp, then warp shuffles. A row pass needs the
+row's maximum (and its first index, for top-1) before the sum of exponentials,
+so logits take two passes over the row; soft targets a third. Binary batches
+are one thread per sample.
+
+Batches are copied in chunks through two streams, each with a pinned staging
+buffer: while one chunk is copied to the device and scored, the next is staged
+on the host. Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) runs all of
+it without a GPU, except warp shuffles, which it does not provide: there the
+whole reduction runs through shared memory.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from xentd.errors import BackendUnavailable
+from xentd.kernels import SampleScores, ScoringParams
+from xentd.validate import Batch, InputKind, TargetKind
+
+try:
+    import numba
+    from numba import cuda
+except ImportError as exc:  # pragma: no cover - numba itself is a dependency
+    raise BackendUnavailable(f"numba's CUDA target is not importable: {exc}") from None
+
+SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
+MAX_THREADS = 1024  # the hardware limit per block; shared scratch is sized for it
+WARP = 32
+PROBS = int(InputKind.PROBS)
+LOGITS = int(InputKind.LOGITS)
+LOG_PROBS = int(InputKind.LOG_PROBS)
+LOG_HALF = math.log(0.5)
+NEG_INF = -math.inf
+
+
+def available() -> tuple[bool, str]:
+    """Whether a CUDA device can be used, and why not."""
+    try:
+        if cuda.is_available():
+            return True, "simulator" if SIMULATOR else str(cuda.get_current_device().name)
+        return False, "no CUDA device or driver found"
+    except Exception as exc:  # noqa: BLE001 - any driver failure means "not available"
+        return False, f"CUDA driver error: {exc}"
+
+
+# --- block reductions --------------------------------------------------------------
+#
+# ``nt`` (threads per block) is a power of two, at least one warp on a GPU.
+# Every thread of the block must call these; they end with the result in slot 0.
+
+
+@cuda.jit(device=True)
+def _better(v, i, w, j):  # type: ignore[no-untyped-def]
+    # The larger value wins; on a tie the smaller index, so top-1 is the first maximum, as on the CPU.
+    return w > v or (w == v and j < i)
+
+
+if SIMULATOR:
+    # The simulator has no warp shuffles: the shared-memory tree runs all the way
+    # down (LANES = 1), and blocks smaller than a warp are allowed, which keeps
+    # simulated barriers (Python threads) cheap enough for CI.
+    LANES = 1
+
+    @cuda.jit(device=True)
+    def _warp_argmax(sval, sidx, tid):  # type: ignore[no-untyped-def]
+        pass
+
+    @cuda.jit(device=True)
+    def _warp_sum(ssum, tid):  # type: ignore[no-untyped-def]
+        pass
+
+else:  # pragma: no cover - needs a GPU; tests marked `gpu`
+    LANES = WARP
+
+    @cuda.jit(device=True)
+    def _warp_argmax(sval, sidx, tid):  # type: ignore[no-untyped-def]
+        if tid < WARP:
+            v = sval[tid]
+            i = sidx[tid]
+            s = WARP // 2
+            while s > 0:
+                w = cuda.shfl_down_sync(0xFFFFFFFF, v, s)
+                j = cuda.shfl_down_sync(0xFFFFFFFF, i, s)
+                if _better(v, i, w, j):
+                    v = w
+                    i = j
+                s //= 2
+            if tid == 0:
+                sval[0] = v
+                sidx[0] = i
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def _warp_sum(ssum, tid):  # type: ignore[no-untyped-def]
+        if tid < WARP:
+            v = ssum[tid]
+            s = WARP // 2
+            while s > 0:
+                v += cuda.shfl_down_sync(0xFFFFFFFF, v, s)
+                s //= 2
+            if tid == 0:
+                ssum[0] = v
+        cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def _block_argmax(sval, sidx, tid, nt):  # type: ignore[no-untyped-def]
+    cuda.syncthreads()
+    s = nt // 2
+    while s >= LANES:
+        if tid < s and _better(sval[tid], sidx[tid], sval[tid + s], sidx[tid + s]):
+            sval[tid] = sval[tid + s]
+            sidx[tid] = sidx[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    _warp_argmax(sval, sidx, tid)
+
+
+@cuda.jit(device=True)
+def _block_sum(ssum, tid, nt):  # type: ignore[no-untyped-def]
+    cuda.syncthreads()
+    s = nt // 2
+    while s >= LANES:
+        if tid < s:
+            ssum[tid] += ssum[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    _warp_sum(ssum, tid)
+
+
+@cuda.jit(device=True)
+def _focal_weight(q, gamma):  # type: ignore[no-untyped-def]
+    if gamma == 2.0:
+        return q * q
+    if gamma == 1.0:
+        return q
+    if gamma == 0.0:
+        return 1.0
+    return q ** gamma
+
+
+# --- kernels ------------------------------------------------------------------------
+
+
+@cuda.jit
+def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+    sval = cuda.shared.array(MAX_THREADS, numba.float64)
+    sidx = cuda.shared.array(MAX_THREADS, numba.int64)
+    ssum = cuda.shared.array(MAX_THREADS, numba.float64)
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    n, c = pred.shape
+    for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        best = NEG_INF
+        arg = c
+        mass = 0.0
+        for j in range(tid, c, nt):
+            x = numba.float64(pred[i, j])
+            if x > best:
+                best = x
+                arg = j
+            if kind == PROBS:
+                mass += x
+            elif kind == LOG_PROBS:
+                mass += math.exp(x)
+        sval[tid] = best
+        sidx[tid] = arg
+        _block_argmax(sval, sidx, tid, nt)
+        m = sval[0]
+        top = sidx[0]
+        ssum[tid] = mass
+        _block_sum(ssum, tid, nt)
+        mass = ssum[0]
+        cuda.syncthreads()
+        s = 0.0
+        if kind == LOGITS:
+            for j in range(tid, c, nt):
+                s += math.exp(numba.float64(pred[i, j]) - m)
+            ssum[tid] = s
+            _block_sum(ssum, tid, nt)
+            s = ssum[0]
+        if tid == 0:
+            t = tgt[i]
+            if kind == LOGITS:
+                lpt = numba.float64(pred[i, t]) - m - math.log(s)
+                q = -math.expm1(lpt)
+                mass = 1.0
+            elif kind == PROBS:
+                pt = max(numba.float64(pred[i, t]), eps)
+                lpt = math.log(pt)
+                q = 1.0 - pt
+            else:
+                lpt = numba.float64(pred[i, t])
+                q = -math.expm1(lpt)
+            loss[i] = -lpt
+            focal[i] = -_focal_weight(q, gamma) * lpt
+            correct[i] = 1 if top == t else 0
+            tcls[i] = t
+            unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
+        cuda.syncthreads()
+
+
+@cuda.jit
+def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+    sval = cuda.shared.array(MAX_THREADS, numba.float64)
+    sidx = cuda.shared.array(MAX_THREADS, numba.int64)
+    ssum = cuda.shared.array(MAX_THREADS, numba.float64)
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    n, c = pred.shape
+    for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        best = NEG_INF
+        arg = c
+        tbest = NEG_INF
+        targ = c
+        mass = 0.0
+        for j in range(tid, c, nt):
+            x = numba.float64(pred[i, j])
+            if x > best:
+                best = x
+                arg = j
+            tj = numba.float64(tgt[i, j])
+            if tj > tbest:
+                tbest = tj
+                targ = j
+            if kind == PROBS:
+                mass += x
+            elif kind == LOG_PROBS:
+                mass += math.exp(x)
+        sval[tid] = best
+        sidx[tid] = arg
+        _block_argmax(sval, sidx, tid, nt)
+        m = sval[0]
+        top = sidx[0]
+        cuda.syncthreads()
+        sval[tid] = tbest
+        sidx[tid] = targ
+        _block_argmax(sval, sidx, tid, nt)
+        truth = sidx[0]
+        ssum[tid] = mass
+        _block_sum(ssum, tid, nt)
+        mass = ssum[0]
+        cuda.syncthreads()
+        lse = 0.0
+        if kind == LOGITS:
+            s = 0.0
+            for j in range(tid, c, nt):
+                s += math.exp(numba.float64(pred[i, j]) - m)
+            ssum[tid] = s
+            _block_sum(ssum, tid, nt)
+            lse = m + math.log(ssum[0])
+            cuda.syncthreads()
+        total = 0.0
+        ftotal = 0.0
+        for j in range(tid, c, nt):
+            tj = numba.float64(tgt[i, j])
+            if tj != 0.0:  # 0 * log(0) is 0, as in xlogy
+                x = numba.float64(pred[i, j])
+                if kind == PROBS:
+                    pj = max(x, eps)
+                    lp = math.log(pj)
+                    q = 1.0 - pj
+                elif kind == LOGITS:
+                    lp = x - lse
+                    q = -math.expm1(lp)
+                else:
+                    lp = x
+                    q = -math.expm1(lp)
+                total -= tj * lp
+                ftotal -= tj * _focal_weight(q, gamma) * lp
+        ssum[tid] = total
+        _block_sum(ssum, tid, nt)
+        total = ssum[0]
+        cuda.syncthreads()
+        ssum[tid] = ftotal
+        _block_sum(ssum, tid, nt)
+        if tid == 0:
+            loss[i] = total
+            focal[i] = ssum[0]
+            correct[i] = 1 if top == truth else 0
+            tcls[i] = truth
+            unnorm[i] = 1 if kind != LOGITS and abs(mass - 1.0) > tol else 0
+        cuda.syncthreads()
+
+
+@cuda.jit
+def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+    log_eps = math.log(eps)
+    for i in range(cuda.grid(1), pred.shape[0], cuda.gridsize(1)):
+        x = numba.float64(pred[i])
+        t = tgt[i]
+        if kind == PROBS:
+            p = min(max(x, eps), 1.0 - eps)
+            q = 1.0 - p
+            lp = math.log(p)
+            lq = math.log1p(-p)
+            positive = x > 0.5
+        elif kind == LOGITS:
+            e = math.exp(-abs(x))
+            l1 = math.log1p(e)
+            if x >= 0.0:
+                lp = -l1
+                lq = -x - l1
+                p = 1.0 / (1.0 + e)
+                q = e / (1.0 + e)
+            else:
+                lp = x - l1
+                lq = -l1
+                p = e / (1.0 + e)
+                q = 1.0 / (1.0 + e)
+            positive = x > 0.0
+        else:
+            lp = x
+            q = max(-math.expm1(x), eps) if x < 0.0 else eps
+            lq = math.log(q) if x < 0.0 else log_eps
+            p = math.exp(x)
+            positive = x > LOG_HALF
+        loss[i] = -(t * lp + (1.0 - t) * lq)
+        focal[i] = -(t * _focal_weight(q, gamma) * lp + (1.0 - t) * _focal_weight(p, gamma) * lq)
+        truth = t > 0.5
+        correct[i] = 1 if positive == truth else 0
+        tcls[i] = 1 if truth else 0
+        unnorm[i] = 0
+
+
+# --- host side ----------------------------------------------------------------------
+
+
+class _Slot:
+    """One stream with its pinned staging buffers, reused across chunks and batches."""
+
+    def __init__(self) -> None:
+        self.stream = cuda.stream()
+        self.pred = np.empty(0, np.float32)
+        self.tgt = np.empty(0, np.int64)
+
+    def stage(self, pred: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Copy a chunk into this slot's pinned buffers (the slot's stream must be idle)."""
+        self.pred = _pinned_like(self.pred, pred)
+        self.tgt = _pinned_like(self.tgt, tgt)
+        p = self.pred[: pred.size].reshape(pred.shape)
+        t = self.tgt[: tgt.size].reshape(tgt.shape)
+        p[...] = pred
+        t[...] = tgt
+        return p, t
+
+
+def _pinned_like(buf: np.ndarray, like: np.ndarray) -> np.ndarray:
+    if buf.dtype == like.dtype and buf.size >= like.size:
+        return buf
+    return cuda.pinned_array(max(like.size, 2 * buf.size if buf.dtype == like.dtype else 0, 1), like.dtype)
+
+
+class CudaBackend:
+    """Scores batches with the CUDA kernels above. Raises :class:`BackendUnavailable` without a device."""
+
+    name = "cuda"
+
+    def __init__(self, *, threads_per_block: int = 256, chunk_bytes: int = 1 << 24, blocks: int = 4096) -> None:
+        ok, why = available()
+        if not ok:
+            raise BackendUnavailable(f"the cuda backend needs a CUDA GPU: {why}")
+        smallest = 1 if SIMULATOR else WARP
+        if not smallest <= threads_per_block <= MAX_THREADS or threads_per_block & (threads_per_block - 1):
+            raise ValueError(f"threads_per_block must be a power of two in [{smallest}, {MAX_THREADS}]")
+        self.device = why
+        self.threads = threads_per_block
+        self.chunk_bytes = chunk_bytes
+        self.blocks = blocks
+        self._slots = [_Slot(), _Slot()]
+        self._capacity = 0
+        self._alloc(1024)
+
+    def _alloc(self, n: int) -> None:
+        cap = max(n, 2 * self._capacity)
+        self._loss = cuda.pinned_array(cap, np.float64)
+        self._focal = cuda.pinned_array(cap, np.float64)
+        self._correct = cuda.pinned_array(cap, np.uint8)
+        self._tcls = cuda.pinned_array(cap, np.int64)
+        self._unnorm = cuda.pinned_array(cap, np.uint8)
+        self._capacity = cap
+
+    def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
+        n = batch.size
+        if n > self._capacity:
+            self._alloc(n)
+        if batch.binary:
+            kernel = _binary
+        elif batch.target_kind is TargetKind.INDEX:
+            kernel = _multiclass_index
+        else:
+            kernel = _multiclass_soft
+        row_bytes = max(1, batch.predictions[:1].nbytes + batch.targets[:1].nbytes)
+        rows = max(1, self.chunk_bytes // row_bytes)
+        outs = (self._loss, self._focal, self._correct, self._tcls, self._unnorm)
+        for k, start in enumerate(range(0, n, rows)):
+            stop = min(n, start + rows)
+            slot = self._slots[k % 2]
+            slot.stream.synchronize()  # its staging buffers are free again
+            pred, tgt = slot.stage(batch.predictions[start:stop], batch.targets[start:stop])
+            d_pred = cuda.to_device(pred, stream=slot.stream)
+            d_tgt = cuda.to_device(tgt, stream=slot.stream)
+            d_out = [cuda.device_array(stop - start, o.dtype, stream=slot.stream) for o in outs]
+            if batch.binary:
+                grid = min(self.blocks, (stop - start + self.threads - 1) // self.threads)
+            else:
+                grid = min(self.blocks, stop - start)
+            kernel[grid, self.threads, slot.stream](d_pred, d_tgt, int(batch.kind), params.eps, params.focal_gamma,
+                                                    params.normalization_tolerance, *d_out)
+            for d, host in zip(d_out, outs, strict=True):
+                d.copy_to_host(host[start:stop], stream=slot.stream)
+        for slot in self._slots:
+            slot.stream.synchronize()
+        return SampleScores(loss=self._loss[:n], focal=self._focal[:n], correct=self._correct[:n],
+                            true_class=self._tcls[:n], unnormalized_rows=int(np.count_nonzero(self._unnorm[:n])))
+
+    def warmup(self) -> None:
+        """Compile every kernel signature ``score`` can use, on tiny batches."""
+        from xentd.jit import kernel_array
+
+        params = ScoringParams(eps=1e-7, focal_gamma=2.0, normalization_tolerance=1e-3)
+        for dtype in (np.float32, np.float64):
+            pred1 = kernel_array(np.full(2, 0.5, dtype))
+            pred2 = kernel_array(np.full((2, 2), 0.5, dtype))
+            cases = [(pred1, kernel_array(np.zeros(2)), TargetKind.SOFT),
+                     (pred2, kernel_array(np.zeros(2, np.int64)), TargetKind.INDEX),
+                     (pred2, kernel_array(np.zeros((2, 2), np.float32)), TargetKind.SOFT),
+                     (pred2, kernel_array(np.zeros((2, 2), np.float64)), TargetKind.SOFT)]
+            for pred, tgt, target_kind in cases:
+                batch = Batch(model="warmup", kind=InputKind.PROBS, predictions=pred, targets=tgt,
+                              target_kind=target_kind, weights=None, num_classes=2,
+                              prediction_datatype="FP32" if dtype == np.float32 else "FP64", batch_id=None, ts=None)
+                self.score(batch, params)
