@@ -5,6 +5,7 @@
     python scripts/bench.py e2e     [--quick] [--json PATH]
     python scripts/bench.py scale   [--quick] [--json PATH]
     python scripts/bench.py snapshot [--quick] [--json PATH]
+    python scripts/bench.py cuda    [--quick] [--json PATH]   (needs a GPU)
     python scripts/bench.py all     [--json PATH]
 
 The machine is shared and noisy, so every figure is reported next to a
@@ -582,8 +583,92 @@ def bench_snapshot(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
+    """The CUDA backend on a real GPU: kernel bandwidth against the device's copy bandwidth,
+    the auto threshold (where the GPU, transfers included, overtakes the CPU), and end to end."""
+    from numba import cuda
+
+    from xentd.kernels import ScoringParams as Params
+    from xentd.kernels import cuda as ck
+    from xentd.kernels.cpu import CpuBackend
+    from xentd.validate import Batch, InputKind, TargetKind
+
+    ok, device = ck.available()
+    if not ok or ck.SIMULATOR:
+        print(f"skipped: needs a real CUDA GPU ({device if not ok else 'the simulator is on'})")
+        return {"skipped": device}
+    print(f"device: {device}")
+    gpu = ck.CudaBackend()
+    params = Params(eps=float(np.finfo(np.float32).eps), focal_gamma=2.0, normalization_tolerance=1e-3)
+    result: dict[str, Any] = {"device": device, "kernels": [], "threshold": [], "e2e": []}
+
+    # 1. Device-resident logits: kernel time alone, against a device-to-device copy of the same bytes.
+    for classes in (32_000, 128_000):
+        rows = max(8, (256 if args.quick else 1024) * MB // (classes * 4))
+        x = cuda.to_device(np.random.default_rng(0).standard_normal((rows, classes), dtype=np.float32))
+        y = cuda.to_device(np.random.default_rng(1).integers(0, classes, rows))
+        outs = [cuda.device_array(rows, dt) for dt in (np.float64, np.float64, np.uint8, np.int64, np.uint8)]
+        copy = cuda.device_array_like(x)
+
+        def kernel() -> None:
+            ck._multiclass_index[min(gpu.blocks * 4, rows), gpu.threads](x, y, int(InputKind.LOGITS), params.eps, 2.0,
+                                                                         1e-3, *outs)
+            cuda.synchronize()
+
+        def d2d() -> None:
+            copy.copy_to_device(x)
+            cuda.synchronize()
+
+        k_best, _ = best_of(kernel, 10)
+        c_best, _ = best_of(d2d, 10)
+        nbytes = rows * classes * 4
+        kernel_bw, copy_bw = nbytes / k_best, 2 * nbytes / c_best  # a copy reads and writes
+        row = {"classes": classes, "rows": rows, "bytes": nbytes, "kernel_s": k_best, "kernel_GBps": kernel_bw / 1e9,
+               "copy_GBps": copy_bw / 1e9, "ratio": kernel_bw / copy_bw}
+        result["kernels"].append(row)
+        print(f"FP32 logits C={classes}: kernel {kernel_bw / 1e9:.0f} GB/s, device copy {copy_bw / 1e9:.0f} GB/s, "
+              f"ratio {kernel_bw / copy_bw:.2f} (target >= 0.70)")
+
+    # 2. The auto threshold: host batch in, scores out, on each backend.
+    cpu = CpuBackend()
+    cpu.warmup()
+    gpu.warmup()
+    for classes in (1_000, 32_000):
+        for elements in (1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24):
+            rows = max(1, elements // classes)
+            pred = np.random.default_rng(2).standard_normal((rows, classes), dtype=np.float32)
+            pred.flags.writeable = False
+            tgt = np.random.default_rng(3).integers(0, classes, rows)
+            tgt.flags.writeable = False
+            batch = Batch(model="t", kind=InputKind.LOGITS, predictions=pred, targets=tgt,
+                          target_kind=TargetKind.INDEX, weights=None, num_classes=classes,
+                          prediction_datatype="FP32", batch_id=None, ts=None)
+            c, _ = best_of(lambda b=batch: cpu.score(b, params), 5)
+            g, _ = best_of(lambda b=batch: gpu.score(b, params), 5)
+            result["threshold"].append({"classes": classes, "elements": rows * classes, "cpu_s": c, "gpu_s": g})
+            print(f"C={classes:>6} {rows * classes:>10} values: cpu {c * 1e3:8.2f} ms, gpu {g * 1e3:8.2f} ms "
+                  f"({c / g:5.2f}x)")
+
+    # 3. End to end: the daemon on each backend.
+    for backend in ("cpu", "cuda"):
+        daemon = _Daemon(f'[engine]\nbackend = "{backend}"\n')
+        try:
+            for samples, classes, messages in ((8, 32_000, 600 if args.quick else 6_000),
+                                               (64, 128_000, 40 if args.quick else 400)):
+                model = f"e2e-{samples}x{classes}"
+                frames = _e2e_frames(samples, classes, "FP32", model)
+                msgs, nbytes, counted = _xentd_rate(daemon, model, frames, messages, samples, 2)
+                result["e2e"].append({"backend": backend, "workload": f"{samples}x{classes}", "msgs_per_s": msgs,
+                                      "bytes_per_s": nbytes, "lost": messages * samples - counted})
+                print(f"e2e {backend:4s} {samples}x{classes} FP32 logits: {msgs:.0f} msg/s, {nbytes / 1e9:.2f} GB/s")
+        finally:
+            daemon.close()
+    return result
+
+
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "kernels": bench_kernels, "e2e": bench_e2e, "scale": bench_scale, "snapshot": bench_snapshot}
+    "kernels": bench_kernels, "e2e": bench_e2e, "scale": bench_scale, "snapshot": bench_snapshot,
+    "cuda": bench_cuda}
 
 
 def main() -> int:

@@ -120,6 +120,8 @@ class ScoringConfig:
     focal_gamma: float = 2.0
     # None: sqrt(machine epsilon of the predictions' datatype), sklearn's warning threshold.
     normalization_tolerance: float | None = None
+    # Per model only ([models.NAME]): "cpu", "cuda" or "auto"; None: engine.backend.
+    backend: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,11 @@ class StateConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    backend: Literal["cpu"] = "cpu"
+    # "cpu", "cuda" (fails at start without a GPU) or "auto" (CUDA for big batches when a GPU is there).
+    backend: Literal["cpu", "cuda", "auto"] = "cpu"
+    # With "auto": batches with at least this many prediction values go to the GPU.
+    cuda_min_elements: int = 1 << 20
+    cuda_threads_per_block: int = 256
     # Batches with at least this many prediction elements use the multi-threaded kernels.
     parallel_threshold: int = 1 << 15
     # Most messages taken off the socket per loop turn.
@@ -185,6 +191,9 @@ class Config:
 
     def scoring_for(self, model: str) -> ScoringConfig:
         return self.models.get(model, self.scoring)
+
+    def model_backends(self) -> dict[str, str]:
+        return {name: m.backend for name, m in self.models.items() if m.backend is not None}
 
 
 # --- parsing -----------------------------------------------------------------
@@ -390,7 +399,7 @@ def _parse_windows(t: _Table) -> WindowsConfig:
     return cfg
 
 
-def _parse_scoring(t: _Table, base: ScoringConfig) -> ScoringConfig:
+def _parse_scoring(t: _Table, base: ScoringConfig, *, per_model: bool = False) -> ScoringConfig:
     eps = t.take("eps", (int, float), base.eps)
     if eps is not None and not (0.0 < eps < 0.5):
         raise ConfigError(f"{t.where('eps')}: must be in (0, 0.5), got {eps}")
@@ -400,11 +409,13 @@ def _parse_scoring(t: _Table, base: ScoringConfig) -> ScoringConfig:
     tol = t.take("normalization_tolerance", (int, float), base.normalization_tolerance)
     if tol is not None and not (0.0 < tol < 1.0):
         raise ConfigError(f"{t.where('normalization_tolerance')}: must be in (0, 1), got {tol}")
-    t.done(_field_names(ScoringConfig))
+    backend = _choice(t, "backend", ("cpu", "cuda", "auto"), "") if per_model and "backend" in t.keys() else None
+    t.done(_field_names(ScoringConfig) if per_model else [f for f in _field_names(ScoringConfig) if f != "backend"])
     return ScoringConfig(
         eps=None if eps is None else float(eps),
         focal_gamma=gamma,
         normalization_tolerance=None if tol is None else float(tol),
+        backend=backend,
     )
 
 
@@ -454,8 +465,13 @@ def _parse_engine(t: _Table) -> EngineConfig:
     parallel_threshold = t.take("parallel_threshold", int, d.parallel_threshold)
     if parallel_threshold < 0:
         raise ConfigError(f"{t.where('parallel_threshold')}: must be >= 0, got {parallel_threshold}")
+    threads = _positive_int(t, "cuda_threads_per_block", d.cuda_threads_per_block)
+    if threads & (threads - 1) or threads > 1024:
+        raise ConfigError(f"{t.where('cuda_threads_per_block')}: must be a power of two up to 1024, got {threads}")
     cfg = EngineConfig(
-        backend=_choice(t, "backend", ("cpu",), d.backend),  # type: ignore[arg-type]
+        backend=_choice(t, "backend", ("cpu", "cuda", "auto"), d.backend),  # type: ignore[arg-type]
+        cuda_min_elements=_non_negative_int(t, "cuda_min_elements", d.cuda_min_elements),
+        cuda_threads_per_block=threads,
         parallel_threshold=parallel_threshold,
         drain_max=_positive_int(t, "drain_max", d.drain_max),
         group_max_elements=t.take("group_max_elements", int, d.group_max_elements),
@@ -463,7 +479,8 @@ def _parse_engine(t: _Table) -> EngineConfig:
     )
     if cfg.group_max_elements < 0:
         raise ConfigError(f"{t.where('group_max_elements')}: must be >= 0 (0 disables grouping)")
-    t.done(["backend", "parallel_threshold", "drain_max", "group_max_elements", "shutdown_drain"])
+    t.done(["backend", "cuda_min_elements", "cuda_threads_per_block", "parallel_threshold", "drain_max",
+            "group_max_elements", "shutdown_drain"])
     return cfg
 
 
@@ -493,7 +510,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         if not MODEL_NAME_RE.fullmatch(name):
             raise ConfigError(f"models.{name!r}: not a valid model name "
                               "(1-128 characters of A-Z a-z 0-9 _ . : -)")
-        models[name] = _parse_scoring(models_table.take_table(name), scoring)
+        models[name] = _parse_scoring(models_table.take_table(name), scoring, per_model=True)
     limits = _parse_limits(root.take_table("limits"))
     engine = _parse_engine(root.take_table("engine"))
     log = _parse_log(root.take_table("log"))

@@ -139,8 +139,10 @@ class Daemon:
 
     def _init_backend(self) -> None:
         started = time.monotonic()
-        backend = kernels.create(self.config.engine.backend,
-                                 parallel_threshold=self.config.engine.parallel_threshold)
+        engine = self.config.engine
+        backend = kernels.create(engine.backend, parallel_threshold=engine.parallel_threshold,
+                                 per_model=self.config.model_backends(), cuda_min_elements=engine.cuda_min_elements,
+                                 cuda_threads_per_block=engine.cuda_threads_per_block)
         backend.warmup()
         scan.warmup()
         self.state.warmup()
