@@ -33,7 +33,8 @@ def gpu() -> CudaBackend:
     ok, why = cuda_backend.available()
     if not ok:
         pytest.skip(why)
-    return CudaBackend(threads_per_block=8, chunk_bytes=256, blocks=3)
+    # 8 threads only on the simulator; a GPU needs at least a warp.
+    return CudaBackend(threads_per_block=8 if cuda_backend.SIMULATOR else 32, chunk_bytes=256, blocks=3)
 
 
 @pytest.mark.parametrize("datatype", ["FP32", "FP64"])
