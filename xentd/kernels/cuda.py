@@ -22,6 +22,7 @@ whole reduction runs through shared memory.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -339,28 +340,39 @@ def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm
 
 
 class _Slot:
-    """One stream with its pinned staging buffers, reused across chunks and batches."""
+    """One stream with its pinned staging buffers and device buffers, reused across chunks and batches.
+
+    Buffers only grow (doubling), so steady traffic allocates nothing: device
+    allocation is a synchronising driver call that costs more than a small batch.
+    """
+
+    OUT_DTYPES = (np.float64, np.float64, np.uint8, np.int64, np.uint8)
 
     def __init__(self) -> None:
         self.stream = cuda.stream()
-        self.pred = np.empty(0, np.float32)
-        self.tgt = np.empty(0, np.int64)
+        self._host: dict[str, np.ndarray] = {}
+        self._device: dict[str, object] = {}
 
-    def stage(self, pred: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Copy a chunk into this slot's pinned buffers (the slot's stream must be idle)."""
-        self.pred = _pinned_like(self.pred, pred)
-        self.tgt = _pinned_like(self.tgt, tgt)
-        p = self.pred[: pred.size].reshape(pred.shape)
-        t = self.tgt[: tgt.size].reshape(tgt.shape)
-        p[...] = pred
-        t[...] = tgt
-        return p, t
+    def _buffers(self, key: str, size: int, dtype: np.dtype[Any]) -> tuple[np.ndarray, object]:
+        host = self._host.get(key)
+        if host is None or host.dtype != dtype or host.size < size:
+            cap = max(size, 2 * host.size if host is not None and host.dtype == dtype else 0, 1)
+            self._host[key] = host = cuda.pinned_array(cap, dtype)
+            self._device[key] = cuda.device_array(cap, dtype)
+        return host, self._device[key]
 
+    def upload(self, key: str, chunk: np.ndarray) -> object:
+        """Stage ``chunk`` in pinned memory and start its copy to the device (the stream must be idle)."""
+        host, device = self._buffers(key, chunk.size, chunk.dtype)
+        staged = host[: chunk.size].reshape(chunk.shape)
+        staged[...] = chunk
+        view = device[: chunk.size].reshape(chunk.shape)  # type: ignore[index]
+        view.copy_to_device(staged, stream=self.stream)
+        return view
 
-def _pinned_like(buf: np.ndarray, like: np.ndarray) -> np.ndarray:
-    if buf.dtype == like.dtype and buf.size >= like.size:
-        return buf
-    return cuda.pinned_array(max(like.size, 2 * buf.size if buf.dtype == like.dtype else 0, 1), like.dtype)
+    def outputs(self, rows: int) -> list[object]:
+        return [self._buffers(f"out{k}", rows, np.dtype(dt))[1][:rows]  # type: ignore[index]
+                for k, dt in enumerate(self.OUT_DTYPES)]
 
 
 class CudaBackend:
@@ -408,11 +420,10 @@ class CudaBackend:
         for k, start in enumerate(range(0, n, rows)):
             stop = min(n, start + rows)
             slot = self._slots[k % 2]
-            slot.stream.synchronize()  # its staging buffers are free again
-            pred, tgt = slot.stage(batch.predictions[start:stop], batch.targets[start:stop])
-            d_pred = cuda.to_device(pred, stream=slot.stream)
-            d_tgt = cuda.to_device(tgt, stream=slot.stream)
-            d_out = [cuda.device_array(stop - start, o.dtype, stream=slot.stream) for o in outs]
+            slot.stream.synchronize()  # its buffers are free again
+            d_pred = slot.upload("pred", batch.predictions[start:stop])
+            d_tgt = slot.upload("tgt", batch.targets[start:stop])
+            d_out = slot.outputs(stop - start)
             if batch.binary:
                 grid = min(self.blocks, (stop - start + self.threads - 1) // self.threads)
             else:
