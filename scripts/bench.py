@@ -613,12 +613,12 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
         outs = [cuda.device_array(rows, dt) for dt in (np.float64, np.float64, np.uint8, np.int64, np.uint8)]
         copy = cuda.device_array_like(x)
 
-        def kernel() -> None:
+        def kernel(x: Any = x, y: Any = y, outs: Any = outs, rows: int = rows) -> None:
             ck._multiclass_index[min(gpu.blocks * 4, rows), gpu.threads](x, y, int(InputKind.LOGITS), params.eps, 2.0,
                                                                          1e-3, *outs)
             cuda.synchronize()
 
-        def d2d() -> None:
+        def d2d(x: Any = x, copy: Any = copy) -> None:
             copy.copy_to_device(x)
             cuda.synchronize()
 

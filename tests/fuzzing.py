@@ -321,7 +321,7 @@ def run_in_process(seed: int, count: int, chunk: int = 64) -> Report:
         if elapsed > report.slowest[0]:
             report.slowest = (elapsed, ",".join(sorted({n for n, _, _ in batch})))
         control.handle_many([frames for _, frames, v in batch if v is not None])
-        for name, frames, v in batch:
+        for _, _, v in batch:
             report.messages += 1
             if v is not None:
                 report.valid += 1

@@ -13,7 +13,6 @@ import ssl
 import sys
 import time
 import urllib.request
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TextIO
 

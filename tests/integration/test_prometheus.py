@@ -151,7 +151,7 @@ def test_sub_instances_shard_models_by_topic_prefix(
         prom = prometheus([_target(d) for d in shards])
         probe_p, probe_y = _data(4, 1)
         deadline = time.monotonic() + 30
-        while not all(d.value("xentd_batches_total", model=f"{x}-probe") for d, x in zip(shards, "abc")):
+        while not all(d.value("xentd_batches_total", model=f"{x}-probe") for d, x in zip(shards, "abc", strict=True)):
             assert time.monotonic() < deadline, "subscriptions never reached the publisher"
             for x in "abc":
                 pub.send(f"{x}-probe", probe_p, probe_y)

@@ -166,7 +166,7 @@ def test_sub_mode_counts_what_pub_sub_dropped(start_daemon: Callable[..., Daemon
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.SNDHWM, 5)
     pub.bind(f"tcp://127.0.0.1:{port}")
-    d = start_daemon(f'[ingest]\nsocket = "sub"\nconnect = true\nreceive_hwm = 5\n',
+    d = start_daemon('[ingest]\nsocket = "sub"\nconnect = true\nreceive_hwm = 5\n',
                      ingest=f"tcp://127.0.0.1:{port}")
     rng = np.random.default_rng(3)
     p, y = _batch(rng, 2000)
