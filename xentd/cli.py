@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 
 from xentd import config as config_mod
 from xentd._version import __version__
@@ -30,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", type=Path)
 
-    send = sub.add_parser("send", help="publish an .npz (predictions, targets[, weights]) as one batch")
+    send = sub.add_parser("send", help="publish a dataset file (.npz or .csv, as for replay) as one batch")
     send.add_argument("file", type=Path)
     send.add_argument("--model", required=True)
     send.add_argument("--to", required=True, metavar="ADDR", help="daemon ingest endpoint")
@@ -88,27 +87,18 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from xentd.client import Publisher
+    from xentd import replay
+    from xentd.client import open_publisher
 
-    try:
-        data = np.load(args.file, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise XentdError(f"{args.file}: cannot read as .npz: {exc}") from None
-    with data:
-        missing = {"predictions", "targets"} - set(data.files)
-        if missing:
-            raise XentdError(f"{args.file}: missing array(s) {', '.join(sorted(missing))}; "
-                             f"it has {', '.join(data.files) or 'none'}")
-        arrays = {k: data[k] for k in ("predictions", "targets", "weights") if k in data.files}
-    with Publisher(args.to, socket="pub" if args.pub else "push", curve_server_key=args.curve_server_key,
-                   curve_secret_key=args.curve_secret_key) as pub:
+    ds = replay.load(args.file)  # .npz or .csv, with the same checks and errors as replay
+    with open_publisher(args.to, socket="pub" if args.pub else "push", curve_server_key=args.curve_server_key,
+                        curve_secret_key=args.curve_secret_key) as pub:
         try:
-            pub.send(args.model, arrays["predictions"], arrays["targets"], input=args.input,
-                     weights=arrays.get("weights"), batch_id=args.batch_id)
+            pub.send(args.model, ds.predictions, ds.targets, input=args.input, weights=ds.weights,
+                     batch_id=args.batch_id)
         except (TypeError, ValueError) as exc:
             raise XentdError(str(exc)) from None
-    n = len(arrays["predictions"])
-    print(f"sent {n} samples for model {args.model!r} to {args.to}")
+    print(f"sent {len(ds)} samples for model {args.model!r} to {args.to}")
     return 0
 
 

@@ -32,6 +32,15 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from xentd import wire
+from xentd.errors import XentdError
+
+
+def open_publisher(address: str, **kwargs: Any) -> Publisher:
+    """A :class:`Publisher`, with a bad address or key turned into a :class:`XentdError` (for the CLI)."""
+    try:
+        return Publisher(address, **kwargs)
+    except (zmq.ZMQError, ValueError, OSError) as exc:
+        raise XentdError(f"cannot publish to {address}: {exc}") from None
 
 
 class Publisher:
@@ -74,31 +83,37 @@ class Publisher:
         self._own_context = context is None
         self._context = context or zmq.Context()
         self._socket = self._context.socket(zmq.PUB if self._topic else zmq.PUSH)
-        self._linger_ms = linger_ms
-        self._socket.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
-        self._socket.setsockopt(zmq.LINGER, linger_ms)
-        self._socket.setsockopt(zmq.SNDHWM, send_hwm)
-        if curve_server_key is not None or curve_secret_key is not None:
-            self._configure_curve(curve_server_key, curve_secret_key)
         self.producer = producer or f"py-{uuid.uuid4().hex[:16]}"
         self._seq = 0
         self._resend: collections.deque[list[bytes | memoryview]] = collections.deque(maxlen=resend or None)
         self._resend_enabled = resend > 0
         self._monitor: zmq.Socket[Any] | None = None
-        if self._resend_enabled:
-            self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._disconnected = False
         self.resent = 0
         addresses = [address] if isinstance(address, str) else list(address)
-        if not addresses:
-            raise ValueError("no address given")
-        if bind if bind is not None else self._topic:
-            if len(addresses) > 1:
-                raise ValueError("a bound socket takes one address")
-            self._socket.bind(addresses[0])
-        else:
-            for a in addresses:  # several: ZeroMQ sends round-robin to them (docs/scaling.md)
-                self._socket.connect(a)
+        try:
+            self._socket.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+            self._socket.setsockopt(zmq.LINGER, linger_ms)
+            self._socket.setsockopt(zmq.SNDHWM, send_hwm)
+            if curve_server_key is not None or curve_secret_key is not None:
+                self._configure_curve(curve_server_key, curve_secret_key)
+            if self._resend_enabled:
+                self._monitor = self._socket.get_monitor_socket(
+                    zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            if not addresses:
+                raise ValueError("no address given")
+            if bind if bind is not None else self._topic:
+                if len(addresses) > 1:
+                    raise ValueError("a bound socket takes one address")
+                self._socket.bind(addresses[0])
+            else:
+                for a in addresses:  # several: ZeroMQ sends round-robin to them (docs/scaling.md)
+                    self._socket.connect(a)
+        except BaseException:
+            # Nothing was sent: close at once, leaving no socket or context behind.
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self.close()
+            raise
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) or addresses[-1]
 
     def _configure_curve(self, server_key: str | bytes | None, secret_key: str | None) -> None:

@@ -40,17 +40,15 @@ class Dataset:
 
 
 def load(path: Path) -> Dataset:
-    if path.suffix == ".npz":
-        return _load_npz(path)
     if path.suffix == ".csv":
         return _load_csv(path)
-    raise XentdError(f"{path}: unknown file type {path.suffix!r}; replay reads .npz and .csv")
+    return _load_npz(path)  # .npz, or anything else: NumPy says what is wrong with it
 
 
 def _load_npz(path: Path) -> Dataset:
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:
         raise XentdError(f"{path}: cannot read as .npz: {exc}") from None
     with data:
         missing = {"predictions", "targets"} - set(data.files)
@@ -147,10 +145,10 @@ def replay(dataset: Dataset, send: Callable[[slice, str], None], *, batch_size: 
 def run(path: Path, *, to: str, model: str, input: str, batch_size: int, rate: float, pub: bool,
         curve_server_key: str | None = None, curve_secret_key: str | None = None,
         out: TextIO = sys.stderr) -> int:
-    from xentd.client import Publisher
+    from xentd.client import open_publisher
 
     ds = load(path)
-    with Publisher(to, socket="pub" if pub else "push", curve_server_key=curve_server_key,
+    with open_publisher(to, socket="pub" if pub else "push", curve_server_key=curve_server_key,
                    curve_secret_key=curve_secret_key, resend=0) as publisher:
         def send(rows: slice, batch_id: str) -> None:
             publisher.send(model, ds.predictions[rows], ds.targets[rows], input=input,

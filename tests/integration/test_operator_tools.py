@@ -84,3 +84,16 @@ def test_replay_csv_errors_are_clear(tmp_path: Path, content: str, message: str)
 def test_top_refuses_something_that_is_not_xentd(tmp_path: Path) -> None:
     with pytest.raises(XentdError, match="cannot read"):
         top.scrape("http://127.0.0.1:1")
+
+
+def test_send_reads_the_same_files_as_replay(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    (tmp_path / "one.csv").write_text("target,pred_0,pred_1\n0,0.9,0.1\n1,0.3,0.7\n")
+    d = start_daemon()
+    out = _xentd("send", str(tmp_path / "one.csv"), "--model", "csv", "--to", d.ingest)
+    assert out.returncode == 0, out.stderr
+    d.wait_for("xentd_samples_total", 2.0, model="csv")
+    (tmp_path / "empty.npz").write_bytes(b"")
+    for args, message in ([str(tmp_path / "empty.npz"), "--to", d.ingest], "cannot read as .npz"), \
+                         ([str(tmp_path / "one.csv"), "--to", "nonsense"], "cannot publish to nonsense"):
+        bad = _xentd("send", *args, "--model", "m")
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
