@@ -128,6 +128,55 @@ LOGITS = int(InputKind.LOGITS)
 LOG_PROBS = int(InputKind.LOG_PROBS)
 LOG_HALF = math.log(0.5)
 
+# The loss formulas below are the definitions both backends use: xentd/kernels/cuda.py
+# compiles their ``py_func`` as CUDA device functions. They live in this file because
+# Numba invalidates a cached CPU kernel only when its own source file changes.
+
+
+@njit(inline="always", cache=True)
+def _index_terms(kind, xt, m, s, mass, eps):  # type: ignore[no-untyped-def]
+    """(log p_t, 1 - p_t, mass) of a class-index row from its reductions: the target's
+    value ``xt``, the row maximum ``m``, for logits ``s`` = sum exp(x - m), and the
+    summed probability mass (exp-summed for log_probs)."""
+    if kind == LOGITS:
+        lpt = xt - m - math.log(s)
+        return lpt, -math.expm1(lpt), 1.0
+    if kind == PROBS:
+        pt = max(xt, eps)
+        return math.log(pt), 1.0 - pt, mass
+    return xt, -math.expm1(xt), mass
+
+
+@njit(inline="always", cache=True)
+def _soft_terms(kind, x, lse, eps):  # type: ignore[no-untyped-def]
+    """(log p_j, 1 - p_j) of one class of a soft-target row; ``lse`` is the row's log-sum-exp (logits)."""
+    if kind == PROBS:
+        pj = max(x, eps)
+        return math.log(pj), 1.0 - pj
+    lp = x - lse if kind == LOGITS else x
+    return lp, -math.expm1(lp)
+
+
+@njit(inline="always", cache=True)
+def _binary_terms(kind, x, eps, log_eps):  # type: ignore[no-untyped-def]
+    """(log p, log(1 - p), p, 1 - p, predicted positive) of one binary prediction."""
+    if kind == PROBS:
+        p = min(max(x, eps), 1.0 - eps)
+        return math.log(p), math.log1p(-p), p, 1.0 - p, x > 0.5
+    if kind == LOGITS:
+        # Everything from e = exp(-|x|): log sigmoid(x) = -log1p(e) for x >= 0, and
+        # log(1 - sigmoid(x)) = log sigmoid(x) - x. Two libm calls, no cancellation.
+        e = math.exp(-abs(x))
+        l1 = math.log1p(e)
+        if x >= 0.0:
+            return -l1, -x - l1, 1.0 / (1.0 + e), e / (1.0 + e), x > 0.0
+        return x - l1, -l1, e / (1.0 + e), 1.0 / (1.0 + e), x > 0.0
+    # log(1 - p) is derived, so p rounding to 1 would make it -inf:
+    # floor 1 - p at eps, as the probs path does.
+    q = max(-math.expm1(x), eps) if x < 0.0 else eps
+    lq = math.log(q) if x < 0.0 else log_eps
+    return x, lq, math.exp(x), q, x > LOG_HALF
+
 
 def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
     n, c = pred.shape
@@ -141,24 +190,17 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
                 arg = j
         m = np.float64(best)
         mass = 0.0
+        s = 0.0
         if kind == LOGITS:
-            s = 0.0
             for j in range(c):
                 s += math.exp(np.float64(pred[i, j]) - m)
-            lpt = np.float64(pred[i, t]) - m - math.log(s)
-            q = -math.expm1(lpt)
-            mass = 1.0
         elif kind == PROBS:
             for j in range(c):
                 mass += np.float64(pred[i, j])
-            pt = max(np.float64(pred[i, t]), eps)
-            lpt = math.log(pt)
-            q = 1.0 - pt
         else:
             for j in range(c):
                 mass += math.exp(np.float64(pred[i, j]))
-            lpt = np.float64(pred[i, t])
-            q = -math.expm1(lpt)
+        lpt, q, mass = _index_terms(kind, np.float64(pred[i, t]), m, s, mass, eps)
         loss[i] = -lpt
         focal[i] = -_focal_weight(q, gamma) * lpt
         correct[i] = 1 if arg == t else 0
@@ -297,16 +339,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
                 mass += math.exp(x)
             tj = np.float64(tgt[i, j])
             if tj != 0.0:  # 0 * log(0) is 0, as in xlogy
-                if kind == PROBS:
-                    pj = max(x, eps)
-                    lp = math.log(pj)
-                    q = 1.0 - pj
-                elif kind == LOGITS:
-                    lp = x - lse
-                    q = -math.expm1(lp)
-                else:
-                    lp = x
-                    q = -math.expm1(lp)
+                lp, q = _soft_terms(kind, x, lse, eps)
                 total -= tj * lp
                 ftotal -= tj * _focal_weight(q, gamma) * lp
         loss[i] = total
@@ -322,36 +355,7 @@ def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm
     for i in prange(n):
         x = np.float64(pred[i])
         t = tgt[i]
-        if kind == PROBS:
-            p = min(max(x, eps), 1.0 - eps)
-            q = 1.0 - p
-            lp = math.log(p)
-            lq = math.log1p(-p)
-            positive = x > 0.5
-        elif kind == LOGITS:
-            # Everything from e = exp(-|x|): log sigmoid(x) = -log1p(e) for x >= 0, and
-            # log(1 - sigmoid(x)) = log sigmoid(x) - x. Two libm calls, no cancellation.
-            e = math.exp(-abs(x))
-            l1 = math.log1p(e)
-            if x >= 0.0:
-                lp = -l1
-                lq = -x - l1
-                p = 1.0 / (1.0 + e)
-                q = e / (1.0 + e)
-            else:
-                lp = x - l1
-                lq = -l1
-                p = e / (1.0 + e)
-                q = 1.0 / (1.0 + e)
-            positive = x > 0.0
-        else:
-            # log(1 - p) is derived, so p rounding to 1 would make it -inf:
-            # floor 1 - p at eps, as the probs path does.
-            lp = x
-            q = max(-math.expm1(x), eps) if x < 0.0 else eps
-            lq = math.log(q) if x < 0.0 else log_eps
-            p = math.exp(x)
-            positive = x > LOG_HALF
+        lp, lq, p, q, positive = _binary_terms(kind, x, eps, log_eps)
         loss[i] = -(t * lp + (1.0 - t) * lq)
         focal[i] = -(t * _focal_weight(q, gamma) * lp + (1.0 - t) * _focal_weight(p, gamma) * lq)
         truth = t > 0.5

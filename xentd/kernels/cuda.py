@@ -28,6 +28,7 @@ import numpy as np
 
 from xentd.errors import BackendUnavailable
 from xentd.kernels import SampleScores, ScoringParams
+from xentd.kernels import cpu
 from xentd.validate import Batch, InputKind, TargetKind
 
 try:
@@ -39,10 +40,7 @@ except ImportError as exc:  # pragma: no cover - numba itself is a dependency
 SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 MAX_THREADS = 1024  # the hardware limit per block; shared scratch is sized for it
 WARP = 32
-PROBS = int(InputKind.PROBS)
-LOGITS = int(InputKind.LOGITS)
-LOG_PROBS = int(InputKind.LOG_PROBS)
-LOG_HALF = math.log(0.5)
+PROBS, LOGITS, LOG_PROBS = cpu.PROBS, cpu.LOGITS, cpu.LOG_PROBS
 NEG_INF = -math.inf
 
 
@@ -59,7 +57,7 @@ def available() -> tuple[bool, str]:
 # --- block reductions --------------------------------------------------------------
 #
 # ``nt`` (threads per block) is a power of two, at least one warp on a GPU.
-# Every thread of the block must call these; they end with the result in slot 0.
+# Every thread of the block must call these.
 
 
 @cuda.jit(device=True)
@@ -117,7 +115,10 @@ else:  # pragma: no cover - needs a GPU; tests marked `gpu`
 
 
 @cuda.jit(device=True)
-def _block_argmax(sval, sidx, tid, nt):  # type: ignore[no-untyped-def]
+def _argmax_all(v, i, sval, sidx, tid, nt):  # type: ignore[no-untyped-def]
+    """The block's best (value, index) of every thread's (v, i); every thread gets it."""
+    sval[tid] = v
+    sidx[tid] = i
     cuda.syncthreads()
     s = nt // 2
     while s >= LANES:
@@ -127,10 +128,15 @@ def _block_argmax(sval, sidx, tid, nt):  # type: ignore[no-untyped-def]
         cuda.syncthreads()
         s //= 2
     _warp_argmax(sval, sidx, tid)
+    best, arg = sval[0], sidx[0]
+    cuda.syncthreads()  # everyone has read slot 0 before the scratch is reused
+    return best, arg
 
 
 @cuda.jit(device=True)
-def _block_sum(ssum, tid, nt):  # type: ignore[no-untyped-def]
+def _sum_all(x, ssum, tid, nt):  # type: ignore[no-untyped-def]
+    """The block's sum of every thread's ``x``; every thread gets it."""
+    ssum[tid] = x
     cuda.syncthreads()
     s = nt // 2
     while s >= LANES:
@@ -139,17 +145,25 @@ def _block_sum(ssum, tid, nt):  # type: ignore[no-untyped-def]
         cuda.syncthreads()
         s //= 2
     _warp_sum(ssum, tid)
+    total = ssum[0]
+    cuda.syncthreads()
+    return total
 
 
 @cuda.jit(device=True)
-def _focal_weight(q, gamma):  # type: ignore[no-untyped-def]
-    if gamma == 2.0:
-        return q * q
-    if gamma == 1.0:
-        return q
-    if gamma == 0.0:
-        return 1.0
-    return q ** gamma
+def _row_sum_exp(pred, i, m, ssum, tid, nt):  # type: ignore[no-untyped-def]
+    """sum over the row of exp(x - m), for the log-sum-exp of logits."""
+    s = 0.0
+    for j in range(tid, pred.shape[1], nt):
+        s += math.exp(numba.float64(pred[i, j]) - m)
+    return _sum_all(s, ssum, tid, nt)
+
+
+# The loss formulas are the CPU kernels' own (see xentd/kernels/cpu.py), compiled for the device.
+_focal_weight = cuda.jit(device=True)(cpu._focal_weight.py_func)
+_index_terms = cuda.jit(device=True)(cpu._index_terms.py_func)
+_soft_terms = cuda.jit(device=True)(cpu._soft_terms.py_func)
+_binary_terms = cuda.jit(device=True)(cpu._binary_terms.py_func)
 
 
 # --- kernels ------------------------------------------------------------------------
@@ -176,41 +190,17 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
                 mass += x
             elif kind == LOG_PROBS:
                 mass += math.exp(x)
-        sval[tid] = best
-        sidx[tid] = arg
-        _block_argmax(sval, sidx, tid, nt)
-        m = sval[0]
-        top = sidx[0]
-        ssum[tid] = mass
-        _block_sum(ssum, tid, nt)
-        mass = ssum[0]
-        cuda.syncthreads()
-        s = 0.0
-        if kind == LOGITS:
-            for j in range(tid, c, nt):
-                s += math.exp(numba.float64(pred[i, j]) - m)
-            ssum[tid] = s
-            _block_sum(ssum, tid, nt)
-            s = ssum[0]
+        m, top = _argmax_all(best, arg, sval, sidx, tid, nt)
+        mass = _sum_all(mass, ssum, tid, nt)
+        s = _row_sum_exp(pred, i, m, ssum, tid, nt) if kind == LOGITS else 0.0
         if tid == 0:
             t = tgt[i]
-            if kind == LOGITS:
-                lpt = numba.float64(pred[i, t]) - m - math.log(s)
-                q = -math.expm1(lpt)
-                mass = 1.0
-            elif kind == PROBS:
-                pt = max(numba.float64(pred[i, t]), eps)
-                lpt = math.log(pt)
-                q = 1.0 - pt
-            else:
-                lpt = numba.float64(pred[i, t])
-                q = -math.expm1(lpt)
+            lpt, q, mass = _index_terms(kind, numba.float64(pred[i, t]), m, s, mass, eps)
             loss[i] = -lpt
             focal[i] = -_focal_weight(q, gamma) * lpt
             correct[i] = 1 if top == t else 0
             tcls[i] = t
             unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
-        cuda.syncthreads()
 
 
 @cuda.jit
@@ -240,94 +230,34 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
                 mass += x
             elif kind == LOG_PROBS:
                 mass += math.exp(x)
-        sval[tid] = best
-        sidx[tid] = arg
-        _block_argmax(sval, sidx, tid, nt)
-        m = sval[0]
-        top = sidx[0]
-        cuda.syncthreads()
-        sval[tid] = tbest
-        sidx[tid] = targ
-        _block_argmax(sval, sidx, tid, nt)
-        truth = sidx[0]
-        ssum[tid] = mass
-        _block_sum(ssum, tid, nt)
-        mass = ssum[0]
-        cuda.syncthreads()
-        lse = 0.0
-        if kind == LOGITS:
-            s = 0.0
-            for j in range(tid, c, nt):
-                s += math.exp(numba.float64(pred[i, j]) - m)
-            ssum[tid] = s
-            _block_sum(ssum, tid, nt)
-            lse = m + math.log(ssum[0])
-            cuda.syncthreads()
+        m, top = _argmax_all(best, arg, sval, sidx, tid, nt)
+        _, truth = _argmax_all(tbest, targ, sval, sidx, tid, nt)
+        mass = _sum_all(mass, ssum, tid, nt)
+        lse = m + math.log(_row_sum_exp(pred, i, m, ssum, tid, nt)) if kind == LOGITS else 0.0
         total = 0.0
         ftotal = 0.0
         for j in range(tid, c, nt):
             tj = numba.float64(tgt[i, j])
             if tj != 0.0:  # 0 * log(0) is 0, as in xlogy
-                x = numba.float64(pred[i, j])
-                if kind == PROBS:
-                    pj = max(x, eps)
-                    lp = math.log(pj)
-                    q = 1.0 - pj
-                elif kind == LOGITS:
-                    lp = x - lse
-                    q = -math.expm1(lp)
-                else:
-                    lp = x
-                    q = -math.expm1(lp)
+                lp, q = _soft_terms(kind, numba.float64(pred[i, j]), lse, eps)
                 total -= tj * lp
                 ftotal -= tj * _focal_weight(q, gamma) * lp
-        ssum[tid] = total
-        _block_sum(ssum, tid, nt)
-        total = ssum[0]
-        cuda.syncthreads()
-        ssum[tid] = ftotal
-        _block_sum(ssum, tid, nt)
+        total = _sum_all(total, ssum, tid, nt)
+        ftotal = _sum_all(ftotal, ssum, tid, nt)
         if tid == 0:
             loss[i] = total
-            focal[i] = ssum[0]
+            focal[i] = ftotal
             correct[i] = 1 if top == truth else 0
             tcls[i] = truth
             unnorm[i] = 1 if kind != LOGITS and abs(mass - 1.0) > tol else 0
-        cuda.syncthreads()
 
 
 @cuda.jit
 def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
     log_eps = math.log(eps)
     for i in range(cuda.grid(1), pred.shape[0], cuda.gridsize(1)):
-        x = numba.float64(pred[i])
         t = tgt[i]
-        if kind == PROBS:
-            p = min(max(x, eps), 1.0 - eps)
-            q = 1.0 - p
-            lp = math.log(p)
-            lq = math.log1p(-p)
-            positive = x > 0.5
-        elif kind == LOGITS:
-            e = math.exp(-abs(x))
-            l1 = math.log1p(e)
-            if x >= 0.0:
-                lp = -l1
-                lq = -x - l1
-                p = 1.0 / (1.0 + e)
-                q = e / (1.0 + e)
-            else:
-                lp = x - l1
-                lq = -l1
-                p = e / (1.0 + e)
-                q = 1.0 / (1.0 + e)
-            positive = x > 0.0
-        else:
-            lp = x
-            q = max(-math.expm1(x), eps) if x < 0.0 else eps
-            lq = math.log(q) if x < 0.0 else log_eps
-            p = math.exp(x)
-            positive = x > LOG_HALF
+        lp, lq, p, q, positive = _binary_terms(kind, numba.float64(pred[i]), eps, log_eps)
         loss[i] = -(t * lp + (1.0 - t) * lq)
         focal[i] = -(t * _focal_weight(q, gamma) * lp + (1.0 - t) * _focal_weight(p, gamma) * lq)
         truth = t > 0.5
