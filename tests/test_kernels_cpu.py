@@ -70,12 +70,8 @@ def _assert_scores(scores, ref: naive.Ref, tol: dict[str, float] = EXACT) -> Non
     assert scores.unnormalized_rows == ref.unnormalized
 
 
-@pytest.mark.parametrize("datatype", DATATYPES)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("classes,n", [(None, 400), (2, 300), (3, 300), (10, 200), (257, 40), (50_000, 4)])
-@pytest.mark.parametrize("targets", ["index", "soft"])
-def test_matches_float64_reference(any_backend: CpuBackend, datatype: str, kind: str,
-                                   classes: int | None, n: int, targets: str) -> None:
+def reference_case(datatype: str, kind: str, classes: int | None, n: int, targets: str):  # type: ignore[no-untyped-def]
+    """A random batch for the reference comparisons (the CUDA tests use it too)."""
     rng = np.random.default_rng(classes or 1)
     x = _predictions(rng, n, classes, kind)
     if classes is None:
@@ -84,7 +80,16 @@ def test_matches_float64_reference(any_backend: CpuBackend, datatype: str, kind:
         y = rng.integers(0, classes, n)
     else:
         y = softmax(rng.normal(0, 2, (n, classes))).astype(np.float32)
-    batch = make_batch(_encode_dtype(x, datatype), y, kind)
+    return make_batch(_encode_dtype(x, datatype), y, kind)
+
+
+@pytest.mark.parametrize("datatype", DATATYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("classes,n", [(None, 400), (2, 300), (3, 300), (10, 200), (257, 40), (50_000, 4)])
+@pytest.mark.parametrize("targets", ["index", "soft"])
+def test_matches_float64_reference(any_backend: CpuBackend, datatype: str, kind: str,
+                                   classes: int | None, n: int, targets: str) -> None:
+    batch = reference_case(datatype, kind, classes, n, targets)
     scores = any_backend.score(batch, default_params(batch))
     _assert_scores(scores, _reference(batch, kind), _tolerance(batch))
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests import naive
 from tests.conftest import default_params, make_batch, softmax
-from tests.test_kernels_cpu import EXACT, KINDS, _assert_scores, _encode_dtype, _predictions, _reference
+from tests.test_kernels_cpu import EXACT, KINDS, _assert_scores, _reference, reference_case
 
 cuda_backend = pytest.importorskip("xentd.kernels.cuda")
 from xentd.kernels.cpu import CpuBackend  # noqa: E402
@@ -43,15 +43,7 @@ def gpu() -> CudaBackend:
 @pytest.mark.parametrize("targets", ["index", "soft"])
 def test_matches_float64_reference(gpu: CudaBackend, datatype: str, kind: str, classes: int | None, n: int,
                                    targets: str) -> None:
-    rng = np.random.default_rng(classes or 1)
-    x = _predictions(rng, n, classes, kind)
-    if classes is None:
-        y = rng.integers(0, 2, n) if targets == "index" else rng.random(n)
-    elif targets == "index":
-        y = rng.integers(0, classes, n)
-    else:
-        y = softmax(rng.normal(0, 2, (n, classes))).astype(np.float32)
-    batch = make_batch(_encode_dtype(x, datatype), y, kind)
+    batch = reference_case(datatype, kind, classes, n, targets)
     scores = gpu.score(batch, default_params(batch))
     # Every sum is float64 on the GPU, FP32 logits included: exact to rounding.
     _assert_scores(scores, _reference(batch, kind), EXACT)
