@@ -336,8 +336,8 @@ def run_in_process(seed: int, count: int, chunk: int = 64) -> Report:
                     report.by_mutation.setdefault(batch[0][0], Counter())[reason] += n
     if report.rejected[Reason.INTERNAL_ERROR.value]:
         report.problems.append(f"{report.rejected[Reason.INTERNAL_ERROR.value]} internal errors")
-    if fuzzed.state.messages != report.messages:
-        report.problems.append(f"daemon counted {fuzzed.state.messages} messages, sent {report.messages}")
+    if fuzzed.state.counters.messages != report.messages:
+        report.problems.append(f"daemon counted {fuzzed.state.counters.messages} messages, sent {report.messages}")
     got, want = _model_rows(fuzzed, "valid-"), _model_rows(control, "valid-")
     if got != want:
         report.problems.append("valid models' state differs from the control daemon's")

@@ -52,7 +52,7 @@ def _state(d: Daemon) -> list[tuple]:
         rows.append((m.name, m.samples, m.weight, m.loss_weighted_sum, m.correct_weighted_sum, m.batches,
                      m.unnormalized_rows, m.last_event_time, m.class_weight.tolist(),
                      m.class_loss_weighted_sum.tolist(), m.hist_counts.tolist(), windows))
-    return [rows, sorted(snap.rejected.items()), snap.messages]
+    return [rows, sorted(snap.rejected.items()), snap.counters.messages]
 
 
 def test_grouped_equals_one_by_one() -> None:

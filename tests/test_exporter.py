@@ -27,7 +27,7 @@ def store() -> StateStore:
                         true_class=np.array([0, 1, 2, 2]), unnormalized_rows=1),
            np.array([1.0, 2.0, 1.0, 0.0]), clock(), 1_699_999_999.0)
     s.reject(Reason.NON_FINITE)
-    s.messages = 2
+    s.counters.messages = 2
     return s
 
 

@@ -80,7 +80,7 @@ def test_restore_continues_exactly_where_the_snapshot_left_off(tmp_path: Path) -
     clock.now += 7.0
     assert after.state.counters.duplicate_batches == 5
     after.state.counters.duplicate_batches = 0
-    after.state.messages -= 5
+    after.state.counters.messages -= 5
     assert _state(after) == _state(reference)
 
 

@@ -206,8 +206,8 @@ class Daemon:
         self._stop.set()
 
     def _status(self) -> str:
-        c = self.state.counters
-        return f"{len(self.state.models)} model(s), {c.messages} message(s), backend {self.config.engine.backend}"
+        backend = self.backend.name if self.backend else "?"
+        return f"{len(self.state.models)} model(s), {self.state.counters.messages} message(s), backend {backend}"
 
     def housekeeping(self, force: bool = False) -> None:
         """Between drains: watchdog ping, snapshots, idle-model eviction, status."""
@@ -342,7 +342,7 @@ class Daemon:
                     key = (batch.model, batch.batch_id)
                     if key in self.state.recent:
                         self.state.counters.duplicate_batches += 1
-                        self.state.messages += 1
+                        self.state.counters.messages += 1
                         return None
                 state = self.state.model(batch.model, batch.num_classes)
                 if batch.batch_id is not None:
@@ -365,7 +365,7 @@ class Daemon:
             with self.state.lock:
                 if group.state.fold(scores, batch.weights, self.clock(), batch.ts, batches=count):
                     self.state.counters.limit_hits["class_limit"] += 1
-                self.state.messages += count
+                self.state.counters.messages += count
         except RejectedBatch as exc:
             if count == 1:
                 self._rejected(exc.reason, exc.detail, model)
@@ -381,7 +381,7 @@ class Daemon:
     def _rejected(self, reason: Reason, detail: str, model: str | None) -> None:
         with self.state.lock:
             self.state.reject(reason)
-            self.state.messages += 1
+            self.state.counters.messages += 1
         self._log_rejection(reason, detail, model)
 
     def _scoring_params(self, batch: Batch) -> ScoringParams:

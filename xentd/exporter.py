@@ -85,7 +85,7 @@ class XentdCollector(Collector):
         yield build
         yield GaugeMetricFamily("xentd_models", "Models with state in this instance.", value=len(snap.models))
         yield CounterMetricFamily("xentd_messages_received", "Messages taken off the ingest socket, "
-                                  "valid or not.", value=snap.messages)
+                                  "valid or not.", value=snap.counters.messages)
         rejected = CounterMetricFamily("xentd_rejected_batches", "Batches refused, by reason.",
                                        labels=["reason"])
         for reason, count in sorted(snap.rejected.items()):
@@ -219,7 +219,7 @@ def render_text(snap: Snapshot, *, version: str, backend: str) -> str:
     _family(out, "xentd_models", *_HELP["xentd_models"])
     out.append(f"xentd_models {_v(len(snap.models))}\n")
     _family(out, "xentd_messages_received_total", *_HELP["xentd_messages_received_total"])
-    out.append(f"xentd_messages_received_total {_v(snap.messages)}\n")
+    out.append(f"xentd_messages_received_total {_v(snap.counters.messages)}\n")
     _family(out, "xentd_rejected_batches_total", *_HELP["xentd_rejected_batches_total"])
     out.extend(f'xentd_rejected_batches_total{{reason="{_esc(r)}"}} {_v(c)}\n'
                for r, c in sorted(snap.rejected.items()))

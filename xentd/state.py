@@ -305,10 +305,6 @@ class Snapshot:
     rejected: dict[str, int]
     counters: Counters
 
-    @property
-    def messages(self) -> int:
-        return self.counters.messages
-
 
 class StateStore:
     """Every model's state plus the daemon-wide counters, behind one lock."""
@@ -324,14 +320,6 @@ class StateStore:
         self.counters = Counters()
         self.recent = RecentBatches(dedup_window)
         self.sequences = SequenceTracker()
-
-    @property
-    def messages(self) -> int:
-        return self.counters.messages
-
-    @messages.setter
-    def messages(self, value: int) -> None:
-        self.counters.messages = value
 
     def model(self, name: str, num_classes: int) -> ModelState:
         """The model's state, created on first sight. Call with the lock held."""
