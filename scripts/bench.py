@@ -63,9 +63,15 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "numba_threads": numba.get_num_threads(),
-            "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
-            "threading_layer": _threading_layer()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "numba_threads": numba.get_num_threads(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "threading_layer": _threading_layer(),
+    }
 
 
 def _threading_layer() -> str:
@@ -102,7 +108,7 @@ def _np_cross_entropy_logits(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """A float32 NumPy log-softmax cross-entropy, as a hand-written consumer would."""
     m = x.max(axis=1, keepdims=True)
     lse = np.log(np.exp(x - m).sum(axis=1, keepdims=True)) + m
-    return (lse[:, 0] - x[np.arange(x.shape[0]), y])
+    return lse[:, 0] - x[np.arange(x.shape[0]), y]
 
 
 def _np_cross_entropy_probs(p: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -110,8 +116,9 @@ def _np_cross_entropy_probs(p: np.ndarray, y: np.ndarray) -> np.ndarray:
     return -np.log(np.maximum(p[np.arange(p.shape[0]), y], eps))
 
 
-def _make_case(kind: str, classes: int | None, datatype: str, target_bytes: int,
-               rng: np.random.Generator) -> tuple[list[Any], np.ndarray, np.ndarray]:
+def _make_case(
+    kind: str, classes: int | None, datatype: str, target_bytes: int, rng: np.random.Generator
+) -> tuple[list[Any], np.ndarray, np.ndarray]:
     itemsize = 2 if datatype in ("FP16", "BF16") else 4
     n = max(1, target_bytes // ((classes or 1) * itemsize))
     shape = (n,) if classes is None else (n, classes)
@@ -133,9 +140,20 @@ def _make_case(kind: str, classes: int | None, datatype: str, target_bytes: int,
     return frames, x, y
 
 
-def _kernel_case(kind: str, classes: int | None, datatype: str, target: int, rng: np.random.Generator,
-                 repeats: int, backend: CpuBackend, bw: float, torch: Any, log_loss: Any, *,
-                 with_sklearn: bool) -> dict[str, Any]:
+def _kernel_case(
+    kind: str,
+    classes: int | None,
+    datatype: str,
+    target: int,
+    rng: np.random.Generator,
+    repeats: int,
+    backend: CpuBackend,
+    bw: float,
+    torch: Any,
+    log_loss: Any,
+    *,
+    with_sklearn: bool,
+) -> dict[str, Any]:
     frames, x32, y = _make_case(kind, classes, datatype, target, rng)
     msg = wire.decode(frames, max_message_bytes=1 << 34, max_header_bytes=1 << 16)
     scratch = Scratch()
@@ -147,8 +165,11 @@ def _kernel_case(kind: str, classes: int | None, datatype: str, target: int, rng
     t_kernel, _ = best_of(lambda: backend.score(batch, params), repeats)
     t_full, _ = best_of(lambda: backend.score(validate(msg, scratch), params), repeats)
     row: dict[str, Any] = {
-        "input": kind, "classes": classes or "binary", "datatype": datatype,
-        "batch_mb": round(wire_bytes / MB, 1), "samples": n,
+        "input": kind,
+        "classes": classes or "binary",
+        "datatype": datatype,
+        "batch_mb": round(wire_bytes / MB, 1),
+        "samples": n,
         "xentd_gbps": wire_bytes / t_kernel / 1e9,
         "xentd_validate_gbps": wire_bytes / t_full / 1e9,
         "xentd_msamples_per_s": n / t_kernel / 1e6,
@@ -167,8 +188,18 @@ def _kernel_case(kind: str, classes: int | None, datatype: str, target: int, rng
     return row
 
 
-def _torch_case(torch: Any, kind: str, classes: int | None, datatype: str, x32: np.ndarray, y: np.ndarray,
-                eps: float, repeats: int, wire_bytes: int, t_kernel: float) -> dict[str, float]:
+def _torch_case(
+    torch: Any,
+    kind: str,
+    classes: int | None,
+    datatype: str,
+    x32: np.ndarray,
+    y: np.ndarray,
+    eps: float,
+    repeats: int,
+    wire_bytes: int,
+    t_kernel: float,
+) -> dict[str, float]:
     F = torch.nn.functional
     tx = torch.from_numpy(x32)
     if datatype == "FP16":
@@ -179,17 +210,22 @@ def _torch_case(torch: Any, kind: str, classes: int | None, datatype: str, x32: 
     if classes is None:
         tyf = ty.to(tx.dtype)
         if kind == "logits":
+
             def fn() -> Any:
                 return F.binary_cross_entropy_with_logits(tx, tyf, reduction="none")
         else:
+
             def fn() -> Any:
                 return F.binary_cross_entropy(tx.clamp(eps, 1 - eps), tyf, reduction="none")
     elif kind == "logits":
+
         def fn() -> Any:
             return F.cross_entropy(tx, ty, reduction="none")
     else:
+
         def fn() -> Any:
             return F.nll_loss(torch.log(tx.clamp_min(eps)), ty, reduction="none")
+
     t_torch, _ = best_of(fn, repeats)
     return {"torch_gbps": wire_bytes / t_torch / 1e9, "speedup_vs_torch": t_torch / t_kernel}
 
@@ -215,21 +251,36 @@ def bench_kernels(args: argparse.Namespace) -> dict[str, Any]:
     backend.warmup()
     classes_list: list[int | None] = [None, 10, 100, 1000, 32_000, 128_000]
     rows = []
-    header = (f"{'input':<7}{'C':>8}{'dtype':>6}{'MB':>6}{'xentd GB/s':>11}{'+valid.':>9}{'Msamp/s':>9}"
-              f"{'%mem':>6}{'numpy':>7}{'torch':>7}{'sklearn':>8}{'x torch':>8}")
+    header = (
+        f"{'input':<7}{'C':>8}{'dtype':>6}{'MB':>6}{'xentd GB/s':>11}{'+valid.':>9}{'Msamp/s':>9}"
+        f"{'%mem':>6}{'numpy':>7}{'torch':>7}{'sklearn':>8}{'x torch':>8}"
+    )
     print(header)
     for kind in ("logits", "probs"):
         for classes in classes_list:
             dtypes = ["FP32"] + (["FP16", "BF16"] if classes is not None and classes >= 32_000 else [])
             for datatype in dtypes:
-                row = _kernel_case(kind, classes, datatype, target, rng, repeats, backend, bw, torch, log_loss,
-                                   with_sklearn=not args.quick)
+                row = _kernel_case(
+                    kind,
+                    classes,
+                    datatype,
+                    target,
+                    rng,
+                    repeats,
+                    backend,
+                    bw,
+                    torch,
+                    log_loss,
+                    with_sklearn=not args.quick,
+                )
                 rows.append(row)
-                print(f"{kind:<7}{str(classes or 'bin'):>8}{datatype:>6}{row['batch_mb']:>6.0f}"
-                      f"{row['xentd_gbps']:>11.2f}{row['xentd_validate_gbps']:>9.2f}"
-                      f"{row['xentd_msamples_per_s']:>9.1f}{row['pct_of_memory_bw']:>6.0f}"
-                      f"{row.get('numpy_gbps', float('nan')):>7.2f}{row.get('torch_gbps', float('nan')):>7.2f}"
-                      f"{row.get('sklearn_gbps', float('nan')):>8.2f}{row.get('speedup_vs_torch', float('nan')):>8.2f}")
+                print(
+                    f"{kind:<7}{str(classes or 'bin'):>8}{datatype:>6}{row['batch_mb']:>6.0f}"
+                    f"{row['xentd_gbps']:>11.2f}{row['xentd_validate_gbps']:>9.2f}"
+                    f"{row['xentd_msamples_per_s']:>9.1f}{row['pct_of_memory_bw']:>6.0f}"
+                    f"{row.get('numpy_gbps', float('nan')):>7.2f}{row.get('torch_gbps', float('nan')):>7.2f}"
+                    f"{row.get('sklearn_gbps', float('nan')):>8.2f}{row.get('speedup_vs_torch', float('nan')):>8.2f}"
+                )
     return {"memory_read_gbps": bw, "threads": threads, "rows": rows}
 
 
@@ -295,8 +346,9 @@ def _free_tcp() -> str:
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
-def _start_producers(address: str, frames: list[bytes], total: int, producers: int,
-                     rate: float = 0.0) -> tuple[list[Any], Any]:
+def _start_producers(
+    address: str, frames: list[bytes], total: int, producers: int, rate: float = 0.0
+) -> tuple[list[Any], Any]:
     import multiprocessing as mp
 
     start = mp.Event()
@@ -336,8 +388,22 @@ class _Daemon:
         self._dir = tempfile.TemporaryDirectory()
         cfg = Path(self._dir.name) / "xentd.toml"
         cfg.write_text(config)
-        self.proc = subprocess.Popen([sys.executable, "-m", "xentd", "run", "--config", str(cfg), "--ingest",
-                                      self.ingest, "--metrics", "127.0.0.1:0"], stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "xentd",
+                "run",
+                "--config",
+                str(cfg),
+                "--ingest",
+                self.ingest,
+                "--metrics",
+                "127.0.0.1:0",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             if "ready:" in line:
@@ -362,7 +428,7 @@ class _Daemon:
         prefix = f'{name}{{model="{model}"}} '
         for line in body.splitlines():
             if line.startswith(prefix):
-                return float(line[len(prefix):])
+                return float(line[len(prefix) :])
         return 0.0
 
     def rss_bytes(self) -> int:
@@ -374,8 +440,9 @@ class _Daemon:
         self._dir.cleanup()
 
 
-def _xentd_rate(daemon: _Daemon, model: str, frames: list[bytes], total: int, samples: int,
-                producers: int) -> tuple[float, float, float]:
+def _xentd_rate(
+    daemon: _Daemon, model: str, frames: list[bytes], total: int, samples: int, producers: int
+) -> tuple[float, float, float]:
     procs, start = _start_producers(daemon.ingest, frames, total, producers)
     time.sleep(0.5)
     before = daemon.value("xentd_cross_entropy_nats_count", model)
@@ -425,8 +492,10 @@ def _latency(daemon: _Daemon, rate: float, frames: list[bytes], probes: int) -> 
 def bench_e2e(args: argparse.Namespace) -> dict[str, Any]:
     producers = 2
     rows = []
-    print(f"{'workload':<16}{'raw msg/s':>11}{'xentd msg/s':>12}{'ratio':>7}{'raw MB/s':>10}{'xentd MB/s':>11}"
-          f"{'ratio':>7}{'Msamples/s':>11}{'lost':>6}")
+    print(
+        f"{'workload':<16}{'raw msg/s':>11}{'xentd msg/s':>12}{'ratio':>7}{'raw MB/s':>10}{'xentd MB/s':>11}"
+        f"{'ratio':>7}{'Msamples/s':>11}{'lost':>6}"
+    )
     daemon = _Daemon("[limits]\nmax_models = 100\n")
     try:
         for name, samples, classes, datatype, messages in E2E_WORKLOADS:
@@ -436,23 +505,34 @@ def bench_e2e(args: argparse.Namespace) -> dict[str, Any]:
             raw_msgs, raw_bytes = _raw_rate(frames, total, producers)
             x_msgs, x_bytes, counted = _xentd_rate(daemon, model, frames, total, samples, producers)
             lost = total * samples - counted
-            row = {"workload": name, "messages": total, "message_bytes": sum(len(f) for f in frames),
-                   "raw_msgs_per_s": raw_msgs, "raw_bytes_per_s": raw_bytes,
-                   "xentd_msgs_per_s": x_msgs, "xentd_bytes_per_s": x_bytes,
-                   "xentd_samples_per_s": x_msgs * samples, "msg_ratio": x_msgs / raw_msgs,
-                   "byte_ratio": x_bytes / raw_bytes, "lost_samples": lost}
+            row = {
+                "workload": name,
+                "messages": total,
+                "message_bytes": sum(len(f) for f in frames),
+                "raw_msgs_per_s": raw_msgs,
+                "raw_bytes_per_s": raw_bytes,
+                "xentd_msgs_per_s": x_msgs,
+                "xentd_bytes_per_s": x_bytes,
+                "xentd_samples_per_s": x_msgs * samples,
+                "msg_ratio": x_msgs / raw_msgs,
+                "byte_ratio": x_bytes / raw_bytes,
+                "lost_samples": lost,
+            }
             rows.append(row)
-            print(f"{name:<16}{raw_msgs:>11.0f}{x_msgs:>12.0f}{x_msgs / raw_msgs:>7.2f}{raw_bytes / 1e6:>10.0f}"
-                  f"{x_bytes / 1e6:>11.0f}{x_bytes / raw_bytes:>7.2f}{x_msgs * samples / 1e6:>11.2f}{lost:>6.0f}")
+            print(
+                f"{name:<16}{raw_msgs:>11.0f}{x_msgs:>12.0f}{x_msgs / raw_msgs:>7.2f}{raw_bytes / 1e6:>10.0f}"
+                f"{x_bytes / 1e6:>11.0f}{x_bytes / raw_bytes:>7.2f}{x_msgs * samples / 1e6:>11.2f}{lost:>6.0f}"
+            )
         small = rows[0]
         rate = small["xentd_msgs_per_s"] / 2
         p50, p99 = _latency(daemon, rate, _e2e_frames(64, 10, "FP32", "latency-load"), 30 if args.quick else 200)
-        print(f"send-to-visible latency at {rate:.0f} msg/s (half of max, 64x10): p50 {p50 * 1e3:.1f} ms, "
-              f"p99 {p99 * 1e3:.1f} ms")
+        print(
+            f"send-to-visible latency at {rate:.0f} msg/s (half of max, 64x10): p50 {p50 * 1e3:.1f} ms, "
+            f"p99 {p99 * 1e3:.1f} ms"
+        )
     finally:
         daemon.close()
-    return {"producers": producers, "rows": rows,
-            "latency": {"rate_msgs_per_s": rate, "p50_s": p50, "p99_s": p99}}
+    return {"producers": producers, "rows": rows, "latency": {"rate_msgs_per_s": rate, "p50_s": p50, "p99_s": p99}}
 
 
 # --- scale -------------------------------------------------------------------------
@@ -499,8 +579,7 @@ def _ingest(daemon: _Daemon, models: int, rounds: int) -> float:
 
 def _total_batches(daemon: _Daemon) -> float:
     body, _ = daemon.scrape()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
-               if line.startswith("xentd_batches_total{"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith("xentd_batches_total{"))
 
 
 def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
@@ -520,13 +599,24 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
         series = sum(1 for line in body.splitlines() if line and not line.startswith("#"))
     finally:
         daemon.close()
-    result = {"models": models, "messages": messages, "one_model_msgs_per_s": one,
-              "many_models_msgs_per_s": many, "ratio": many / one, "rss_bytes": rss,
-              "rss_empty_bytes": rss_empty, "scrape_seconds_best": min(times),
-              "scrape_seconds_median": statistics.median(times), "scrape_bytes": size, "series": series}
+    result = {
+        "models": models,
+        "messages": messages,
+        "one_model_msgs_per_s": one,
+        "many_models_msgs_per_s": many,
+        "ratio": many / one,
+        "rss_bytes": rss,
+        "rss_empty_bytes": rss_empty,
+        "scrape_seconds_best": min(times),
+        "scrape_seconds_median": statistics.median(times),
+        "scrape_bytes": size,
+        "series": series,
+    }
     print(f"ingest 64x10: 1 model {one:.0f} msg/s, {models} models {many:.0f} msg/s (ratio {many / one:.2f})")
-    print(f"RSS {rss / 2**20:.0f} MiB ({rss_empty / 2**20:.0f} MiB at start); /metrics: {series} series, "
-          f"{size / 2**20:.1f} MiB, scrape best {min(times):.2f} s, median {statistics.median(times):.2f} s")
+    print(
+        f"RSS {rss / 2**20:.0f} MiB ({rss_empty / 2**20:.0f} MiB at start); /metrics: {series} series, "
+        f"{size / 2**20:.1f} MiB, scrape best {min(times):.2f} s, median {statistics.median(times):.2f} s"
+    )
     return result
 
 
@@ -544,8 +634,13 @@ def bench_snapshot(args: argparse.Namespace) -> dict[str, Any]:
     store = StateStore(WindowsConfig(), LimitsConfig(max_models=models), clock, dedup_window=65536)
     rng = np.random.default_rng(0)
     n = 10_000  # fills the default last_10000 window
-    scores = SampleScores(loss=rng.random(n), focal=rng.random(n), correct=rng.integers(0, 2, n).astype(np.uint8),
-                          true_class=rng.integers(0, 10, n), unnormalized_rows=0)
+    scores = SampleScores(
+        loss=rng.random(n),
+        focal=rng.random(n),
+        correct=rng.integers(0, 2, n).astype(np.uint8),
+        true_class=rng.integers(0, 10, n),
+        unnormalized_rows=0,
+    )
     for i in range(models):
         store.model(f"model-{i}", 10).fold(scores, None, clock(), None)
     for i in range(65536):
@@ -575,11 +670,20 @@ def bench_snapshot(args: argparse.Namespace) -> dict[str, Any]:
         restored = persist.restore(fresh, persist.read(directory / persist.FILENAME))
         restore_s = time.perf_counter() - t
     assert restored.models == models
-    result = {"models": models, "bytes": size, "lock_held_s": min(capture), "write_s": min(write),
-              "raw_write_s": min(raw), "write_vs_raw": min(raw) / min(write), "restore_s": restore_s}
-    print(f"{models} models (10 classes, full windows), 65,536 batch ids: {size / 2**20:.1f} MiB; "
-          f"lock held {min(capture) * 1e3:.1f} ms; write {min(write):.3f} s vs raw write+fsync "
-          f"{min(raw):.3f} s ({result['write_vs_raw']:.2f}x); restore {restore_s:.2f} s")
+    result = {
+        "models": models,
+        "bytes": size,
+        "lock_held_s": min(capture),
+        "write_s": min(write),
+        "raw_write_s": min(raw),
+        "write_vs_raw": min(raw) / min(write),
+        "restore_s": restore_s,
+    }
+    print(
+        f"{models} models (10 classes, full windows), 65,536 batch ids: {size / 2**20:.1f} MiB; "
+        f"lock held {min(capture) * 1e3:.1f} ms; write {min(write):.3f} s vs raw write+fsync "
+        f"{min(raw):.3f} s ({result['write_vs_raw']:.2f}x); restore {restore_s:.2f} s"
+    )
     return result
 
 
@@ -606,7 +710,7 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
         gpu = None
 
     # 1. Device-resident logits: kernel time alone, against a device-to-device copy of the same bytes.
-    for classes in ((32_000, 128_000) if has_gpu else ()):
+    for classes in (32_000, 128_000) if has_gpu else ():
         rows = max(8, (256 if args.quick else 1024) * MB // (classes * 4))
         x = cuda.to_device(np.random.default_rng(0).standard_normal((rows, classes), dtype=np.float32))
         y = cuda.to_device(np.random.default_rng(1).integers(0, classes, rows))
@@ -614,8 +718,9 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
         copy = cuda.device_array_like(x)
 
         def kernel(x: Any = x, y: Any = y, outs: Any = outs, rows: int = rows) -> None:
-            ck._multiclass_index[min(gpu.blocks * 4, rows), gpu.threads](x, y, int(InputKind.LOGITS), params.eps, 2.0,
-                                                                         1e-3, *outs)
+            ck._multiclass_index[min(gpu.blocks * 4, rows), gpu.threads](
+                x, y, int(InputKind.LOGITS), params.eps, 2.0, 1e-3, *outs
+            )
             cuda.synchronize()
 
         def d2d(x: Any = x, copy: Any = copy) -> None:
@@ -626,11 +731,20 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
         c_best, _ = best_of(d2d, 10)
         nbytes = rows * classes * 4
         kernel_bw, copy_bw = nbytes / k_best, 2 * nbytes / c_best  # a copy reads and writes
-        row = {"classes": classes, "rows": rows, "bytes": nbytes, "kernel_s": k_best, "kernel_GBps": kernel_bw / 1e9,
-               "copy_GBps": copy_bw / 1e9, "ratio": kernel_bw / copy_bw}
+        row = {
+            "classes": classes,
+            "rows": rows,
+            "bytes": nbytes,
+            "kernel_s": k_best,
+            "kernel_GBps": kernel_bw / 1e9,
+            "copy_GBps": copy_bw / 1e9,
+            "ratio": kernel_bw / copy_bw,
+        }
         result["kernels"].append(row)
-        print(f"FP32 logits C={classes}: kernel {kernel_bw / 1e9:.0f} GB/s, device copy {copy_bw / 1e9:.0f} GB/s, "
-              f"ratio {kernel_bw / copy_bw:.2f} (target >= 0.70)")
+        print(
+            f"FP32 logits C={classes}: kernel {kernel_bw / 1e9:.0f} GB/s, device copy {copy_bw / 1e9:.0f} GB/s, "
+            f"ratio {kernel_bw / copy_bw:.2f} (target >= 0.70)"
+        )
 
     # 2. The auto threshold: host batch in, scores out, on each backend.
     cpu = CpuBackend()
@@ -644,26 +758,46 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
             pred.flags.writeable = False
             tgt = np.random.default_rng(3).integers(0, classes, rows)
             tgt.flags.writeable = False
-            batch = Batch(model="t", kind=InputKind.LOGITS, predictions=pred, targets=tgt,
-                          target_kind=TargetKind.INDEX, weights=None, num_classes=classes,
-                          prediction_datatype="FP32", batch_id=None, ts=None)
+            batch = Batch(
+                model="t",
+                kind=InputKind.LOGITS,
+                predictions=pred,
+                targets=tgt,
+                target_kind=TargetKind.INDEX,
+                weights=None,
+                num_classes=classes,
+                prediction_datatype="FP32",
+                batch_id=None,
+                ts=None,
+            )
             c, _ = best_of(lambda b=batch: cpu.score(b, params), 5)
             g = best_of(lambda b=batch: gpu.score(b, params), 5)[0] if gpu is not None else math.nan
             result["threshold"].append({"classes": classes, "elements": rows * classes, "cpu_s": c, "gpu_s": g})
-            print(f"C={classes:>6} {rows * classes:>10} values: cpu {c * 1e3:8.2f} ms, gpu {g * 1e3:8.2f} ms "
-                  f"({c / g:5.2f}x)")
+            print(
+                f"C={classes:>6} {rows * classes:>10} values: cpu {c * 1e3:8.2f} ms, gpu {g * 1e3:8.2f} ms "
+                f"({c / g:5.2f}x)"
+            )
 
     # 3. End to end: the daemon on each backend.
     for backend in ("cpu", "cuda") if has_gpu else ("cpu",):
         daemon = _Daemon(f'[engine]\nbackend = "{backend}"\n')
         try:
-            for samples, classes, messages in ((8, 32_000, 600 if args.quick else 6_000),
-                                               (64, 128_000, 40 if args.quick else 400)):
+            for samples, classes, messages in (
+                (8, 32_000, 600 if args.quick else 6_000),
+                (64, 128_000, 40 if args.quick else 400),
+            ):
                 model = f"e2e-{samples}x{classes}"
                 frames = _e2e_frames(samples, classes, "FP32", model)
                 msgs, nbytes, counted = _xentd_rate(daemon, model, frames, messages, samples, 2)
-                result["e2e"].append({"backend": backend, "workload": f"{samples}x{classes}", "msgs_per_s": msgs,
-                                      "bytes_per_s": nbytes, "lost": messages * samples - counted})
+                result["e2e"].append(
+                    {
+                        "backend": backend,
+                        "workload": f"{samples}x{classes}",
+                        "msgs_per_s": msgs,
+                        "bytes_per_s": nbytes,
+                        "lost": messages * samples - counted,
+                    }
+                )
                 print(f"e2e {backend:4s} {samples}x{classes} FP32 logits: {msgs:.0f} msg/s, {nbytes / 1e9:.2f} GB/s")
         finally:
             daemon.close()
@@ -671,8 +805,12 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
 
 
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
-    "kernels": bench_kernels, "e2e": bench_e2e, "scale": bench_scale, "snapshot": bench_snapshot,
-    "cuda": bench_cuda}
+    "kernels": bench_kernels,
+    "e2e": bench_e2e,
+    "scale": bench_scale,
+    "snapshot": bench_snapshot,
+    "cuda": bench_cuda,
+}
 
 
 def main() -> int:
@@ -691,8 +829,11 @@ def main() -> int:
 
         faulthandler.dump_traceback_later(float(os.environ["XENTD_BENCH_WATCHDOG"]), exit=True)
     names = list(BENCHES) if args.which == "all" else [args.which]
-    result: dict[str, Any] = {"machine": machine(), "command": " ".join(sys.argv),
-                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     print(json.dumps(result["machine"]))
     for name in names:
         print(f"\n== {name} ==")

@@ -50,8 +50,10 @@ def in_process(messages: int, seed: int, chunk: int, workers: int) -> int:
     total = sum(r.messages for r in reports)
     valid = sum(r.valid for r in reports)
     slowest = max(r.slowest[0] for r in reports)
-    print(f"{total} messages ({valid} valid, {sum(rejected.values())} rejected) in {elapsed:.1f} s "
-          f"with {workers} worker(s), chunk {chunk}; slowest drain {slowest * 1e3:.2f} ms per message")
+    print(
+        f"{total} messages ({valid} valid, {sum(rejected.values())} rejected) in {elapsed:.1f} s "
+        f"with {workers} worker(s), chunk {chunk}; slowest drain {slowest * 1e3:.2f} ms per message"
+    )
     for reason, n in rejected.most_common():
         print(f"  {reason:28s} {n}")
     problems = [(s, p) for (s, _, _), r in zip(shares, reports, strict=True) for p in r.problems]

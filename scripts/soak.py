@@ -31,8 +31,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--rate", type=float, default=500.0, help="messages per second")
-    p.add_argument("--warmup", type=float, default=None,
-                   help="seconds before the steady-state RSS baseline (default: 2 x 65,536 / rate, at least 60)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds before the steady-state RSS baseline (default: 2 x 65,536 / rate, at least 60)",
+    )
     p.add_argument("--json", type=Path, default=ROOT / "bench-results" / "soak.json")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,16 +48,35 @@ def main() -> int:
     def rss_at(t: float) -> float:
         return next(b for s, b in r.rss if s >= t) / 2**20
 
-    print(f"{r.messages} messages ({r.bad_messages} malformed) over {r.seconds / 60:.1f} min at {args.rate:g}/s, "
-          f"{r.scrapes} scrapes")
-    print(f"RSS: {r.rss[0][1] / 2**20:.1f} MiB at start, {rss_at(early_at):.1f} MiB at {early_at:.0f} s, "
-          f"{rss_at(steady_at):.1f} MiB at {steady_at:.0f} s, {r.rss[-1][1] / 2**20:.1f} MiB at the end")
-    print(f"growth to the end: {early * 100:+.2f}% from {early_at:.0f} s; {growth * 100:+.2f}% from the steady "
-          f"state at {steady_at:.0f} s (target < 5%)")
+    print(
+        f"{r.messages} messages ({r.bad_messages} malformed) over {r.seconds / 60:.1f} min at {args.rate:g}/s, "
+        f"{r.scrapes} scrapes"
+    )
+    print(
+        f"RSS: {r.rss[0][1] / 2**20:.1f} MiB at start, {rss_at(early_at):.1f} MiB at {early_at:.0f} s, "
+        f"{rss_at(steady_at):.1f} MiB at {steady_at:.0f} s, {r.rss[-1][1] / 2**20:.1f} MiB at the end"
+    )
+    print(
+        f"growth to the end: {early * 100:+.2f}% from {early_at:.0f} s; {growth * 100:+.2f}% from the steady "
+        f"state at {steady_at:.0f} s (target < 5%)"
+    )
     print("loss: none" if not r.problems else "PROBLEMS:\n  " + "\n  ".join(r.problems))
     args.json.parent.mkdir(exist_ok=True)
-    args.json.write_text(json.dumps({"minutes": args.minutes, "rate": args.rate, "messages": r.messages,
-                                     "growth": growth, "growth_from_60s": early, "steady_at": steady_at, "rss": r.rss, "problems": r.problems}, indent=1))
+    args.json.write_text(
+        json.dumps(
+            {
+                "minutes": args.minutes,
+                "rate": args.rate,
+                "messages": r.messages,
+                "growth": growth,
+                "growth_from_60s": early,
+                "steady_at": steady_at,
+                "rss": r.rss,
+                "problems": r.problems,
+            },
+            indent=1,
+        )
+    )
     return 1 if r.problems or growth >= 0.05 else 0
 
 

@@ -22,16 +22,14 @@ from xentd.validate import Batch, validate
 LIMITS = {"max_message_bytes": 1 << 31, "max_header_bytes": 1 << 16}
 
 
-def make_batch(pred: Any, targets: Any, kind: str = "probs", weights: Any = None,
-               model: str = "m", **kw: Any) -> Batch:
+def make_batch(pred: Any, targets: Any, kind: str = "probs", weights: Any = None, model: str = "m", **kw: Any) -> Batch:
     """A batch through the real codec and validator, as the daemon would see it."""
     frames = wire.encode(model, pred, targets, input=kind, weights=weights, **kw)
     return validate(wire.decode([bytes(f) for f in frames], **LIMITS))
 
 
 def default_params(batch: Batch, gamma: float = 2.0) -> ScoringParams:
-    return ScoringParams(eps=batch.dtype_eps, focal_gamma=gamma,
-                         normalization_tolerance=math.sqrt(batch.dtype_eps))
+    return ScoringParams(eps=batch.dtype_eps, focal_gamma=gamma, normalization_tolerance=math.sqrt(batch.dtype_eps))
 
 
 @pytest.fixture(scope="session")

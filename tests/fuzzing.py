@@ -68,8 +68,15 @@ def valid_message(rng: np.random.Generator, model: str, *, batch_id: str | None 
             pred_arr = np.clip(pred_arr, 0, 1)  # type: ignore[call-overload]
     y = rng.integers(0, classes, n).astype(rng.choice([np.int64, np.int32, np.uint8]))
     weights = rng.random(n) + 0.1 if rng.random() < 0.3 else None
-    frames = wire.encode(model, pred_arr, y, input=kind, weights=weights, batch_id=batch_id,
-                         ts=1.7e9 + float(rng.random()) if rng.random() < 0.5 else None)
+    frames = wire.encode(
+        model,
+        pred_arr,
+        y,
+        input=kind,
+        weights=weights,
+        batch_id=batch_id,
+        ts=1.7e9 + float(rng.random()) if rng.random() < 0.5 else None,
+    )
     return Valid([bytes(f) for f in frames], model, n)
 
 
@@ -91,6 +98,7 @@ def _set_tensor(field: str, values: list[object]) -> Callable[[Frames, np.random
         assert isinstance(specs, list)
         specs[int(rng.integers(0, len(specs)))][field] = values[int(rng.integers(0, len(values)))]
         return _with_header(frames, h)
+
     return mutate
 
 
@@ -99,6 +107,7 @@ def _set_key(key: str, values: list[object]) -> Callable[[Frames, np.random.Gene
         h = _header(frames)
         h[key] = values[int(rng.integers(0, len(values)))]
         return _with_header(frames, h)
+
     return mutate
 
 
@@ -157,8 +166,7 @@ def _nan_inf(frames: Frames, rng: np.random.Generator) -> Frames:
     h = _header(frames)
     specs = h["tensors"]
     assert isinstance(specs, list)
-    idx = [i for i, s in enumerate(specs) if s["datatype"] in wire.FLOAT_DATATYPES
-           and np.prod(s["shape"]) > 0]
+    idx = [i for i, s in enumerate(specs) if s["datatype"] in wire.FLOAT_DATATYPES and np.prod(s["shape"]) > 0]
     if not idx:
         return _flip_bytes(frames, rng)
     i = idx[int(rng.integers(0, len(idx)))]
@@ -221,10 +229,31 @@ MUTATIONS: dict[str, Callable[[Frames, np.random.Generator], Frames]] = {
     "nested": _nested,
     "huge_header": _huge_header,
     "not_object": _not_object,
-    "datatype": _set_tensor("datatype", [">f4", "<f4", "float32", "FP8", "fp32", "BOOL", "BYTES", "", 7, None,
-                                         "FP64", "INT8", "UINT64", "BF16"]),
-    "shape": _set_tensor("shape", [[], [0], [-1], [1, 2, 3], [0, *_BIG[-1:]], [_BIG[0], _BIG[0]], [_BIG[2]],
-                                   [_BIG[3], 0], [2**62, 4], [1.5], ["3"], [True], None, "3", [3, 0], [0, 0]]),
+    "datatype": _set_tensor(
+        "datatype",
+        [">f4", "<f4", "float32", "FP8", "fp32", "BOOL", "BYTES", "", 7, None, "FP64", "INT8", "UINT64", "BF16"],
+    ),
+    "shape": _set_tensor(
+        "shape",
+        [
+            [],
+            [0],
+            [-1],
+            [1, 2, 3],
+            [0, *_BIG[-1:]],
+            [_BIG[0], _BIG[0]],
+            [_BIG[2]],
+            [_BIG[3], 0],
+            [2**62, 4],
+            [1.5],
+            ["3"],
+            [True],
+            None,
+            "3",
+            [3, 0],
+            [0, 0],
+        ],
+    ),
     "name": _set_tensor("name", ["predictions", "targets", "weights", "labels", "", None, 1]),
     "version": _set_key("v", [0, 2, "1", 1.0, True, None, -1, 2**70]),
     "input": _set_key("input", ["prob", "LOGITS", "", None, 3, "log_probs", "logits", "probs"]),
@@ -290,9 +319,17 @@ def _model_rows(d: Daemon, prefix: str) -> dict[str, tuple[object, ...]]:
     rows = {}
     for m in d.state.snapshot().models:
         if m.name.startswith(prefix):
-            rows[m.name] = (m.samples, m.weight, m.loss_weighted_sum, m.correct_weighted_sum, m.batches,
-                            m.hist_counts.tolist(), m.class_weight.tolist(), m.class_loss_weighted_sum.tolist(),
-                            [(w, s) for w, s in m.windows])
+            rows[m.name] = (
+                m.samples,
+                m.weight,
+                m.loss_weighted_sum,
+                m.correct_weighted_sum,
+                m.batches,
+                m.hist_counts.tolist(),
+                m.class_weight.tolist(),
+                m.class_loss_weighted_sum.tolist(),
+                [(w, s) for w, s in m.windows],
+            )
     return rows
 
 

@@ -29,8 +29,9 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
 
 
-def multiclass(pred: np.ndarray, targets: np.ndarray, kind: str, *, eps: float, gamma: float = 2.0,
-               tol: float = 1e-3) -> Ref:
+def multiclass(
+    pred: np.ndarray, targets: np.ndarray, kind: str, *, eps: float, gamma: float = 2.0, tol: float = 1e-3
+) -> Ref:
     """pred [N, C]; targets int [N] or float [N, C]."""
     x = np.asarray(pred, np.float64)
     n, c = x.shape
@@ -78,7 +79,7 @@ def binary(pred: np.ndarray, targets: np.ndarray, kind: str, *, eps: float, gamm
         positive = x > math.log(0.5)
     p, q = np.exp(lp), np.exp(lq)
     loss = -(t * lp + (1 - t) * lq)
-    focal = -(t * q ** gamma * lp + (1 - t) * p ** gamma * lq)
+    focal = -(t * q**gamma * lp + (1 - t) * p**gamma * lq)
     truth = t > 0.5
     return Ref(loss, focal, (positive == truth).astype(np.uint8), truth.astype(np.int64), 0)
 

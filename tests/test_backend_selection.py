@@ -32,8 +32,7 @@ def _batch(model: str, rows: int) -> Batch:
 
 def test_router_follows_model_then_engine_then_size() -> None:
     cpu, gpu = Fake("cpu"), Fake("cuda")
-    r = Router(cpu, gpu, default="auto", per_model={"small-but-gpu": "cuda", "pinned": "cpu"},
-               cuda_min_elements=400)
+    r = Router(cpu, gpu, default="auto", per_model={"small-but-gpu": "cuda", "pinned": "cpu"}, cuda_min_elements=400)
     params = ScoringParams(1e-7, 2.0, 1e-3)
     for model, rows in [("a", 10), ("a", 100), ("small-but-gpu", 1), ("pinned", 1000)]:
         r.score(_batch(model, rows), params)
@@ -57,8 +56,12 @@ def test_cuda_without_a_device_is_a_clear_startup_error(monkeypatch: pytest.Monk
 
 
 def test_backend_config() -> None:
-    cfg = config.from_mapping({"engine": {"backend": "auto", "cuda_min_elements": 4096},
-                               "models": {"lm": {"backend": "cuda"}, "fraud": {"eps": 1e-9}}})
+    cfg = config.from_mapping(
+        {
+            "engine": {"backend": "auto", "cuda_min_elements": 4096},
+            "models": {"lm": {"backend": "cuda"}, "fraud": {"eps": 1e-9}},
+        }
+    )
     assert cfg.engine.backend == "auto" and cfg.engine.cuda_min_elements == 4096
     assert cfg.model_backends() == {"lm": "cuda"}
     with pytest.raises(ConfigError, match="must be one of"):

@@ -23,8 +23,7 @@ def test_defaults_bind_loopback_only() -> None:
 
 
 def test_per_model_overrides_inherit_from_scoring() -> None:
-    cfg = config.from_mapping({"scoring": {"focal_gamma": 1.0},
-                               "models": {"fraud-v3": {"eps": 1e-15}}})
+    cfg = config.from_mapping({"scoring": {"focal_gamma": 1.0}, "models": {"fraud-v3": {"eps": 1e-15}}})
     assert cfg.scoring_for("fraud-v3") == config.ScoringConfig(eps=1e-15, focal_gamma=1.0)
     assert cfg.scoring_for("other") == config.ScoringConfig(focal_gamma=1.0)
 
@@ -41,28 +40,31 @@ def test_cli_overrides() -> None:
     assert (cfg.metrics.host, cfg.metrics.port) == ("::1", 9999)
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"ingest": {"adress": "tcp://x:1"}}, "ingest.adress: unknown key (did you mean 'address'?)"),
-    ({"ingets": {}}, "ingets: unknown key (did you mean 'ingest'?)"),
-    ({"ingest": {"address": "localhost:5557"}}, "ingest.address: expected a ZeroMQ endpoint"),
-    ({"ingest": {"socket": "router"}}, "ingest.socket: must be one of 'pull', 'sub'"),
-    ({"ingest": {"connect": True}}, "only a SUB socket can connect"),
-    ({"ingest": {"receive_hwm": True}}, "ingest.receive_hwm: expected int, got bool"),
-    ({"ingest": {"receive_hwm": 0}}, "must be a positive integer"),
-    ({"metrics": {"listen": "9650"}}, "metrics.listen: expected HOST:PORT"),
-    ({"metrics": {"listen": "127.0.0.1:99999"}}, "outside 0..65535"),
-    ({"windows": {"time": ["5 minutes"]}}, "windows.time[0]: '5 minutes' is not a duration"),
-    ({"windows": {"time": ["1m", "1m"]}}, "window labels repeat"),
-    ({"windows": {"count": [0]}}, "windows.count[0]: expected a positive integer"),
-    ({"scoring": {"eps": 0.7}}, "scoring.eps: must be in (0, 0.5)"),
-    ({"scoring": {"focal_gamma": -1}}, "scoring.focal_gamma: must be a finite number >= 0"),
-    ({"models": {"bad name": {}}}, "not a valid model name"),
-    ({"models": {"m": {"gamma": 1}}}, "models.m.gamma: unknown key"),
-    ({"limits": {"loss_buckets": [1, 0.5]}}, "strictly increasing"),
-    ({"engine": {"backend": "tpu"}}, "engine.backend: must be one of 'cpu'"),
-    ({"log": {"level": "verbose"}}, "log.level: must be one of"),
-    ({"ingest": "tcp://x"}, "ingest: expected a table"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"ingest": {"adress": "tcp://x:1"}}, "ingest.adress: unknown key (did you mean 'address'?)"),
+        ({"ingets": {}}, "ingets: unknown key (did you mean 'ingest'?)"),
+        ({"ingest": {"address": "localhost:5557"}}, "ingest.address: expected a ZeroMQ endpoint"),
+        ({"ingest": {"socket": "router"}}, "ingest.socket: must be one of 'pull', 'sub'"),
+        ({"ingest": {"connect": True}}, "only a SUB socket can connect"),
+        ({"ingest": {"receive_hwm": True}}, "ingest.receive_hwm: expected int, got bool"),
+        ({"ingest": {"receive_hwm": 0}}, "must be a positive integer"),
+        ({"metrics": {"listen": "9650"}}, "metrics.listen: expected HOST:PORT"),
+        ({"metrics": {"listen": "127.0.0.1:99999"}}, "outside 0..65535"),
+        ({"windows": {"time": ["5 minutes"]}}, "windows.time[0]: '5 minutes' is not a duration"),
+        ({"windows": {"time": ["1m", "1m"]}}, "window labels repeat"),
+        ({"windows": {"count": [0]}}, "windows.count[0]: expected a positive integer"),
+        ({"scoring": {"eps": 0.7}}, "scoring.eps: must be in (0, 0.5)"),
+        ({"scoring": {"focal_gamma": -1}}, "scoring.focal_gamma: must be a finite number >= 0"),
+        ({"models": {"bad name": {}}}, "not a valid model name"),
+        ({"models": {"m": {"gamma": 1}}}, "models.m.gamma: unknown key"),
+        ({"limits": {"loss_buckets": [1, 0.5]}}, "strictly increasing"),
+        ({"engine": {"backend": "tpu"}}, "engine.backend: must be one of 'cpu'"),
+        ({"log": {"level": "verbose"}}, "log.level: must be one of"),
+        ({"ingest": "tcp://x"}, "ingest: expected a table"),
+    ],
+)
 def test_errors_name_the_key(data: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         config.from_mapping(data)
@@ -89,13 +91,20 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 def test_reliability_settings() -> None:
-    cfg = config.from_mapping({
-        "ingest": {"dedup_window": 0, "curve": {"server_secret_key": "/k/server.key_secret",
-                                                 "authorized_keys": "/k/authorized"}},
-        "metrics": {"listen": "0.0.0.0:9650", "tls": {"cert_file": "/c", "key_file": "/k"},
-                    "basic_auth": {"username": "prom", "password_file": "/p"}},
-        "state": {"directory": "/var/lib/xentd", "snapshot_interval": "10s"},
-    })
+    cfg = config.from_mapping(
+        {
+            "ingest": {
+                "dedup_window": 0,
+                "curve": {"server_secret_key": "/k/server.key_secret", "authorized_keys": "/k/authorized"},
+            },
+            "metrics": {
+                "listen": "0.0.0.0:9650",
+                "tls": {"cert_file": "/c", "key_file": "/k"},
+                "basic_auth": {"username": "prom", "password_file": "/p"},
+            },
+            "state": {"directory": "/var/lib/xentd", "snapshot_interval": "10s"},
+        }
+    )
     assert cfg.ingest.dedup_window == 0 and cfg.ingest.curve is not None
     assert cfg.metrics.tls == config.TlsConfig("/c", "/k") and cfg.metrics.basic_auth is not None
     assert cfg.state == config.StateConfig("/var/lib/xentd", 10.0)
@@ -103,15 +112,20 @@ def test_reliability_settings() -> None:
     assert over.metrics.tls == cfg.metrics.tls and over.state.directory == "/tmp/s"
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"ingest": {"address": "ipc:///x", "curve": {"server_secret_key": "a", "authorized_keys": "b"}}},
-     "needs a tcp:// address"),
-    ({"ingest": {"curve": {"server_secret_key": "a"}}}, "authorized_keys: required"),
-    ({"metrics": {"tls": {"cert_file": "/c"}}}, "key_file: required"),
-    ({"metrics": {"basic_auth": {"username": "a:b", "password_file": "/p"}}}, "cannot contain ':'"),
-    ({"state": {"snapshot_interval": "0s"}}, "must be positive"),
-    ({"ingest": {"dedup_window": -1}}, "must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            {"ingest": {"address": "ipc:///x", "curve": {"server_secret_key": "a", "authorized_keys": "b"}}},
+            "needs a tcp:// address",
+        ),
+        ({"ingest": {"curve": {"server_secret_key": "a"}}}, "authorized_keys: required"),
+        ({"metrics": {"tls": {"cert_file": "/c"}}}, "key_file: required"),
+        ({"metrics": {"basic_auth": {"username": "a:b", "password_file": "/p"}}}, "cannot contain ':'"),
+        ({"state": {"snapshot_interval": "0s"}}, "must be positive"),
+        ({"ingest": {"dedup_window": -1}}, "must be >= 0"),
+    ],
+)
 def test_reliability_setting_errors(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config.from_mapping(data)

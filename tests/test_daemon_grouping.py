@@ -31,8 +31,7 @@ def _stream() -> list[list[bytes]]:
         if model == "a":
             frames = wire.encode(model, x, y, input="logits", ts=float(i))
         elif model == "b":
-            frames = wire.encode(model, softmax(x).astype(np.float16), y,
-                                 weights=rng.random(n) if i % 2 else None)
+            frames = wire.encode(model, softmax(x).astype(np.float16), y, weights=rng.random(n) if i % 2 else None)
         else:
             frames = wire.encode(model, x[:, 0], (y > 4).astype(np.uint8), input="logits")
         out.append([bytes(f) for f in frames])
@@ -49,9 +48,22 @@ def _state(d: Daemon) -> list[tuple]:
     rows = []
     for m in sorted(snap.models, key=lambda m: m.name):
         windows = [(label, dataclasses.astuple(w)) for label, w in m.windows]
-        rows.append((m.name, m.samples, m.weight, m.loss_weighted_sum, m.correct_weighted_sum, m.batches,
-                     m.unnormalized_rows, m.last_event_time, m.class_weight.tolist(),
-                     m.class_loss_weighted_sum.tolist(), m.hist_counts.tolist(), windows))
+        rows.append(
+            (
+                m.name,
+                m.samples,
+                m.weight,
+                m.loss_weighted_sum,
+                m.correct_weighted_sum,
+                m.batches,
+                m.unnormalized_rows,
+                m.last_event_time,
+                m.class_weight.tolist(),
+                m.class_loss_weighted_sum.tolist(),
+                m.hist_counts.tolist(),
+                windows,
+            )
+        )
     return [rows, sorted(snap.rejected.items()), snap.counters.messages]
 
 

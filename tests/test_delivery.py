@@ -14,11 +14,13 @@ from xentd.delivery import RecentBatches, SequenceTracker
 from xentd.errors import DecodeError, Reason
 
 
-def _msg(model: str = "m", batch_id: str | None = None, seq: int | None = None, n: int = 3,
-         producer: str = "p1") -> list[bytes]:
+def _msg(
+    model: str = "m", batch_id: str | None = None, seq: int | None = None, n: int = 3, producer: str = "p1"
+) -> list[bytes]:
     p = np.full((n, 2), 0.5)
-    frames = wire.encode(model, p, np.zeros(n, np.int64), batch_id=batch_id,
-                         producer=producer if seq is not None else None, seq=seq)
+    frames = wire.encode(
+        model, p, np.zeros(n, np.int64), batch_id=batch_id, producer=producer if seq is not None else None, seq=seq
+    )
     return [bytes(f) for f in frames]
 
 
@@ -87,24 +89,41 @@ def test_sequence_tracker_counts_gaps_not_restarts() -> None:
 def test_sequence_gaps_through_the_daemon() -> None:
     d = _daemon()
     refused = wire.encode("m", np.full((1, 2), 0.5), np.array([7]), producer="p1", seq=2)
-    d.handle_many([_msg(seq=0), _msg(seq=1), [bytes(f) for f in refused], _msg(seq=3), _msg(seq=9),
-                   _msg(seq=10, producer="p2")])
+    d.handle_many(
+        [_msg(seq=0), _msg(seq=1), [bytes(f) for f in refused], _msg(seq=3), _msg(seq=9), _msg(seq=10, producer="p2")]
+    )
     # seq 2 arrived (and was refused for its label): not a gap. 4..8 never arrived.
     assert d.state.counters.sequence_gaps == 5
     assert d.state.snapshot().counters.sequence_gaps == 5
 
 
 def test_producer_and_seq_are_checked_on_the_wire() -> None:
-    header = {"v": 1, "model": "m", "input": "probs", "tensors": [
-        {"name": "predictions", "datatype": "FP64", "shape": [1, 2]},
-        {"name": "targets", "datatype": "INT64", "shape": [1]}]}
+    header = {
+        "v": 1,
+        "model": "m",
+        "input": "probs",
+        "tensors": [
+            {"name": "predictions", "datatype": "FP64", "shape": [1, 2]},
+            {"name": "targets", "datatype": "INT64", "shape": [1]},
+        ],
+    }
     data = [np.full(2, 0.5).tobytes(), np.zeros(1, np.int64).tobytes()]
-    for extra in ({"seq": 1}, {"producer": "p"}, {"producer": "p", "seq": -1}, {"producer": "a b", "seq": 1},
-                  {"producer": "p", "seq": True}, {"producer": "p", "seq": 2**63}):
+    for extra in (
+        {"seq": 1},
+        {"producer": "p"},
+        {"producer": "p", "seq": -1},
+        {"producer": "a b", "seq": 1},
+        {"producer": "p", "seq": True},
+        {"producer": "p", "seq": 2**63},
+    ):
         with pytest.raises(DecodeError) as info:
-            wire.decode([json.dumps({**header, **extra}).encode(), *data], max_message_bytes=1 << 20,
-                        max_header_bytes=1 << 16)
+            wire.decode(
+                [json.dumps({**header, **extra}).encode(), *data], max_message_bytes=1 << 20, max_header_bytes=1 << 16
+            )
         assert info.value.reason is Reason.BAD_HEADER
-    msg = wire.decode([json.dumps({**header, "producer": "p", "seq": 4}).encode(), *data],
-                      max_message_bytes=1 << 20, max_header_bytes=1 << 16)
+    msg = wire.decode(
+        [json.dumps({**header, "producer": "p", "seq": 4}).encode(), *data],
+        max_message_bytes=1 << 20,
+        max_header_bytes=1 << 16,
+    )
     assert (msg.producer, msg.seq) == ("p", 4)

@@ -23,9 +23,18 @@ def store() -> StateStore:
     s = StateStore(WindowsConfig(), LimitsConfig(class_limit=2), clock)
     m = s.model("clf", 3)
     loss = np.array([0.5, 1.5, 50.0, 0.0])
-    m.fold(SampleScores(loss=loss, focal=loss / 2, correct=np.array([1, 0, 0, 1], np.uint8),
-                        true_class=np.array([0, 1, 2, 2]), unnormalized_rows=1),
-           np.array([1.0, 2.0, 1.0, 0.0]), clock(), 1_699_999_999.0)
+    m.fold(
+        SampleScores(
+            loss=loss,
+            focal=loss / 2,
+            correct=np.array([1, 0, 0, 1], np.uint8),
+            true_class=np.array([0, 1, 2, 2]),
+            unnormalized_rows=1,
+        ),
+        np.array([1.0, 2.0, 1.0, 0.0]),
+        clock(),
+        1_699_999_999.0,
+    )
     s.reject(Reason.NON_FINITE)
     s.counters.messages = 2
     return s
@@ -79,8 +88,14 @@ def test_empty_windows_export_no_ratio(store: StateStore) -> None:
 def test_exposition_parses_and_has_no_nan(store: StateStore) -> None:
     text = generate_latest(build_registry(store.snapshot, version="x", backend="cpu")).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    for name in ("xentd_cross_entropy_nats", "xentd_window_cross_entropy_nats", "xentd_sample_loss_nats",
-                 "xentd_class_cross_entropy_nats", "xentd_rejected_batches", "xentd_build_info"):
+    for name in (
+        "xentd_cross_entropy_nats",
+        "xentd_window_cross_entropy_nats",
+        "xentd_sample_loss_nats",
+        "xentd_class_cross_entropy_nats",
+        "xentd_rejected_batches",
+        "xentd_build_info",
+    ):
         assert name in families, name
     assert families["xentd_sample_loss_nats"].type == "histogram"
     assert families["xentd_cross_entropy_nats"].type == "summary"
@@ -108,8 +123,18 @@ def test_direct_text_equals_the_collector(store: StateStore) -> None:
     for name in ("other-model", "weird:name.v2", "third"):  # several models, one with no traffic in windows
         m = store.model(name, 2)
         loss = np.array([0.1, 3.0])
-        m.fold(SampleScores(loss=loss, focal=loss, correct=np.array([1, 0], np.uint8),
-                            true_class=np.array([0, 1]), unnormalized_rows=0), None, store.clock(), None)
+        m.fold(
+            SampleScores(
+                loss=loss,
+                focal=loss,
+                correct=np.array([1, 0], np.uint8),
+                true_class=np.array([0, 1]),
+                unnormalized_rows=0,
+            ),
+            None,
+            store.clock(),
+            None,
+        )
     store.clock.t += 90  # type: ignore[attr-defined]
     registry = CollectorRegistry()
     registry.register(XentdCollector(store.snapshot, version="1.2.3", backend="cpu"))
@@ -134,12 +159,14 @@ def test_http_serves_text_gzip_and_openmetrics(store: StateStore) -> None:
         def start_response(status: str, headers: list[tuple[str, str]]) -> None:
             seen["status"], seen["headers"] = status, dict(headers)
 
-        body = b"".join(app({"PATH_INFO": "/metrics", "REQUEST_METHOD": "GET", "QUERY_STRING": "",
-                             **environ}, start_response))
+        body = b"".join(
+            app({"PATH_INFO": "/metrics", "REQUEST_METHOD": "GET", "QUERY_STRING": "", **environ}, start_response)
+        )
         return str(seen["status"]), seen["headers"], body  # type: ignore[return-value]
 
-    status, headers, body = get(HTTP_ACCEPT="application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
-                                HTTP_ACCEPT_ENCODING="gzip")
+    status, headers, body = get(
+        HTTP_ACCEPT="application/openmetrics-text;version=1.0.0,text/plain;q=0.5", HTTP_ACCEPT_ENCODING="gzip"
+    )
     assert status == "200 OK" and headers["Content-Encoding"] == "gzip"
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert _samples(gzip.decompress(body).decode())[("xentd_samples_total", frozenset({("model", "clf")}))] == 4

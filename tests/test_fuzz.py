@@ -38,20 +38,37 @@ def test_arbitrary_frames_are_refused_cleanly(frames: list[bytes]) -> None:
         pass
 
 
-_json_scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
-                          st.floats(allow_nan=True), st.text(max_size=20))
-_json = st.recursive(_json_scalars, lambda inner: st.lists(inner, max_size=4)
-                     | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
-_dims = st.one_of(st.integers(min_value=0, max_value=6), st.sampled_from([2**31, 2**40, 2**41, 2**64, 10**30]),
-                  st.integers(min_value=-3, max_value=-1))
-_spec = st.fixed_dictionaries({
-    "name": st.sampled_from([*wire.TENSOR_NAMES, "labels"]),
-    "datatype": st.sampled_from([*wire.DATATYPES, ">f4", "FP8", "UINT64"]),
-    "shape": st.one_of(st.lists(_dims, max_size=3), _json),
-})
+_json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
+)
+_json = st.recursive(
+    _json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_dims = st.one_of(
+    st.integers(min_value=0, max_value=6),
+    st.sampled_from([2**31, 2**40, 2**41, 2**64, 10**30]),
+    st.integers(min_value=-3, max_value=-1),
+)
+_spec = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from([*wire.TENSOR_NAMES, "labels"]),
+        "datatype": st.sampled_from([*wire.DATATYPES, ">f4", "FP8", "UINT64"]),
+        "shape": st.one_of(st.lists(_dims, max_size=3), _json),
+    }
+)
 _header = st.fixed_dictionaries(
-    {"v": st.one_of(st.just(1), _json_scalars), "model": st.one_of(st.just("m"), st.text(max_size=10)),
-     "input": st.sampled_from(["probs", "logits", "log_probs", "x"]), "tensors": st.lists(_spec, max_size=4)},
+    {
+        "v": st.one_of(st.just(1), _json_scalars),
+        "model": st.one_of(st.just("m"), st.text(max_size=10)),
+        "input": st.sampled_from(["probs", "logits", "log_probs", "x"]),
+        "tensors": st.lists(_spec, max_size=4),
+    },
     optional={"batch_id": _json, "ts": _json_scalars, "extra": _json},
 )
 
@@ -112,19 +129,27 @@ CASES: dict[str, tuple[Reason, list[bytes]]] = {
     "big-endian datatype": (Reason.UNKNOWN_DATATYPE, _with(_valid(), pred_datatype=">f4")),
     "unknown datatype": (Reason.UNKNOWN_DATATYPE, _with(_valid(), pred_datatype="FP8")),
     "shape overflows int64": (Reason.SIZE_MISMATCH, _with(_valid(), pred_shape=[2**32 + 1, 2**32 + 1])),
-    "huge dimension beside a zero": (Reason.BAD_SHAPE, [*_with(_valid(), pred_shape=[0, 10**30])[:1], b"",
-                                                        _valid()[2]]),
+    "huge dimension beside a zero": (
+        Reason.BAD_SHAPE,
+        [*_with(_valid(), pred_shape=[0, 10**30])[:1], b"", _valid()[2]],
+    ),
     "shape disagrees with frame": (Reason.SIZE_MISMATCH, _with(_valid(), pred_shape=[4, 4])),
     "negative dimension": (Reason.BAD_SHAPE, _with(_valid(), pred_shape=[-4, 3])),
     "rank 3": (Reason.BAD_SHAPE, _with(_valid(), pred_shape=[1, 4, 3])),
     "oversize in total": (Reason.MESSAGE_TOO_LARGE, [*_valid(), b"\0" * (1 << 20)]),
     "NaN": (Reason.NON_FINITE, [*_valid()[:1], np.array([np.nan] * 12, np.float32).tobytes(), _valid()[2]]),
-    "Inf weight": (Reason.NON_FINITE, [bytes(f) for f in wire.encode("m", np.full((2, 2), 0.5), [0, 1],
-                                                                      weights=[1.0, np.inf])]),
-    "label out of range": (Reason.TARGET_OUT_OF_RANGE, [bytes(f) for f in wire.encode(
-        "m", np.full((2, 2), 0.5), np.array([0, 2]))]),
-    "negative label": (Reason.TARGET_OUT_OF_RANGE, [bytes(f) for f in wire.encode(
-        "m", np.full((2, 2), 0.5), np.array([0, -1]))]),
+    "Inf weight": (
+        Reason.NON_FINITE,
+        [bytes(f) for f in wire.encode("m", np.full((2, 2), 0.5), [0, 1], weights=[1.0, np.inf])],
+    ),
+    "label out of range": (
+        Reason.TARGET_OUT_OF_RANGE,
+        [bytes(f) for f in wire.encode("m", np.full((2, 2), 0.5), np.array([0, 2]))],
+    ),
+    "negative label": (
+        Reason.TARGET_OUT_OF_RANGE,
+        [bytes(f) for f in wire.encode("m", np.full((2, 2), 0.5), np.array([0, -1]))],
+    ),
     "version 2": (Reason.UNSUPPORTED_VERSION, _with(_valid(), v=2)),
     "bad model name": (Reason.BAD_MODEL_NAME, _with(_valid(), model="a/b")),
 }
@@ -176,8 +201,7 @@ def test_float64_overflow_is_refused_and_spares_the_rest_of_its_group() -> None:
     d._init_backend()
     ok = [bytes(f) for f in wire.encode("m", np.array([[0.0, 1.0]]), [1], input="logits")]
     huge_logits = [bytes(f) for f in wire.encode("m", np.array([[1e308, -1e308]]), [1], input="logits")]
-    huge_weight = [bytes(f) for f in wire.encode("m", np.array([[0.0, 1.0]]), [1], input="logits",
-                                                 weights=[1e308])]
+    huge_weight = [bytes(f) for f in wire.encode("m", np.array([[0.0, 1.0]]), [1], input="logits", weights=[1e308])]
     d.handle_many([ok, huge_logits, ok, huge_weight, huge_weight, ok])
     (m,) = d.state.snapshot().models
     assert m.batches == 4 and m.samples == 4  # ok x3 and the first huge weight; the second would sum to Inf

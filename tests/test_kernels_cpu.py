@@ -44,8 +44,7 @@ def _reference(batch, kind: str, gamma: float = 2.0) -> naive.Ref:  # type: igno
     eps = batch.dtype_eps
     if batch.binary:
         return naive.binary(batch.predictions, batch.targets, kind, eps=eps, gamma=gamma)
-    return naive.multiclass(batch.predictions, batch.targets, kind, eps=eps, gamma=gamma,
-                            tol=math.sqrt(eps))
+    return naive.multiclass(batch.predictions, batch.targets, kind, eps=eps, gamma=gamma, tol=math.sqrt(eps))
 
 
 # FP64 predictions are scored in float64 and agree with the reference to rounding.
@@ -57,8 +56,9 @@ FAST_F32 = {"rtol": 5e-6, "atol": 1e-12}
 
 
 def _tolerance(batch) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    fast = (batch.predictions.dtype == np.float32 and not batch.binary and batch.targets.ndim == 1
-            and int(batch.kind) == 1)
+    fast = (
+        batch.predictions.dtype == np.float32 and not batch.binary and batch.targets.ndim == 1 and int(batch.kind) == 1
+    )
     return FAST_F32 if fast else EXACT
 
 
@@ -87,8 +87,9 @@ def reference_case(datatype: str, kind: str, classes: int | None, n: int, target
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("classes,n", [(None, 400), (2, 300), (3, 300), (10, 200), (257, 40), (50_000, 4)])
 @pytest.mark.parametrize("targets", ["index", "soft"])
-def test_matches_float64_reference(any_backend: CpuBackend, datatype: str, kind: str,
-                                   classes: int | None, n: int, targets: str) -> None:
+def test_matches_float64_reference(
+    any_backend: CpuBackend, datatype: str, kind: str, classes: int | None, n: int, targets: str
+) -> None:
     batch = reference_case(datatype, kind, classes, n, targets)
     scores = any_backend.score(batch, default_params(batch))
     _assert_scores(scores, _reference(batch, kind), _tolerance(batch))
@@ -114,8 +115,12 @@ def test_float32_logits_keep_relative_accuracy_for_tiny_losses(backend: CpuBacke
     x[3, 1] = 5.0  # a tie for the maximum; class 0 is still the first maximum, so top-1 correct
     batch = make_batch(x, np.zeros(4, np.int64), "logits")
     scores = backend.score(batch, default_params(batch))
-    expected = [np.log1p(999 * np.exp(-40.0)), np.log1p(999 * np.exp(-20.0)), np.log1p(999 * np.exp(-10.0)),
-                np.log(2.0 + 998 * np.exp(-5.0))]
+    expected = [
+        np.log1p(999 * np.exp(-40.0)),
+        np.log1p(999 * np.exp(-20.0)),
+        np.log1p(999 * np.exp(-10.0)),
+        np.log(2.0 + 998 * np.exp(-5.0)),
+    ]
     np.testing.assert_allclose(scores.loss, expected, rtol=5e-6)
     np.testing.assert_array_equal(scores.correct, [1, 1, 1, 1])
 
@@ -148,8 +153,9 @@ def test_weighted_mean_equals_sklearn_fp64(backend: CpuBackend, classes: int | N
 
 @pytest.mark.parametrize("classes", [None, 10])
 @pytest.mark.parametrize("datatype,rel", [("FP32", 1e-5), ("FP16", 3e-2)])
-def test_matches_sklearn_in_lower_precision(backend: CpuBackend, classes: int | None, datatype: str,
-                                            rel: float) -> None:
+def test_matches_sklearn_in_lower_precision(
+    backend: CpuBackend, classes: int | None, datatype: str, rel: float
+) -> None:
     """sklearn computes in the input dtype; we widen and accumulate in float64.
 
     So against sklearn on the narrow dtype we agree to that dtype's precision, and
@@ -288,8 +294,7 @@ def test_float32_logits_match_torch_float32(backend: CpuBackend) -> None:
     ours = backend.score(batch, default_params(batch)).loss
     ref32 = torch.nn.functional.cross_entropy(torch.from_numpy(x), torch.from_numpy(y), reduction="none")
     np.testing.assert_allclose(ours, ref32.numpy(), rtol=2e-6)
-    ref64 = torch.nn.functional.cross_entropy(torch.from_numpy(x).double(), torch.from_numpy(y),
-                                              reduction="none")
+    ref64 = torch.nn.functional.cross_entropy(torch.from_numpy(x).double(), torch.from_numpy(y), reduction="none")
     # Closer to the float64 truth than torch's own float32 result is.
     np.testing.assert_allclose(ours, ref64.numpy(), **FAST_F32)
     assert np.abs(ours - ref64.numpy()).max() <= np.abs(ref32.numpy() - ref64.numpy()).max()
@@ -303,5 +308,6 @@ def test_binary_logits_equal_torch_bce_with_logits(backend: CpuBackend) -> None:
     t = np.concatenate([rng.random(1000), [0.0, 1.0, 0.5, 0.0, 1.0]])
     batch = make_batch(x, t, "logits")
     ref = torch.nn.functional.binary_cross_entropy_with_logits(
-        torch.from_numpy(x), torch.from_numpy(t), reduction="none").numpy()
+        torch.from_numpy(x), torch.from_numpy(t), reduction="none"
+    ).numpy()
     np.testing.assert_allclose(backend.score(batch, default_params(batch)).loss, ref, rtol=1e-13, atol=1e-15)

@@ -41,8 +41,9 @@ def gpu() -> CudaBackend:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("classes,n", [(None, 300), (3, 4), (40, 4)])
 @pytest.mark.parametrize("targets", ["index", "soft"])
-def test_matches_float64_reference(gpu: CudaBackend, datatype: str, kind: str, classes: int | None, n: int,
-                                   targets: str) -> None:
+def test_matches_float64_reference(
+    gpu: CudaBackend, datatype: str, kind: str, classes: int | None, n: int, targets: str
+) -> None:
     batch = reference_case(datatype, kind, classes, n, targets)
     scores = gpu.score(batch, default_params(batch))
     # Every sum is float64 on the GPU, FP32 logits included: exact to rounding.
@@ -86,8 +87,9 @@ def test_ties_pick_the_first_maximum_like_the_cpu(gpu: CudaBackend) -> None:
 
 @pytest.mark.parametrize("datatype", ["FP32", "FP64"])
 def test_extreme_logits(gpu: CudaBackend, datatype: str) -> None:
-    x = np.array([[1e4, -1e4, 0.0], [1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]],
-                 dtype=np.float32 if datatype == "FP32" else np.float64)
+    x = np.array(
+        [[1e4, -1e4, 0.0], [1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], dtype=np.float32 if datatype == "FP32" else np.float64
+    )
     batch = make_batch(x, np.array([0, 1, 2]), "logits")
     np.testing.assert_allclose(gpu.score(batch, default_params(batch)).loss, [0.0, 2e4, math.log(3)], rtol=1e-12)
     xb = np.array([1e4, -1e4, 1e4, -1e4])
@@ -99,12 +101,14 @@ def test_clipping_and_subnormals(gpu: CudaBackend) -> None:
     eps32 = float(np.finfo(np.float32).eps)
     p = np.array([[1e-45, 1.0 - 1e-45], [1e-30, 1.0], [0.25, 0.75], [0.0, 1.0]], dtype=np.float32)
     batch = make_batch(p, np.array([0, 0, 0, 0]), "probs")
-    np.testing.assert_allclose(gpu.score(batch, default_params(batch)).loss,
-                               [-math.log(eps32)] * 2 + [math.log(4), -math.log(eps32)], rtol=1e-7)
+    np.testing.assert_allclose(
+        gpu.score(batch, default_params(batch)).loss,
+        [-math.log(eps32)] * 2 + [math.log(4), -math.log(eps32)],
+        rtol=1e-7,
+    )
     b = make_batch(np.array([0.0, 1.0, 0.5]), np.array([1, 0, 1]), "probs")
     eps = float(np.finfo(np.float64).eps)
-    np.testing.assert_allclose(gpu.score(b, default_params(b)).loss, [-math.log(eps)] * 2 + [math.log(2)],
-                               rtol=1e-12)
+    np.testing.assert_allclose(gpu.score(b, default_params(b)).loss, [-math.log(eps)] * 2 + [math.log(2)], rtol=1e-12)
 
 
 def test_empty_batch_and_warmup(gpu: CudaBackend) -> None:

@@ -77,11 +77,14 @@ def test_ttl_never() -> None:
     assert len(d.state.models) == 1
 
 
-@pytest.mark.parametrize("limits, message", [
-    ({"model_pattern": "fraud-(["}, "not a regular expression"),
-    ({"allowed_models": ["a b"]}, "not a valid model name"),
-    ({"model_ttl": "soon"}, "not a duration"),
-])
+@pytest.mark.parametrize(
+    "limits, message",
+    [
+        ({"model_pattern": "fraud-(["}, "not a regular expression"),
+        ({"allowed_models": ["a b"]}, "not a valid model name"),
+        ({"model_ttl": "soon"}, "not a duration"),
+    ],
+)
 def test_limit_config_errors(limits: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config.from_mapping({"limits": limits})

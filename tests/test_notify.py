@@ -61,8 +61,9 @@ def test_notifier_is_a_no_op_outside_systemd() -> None:
     assert other_pid.watchdog_interval is None  # the watchdog is meant for another process
 
 
-def test_watchdog_pings_stop_while_the_loop_is_wedged(notify_socket: tuple[str, socket.socket],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_watchdog_pings_stop_while_the_loop_is_wedged(
+    notify_socket: tuple[str, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The ping comes from the scoring loop, so a loop stuck in a 2 s batch sends none."""
     path, sock = notify_socket
     monkeypatch.setenv("NOTIFY_SOCKET", path)

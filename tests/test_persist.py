@@ -27,8 +27,11 @@ class Clock:
 
 
 def _daemon(clock: Clock, directory: Path | None = None, **changes: object) -> Daemon:
-    cfg = Config(windows=WindowsConfig(count=(50, 500)), ingest=IngestConfig(dedup_window=100),
-                 state=StateConfig(directory=str(directory) if directory else None))
+    cfg = Config(
+        windows=WindowsConfig(count=(50, 500)),
+        ingest=IngestConfig(dedup_window=100),
+        state=StateConfig(directory=str(directory) if directory else None),
+    )
     cfg = dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
     d = Daemon(cfg, clock=clock)
     d._init_backend()
@@ -42,8 +45,14 @@ def _traffic(seed: int, count: int) -> list[list[bytes]]:
     for i in range(count):
         n = int(rng.integers(1, 60))
         x = rng.normal(0, 2, (n, 120))  # past class_limit=100: the "other" slot is exercised
-        frames = wire.encode(["a", "b"][i % 2], softmax(x), rng.integers(0, 120, n), weights=rng.random(n),
-                             batch_id=f"{seed}-{i}", ts=1.7e9 + i)
+        frames = wire.encode(
+            ["a", "b"][i % 2],
+            softmax(x),
+            rng.integers(0, 120, n),
+            weights=rng.random(n),
+            batch_id=f"{seed}-{i}",
+            ts=1.7e9 + i,
+        )
         out.append([bytes(f) for f in frames])
     out.append([b"junk"])
     return out
@@ -51,12 +60,31 @@ def _traffic(seed: int, count: int) -> list[list[bytes]]:
 
 def _state(d: Daemon) -> list[object]:
     snap = d.state.snapshot()
-    rows: list[object] = [snap.rejected, dataclasses.replace(snap.counters, restored_models=0, snapshots_written=0,
-                                                             last_snapshot_time=None, last_snapshot_seconds=None,
-                                                             last_snapshot_bytes=None)]
+    rows: list[object] = [
+        snap.rejected,
+        dataclasses.replace(
+            snap.counters,
+            restored_models=0,
+            snapshots_written=0,
+            last_snapshot_time=None,
+            last_snapshot_seconds=None,
+            last_snapshot_bytes=None,
+        ),
+    ]
     for m in sorted(snap.models, key=lambda m: m.name):
-        rows.append((m.name, m.samples, m.weight, m.loss_weighted_sum, m.batches, m.hist_counts.tolist(),
-                     m.class_loss_weighted_sum.tolist(), m.last_event_time, m.windows))
+        rows.append(
+            (
+                m.name,
+                m.samples,
+                m.weight,
+                m.loss_weighted_sum,
+                m.batches,
+                m.hist_counts.tolist(),
+                m.class_loss_weighted_sum.tolist(),
+                m.last_event_time,
+                m.windows,
+            )
+        )
     return rows
 
 

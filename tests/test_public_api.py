@@ -13,8 +13,26 @@ from xentd.errors import Reason, RejectedBatch, XentdError
 
 def test_all_is_complete_and_importable() -> None:
     public = {n for n in dir(xentd) if not n.startswith("_")} - {
-        "client", "config", "errors", "wire", "kernels", "validate", "state", "accumulate", "exporter", "scan",
-        "daemon", "cli", "jit", "persist", "notify", "ingest", "delivery", "top", "replay"}
+        "client",
+        "config",
+        "errors",
+        "wire",
+        "kernels",
+        "validate",
+        "state",
+        "accumulate",
+        "exporter",
+        "scan",
+        "daemon",
+        "cli",
+        "jit",
+        "persist",
+        "notify",
+        "ingest",
+        "delivery",
+        "top",
+        "replay",
+    }
     assert public <= set(xentd.__all__)
     for name in xentd.__all__:
         assert getattr(xentd, name) is not None

@@ -33,18 +33,27 @@ class FakeClock:
 
 
 def _store(classes_limit: int, clock: FakeClock, max_models: int = 10) -> StateStore:
-    return StateStore(WINDOWS, LimitsConfig(max_models=max_models, class_limit=classes_limit,
-                                            loss_buckets=BOUNDS), clock)
+    return StateStore(
+        WINDOWS, LimitsConfig(max_models=max_models, class_limit=classes_limit, loss_buckets=BOUNDS), clock
+    )
 
 
-def _expected(sel: np.ndarray, loss: np.ndarray, focal: np.ndarray, correct: np.ndarray, slot: np.ndarray,
-              w: np.ndarray, decay: np.ndarray | None = None) -> WindowStats:
+def _expected(
+    sel: np.ndarray,
+    loss: np.ndarray,
+    focal: np.ndarray,
+    correct: np.ndarray,
+    slot: np.ndarray,
+    w: np.ndarray,
+    decay: np.ndarray | None = None,
+) -> WindowStats:
     d = np.ones_like(loss) if decay is None else decay
     ww = (w * d)[sel]
     sw = ww.sum()
     nan = math.nan
     return WindowStats(
-        samples=float(d[sel].sum()), weight=float(sw),
+        samples=float(d[sel].sum()),
+        weight=float(sw),
         cross_entropy=float((ww * loss[sel]).sum() / sw) if sw > 0 else nan,
         accuracy=float((ww * correct[sel]).sum() / sw) if sw > 0 else nan,
         focal_loss=float((ww * focal[sel]).sum() / sw) if sw > 0 else nan,
@@ -63,15 +72,22 @@ def _close(got: WindowStats, want: WindowStats, label: str) -> None:
 
 batches = st.lists(
     st.tuples(st.floats(0.0, 12.0), st.integers(0, 40), st.booleans()),
-    min_size=1, max_size=30,
+    min_size=1,
+    max_size=30,
 )
 
 
 @settings(max_examples=60, deadline=None)
-@given(stream=batches, seed=st.integers(0, 2**32 - 1), classes=st.sampled_from([2, 3, 6]),
-       class_limit=st.sampled_from([2, 4, 100]), query_delay=st.floats(0.0, 40.0))
-def test_windows_match_brute_force(stream: list[tuple[float, int, bool]], seed: int, classes: int,
-                                   class_limit: int, query_delay: float) -> None:
+@given(
+    stream=batches,
+    seed=st.integers(0, 2**32 - 1),
+    classes=st.sampled_from([2, 3, 6]),
+    class_limit=st.sampled_from([2, 4, 100]),
+    query_delay=st.floats(0.0, 40.0),
+)
+def test_windows_match_brute_force(
+    stream: list[tuple[float, int, bool]], seed: int, classes: int, class_limit: int, query_delay: float
+) -> None:
     rng = np.random.default_rng(seed)
     clock = FakeClock(1_000_000.0 + rng.random() * 100)
     store = _store(class_limit, clock)
@@ -80,17 +96,25 @@ def test_windows_match_brute_force(stream: list[tuple[float, int, bool]], seed: 
     for dt, n, weighted in stream:
         clock.t += dt
         loss = rng.exponential(1.0, n) * (rng.random(n) < 0.9)
-        scores = SampleScores(loss=loss, focal=loss * rng.random(n),
-                              correct=(rng.random(n) < 0.6).astype(np.uint8),
-                              true_class=rng.integers(0, classes, n), unnormalized_rows=0)
+        scores = SampleScores(
+            loss=loss,
+            focal=loss * rng.random(n),
+            correct=(rng.random(n) < 0.6).astype(np.uint8),
+            true_class=rng.integers(0, classes, n),
+            unnormalized_rows=0,
+        )
         weights = rng.random(n) * 2 * (rng.random(n) < 0.9) if weighted else None
         model.fold(scores, weights, clock.t, None)
-        for k, v in (("loss", scores.loss), ("focal", scores.focal), ("correct", scores.correct),
-                     ("cls", scores.true_class), ("w", np.ones(n) if weights is None else weights),
-                     ("t", np.full(n, clock.t))):
+        for k, v in (
+            ("loss", scores.loss),
+            ("focal", scores.focal),
+            ("correct", scores.correct),
+            ("cls", scores.true_class),
+            ("w", np.ones(n) if weights is None else weights),
+            ("t", np.full(n, clock.t)),
+        ):
             cols[k].append(np.asarray(v, np.float64))
-    loss, focal, correct, cls, w, t = (np.concatenate(cols[k]) for k in ("loss", "focal", "correct", "cls",
-                                                                         "w", "t"))
+    loss, focal, correct, cls, w, t = (np.concatenate(cols[k]) for k in ("loss", "focal", "correct", "cls", "w", "t"))
     slot = np.minimum(cls, class_limit) if classes > class_limit else cls
     last_batch = clock.t
     clock.t += query_delay
@@ -104,7 +128,7 @@ def test_windows_match_brute_force(stream: list[tuple[float, int, bool]], seed: 
         _close(got[tw.label], _expected(sel, loss, focal, correct, slot, w), tw.label)
     for k in WINDOWS.count:
         sel = np.zeros(len(loss), bool)
-        sel[max(0, len(loss) - k):] = True
+        sel[max(0, len(loss) - k) :] = True
         _close(got[f"last_{k}"], _expected(sel, loss, focal, correct, slot, w), f"last_{k}")
     # EWMA: ratios use weights decayed to the last batch; samples decay to the query time.
     decay = 2.0 ** (-(last_batch - t) / WINDOWS.ewma_half_life_seconds)
@@ -112,16 +136,20 @@ def test_windows_match_brute_force(stream: list[tuple[float, int, bool]], seed: 
     want_samples = float((2.0 ** (-(now - t) / WINDOWS.ewma_half_life_seconds)).sum())
     got_ewma = got["ewma"]
     assert got_ewma.samples == pytest.approx(want_samples, rel=1e-9, abs=1e-12)
-    _close(WindowStats(want_samples, *[getattr(got_ewma, f) for f in WindowStats.__slots__[1:]]),
-           WindowStats(want_samples, *[getattr(want, f) for f in WindowStats.__slots__[1:]]), "ewma")
+    _close(
+        WindowStats(want_samples, *[getattr(got_ewma, f) for f in WindowStats.__slots__[1:]]),
+        WindowStats(want_samples, *[getattr(want, f) for f in WindowStats.__slots__[1:]]),
+        "ewma",
+    )
 
     snap = store.snapshot().models[0]
     assert snap.samples == len(loss)
     assert snap.weight == pytest.approx(w.sum(), rel=1e-12)
     assert snap.loss_weighted_sum == pytest.approx((w * loss).sum(), rel=1e-12, abs=1e-12)
     assert snap.batches == len(stream)
-    np.testing.assert_array_equal(snap.hist_counts,
-                                  np.bincount(np.searchsorted(BOUNDS, loss), minlength=len(BOUNDS) + 1))
+    np.testing.assert_array_equal(
+        snap.hist_counts, np.bincount(np.searchsorted(BOUNDS, loss), minlength=len(BOUNDS) + 1)
+    )
     assert snap.loss_sum == pytest.approx(loss.sum(), rel=1e-12, abs=1e-12)
     for s, label in enumerate(snap.class_labels):
         sel = slot == s

@@ -35,7 +35,7 @@ def test_batch_arrays_are_readonly_contiguous_and_widened() -> None:
 def test_bf16_predictions_are_widened_exactly() -> None:
     x = np.array([[0.5, -1.25], [3.0, 0.0]], np.float32)
     b = make_batch(BF16.from_float32(x), Y, "logits")
-    assert b.prediction_datatype == "BF16" and b.dtype_eps == 2.0 ** -7
+    assert b.prediction_datatype == "BF16" and b.dtype_eps == 2.0**-7
     np.testing.assert_array_equal(b.predictions, x)
 
 
@@ -51,29 +51,32 @@ def test_one_hot_integer_targets_are_accepted_as_soft() -> None:
     assert b.target_kind is TargetKind.SOFT and b.targets.shape == (2, 2)
 
 
-@pytest.mark.parametrize("args,kw,reason", [
-    ((P.astype(np.int32), Y), {}, Reason.BAD_DATATYPE),
-    ((np.ones((2, 1)), Y), {}, Reason.SHAPE_MISMATCH),
-    ((P, np.array([0, 1, 1])), {}, Reason.SHAPE_MISMATCH),
-    ((P, np.ones((2, 3))), {}, Reason.SHAPE_MISMATCH),
-    ((P, np.array([0.5, 0.5])), {}, Reason.SHAPE_MISMATCH),
-    ((np.array([0.5, 0.5]), np.ones((2, 2))), {}, Reason.SHAPE_MISMATCH),
-    ((P, Y), {"weights": np.ones(3)}, Reason.SHAPE_MISMATCH),
-    ((np.array([[np.nan, 0.5], [0.5, 0.5]]), Y), {}, Reason.NON_FINITE),
-    ((np.array([[np.inf, 0.5], [0.5, 0.5]]), Y, "logits"), {}, Reason.NON_FINITE),
-    ((np.array([-np.inf, 0.5]), Y, "log_probs"), {}, Reason.NON_FINITE),
-    ((P, np.array([[0.5, np.nan], [1, 0]])), {}, Reason.NON_FINITE),
-    ((P, Y), {"weights": np.array([1.0, np.nan])}, Reason.NON_FINITE),
-    ((np.array([[1.5, -0.5], [0.5, 0.5]]), Y), {}, Reason.PROBABILITY_OUT_OF_RANGE),
-    ((np.array([1.0000001, 0.5]), Y), {}, Reason.PROBABILITY_OUT_OF_RANGE),
-    ((np.array([[0.1, -2.0], [-0.1, -3.0]]), Y, "log_probs"), {}, Reason.PROBABILITY_OUT_OF_RANGE),
-    ((P, np.array([0, 2])), {}, Reason.TARGET_OUT_OF_RANGE),
-    ((P, np.array([-1, 0])), {}, Reason.TARGET_OUT_OF_RANGE),
-    ((np.array([0.2, 0.8]), np.array([0, 2])), {}, Reason.TARGET_OUT_OF_RANGE),
-    ((np.array([0.2, 0.8]), np.array([0.0, 1.5])), {}, Reason.TARGET_OUT_OF_RANGE),
-    ((P, np.array([[1.2, -0.2], [0, 1]])), {}, Reason.TARGET_OUT_OF_RANGE),
-    ((P, Y), {"weights": np.array([1.0, -0.5])}, Reason.NEGATIVE_WEIGHT),
-])
+@pytest.mark.parametrize(
+    "args,kw,reason",
+    [
+        ((P.astype(np.int32), Y), {}, Reason.BAD_DATATYPE),
+        ((np.ones((2, 1)), Y), {}, Reason.SHAPE_MISMATCH),
+        ((P, np.array([0, 1, 1])), {}, Reason.SHAPE_MISMATCH),
+        ((P, np.ones((2, 3))), {}, Reason.SHAPE_MISMATCH),
+        ((P, np.array([0.5, 0.5])), {}, Reason.SHAPE_MISMATCH),
+        ((np.array([0.5, 0.5]), np.ones((2, 2))), {}, Reason.SHAPE_MISMATCH),
+        ((P, Y), {"weights": np.ones(3)}, Reason.SHAPE_MISMATCH),
+        ((np.array([[np.nan, 0.5], [0.5, 0.5]]), Y), {}, Reason.NON_FINITE),
+        ((np.array([[np.inf, 0.5], [0.5, 0.5]]), Y, "logits"), {}, Reason.NON_FINITE),
+        ((np.array([-np.inf, 0.5]), Y, "log_probs"), {}, Reason.NON_FINITE),
+        ((P, np.array([[0.5, np.nan], [1, 0]])), {}, Reason.NON_FINITE),
+        ((P, Y), {"weights": np.array([1.0, np.nan])}, Reason.NON_FINITE),
+        ((np.array([[1.5, -0.5], [0.5, 0.5]]), Y), {}, Reason.PROBABILITY_OUT_OF_RANGE),
+        ((np.array([1.0000001, 0.5]), Y), {}, Reason.PROBABILITY_OUT_OF_RANGE),
+        ((np.array([[0.1, -2.0], [-0.1, -3.0]]), Y, "log_probs"), {}, Reason.PROBABILITY_OUT_OF_RANGE),
+        ((P, np.array([0, 2])), {}, Reason.TARGET_OUT_OF_RANGE),
+        ((P, np.array([-1, 0])), {}, Reason.TARGET_OUT_OF_RANGE),
+        ((np.array([0.2, 0.8]), np.array([0, 2])), {}, Reason.TARGET_OUT_OF_RANGE),
+        ((np.array([0.2, 0.8]), np.array([0.0, 1.5])), {}, Reason.TARGET_OUT_OF_RANGE),
+        ((P, np.array([[1.2, -0.2], [0, 1]])), {}, Reason.TARGET_OUT_OF_RANGE),
+        ((P, Y), {"weights": np.array([1.0, -0.5])}, Reason.NEGATIVE_WEIGHT),
+    ],
+)
 def test_rejections(args: tuple, kw: dict, reason: Reason) -> None:
     _rejects(reason, *args, **kw)
 
@@ -85,16 +88,19 @@ def test_input_kind_and_missing_tensors_from_raw_headers() -> None:
     from xentd.validate import validate
 
     good = [b"\x00" * 8]
-    header = {"v": 1, "model": "m", "input": "softmax",
-              "tensors": [{"name": "predictions", "datatype": "FP32", "shape": [2]}]}
+    header = {
+        "v": 1,
+        "model": "m",
+        "input": "softmax",
+        "tensors": [{"name": "predictions", "datatype": "FP32", "shape": [2]}],
+    }
     msg = wire.decode([json.dumps(header).encode(), *good], max_message_bytes=1 << 20, max_header_bytes=4096)
     with pytest.raises(ValidationError) as info:
         validate(msg)
     assert info.value.reason is Reason.BAD_INPUT_KIND
     for bad_name in ("x" * 129, "", "m\n", "spaces here", "caf\u00e9"):
         header.update(input="probs", model=bad_name)
-        msg = wire.decode([json.dumps(header).encode(), *good], max_message_bytes=1 << 20,
-                          max_header_bytes=4096)
+        msg = wire.decode([json.dumps(header).encode(), *good], max_message_bytes=1 << 20, max_header_bytes=4096)
         with pytest.raises(ValidationError) as info:
             validate(msg)
         assert info.value.reason is Reason.BAD_MODEL_NAME

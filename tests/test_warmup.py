@@ -16,8 +16,10 @@ from xentd.wire import BF16
 
 def _dispatchers() -> list:
     out = [k for pair in cpu.KERNELS.values() for k in pair]
-    out += [getattr(accumulate, n) for n in ("fold_batch", "time_add", "time_read", "count_push", "count_read",
-                                             "derive_rows")]
+    out += [
+        getattr(accumulate, n)
+        for n in ("fold_batch", "time_add", "time_read", "count_push", "count_read", "derive_rows")
+    ]
     out += [scan._scan_serial, scan._scan_parallel, scan._widen_serial, scan._widen_parallel]
     return out
 
@@ -34,8 +36,10 @@ def test_no_compilation_after_warmup() -> None:
     rng = np.random.default_rng(0)
     p2 = softmax(rng.normal(size=(100, 3)))
     encoders = {
-        "FP16": lambda x: x.astype(np.float16), "BF16": lambda x: BF16.from_float32(x.astype(np.float32)),
-        "FP32": lambda x: x.astype(np.float32), "FP64": lambda x: x,
+        "FP16": lambda x: x.astype(np.float16),
+        "BF16": lambda x: BF16.from_float32(x.astype(np.float32)),
+        "FP32": lambda x: x.astype(np.float32),
+        "FP64": lambda x: x,
     }
     targets = {
         "binary-int": (p2[:, 0], rng.integers(0, 2, 100).astype(np.uint8)),
@@ -48,7 +52,8 @@ def test_no_compilation_after_warmup() -> None:
     big = softmax(rng.normal(size=(30_000, 3)))  # past scan.PARALLEL_MIN: the parallel builds
     targets["big"] = (big, rng.integers(0, 3, 30_000))
     for (_dt, enc), (name, (pred, tgt)), weighted, short in itertools.product(
-            encoders.items(), targets.items(), (False, True), (False, True)):
+        encoders.items(), targets.items(), (False, True), (False, True)
+    ):
         n = 5 if short else len(pred)
         weights = np.ones(n, np.float32) if weighted else None
         batch = make_batch(enc(pred[:n]), tgt[:n], "probs", weights, model=f"{name}-{pred.ndim}")

@@ -19,9 +19,15 @@ def _frames(header: dict, *tensors: bytes) -> list[bytes]:
 
 
 def _header(**over: object) -> dict:
-    h = {"v": 1, "model": "m", "input": "probs",
-         "tensors": [{"name": "predictions", "datatype": "FP32", "shape": [2]},
-                     {"name": "targets", "datatype": "INT64", "shape": [2]}]}
+    h = {
+        "v": 1,
+        "model": "m",
+        "input": "probs",
+        "tensors": [
+            {"name": "predictions", "datatype": "FP32", "shape": [2]},
+            {"name": "targets", "datatype": "INT64", "shape": [2]},
+        ],
+    }
     h.update(over)
     return h
 
@@ -29,8 +35,9 @@ def _header(**over: object) -> dict:
 GOOD = (np.array([0.25, 0.5], "<f4").tobytes(), np.array([0, 1], "<i8").tobytes())
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int8", "int16", "int32", "int64",
-                                   "uint8", "uint16", "uint32"])
+@pytest.mark.parametrize(
+    "dtype", ["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"]
+)
 def test_round_trip_every_datatype(dtype: str) -> None:
     pred = np.linspace(0.1, 0.9, 12).reshape(4, 3).astype(np.float64)
     tgt = np.arange(4).astype(dtype) % 3
@@ -89,40 +96,57 @@ def test_encode_refuses_misuse() -> None:
         wire.encode("m", np.ones((2, 2, 2)), np.ones(2))
 
 
-@pytest.mark.parametrize("frames,reason", [
-    ([], Reason.BAD_FRAMING),
-    ([b"\xff\xfe{}"], Reason.BAD_HEADER),
-    ([b"not json"], Reason.BAD_HEADER),
-    ([b"[1, 2]"], Reason.BAD_HEADER),
-    ([b"[" * 3000 + b"]" * 3000], Reason.BAD_HEADER),
-    ([b" " * 5000], Reason.BAD_HEADER),
-    (_frames(_header(v=2), *GOOD), Reason.UNSUPPORTED_VERSION),
-    (_frames(_header(v=True), *GOOD), Reason.UNSUPPORTED_VERSION),
-    (_frames(_header(model=7), *GOOD), Reason.BAD_HEADER),
-    (_frames(_header(input=None), *GOOD), Reason.BAD_HEADER),
-    (_frames(_header(batch_id=5), *GOOD), Reason.BAD_HEADER),
-    (_frames(_header(ts="now"), *GOOD), Reason.BAD_HEADER),
-    (_frames(_header(tensors=[]), *GOOD), Reason.BAD_HEADER),
-    (_frames(_header(tensors=[{"name": "x", "datatype": "FP32", "shape": [2]}]), GOOD[0]), Reason.BAD_HEADER),
-    (_frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [2]}] * 2), *GOOD),
-     Reason.BAD_HEADER),
-    (_frames(_header(tensors=[{"name": "predictions", "datatype": "COMPLEX64", "shape": [2]}]), GOOD[0]),
-     Reason.UNKNOWN_DATATYPE),
-    (_frames(_header(tensors=[{"name": "predictions", "datatype": ">f4", "shape": [2]}]), GOOD[0]),
-     Reason.UNKNOWN_DATATYPE),
-    (_frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [-1]}]), GOOD[0]),
-     Reason.BAD_SHAPE),
-    (_frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [1, 1, 2]}]), GOOD[0]),
-     Reason.BAD_SHAPE),
-    (_frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [2**62, 2**62]}]),
-             GOOD[0]), Reason.BAD_SHAPE),
-    (_frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [2**33, 2**33]}]),
-             GOOD[0]), Reason.SIZE_MISMATCH),
-    (_frames(_header(), GOOD[0], GOOD[1][:-1]), Reason.SIZE_MISMATCH),
-    (_frames(_header(), GOOD[0]), Reason.BAD_FRAMING),
-    (_frames(_header(), *GOOD, b"extra"), Reason.BAD_FRAMING),
-    (_frames(_header(), GOOD[0], b"\0" * (1 << 20)), Reason.MESSAGE_TOO_LARGE),
-])
+@pytest.mark.parametrize(
+    "frames,reason",
+    [
+        ([], Reason.BAD_FRAMING),
+        ([b"\xff\xfe{}"], Reason.BAD_HEADER),
+        ([b"not json"], Reason.BAD_HEADER),
+        ([b"[1, 2]"], Reason.BAD_HEADER),
+        ([b"[" * 3000 + b"]" * 3000], Reason.BAD_HEADER),
+        ([b" " * 5000], Reason.BAD_HEADER),
+        (_frames(_header(v=2), *GOOD), Reason.UNSUPPORTED_VERSION),
+        (_frames(_header(v=True), *GOOD), Reason.UNSUPPORTED_VERSION),
+        (_frames(_header(model=7), *GOOD), Reason.BAD_HEADER),
+        (_frames(_header(input=None), *GOOD), Reason.BAD_HEADER),
+        (_frames(_header(batch_id=5), *GOOD), Reason.BAD_HEADER),
+        (_frames(_header(ts="now"), *GOOD), Reason.BAD_HEADER),
+        (_frames(_header(tensors=[]), *GOOD), Reason.BAD_HEADER),
+        (_frames(_header(tensors=[{"name": "x", "datatype": "FP32", "shape": [2]}]), GOOD[0]), Reason.BAD_HEADER),
+        (
+            _frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [2]}] * 2), *GOOD),
+            Reason.BAD_HEADER,
+        ),
+        (
+            _frames(_header(tensors=[{"name": "predictions", "datatype": "COMPLEX64", "shape": [2]}]), GOOD[0]),
+            Reason.UNKNOWN_DATATYPE,
+        ),
+        (
+            _frames(_header(tensors=[{"name": "predictions", "datatype": ">f4", "shape": [2]}]), GOOD[0]),
+            Reason.UNKNOWN_DATATYPE,
+        ),
+        (
+            _frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [-1]}]), GOOD[0]),
+            Reason.BAD_SHAPE,
+        ),
+        (
+            _frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [1, 1, 2]}]), GOOD[0]),
+            Reason.BAD_SHAPE,
+        ),
+        (
+            _frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [2**62, 2**62]}]), GOOD[0]),
+            Reason.BAD_SHAPE,
+        ),
+        (
+            _frames(_header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [2**33, 2**33]}]), GOOD[0]),
+            Reason.SIZE_MISMATCH,
+        ),
+        (_frames(_header(), GOOD[0], GOOD[1][:-1]), Reason.SIZE_MISMATCH),
+        (_frames(_header(), GOOD[0]), Reason.BAD_FRAMING),
+        (_frames(_header(), *GOOD, b"extra"), Reason.BAD_FRAMING),
+        (_frames(_header(), GOOD[0], b"\0" * (1 << 20)), Reason.MESSAGE_TOO_LARGE),
+    ],
+)
 def test_decode_errors_carry_their_reason(frames: list[bytes], reason: Reason) -> None:
     with pytest.raises(DecodeError) as info:
         wire.decode(frames, **LIMITS)

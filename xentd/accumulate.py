@@ -93,8 +93,21 @@ def block_size(largest_window: int) -> int:
 
 
 @njit(cache=True)
-def count_push(loss, focal, correct, tcls, weights, weighted, class_limit, slots,  # type: ignore[no-untyped-def]
-               ring, ring_cls, blocks, block, total):
+def count_push(
+    loss,
+    focal,
+    correct,
+    tcls,
+    weights,
+    weighted,
+    class_limit,
+    slots,  # type: ignore[no-untyped-def]
+    ring,
+    ring_cls,
+    blocks,
+    block,
+    total,
+):
     """Append a batch to the sample ring and to the block sums; return the new total.
 
     Sample j lands in ring slot j % len(ring) and in block j // block. Block sums
@@ -114,8 +127,7 @@ def count_push(loss, focal, correct, tcls, weights, weighted, class_limit, slots
         b = (j // block) % nb
         if j % block == 0:
             blocks[b, :] = 0.0
-        _add_sample(blocks[b], 1.0, ring[pos, 0], ring[pos, 1], ring[pos, 2], ring[pos, 3],
-                    ring_cls[pos], slots)
+        _add_sample(blocks[b], 1.0, ring[pos, 0], ring[pos, 1], ring[pos, 2], ring[pos, 3], ring_cls[pos], slots)
     return total + loss.shape[0]
 
 

@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-
 from xentd import config as config_mod
 from xentd._version import __version__
 from xentd.errors import XentdError
@@ -71,10 +70,12 @@ def _load(path: Path | None) -> config_mod.Config:
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = config_mod.with_overrides(_load(args.config), ingest=args.ingest, metrics=args.metrics,
-                                    state_dir=args.state_dir)
-    logging.basicConfig(stream=sys.stderr, level=cfg.log.level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = config_mod.with_overrides(
+        _load(args.config), ingest=args.ingest, metrics=args.metrics, state_dir=args.state_dir
+    )
+    logging.basicConfig(
+        stream=sys.stderr, level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from xentd.daemon import serve
 
     return serve(cfg)
@@ -91,11 +92,16 @@ def _send(args: argparse.Namespace) -> int:
     from xentd.client import open_publisher
 
     ds = replay.load(args.file)  # .npz or .csv, with the same checks and errors as replay
-    with open_publisher(args.to, socket="pub" if args.pub else "push", curve_server_key=args.curve_server_key,
-                        curve_secret_key=args.curve_secret_key) as pub:
+    with open_publisher(
+        args.to,
+        socket="pub" if args.pub else "push",
+        curve_server_key=args.curve_server_key,
+        curve_secret_key=args.curve_secret_key,
+    ) as pub:
         try:
-            pub.send(args.model, ds.predictions, ds.targets, input=args.input, weights=ds.weights,
-                     batch_id=args.batch_id)
+            pub.send(
+                args.model, ds.predictions, ds.targets, input=args.input, weights=ds.weights, batch_id=args.batch_id
+            )
         except (TypeError, ValueError) as exc:
             raise XentdError(str(exc)) from None
     print(f"sent {len(ds)} samples for model {args.model!r} to {args.to}")
@@ -128,22 +134,37 @@ def _top(args: argparse.Namespace) -> int:
 
     if args.interval <= 0 or args.limit <= 0:
         raise XentdError("--interval and --limit must be positive")
-    return top.run(args.url, window=args.window, interval=args.interval, once=args.once, sort=args.sort,
-                   limit=args.limit, auth=args.auth, cafile=args.cafile)
+    return top.run(
+        args.url,
+        window=args.window,
+        interval=args.interval,
+        once=args.once,
+        sort=args.sort,
+        limit=args.limit,
+        auth=args.auth,
+        cafile=args.cafile,
+    )
 
 
 def _replay(args: argparse.Namespace) -> int:
     from xentd import replay
 
-    return replay.run(args.file, to=args.to, model=args.model, input=args.input, batch_size=args.batch_size,
-                      rate=args.rate, pub=args.pub, curve_server_key=args.curve_server_key,
-                      curve_secret_key=args.curve_secret_key)
+    return replay.run(
+        args.file,
+        to=args.to,
+        model=args.model,
+        input=args.input,
+        batch_size=args.batch_size,
+        rate=args.rate,
+        pub=args.pub,
+        curve_server_key=args.curve_server_key,
+        curve_secret_key=args.curve_secret_key,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"run": _run, "check-config": _check, "send": _send, "keygen": _keygen, "top": _top,
-                "replay": _replay}
+    handlers = {"run": _run, "check-config": _check, "send": _send, "keygen": _keygen, "top": _top, "replay": _replay}
     try:
         return handlers[args.command](args)
     except XentdError as exc:

@@ -98,8 +98,7 @@ class Publisher:
             if curve_server_key is not None or curve_secret_key is not None:
                 self._configure_curve(curve_server_key, curve_secret_key)
             if self._resend_enabled:
-                self._monitor = self._socket.get_monitor_socket(
-                    zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+                self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
             if not addresses:
                 raise ValueError("no address given")
             if bind if bind is not None else self._topic:
@@ -148,8 +147,17 @@ class Publisher:
         """
         if self._resend_enabled and batch_id is None:
             batch_id = f"{self.producer}:{self._seq}"
-        frames = wire.encode(model, predictions, targets, input=input, weights=weights,
-                             batch_id=batch_id, ts=ts, producer=self.producer, seq=self._seq)
+        frames = wire.encode(
+            model,
+            predictions,
+            targets,
+            input=input,
+            weights=weights,
+            batch_id=batch_id,
+            ts=ts,
+            producer=self.producer,
+            seq=self._seq,
+        )
         if self._topic:
             frames.insert(0, model.encode("utf-8"))
         self._check_reconnect()
@@ -202,6 +210,7 @@ class Publisher:
     def __enter__(self) -> Publisher:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

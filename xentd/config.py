@@ -107,7 +107,19 @@ class WindowsConfig:
 # Reaches past -log(eps) for float64 (36.04), the largest loss that clipped
 # probabilities can produce; logits are unclipped and land in the top buckets.
 DEFAULT_LOSS_BUCKETS: tuple[float, ...] = (
-    0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 100.0,
+    0.001,
+    0.01,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    100.0,
 )
 
 
@@ -140,7 +152,8 @@ class LimitsConfig:
         if not self.allowed_models and self.model_pattern is None:
             return True
         return model in self.allowed_models or (
-            self.model_pattern is not None and re.fullmatch(self.model_pattern, model) is not None)
+            self.model_pattern is not None and re.fullmatch(self.model_pattern, model) is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -206,7 +219,7 @@ def parse_duration(text: str, where: str) -> float:
     """Parse ``"30s"``, ``"5m"``, ``"1h"``, ``"250ms"``, ``"1d"`` into seconds."""
     match = _DURATION_RE.match(text.strip())
     if not match:
-        raise ConfigError(f"{where}: {text!r} is not a duration; write e.g. \"30s\", \"5m\" or \"1h\"")
+        raise ConfigError(f'{where}: {text!r} is not a duration; write e.g. "30s", "5m" or "1h"')
     seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     if seconds <= 0:
         raise ConfigError(f"{where}: a duration must be positive, got {text!r}")
@@ -305,8 +318,10 @@ def _parse_ingest(t: _Table) -> IngestConfig:
     d = IngestConfig()
     address = t.take("address", str, d.address)
     if not re.match(r"^(tcp|ipc|inproc)://.+", address):
-        raise ConfigError(f"{t.where('address')}: expected a ZeroMQ endpoint such as "
-                          f"\"tcp://127.0.0.1:5557\" or \"ipc:///run/xentd/ingest\", got {address!r}")
+        raise ConfigError(
+            f"{t.where('address')}: expected a ZeroMQ endpoint such as "
+            f'"tcp://127.0.0.1:5557" or "ipc:///run/xentd/ingest", got {address!r}'
+        )
     subscribe = t.take("subscribe", list, list(d.subscribe))
     if not all(isinstance(s, str) for s in subscribe):
         raise ConfigError(f"{t.where('subscribe')}: expected a list of topic prefix strings")
@@ -324,8 +339,10 @@ def _parse_ingest(t: _Table) -> IngestConfig:
     if cfg.connect and cfg.socket != "sub":
         raise ConfigError(f"{t.where('connect')}: only a SUB socket can connect; a PULL socket binds")
     if cfg.curve is not None and not address.startswith("tcp://"):
-        raise ConfigError(f"{t.where('curve')}: CURVE authentication needs a tcp:// address, got {address!r} "
-                          "(ipc sockets are guarded by file permissions instead)")
+        raise ConfigError(
+            f"{t.where('curve')}: CURVE authentication needs a tcp:// address, got {address!r} "
+            "(ipc sockets are guarded by file permissions instead)"
+        )
     t.done(_field_names(IngestConfig))
     return cfg
 
@@ -338,16 +355,18 @@ def _required_str(t: _Table, key: str) -> str:
 
 
 def _parse_curve(t: _Table) -> CurveConfig:
-    cfg = CurveConfig(server_secret_key=_required_str(t, "server_secret_key"),
-                      authorized_keys=_required_str(t, "authorized_keys"))
+    cfg = CurveConfig(
+        server_secret_key=_required_str(t, "server_secret_key"), authorized_keys=_required_str(t, "authorized_keys")
+    )
     t.done(_field_names(CurveConfig))
     return cfg
 
 
 def _parse_tls(t: _Table) -> TlsConfig:
     ca = t.take("client_ca_file", str, "")
-    cfg = TlsConfig(cert_file=_required_str(t, "cert_file"), key_file=_required_str(t, "key_file"),
-                    client_ca_file=ca or None)
+    cfg = TlsConfig(
+        cert_file=_required_str(t, "cert_file"), key_file=_required_str(t, "key_file"), client_ca_file=ca or None
+    )
     t.done(_field_names(TlsConfig))
     return cfg
 
@@ -380,7 +399,7 @@ def _parse_windows(t: _Table) -> WindowsConfig:
     for i, spec in enumerate(time_specs):
         where = f"{t.where('time')}[{i}]"
         if not isinstance(spec, str):
-            raise ConfigError(f"{where}: expected a duration string such as \"5m\", got {spec!r}")
+            raise ConfigError(f'{where}: expected a duration string such as "5m", got {spec!r}')
         windows.append(TimeWindow(spec.strip(), parse_duration(spec, where)))
     counts = t.take("count", list, list(d.count))
     for i, n in enumerate(counts):
@@ -422,11 +441,16 @@ def _parse_scoring(t: _Table, base: ScoringConfig, *, per_model: bool = False) -
 def _parse_limits(t: _Table) -> LimitsConfig:
     d = LimitsConfig()
     buckets = t.take("loss_buckets", list, list(d.loss_buckets))
-    if (not buckets or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in buckets)
-            or any(not math.isfinite(b) or b <= 0 for b in buckets)
-            or any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:], strict=False))):
-        raise ConfigError(f"{t.where('loss_buckets')}: expected a non-empty, strictly increasing "
-                          f"list of positive finite numbers, got {buckets!r}")
+    if (
+        not buckets
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in buckets)
+        or any(not math.isfinite(b) or b <= 0 for b in buckets)
+        or any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:], strict=False))
+    ):
+        raise ConfigError(
+            f"{t.where('loss_buckets')}: expected a non-empty, strictly increasing "
+            f"list of positive finite numbers, got {buckets!r}"
+        )
     allowed = t.take("allowed_models", list, list(d.allowed_models))
     for i, name in enumerate(allowed):
         if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
@@ -454,8 +478,10 @@ def _parse_limits(t: _Table) -> LimitsConfig:
 def _parse_state(t: _Table) -> StateConfig:
     d = StateConfig()
     directory = t.take("directory", str, "")
-    cfg = StateConfig(directory=directory or None,
-                      snapshot_interval_seconds=_duration(t, "snapshot_interval", d.snapshot_interval_seconds))
+    cfg = StateConfig(
+        directory=directory or None,
+        snapshot_interval_seconds=_duration(t, "snapshot_interval", d.snapshot_interval_seconds),
+    )
     t.done(["directory", "snapshot_interval"])
     return cfg
 
@@ -479,8 +505,17 @@ def _parse_engine(t: _Table) -> EngineConfig:
     )
     if cfg.group_max_elements < 0:
         raise ConfigError(f"{t.where('group_max_elements')}: must be >= 0 (0 disables grouping)")
-    t.done(["backend", "cuda_min_elements", "cuda_threads_per_block", "parallel_threshold", "drain_max",
-            "group_max_elements", "shutdown_drain"])
+    t.done(
+        [
+            "backend",
+            "cuda_min_elements",
+            "cuda_threads_per_block",
+            "parallel_threshold",
+            "drain_max",
+            "group_max_elements",
+            "shutdown_drain",
+        ]
+    )
     return cfg
 
 
@@ -508,16 +543,24 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     models: dict[str, ScoringConfig] = {}
     for name in models_table.keys():  # noqa: SIM118 - a _Table, not a dict
         if not MODEL_NAME_RE.fullmatch(name):
-            raise ConfigError(f"models.{name!r}: not a valid model name "
-                              "(1-128 characters of A-Z a-z 0-9 _ . : -)")
+            raise ConfigError(f"models.{name!r}: not a valid model name (1-128 characters of A-Z a-z 0-9 _ . : -)")
         models[name] = _parse_scoring(models_table.take_table(name), scoring, per_model=True)
     limits = _parse_limits(root.take_table("limits"))
     engine = _parse_engine(root.take_table("engine"))
     log = _parse_log(root.take_table("log"))
     state = _parse_state(root.take_table("state"))
     root.done(_SECTIONS)
-    return Config(ingest=ingest, metrics=metrics, windows=windows, scoring=scoring,
-                  models=MappingProxyType(models), limits=limits, engine=engine, log=log, state=state)
+    return Config(
+        ingest=ingest,
+        metrics=metrics,
+        windows=windows,
+        scoring=scoring,
+        models=MappingProxyType(models),
+        limits=limits,
+        engine=engine,
+        log=log,
+        state=state,
+    )
 
 
 def load(path: str | Path) -> Config:
@@ -539,16 +582,18 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"{p}: {exc}") from None
 
 
-def with_overrides(cfg: Config, *, ingest: str | None = None, metrics: str | None = None,
-                   state_dir: str | None = None) -> Config:
+def with_overrides(
+    cfg: Config, *, ingest: str | None = None, metrics: str | None = None, state_dir: str | None = None
+) -> Config:
     """Apply the ``--ingest``, ``--metrics`` and ``--state-dir`` command-line overrides."""
     if ingest is not None:
         table = _Table({"address": ingest}, "--ingest")
         address = _parse_ingest(table).address  # the same address checks as the file's
         fixed = dataclasses.replace(cfg.ingest, address=address)
         if fixed.curve is not None and not address.startswith("tcp://"):
-            raise ConfigError(f"--ingest: CURVE authentication is configured, which needs a tcp:// address, "
-                              f"got {address!r}")
+            raise ConfigError(
+                f"--ingest: CURVE authentication is configured, which needs a tcp:// address, got {address!r}"
+            )
         cfg = dataclasses.replace(cfg, ingest=fixed)
     if metrics is not None:
         host, port = parse_listen(metrics, "--metrics")

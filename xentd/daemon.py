@@ -116,9 +116,15 @@ class Daemon:
             self._init_signals()
         self._ready = True
         scheme = "https" if self.config.metrics.tls else "http"
-        log.info("ready: ingest %s (%s), metrics %s://%s:%d/metrics, backend %s",
-                 self.ingest_endpoint, self.config.ingest.socket.upper(), scheme, _url_host(self.config.metrics.host),
-                 self.http.port if self.http else -1, self.backend.name if self.backend else "?")
+        log.info(
+            "ready: ingest %s (%s), metrics %s://%s:%d/metrics, backend %s",
+            self.ingest_endpoint,
+            self.config.ingest.socket.upper(),
+            scheme,
+            _url_host(self.config.metrics.host),
+            self.http.port if self.http else -1,
+            self.backend.name if self.backend else "?",
+        )
         self.notifier.ready(self._status())
 
     def _init_state(self) -> None:
@@ -132,17 +138,22 @@ class Daemon:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise StartupError(f"state.directory {directory}: not a writable directory: "
-                               f"{exc.strerror or exc}") from None
+            raise StartupError(
+                f"state.directory {directory}: not a writable directory: {exc.strerror or exc}"
+            ) from None
         persist.load_into(self.state, path)
         self.snapshotter = persist.Snapshotter(self.state, path, self.config.state.snapshot_interval_seconds)
 
     def _init_backend(self) -> None:
         started = time.monotonic()
         engine = self.config.engine
-        backend = kernels.create(engine.backend, parallel_threshold=engine.parallel_threshold,
-                                 per_model=self.config.model_backends(), cuda_min_elements=engine.cuda_min_elements,
-                                 cuda_threads_per_block=engine.cuda_threads_per_block)
+        backend = kernels.create(
+            engine.backend,
+            parallel_threshold=engine.parallel_threshold,
+            per_model=self.config.model_backends(),
+            cuda_min_elements=engine.cuda_min_elements,
+            cuda_threads_per_block=engine.cuda_threads_per_block,
+        )
         backend.warmup()
         scan.warmup()
         self.state.warmup()
@@ -150,12 +161,14 @@ class Daemon:
         log.info("kernels ready (%s backend) in %.1fs", backend.name, time.monotonic() - started)
 
     def _init_http(self) -> None:
-        exposition = Exposition(self.state.snapshot, version=__version__,
-                                backend=self.backend.name if self.backend else "none")
+        exposition = Exposition(
+            self.state.snapshot, version=__version__, backend=self.backend.name if self.backend else "none"
+        )
         cfg = self.config.metrics
         try:
-            self.http = MetricsServer(cfg.host, cfg.port, make_app(exposition, self.health, cfg.basic_auth),
-                                      tls=cfg.tls)
+            self.http = MetricsServer(
+                cfg.host, cfg.port, make_app(exposition, self.health, cfg.basic_auth), tls=cfg.tls
+            )
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         self.http.start()
@@ -184,9 +197,10 @@ class Daemon:
         if event == "auth_failed" and now - self._last_auth_log >= self.config.log.rejection_interval_seconds:
             # From the monitor thread; rate-limited like rejections, so a scanner cannot flood the log.
             self._last_auth_log = now
-            log.warning("a producer failed CURVE authentication (its key is not in %s); "
-                        "see xentd_ingest_auth_failures_total",
-                        self.config.ingest.curve.authorized_keys if self.config.ingest.curve else "?")
+            log.warning(
+                "a producer failed CURVE authentication (its key is not in %s); see xentd_ingest_auth_failures_total",
+                self.config.ingest.curve.authorized_keys if self.config.ingest.curve else "?",
+            )
 
     def _init_signals(self) -> None:
         def handler(signum: int, _frame: FrameType | None) -> None:
@@ -221,9 +235,13 @@ class Daemon:
         with self.state.lock:
             evicted = self.state.evict_idle(self.clock())
         if evicted:
-            log.info("dropped %d model(s) idle for over %s s: %s%s", len(evicted),
-                     self.config.limits.model_ttl_seconds, ", ".join(evicted[:5]),
-                     " ..." if len(evicted) > 5 else "")
+            log.info(
+                "dropped %d model(s) idle for over %s s: %s%s",
+                len(evicted),
+                self.config.limits.model_ttl_seconds,
+                ", ".join(evicted[:5]),
+                " ..." if len(evicted) > 5 else "",
+            )
         self.notifier.status(self._status())
 
     def health(self) -> tuple[bool, str]:
@@ -325,9 +343,12 @@ class Daemon:
     def _accept(self, frames: list[Any]) -> tuple[Batch, ModelState, bool] | None:
         model: str | None = None
         try:
-            msg = wire.decode(frames, max_message_bytes=self.config.ingest.max_message_bytes,
-                              max_header_bytes=self.config.ingest.max_header_bytes,
-                              topic=self.config.ingest.socket == "sub")
+            msg = wire.decode(
+                frames,
+                max_message_bytes=self.config.ingest.max_message_bytes,
+                max_header_bytes=self.config.ingest.max_header_bytes,
+                topic=self.config.ingest.socket == "sub",
+            )
             model = msg.model
             if msg.producer is not None and msg.seq is not None:
                 # Before validation: a message that arrived but is refused is not a gap.
@@ -392,8 +413,11 @@ class Daemon:
             params = ScoringParams(
                 eps=cfg.eps if cfg.eps is not None else batch.dtype_eps,
                 focal_gamma=cfg.focal_gamma,
-                normalization_tolerance=(cfg.normalization_tolerance if cfg.normalization_tolerance is not None
-                                         else math.sqrt(batch.dtype_eps)),
+                normalization_tolerance=(
+                    cfg.normalization_tolerance
+                    if cfg.normalization_tolerance is not None
+                    else math.sqrt(batch.dtype_eps)
+                ),
             )
             self._params[key] = params
         return params

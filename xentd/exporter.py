@@ -43,17 +43,21 @@ log = logging.getLogger("xentd.exporter")
 REQUEST_TIMEOUT_SECONDS = 30
 
 _WINDOW_GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("xentd_window_cross_entropy_nats", "cross_entropy",
-     "Weighted mean cross-entropy over the window, in nats."),
+    ("xentd_window_cross_entropy_nats", "cross_entropy", "Weighted mean cross-entropy over the window, in nats."),
     ("xentd_window_accuracy_ratio", "accuracy", "Weighted top-1 accuracy over the window."),
     ("xentd_window_focal_loss_nats", "focal_loss", "Weighted mean focal loss over the window, in nats."),
-    ("xentd_window_balanced_cross_entropy_nats", "balanced_cross_entropy",
-     "Mean over the classes present of each class's weighted mean cross-entropy, in nats."),
+    (
+        "xentd_window_balanced_cross_entropy_nats",
+        "balanced_cross_entropy",
+        "Mean over the classes present of each class's weighted mean cross-entropy, in nats.",
+    ),
 )
 
 
-_CE_DOC = ("Cross-entropy over all samples: _sum is sum(w*loss), _count is sum(w), "
-           "so rate(_sum)/rate(_count) is the weighted mean.")
+_CE_DOC = (
+    "Cross-entropy over all samples: _sum is sum(w*loss), _count is sum(w), "
+    "so rate(_sum)/rate(_count) is the weighted mean."
+)
 _SAMPLES_DOC = "Samples scored (unweighted)."
 _CORRECT_DOC = "Sum of weights of samples whose top-1 prediction was right."
 _BATCHES_DOC = "Batches scored."
@@ -79,15 +83,18 @@ class XentdCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._source()
-        build = GaugeMetricFamily("xentd_build_info", "xentd version and kernel backend; always 1.",
-                                  labels=["version", "backend"])
+        build = GaugeMetricFamily(
+            "xentd_build_info", "xentd version and kernel backend; always 1.", labels=["version", "backend"]
+        )
         build.add_metric([self._version, self._backend], 1.0)
         yield build
         yield GaugeMetricFamily("xentd_models", "Models with state in this instance.", value=len(snap.models))
-        yield CounterMetricFamily("xentd_messages_received", "Messages taken off the ingest socket, "
-                                  "valid or not.", value=snap.counters.messages)
-        rejected = CounterMetricFamily("xentd_rejected_batches", "Batches refused, by reason.",
-                                       labels=["reason"])
+        yield CounterMetricFamily(
+            "xentd_messages_received",
+            "Messages taken off the ingest socket, valid or not.",
+            value=snap.counters.messages,
+        )
+        rejected = CounterMetricFamily("xentd_rejected_batches", "Batches refused, by reason.", labels=["reason"])
         for reason, count in sorted(snap.rejected.items()):
             rejected.add_metric([reason], count)
         yield rejected
@@ -111,8 +118,9 @@ class XentdCollector(Collector):
         per_class = SummaryMetricFamily("xentd_class_cross_entropy_nats", _CLASS_DOC, labels=["model", "class"])
         hist = HistogramMetricFamily("xentd_sample_loss_nats", _HIST_DOC, labels=["model"])
         window_samples = GaugeMetricFamily("xentd_window_samples", _WINDOW_SAMPLES_DOC, labels=["model", "window"])
-        gauges = [(GaugeMetricFamily(name, doc, labels=["model", "window"]), attr)
-                  for name, attr, doc in _WINDOW_GAUGES]
+        gauges = [
+            (GaugeMetricFamily(name, doc, labels=["model", "window"]), attr) for name, attr, doc in _WINDOW_GAUGES
+        ]
         for m in snap.models:
             label = [m.name]
             # Weighted counts are floats; the exposition format allows them.
@@ -125,8 +133,11 @@ class XentdCollector(Collector):
             if m.last_event_time is not None:
                 last_event.add_metric(label, m.last_event_time)
             for cls, w, wl in zip(m.class_labels, m.class_weight, m.class_loss_weighted_sum, strict=True):
-                per_class.add_metric([m.name, cls], count_value=float(w),  # type: ignore[arg-type]
-                                     sum_value=float(wl))
+                per_class.add_metric(
+                    [m.name, cls],
+                    count_value=float(w),  # type: ignore[arg-type]
+                    sum_value=float(wl),
+                )
             cumulative = 0
             buckets: list[tuple[str, float]] = []
             for bound, count in zip([*map(_le, m.hist_bounds), "+Inf"], m.hist_counts, strict=True):
@@ -144,34 +155,84 @@ def daemon_families(c: Counters) -> list[tuple[str, str, str, str | None, list[t
     """Daemon-wide families: (name, type, help, label name, [(label value, value)]).
 
     A gauge with nothing to report yet (no snapshot written) has no sample."""
+
     def one(value: float | None) -> list[tuple[str, float]]:
         return [] if value is None else [("", value)]
 
     return [
-        ("xentd_duplicate_batches_total", "counter", "Batches not scored because the same (model, batch_id) "
-         "was scored recently: producer retries.", None, one(c.duplicate_batches)),
-        ("xentd_sequence_gaps_total", "counter", "Messages missing from producers' seq numbering: "
-         "sent but never received.", None, one(c.sequence_gaps)),
-        ("xentd_models_evicted_total", "counter", "Models dropped after limits.model_ttl without a batch.",
-         None, one(c.models_evicted)),
-        ("xentd_limit_hits_total", "counter", "Batches a cardinality limit acted on: refused (max_models, "
-         "allowed_models) or with samples folded into class \"other\" (class_limit).", "limit",
-         sorted(c.limit_hits.items())),
-        ("xentd_ingest_disconnects_total", "counter", "Producer connections that ended: producers going away, "
-         "or ZeroMQ dropping one that sent a frame over ingest.max_message_bytes.", None,
-         one(c.ingest_disconnects)),
-        ("xentd_ingest_auth_failures_total", "counter", "CURVE handshakes refused: the client key is not "
-         "in ingest.curve.authorized_keys.", None, one(c.ingest_auth_failures)),
-        ("xentd_snapshots_written_total", "counter", "State snapshots written by this process.", None,
-         one(c.snapshots_written)),
-        ("xentd_snapshot_failures_total", "counter", "State snapshots that could not be written.", None,
-         one(c.snapshot_failures)),
-        ("xentd_last_snapshot_timestamp_seconds", "gauge", "When the state in the last written snapshot was "
-         "taken (Unix seconds).", None, one(c.last_snapshot_time)),
-        ("xentd_last_snapshot_duration_seconds", "gauge", "How long writing the last snapshot took.", None,
-         one(c.last_snapshot_seconds)),
-        ("xentd_last_snapshot_bytes", "gauge", "Size of the last snapshot written.", None,
-         one(c.last_snapshot_bytes)),
+        (
+            "xentd_duplicate_batches_total",
+            "counter",
+            "Batches not scored because the same (model, batch_id) was scored recently: producer retries.",
+            None,
+            one(c.duplicate_batches),
+        ),
+        (
+            "xentd_sequence_gaps_total",
+            "counter",
+            "Messages missing from producers' seq numbering: sent but never received.",
+            None,
+            one(c.sequence_gaps),
+        ),
+        (
+            "xentd_models_evicted_total",
+            "counter",
+            "Models dropped after limits.model_ttl without a batch.",
+            None,
+            one(c.models_evicted),
+        ),
+        (
+            "xentd_limit_hits_total",
+            "counter",
+            "Batches a cardinality limit acted on: refused (max_models, "
+            'allowed_models) or with samples folded into class "other" (class_limit).',
+            "limit",
+            sorted(c.limit_hits.items()),
+        ),
+        (
+            "xentd_ingest_disconnects_total",
+            "counter",
+            "Producer connections that ended: producers going away, "
+            "or ZeroMQ dropping one that sent a frame over ingest.max_message_bytes.",
+            None,
+            one(c.ingest_disconnects),
+        ),
+        (
+            "xentd_ingest_auth_failures_total",
+            "counter",
+            "CURVE handshakes refused: the client key is not in ingest.curve.authorized_keys.",
+            None,
+            one(c.ingest_auth_failures),
+        ),
+        (
+            "xentd_snapshots_written_total",
+            "counter",
+            "State snapshots written by this process.",
+            None,
+            one(c.snapshots_written),
+        ),
+        (
+            "xentd_snapshot_failures_total",
+            "counter",
+            "State snapshots that could not be written.",
+            None,
+            one(c.snapshot_failures),
+        ),
+        (
+            "xentd_last_snapshot_timestamp_seconds",
+            "gauge",
+            "When the state in the last written snapshot was taken (Unix seconds).",
+            None,
+            one(c.last_snapshot_time),
+        ),
+        (
+            "xentd_last_snapshot_duration_seconds",
+            "gauge",
+            "How long writing the last snapshot took.",
+            None,
+            one(c.last_snapshot_seconds),
+        ),
+        ("xentd_last_snapshot_bytes", "gauge", "Size of the last snapshot written.", None, one(c.last_snapshot_bytes)),
     ]
 
 
@@ -203,7 +264,7 @@ def _v(value: float) -> str:
 
 def _esc(value: str) -> str:
     if "\\" in value or '"' in value or "\n" in value:
-        return value.replace("\\", r"\\").replace('"', r'\"').replace("\n", r"\n")
+        return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
     return value
 
 
@@ -221,8 +282,9 @@ def render_text(snap: Snapshot, *, version: str, backend: str) -> str:
     _family(out, "xentd_messages_received_total", *_HELP["xentd_messages_received_total"])
     out.append(f"xentd_messages_received_total {_v(snap.counters.messages)}\n")
     _family(out, "xentd_rejected_batches_total", *_HELP["xentd_rejected_batches_total"])
-    out.extend(f'xentd_rejected_batches_total{{reason="{_esc(r)}"}} {_v(c)}\n'
-               for r, c in sorted(snap.rejected.items()))
+    out.extend(
+        f'xentd_rejected_batches_total{{reason="{_esc(r)}"}} {_v(c)}\n' for r, c in sorted(snap.rejected.items())
+    )
     for name, kind, doc, label, values in daemon_families(snap.counters):
         _family(out, name, kind, doc)
         for label_value, value in values:
@@ -230,8 +292,9 @@ def render_text(snap: Snapshot, *, version: str, backend: str) -> str:
             out.append(f"{name}{labels} {_v(value)}\n")
     models = [(f'model="{_esc(m.name)}"', m) for m in snap.models]
 
-    def per_model(name: str, kind: str, doc: str, value: Callable[[ModelSnapshot], float | None],
-                  sample: str | None = None) -> None:
+    def per_model(
+        name: str, kind: str, doc: str, value: Callable[[ModelSnapshot], float | None], sample: str | None = None
+    ) -> None:
         _family(out, name, kind, doc)
         sample = sample or name
         for lbl, m in models:
@@ -241,8 +304,10 @@ def render_text(snap: Snapshot, *, version: str, backend: str) -> str:
 
     _family(out, "xentd_cross_entropy_nats", "summary", _CE_DOC)
     for lbl, m in models:
-        out.append(f"xentd_cross_entropy_nats_count{{{lbl}}} {_v(m.weight)}\n"
-                   f"xentd_cross_entropy_nats_sum{{{lbl}}} {_v(m.loss_weighted_sum)}\n")
+        out.append(
+            f"xentd_cross_entropy_nats_count{{{lbl}}} {_v(m.weight)}\n"
+            f"xentd_cross_entropy_nats_sum{{{lbl}}} {_v(m.loss_weighted_sum)}\n"
+        )
     per_model("xentd_samples_total", "counter", _SAMPLES_DOC, lambda m: m.samples)
     per_model("xentd_correct_predictions_total", "counter", _CORRECT_DOC, lambda m: m.correct_weighted_sum)
     per_model("xentd_batches_total", "counter", _BATCHES_DOC, lambda m: m.batches)
@@ -251,18 +316,21 @@ def render_text(snap: Snapshot, *, version: str, backend: str) -> str:
     per_model("xentd_last_event_timestamp_seconds", "gauge", _LAST_EVENT_DOC, lambda m: m.last_event_time)
     _family(out, "xentd_class_cross_entropy_nats", "summary", _CLASS_DOC)
     for lbl, m in models:
-        for cls, w, wl in zip(m.class_labels, m.class_weight.tolist(), m.class_loss_weighted_sum.tolist(),
-                              strict=True):
-            out.append(f'xentd_class_cross_entropy_nats_count{{{lbl},class="{cls}"}} {_v(w)}\n'
-                       f'xentd_class_cross_entropy_nats_sum{{{lbl},class="{cls}"}} {_v(wl)}\n')
+        for cls, w, wl in zip(m.class_labels, m.class_weight.tolist(), m.class_loss_weighted_sum.tolist(), strict=True):
+            out.append(
+                f'xentd_class_cross_entropy_nats_count{{{lbl},class="{cls}"}} {_v(w)}\n'
+                f'xentd_class_cross_entropy_nats_sum{{{lbl},class="{cls}"}} {_v(wl)}\n'
+            )
     _family(out, "xentd_sample_loss_nats", "histogram", _HIST_DOC)
     for lbl, m in models:
         cumulative = 0
         for bound, count in zip([*map(_le, m.hist_bounds), "+Inf"], m.hist_counts.tolist(), strict=True):
             cumulative += count
             out.append(f'xentd_sample_loss_nats_bucket{{{lbl},le="{bound}"}} {_v(cumulative)}\n')
-        out.append(f"xentd_sample_loss_nats_count{{{lbl}}} {_v(cumulative)}\n"
-                   f"xentd_sample_loss_nats_sum{{{lbl}}} {_v(m.loss_sum)}\n")
+        out.append(
+            f"xentd_sample_loss_nats_count{{{lbl}}} {_v(cumulative)}\n"
+            f"xentd_sample_loss_nats_sum{{{lbl}}} {_v(m.loss_sum)}\n"
+        )
     _family(out, "xentd_window_samples", "gauge", _WINDOW_SAMPLES_DOC)
     for lbl, m in models:
         for window, stats in m.windows:
@@ -364,8 +432,9 @@ def _basic_auth_check(cfg: BasicAuthConfig) -> Callable[[str], bool]:
     return check
 
 
-def make_app(exposition: Exposition, health: Callable[[], tuple[bool, str]],
-             basic_auth: BasicAuthConfig | None = None) -> Callable[..., Any]:
+def make_app(
+    exposition: Exposition, health: Callable[[], tuple[bool, str]], basic_auth: BasicAuthConfig | None = None
+) -> Callable[..., Any]:
     """/metrics (behind basic auth when configured) and /healthz (always open, for liveness probes)."""
     openmetrics_app = make_wsgi_app(exposition.registry)
     authorized = _basic_auth_check(basic_auth) if basic_auth is not None else None
@@ -374,8 +443,13 @@ def make_app(exposition: Exposition, health: Callable[[], tuple[bool, str]],
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
             if authorized is not None and not authorized(environ.get("HTTP_AUTHORIZATION", "")):
-                start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
-                                                    ("WWW-Authenticate", 'Basic realm="xentd", charset="UTF-8"')])
+                start_response(
+                    "401 Unauthorized",
+                    [
+                        ("Content-Type", "text/plain; charset=utf-8"),
+                        ("WWW-Authenticate", 'Basic realm="xentd", charset="UTF-8"'),
+                    ],
+                )
                 return [b"xentd: unauthorized\n"]
             accept = environ.get("HTTP_ACCEPT", "")
             if "openmetrics" in accept and "text/plain" not in accept:
@@ -390,8 +464,9 @@ def make_app(exposition: Exposition, health: Callable[[], tuple[bool, str]],
             return [body]
         if path == "/healthz":
             ok, text = health()
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "text/plain; charset=utf-8")])
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")]
+            )
             return [text.encode("utf-8") + b"\n"]
         start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
         return [b"xentd: try /metrics or /healthz\n"]

@@ -61,8 +61,10 @@ def _curve_server(sock: zmq.Socket[Any], curve: CurveConfig) -> None:
     except (OSError, ValueError) as exc:
         raise StartupError(f"ingest.curve.server_secret_key: cannot load {curve.server_secret_key}: {exc}") from None
     if secret is None:
-        raise StartupError(f"ingest.curve.server_secret_key: {curve.server_secret_key} holds no secret key; "
-                           "give the .key_secret file that `xentd keygen` wrote")
+        raise StartupError(
+            f"ingest.curve.server_secret_key: {curve.server_secret_key} holds no secret key; "
+            "give the .key_secret file that `xentd keygen` wrote"
+        )
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
@@ -99,8 +101,11 @@ class TransportMonitor:
         self._thread.start()
 
     def _run(self) -> None:
-        names: dict[int, str] = {zmq.EVENT_DISCONNECTED: "disconnected", zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failed",
-                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol_error"}
+        names: dict[int, str] = {
+            zmq.EVENT_DISCONNECTED: "disconnected",
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth_failed",
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol_error",
+        }
         while not self._stop.is_set():
             try:
                 if not self._monitor.poll(100):

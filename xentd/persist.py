@@ -57,8 +57,12 @@ def _layout(store: StateStore) -> dict[str, Any]:
     return {
         "class_limit": lim.class_limit,
         "loss_buckets": list(lim.loss_buckets),
-        "windows": {"time": [[t.label, t.seconds] for t in w.time], "buckets": w.buckets,
-                    "count": list(w.count), "ewma_half_life": w.ewma_half_life_seconds},
+        "windows": {
+            "time": [[t.label, t.seconds] for t in w.time],
+            "buckets": w.buckets,
+            "count": list(w.count),
+            "ewma_half_life": w.ewma_half_life_seconds,
+        },
     }
 
 
@@ -70,15 +74,26 @@ def capture(store: StateStore) -> Image:
     for m in store.models.values():
         scalars, arrays = m.export()
         models.append((m.name, scalars, arrays))
-    return Image(taken=store.clock(), layout=_layout(store), counters=counters, rejected=dict(store.rejected),
-                 recent=store.recent.items(), models=models)
+    return Image(
+        taken=store.clock(),
+        layout=_layout(store),
+        counters=counters,
+        rejected=dict(store.rejected),
+        recent=store.recent.items(),
+        models=models,
+    )
 
 
 def write(directory: Path, image: Image) -> int:
     """Write ``image`` atomically as the directory's snapshot; return its size in bytes."""
     manifest = {
-        "format": FORMAT, "version": VERSION, "taken": image.taken, "layout": image.layout,
-        "counters": image.counters, "rejected": image.rejected, "recent": image.recent,
+        "format": FORMAT,
+        "version": VERSION,
+        "taken": image.taken,
+        "layout": image.layout,
+        "counters": image.counters,
+        "rejected": image.rejected,
+        "recent": image.recent,
         "models": [{"name": name, **scalars} for name, scalars, _ in image.models],
     }
     arrays: dict[str, np.ndarray] = {"manifest": np.frombuffer(json.dumps(manifest).encode("utf-8"), np.uint8)}
@@ -116,8 +131,16 @@ def read(path: Path) -> Image:
                 return _from_npz(npz)
     except SnapshotError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, io.UnsupportedOperation,
-            UnicodeDecodeError) as exc:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        EOFError,
+        zipfile.BadZipFile,
+        io.UnsupportedOperation,
+        UnicodeDecodeError,
+    ) as exc:
         raise SnapshotError(f"unreadable: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
@@ -133,12 +156,17 @@ def _from_npz(npz: Any) -> Image:
     models = []
     for i, entry in enumerate(manifest["models"]):
         prefix = f"m{i}."
-        arrays = {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
+        arrays = {k[len(prefix) :]: npz[k] for k in npz.files if k.startswith(prefix)}
         scalars = {k: v for k, v in entry.items() if k != "name"}
         models.append((str(entry["name"]), scalars, arrays))
-    return Image(taken=float(manifest["taken"]), layout=manifest["layout"], counters=manifest["counters"],
-                 rejected={str(k): int(v) for k, v in manifest["rejected"].items()},
-                 recent=[(str(m), str(b)) for m, b in manifest["recent"]], models=models)
+    return Image(
+        taken=float(manifest["taken"]),
+        layout=manifest["layout"],
+        counters=manifest["counters"],
+        rejected={str(k): int(v) for k, v in manifest["rejected"].items()},
+        recent=[(str(m), str(b)) for m, b in manifest["recent"]],
+        models=models,
+    )
 
 
 @dataclass(frozen=True)
@@ -169,10 +197,13 @@ def restore(store: StateStore, image: Image) -> Restored:
                 state.restore(scalars, arrays, windows=windows)
             counters = image.counters
             store.counters = dataclasses.replace(
-                store.counters, messages=int(counters["messages"]),
-                duplicate_batches=int(counters["duplicate_batches"]), sequence_gaps=int(counters["sequence_gaps"]),
+                store.counters,
+                messages=int(counters["messages"]),
+                duplicate_batches=int(counters["duplicate_batches"]),
+                sequence_gaps=int(counters["sequence_gaps"]),
                 models_evicted=int(counters["models_evicted"]),
-                limit_hits={k: int(counters["limit_hits"].get(k, 0)) for k in store.counters.limit_hits})
+                limit_hits={k: int(counters["limit_hits"].get(k, 0)) for k in store.counters.limit_hits},
+            )
             for reason, n in image.rejected.items():
                 if reason in store.rejected:
                     store.rejected[reason] = n
@@ -194,8 +225,7 @@ def set_aside(path: Path, why: str) -> Path:
         n += 1
         aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
     os.replace(path, aside)
-    log.error("state snapshot %s cannot be used (%s); moved it to %s and starting with empty state",
-              path, why, aside)
+    log.error("state snapshot %s cannot be used (%s); moved it to %s and starting with empty state", path, why, aside)
     return aside
 
 
@@ -214,9 +244,14 @@ def load_into(store: StateStore, directory: Path) -> Restored | None:
         set_aside(path, str(exc))
         return None
     age = store.clock() - image.taken
-    log.info("restored %d model(s) from %s, taken %.1fs ago%s%s", restored.models, path, age,
-             "" if restored.windows else "; the window settings changed, so windows start empty",
-             f"; dropped {len(restored.dropped)} no longer admitted by [limits]" if restored.dropped else "")
+    log.info(
+        "restored %d model(s) from %s, taken %.1fs ago%s%s",
+        restored.models,
+        path,
+        age,
+        "" if restored.windows else "; the window settings changed, so windows start empty",
+        f"; dropped {len(restored.dropped)} no longer admitted by [limits]" if restored.dropped else "",
+    )
     return restored
 
 

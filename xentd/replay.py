@@ -53,8 +53,9 @@ def _load_npz(path: Path) -> Dataset:
     with data:
         missing = {"predictions", "targets"} - set(data.files)
         if missing:
-            raise XentdError(f"{path}: missing array(s) {', '.join(sorted(missing))}; it has "
-                             f"{', '.join(data.files) or 'none'}")
+            raise XentdError(
+                f"{path}: missing array(s) {', '.join(sorted(missing))}; it has {', '.join(data.files) or 'none'}"
+            )
         ds = Dataset(data["predictions"], data["targets"], data["weights"] if "weights" in data.files else None)
     if len(ds.targets) != len(ds) or (ds.weights is not None and len(ds.weights) != len(ds)):
         raise XentdError(f"{path}: predictions, targets and weights must have the same number of rows")
@@ -121,8 +122,15 @@ class Progress:
         self.out.flush()
 
 
-def replay(dataset: Dataset, send: Callable[[slice, str], None], *, batch_size: int, rate: float,
-           stem: str, progress: Progress | None = None) -> int:
+def replay(
+    dataset: Dataset,
+    send: Callable[[slice, str], None],
+    *,
+    batch_size: int,
+    rate: float,
+    stem: str,
+    progress: Progress | None = None,
+) -> int:
     """Send ``dataset`` in batches through ``send(rows, batch_id)``, at most ``rate`` batches/s (0: no limit)."""
     if batch_size <= 0:
         raise XentdError(f"--batch-size must be positive, got {batch_size}")
@@ -142,21 +150,49 @@ def replay(dataset: Dataset, send: Callable[[slice, str], None], *, batch_size: 
     return len(starts)
 
 
-def run(path: Path, *, to: str, model: str, input: str, batch_size: int, rate: float, pub: bool,
-        curve_server_key: str | None = None, curve_secret_key: str | None = None,
-        out: TextIO = sys.stderr) -> int:
+def run(
+    path: Path,
+    *,
+    to: str,
+    model: str,
+    input: str,
+    batch_size: int,
+    rate: float,
+    pub: bool,
+    curve_server_key: str | None = None,
+    curve_secret_key: str | None = None,
+    out: TextIO = sys.stderr,
+) -> int:
     from xentd.client import open_publisher
 
     ds = load(path)
-    with open_publisher(to, socket="pub" if pub else "push", curve_server_key=curve_server_key,
-                   curve_secret_key=curve_secret_key, resend=0) as publisher:
+    with open_publisher(
+        to,
+        socket="pub" if pub else "push",
+        curve_server_key=curve_server_key,
+        curve_secret_key=curve_secret_key,
+        resend=0,
+    ) as publisher:
+
         def send(rows: slice, batch_id: str) -> None:
-            publisher.send(model, ds.predictions[rows], ds.targets[rows], input=input,
-                           weights=None if ds.weights is None else ds.weights[rows], batch_id=batch_id)
+            publisher.send(
+                model,
+                ds.predictions[rows],
+                ds.targets[rows],
+                input=input,
+                weights=None if ds.weights is None else ds.weights[rows],
+                batch_id=batch_id,
+            )
 
         try:
-            batches = replay(ds, send, batch_size=batch_size, rate=rate, stem=path.stem,
-                             progress=Progress((len(ds) + batch_size - 1) // batch_size, out))
+            batches = replay(
+                ds,
+                send,
+                batch_size=batch_size,
+                rate=rate,
+                stem=path.stem,
+                progress=Progress((len(ds) + batch_size - 1) // batch_size, out),
+            )
         except (TypeError, ValueError) as exc:
             raise XentdError(f"{path}: {exc}") from None
     out.write(f"replayed {len(ds)} samples in {batches} batches to {to} as model {model!r}\n")

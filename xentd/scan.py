@@ -67,6 +67,7 @@ def _minmax_intrinsic(name: str):  # type: ignore[no-untyped-def]
 fmax = _minmax_intrinsic("maxnum")
 fmin = _minmax_intrinsic("minnum")
 
+
 @intrinsic
 def half_bits_to_float32(typingctx, bits):  # type: ignore[no-untyped-def]
     """IEEE half bit pattern -> float32, exactly (LLVM fpext; F16C's vcvtph2ps where available)."""

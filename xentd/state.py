@@ -85,8 +85,9 @@ class _TimeWindow:
 class ModelState:
     """All rolling state of one model. Mutated only by :class:`StateStore`."""
 
-    def __init__(self, name: str, num_classes: int, windows: WindowsConfig, limits: LimitsConfig,
-                 created: float) -> None:
+    def __init__(
+        self, name: str, num_classes: int, windows: WindowsConfig, limits: LimitsConfig, created: float
+    ) -> None:
         self.name = name
         self.num_classes = num_classes
         self.class_limit = limits.class_limit
@@ -120,14 +121,29 @@ class ModelState:
 
     # --- persistence (the file format is xentd.persist's) -------------------------
 
-    _SCALARS = ("num_classes", "loss_sum", "batches", "unnormalized_rows", "last_batch_time", "last_event_time",
-                "clock", "count_total", "ewma_time")
+    _SCALARS = (
+        "num_classes",
+        "loss_sum",
+        "batches",
+        "unnormalized_rows",
+        "last_batch_time",
+        "last_event_time",
+        "clock",
+        "count_total",
+        "ewma_time",
+    )
 
     def export(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
         """Copies of everything needed to rebuild this state: (scalars, arrays)."""
         scalars = {k: getattr(self, k) for k in self._SCALARS}
-        arrays: dict[str, np.ndarray] = {"lifetime": self.lifetime.copy(), "hist": self.hist.copy(), "ewma": self.ewma.copy(),
-                  "ring": self.ring.copy(), "ring_cls": self.ring_cls.copy(), "blocks": self.blocks.copy()}
+        arrays: dict[str, np.ndarray] = {
+            "lifetime": self.lifetime.copy(),
+            "hist": self.hist.copy(),
+            "ewma": self.ewma.copy(),
+            "ring": self.ring.copy(),
+            "ring_cls": self.ring_cls.copy(),
+            "blocks": self.blocks.copy(),
+        }
         if self.time_windows:
             arrays["tw_epochs"] = np.stack([tw.epochs for tw in self.time_windows])
             arrays["tw_buckets"] = np.stack([tw.buckets for tw in self.time_windows])
@@ -136,6 +152,7 @@ class ModelState:
     def restore(self, scalars: dict[str, object], arrays: dict[str, np.ndarray], *, windows: bool) -> None:
         """Load what :meth:`export` produced. With ``windows=False`` (the window
         configuration changed) only the lifetime totals come back."""
+
         def shaped(name: str, like: np.ndarray) -> np.ndarray:
             a = arrays[name]
             if a.shape != like.shape or a.dtype != like.dtype:
@@ -156,8 +173,12 @@ class ModelState:
         self.ewma_time = float(scalars["ewma_time"])  # type: ignore[arg-type]
         self.blocks = shaped("blocks", self.blocks)
         ring, ring_cls = arrays["ring"], arrays["ring_cls"]
-        if (ring.ndim != 2 or ring.shape[1] != 4 or ring.shape[0] > self.count_cap_max
-                or ring_cls.shape != (ring.shape[0],)):
+        if (
+            ring.ndim != 2
+            or ring.shape[1] != 4
+            or ring.shape[0] > self.count_cap_max
+            or ring_cls.shape != (ring.shape[0],)
+        ):
             raise ValueError(f"ring: shape {ring.shape}, classes {ring_cls.shape}")
         self.ring, self.ring_cls = ring.astype(np.float64), ring_cls.astype(np.int32)
         self.count_total = int(scalars["count_total"])  # type: ignore[call-overload]
@@ -180,8 +201,9 @@ class ModelState:
         ring_cls[:cap] = self.ring_cls
         self.ring, self.ring_cls = ring, ring_cls
 
-    def fold(self, scores: SampleScores, weights: np.ndarray | None, now: float,
-             event_time: float | None, batches: int = 1) -> bool:
+    def fold(
+        self, scores: SampleScores, weights: np.ndarray | None, now: float, event_time: float | None, batches: int = 1
+    ) -> bool:
         """Add scored samples (``batches`` messages' worth, concatenated in arrival order).
 
         Returns whether any sample's class was past the class limit (folded into "other").
@@ -192,16 +214,29 @@ class ModelState:
         vec[:] = 0.0
         hist = self.hist_scratch
         hist[:] = 0
-        loss_sum = self.loss_sum + acc.fold_batch(scores.loss, scores.focal, scores.correct, scores.true_class,
-                                                  w, weighted, self.class_limit, self.slots, self.bounds, vec, hist)
+        loss_sum = self.loss_sum + acc.fold_batch(
+            scores.loss,
+            scores.focal,
+            scores.correct,
+            scores.true_class,
+            w,
+            weighted,
+            self.class_limit,
+            self.slots,
+            self.bounds,
+            vec,
+            hist,
+        )
         with np.errstate(over="ignore", invalid="ignore"):
             lifetime = self.lifetime + vec
         # Finite inputs can still overflow float64 (FP64 logits near 1e308, weights
         # near 1e308). Scores and weights are >= 0, so every window and class sum is
         # at most its lifetime total: if those stay finite, everything does.
         if not (np.isfinite(lifetime[: acc.HEAD]).all() and np.isfinite(loss_sum)):
-            raise ValidationError(Reason.NON_FINITE, "the batch's weighted losses overflow float64 "
-                                  f"(model {self.name!r} totals would become infinite)")
+            raise ValidationError(
+                Reason.NON_FINITE,
+                f"the batch's weighted losses overflow float64 (model {self.name!r} totals would become infinite)",
+            )
         self.clock = max(self.clock, now)
         now = self.clock
         self.loss_sum = loss_sum
@@ -216,16 +251,30 @@ class ModelState:
         if self.count_cap_max:
             self._grow_ring(scores.loss.shape[0])
             self.count_total = acc.count_push(
-                scores.loss, scores.focal, scores.correct, scores.true_class, w, weighted,
-                self.class_limit, self.slots, self.ring, self.ring_cls, self.blocks, self.block,
-                self.count_total)
+                scores.loss,
+                scores.focal,
+                scores.correct,
+                scores.true_class,
+                w,
+                weighted,
+                self.class_limit,
+                self.slots,
+                self.ring,
+                self.ring_cls,
+                self.blocks,
+                self.block,
+                self.count_total,
+            )
         self.batches += batches
         self.unnormalized_rows += scores.unnormalized_rows
         self.last_batch_time = now
         if event_time is not None:
             self.last_event_time = event_time
-        return (self.num_classes > self.class_limit and scores.true_class.shape[0] > 0
-                and int(scores.true_class.max()) >= self.class_limit)
+        return (
+            self.num_classes > self.class_limit
+            and scores.true_class.shape[0] > 0
+            and int(scores.true_class.max()) >= self.class_limit
+        )
 
     def window_matrix(self, now: float) -> np.ndarray:
         """Every window's stat vector, one row each, in :attr:`window_labels` order.
@@ -241,8 +290,9 @@ class ModelState:
             acc.time_read(tw.epochs, tw.buckets, tw.index(now), out[i])
         base = len(self.time_windows)
         for k, size in enumerate(self.count_sizes):
-            acc.count_read(self.ring, self.ring_cls, self.blocks, self.block, self.count_total, size,
-                           self.slots, out[base + k])
+            acc.count_read(
+                self.ring, self.ring_cls, self.blocks, self.block, self.count_total, size, self.slots, out[base + k]
+            )
         out[-1] = self.ewma
         out[-1, acc.N] = float(self.ewma[acc.N]) * 2.0 ** (-(now - self.ewma_time) / self.half_life)
         return out
@@ -309,8 +359,9 @@ class Snapshot:
 class StateStore:
     """Every model's state plus the daemon-wide counters, behind one lock."""
 
-    def __init__(self, windows: WindowsConfig, limits: LimitsConfig,
-                 clock: Callable[[], float], *, dedup_window: int = 0) -> None:
+    def __init__(
+        self, windows: WindowsConfig, limits: LimitsConfig, clock: Callable[[], float], *, dedup_window: int = 0
+    ) -> None:
         self.windows_cfg = windows
         self.limits = limits
         self.clock = clock
@@ -327,17 +378,20 @@ class StateStore:
         if state is None:
             if not self.limits.admits(name):
                 self.counters.limit_hits["allowed_models"] += 1
-                raise ValidationError(Reason.MODEL_NOT_ALLOWED,
-                                      f"model {name!r} is not in limits.allowed_models and does not match "
-                                      "limits.model_pattern")
+                raise ValidationError(
+                    Reason.MODEL_NOT_ALLOWED,
+                    f"model {name!r} is not in limits.allowed_models and does not match limits.model_pattern",
+                )
             if len(self.models) >= self.limits.max_models:
                 self.counters.limit_hits["max_models"] += 1
-                raise ValidationError(Reason.TOO_MANY_MODELS,
-                                      f"model {name!r} would exceed limits.max_models={self.limits.max_models}")
+                raise ValidationError(
+                    Reason.TOO_MANY_MODELS, f"model {name!r} would exceed limits.max_models={self.limits.max_models}"
+                )
             state = self.add_model(name, num_classes)
         elif state.num_classes != num_classes:
-            raise ValidationError(Reason.CLASS_COUNT_CHANGED,
-                                  f"model {name!r} has {state.num_classes} classes, batch has {num_classes}")
+            raise ValidationError(
+                Reason.CLASS_COUNT_CHANGED, f"model {name!r} has {state.num_classes} classes, batch has {num_classes}"
+            )
         return state
 
     def add_model(self, name: str, num_classes: int) -> ModelState:
@@ -359,8 +413,13 @@ class StateStore:
 
     def warmup(self) -> None:
         """Compile the fold kernels through the real code path, on a throwaway model."""
-        scores = SampleScores(loss=np.ones(2), focal=np.ones(2), correct=np.ones(2, np.uint8),
-                              true_class=np.zeros(2, np.int64), unnormalized_rows=0)
+        scores = SampleScores(
+            loss=np.ones(2),
+            focal=np.ones(2),
+            correct=np.ones(2, np.uint8),
+            true_class=np.zeros(2, np.int64),
+            unnormalized_rows=0,
+        )
         weights = np.ones(2)
         weights.flags.writeable = False
         for w in (None, weights):
@@ -377,21 +436,62 @@ class StateStore:
         models do not stall ingestion."""
         with self.lock:
             now = self.clock()
-            raw = [(m.name, m.num_classes, m.class_limit, m.slots, m.lifetime.copy(), m.hist.copy(), m.bounds,
-                    m.loss_sum, m.batches, m.unnormalized_rows, m.last_batch_time, m.last_event_time,
-                    m.window_labels, m.window_matrix(now)) for m in self.models.values()]
+            raw = [
+                (
+                    m.name,
+                    m.num_classes,
+                    m.class_limit,
+                    m.slots,
+                    m.lifetime.copy(),
+                    m.hist.copy(),
+                    m.bounds,
+                    m.loss_sum,
+                    m.batches,
+                    m.unnormalized_rows,
+                    m.last_batch_time,
+                    m.last_event_time,
+                    m.window_labels,
+                    m.window_matrix(now),
+                )
+                for m in self.models.values()
+            ]
             rejected = dict(self.rejected)
             counters = self.counters.copy()
         models = []
-        for (name, num_classes, class_limit, s, life, hist, bounds, loss_sum, batches, unnorm, last_batch,
-             last_event, labels, matrix) in raw:
-            models.append(ModelSnapshot(
-                name=name, samples=float(life[acc.N]), weight=float(life[acc.SW]),
-                loss_weighted_sum=float(life[acc.SWL]), correct_weighted_sum=float(life[acc.SWC]),
-                batches=batches, unnormalized_rows=unnorm, last_batch_time=last_batch,
-                last_event_time=last_event, class_labels=class_labels(num_classes, class_limit),
-                class_weight=life[acc.HEAD: acc.HEAD + s], class_loss_weighted_sum=life[acc.HEAD + s: acc.HEAD + 2 * s],
-                hist_bounds=bounds, hist_counts=hist, loss_sum=loss_sum,
-                windows=list(zip(labels, derive_all(matrix, s), strict=True)),
-            ))
+        for (
+            name,
+            num_classes,
+            class_limit,
+            s,
+            life,
+            hist,
+            bounds,
+            loss_sum,
+            batches,
+            unnorm,
+            last_batch,
+            last_event,
+            labels,
+            matrix,
+        ) in raw:
+            models.append(
+                ModelSnapshot(
+                    name=name,
+                    samples=float(life[acc.N]),
+                    weight=float(life[acc.SW]),
+                    loss_weighted_sum=float(life[acc.SWL]),
+                    correct_weighted_sum=float(life[acc.SWC]),
+                    batches=batches,
+                    unnormalized_rows=unnorm,
+                    last_batch_time=last_batch,
+                    last_event_time=last_event,
+                    class_labels=class_labels(num_classes, class_limit),
+                    class_weight=life[acc.HEAD : acc.HEAD + s],
+                    class_loss_weighted_sum=life[acc.HEAD + s : acc.HEAD + 2 * s],
+                    hist_bounds=bounds,
+                    hist_counts=hist,
+                    loss_sum=loss_sum,
+                    windows=list(zip(labels, derive_all(matrix, s), strict=True)),
+                )
+            )
         return Snapshot(models=models, rejected=rejected, counters=counters)

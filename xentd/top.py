@@ -84,17 +84,25 @@ def rows(before: Scrape, after: Scrape, window: str) -> list[Row]:
     out = []
     for model in sorted(samples1):
         loss = ce.get(model, math.nan)
-        out.append(Row(
-            model=model,
-            samples_per_s=max(0.0, samples1[model] - samples0.get(model, samples1[model])) / dt,
-            batches_per_s=max(0.0, batches1.get(model, 0.0) - batches0.get(model, batches1.get(model, 0.0))) / dt,
-            cross_entropy=loss, perplexity=math.exp(loss) if loss < 700 else math.inf,
-            accuracy=acc.get(model, math.nan), window_samples=n.get(model, 0.0)))
+        out.append(
+            Row(
+                model=model,
+                samples_per_s=max(0.0, samples1[model] - samples0.get(model, samples1[model])) / dt,
+                batches_per_s=max(0.0, batches1.get(model, 0.0) - batches0.get(model, batches1.get(model, 0.0))) / dt,
+                cross_entropy=loss,
+                perplexity=math.exp(loss) if loss < 700 else math.inf,
+                accuracy=acc.get(model, math.nan),
+                window_samples=n.get(model, 0.0),
+            )
+        )
     return out
 
 
-SORTS = {"name": lambda r: r.model, "rate": lambda r: -r.samples_per_s,
-         "loss": lambda r: -(r.cross_entropy if not math.isnan(r.cross_entropy) else -math.inf)}
+SORTS = {
+    "name": lambda r: r.model,
+    "rate": lambda r: -r.samples_per_s,
+    "loss": lambda r: -(r.cross_entropy if not math.isnan(r.cross_entropy) else -math.inf),
+}
 
 
 def render(before: Scrape, after: Scrape, *, url: str, window: str, sort: str = "name", limit: int = 50) -> str:
@@ -105,8 +113,9 @@ def render(before: Scrape, after: Scrape, *, url: str, window: str, sort: str = 
     rejected = after.total("xentd_rejected_batches_total")
     rejected0 = before.total("xentd_rejected_batches_total")
     reject_rates = {r: (v - rejected0.get(r, v)) / dt for r, v in rejected.items()}
-    top_reasons = ", ".join(f"{r} {v:.1f}/s" for r, v in sorted(reject_rates.items(), key=lambda kv: -kv[1])
-                            if v > 0)[:100]
+    top_reasons = ", ".join(f"{r} {v:.1f}/s" for r, v in sorted(reject_rates.items(), key=lambda kv: -kv[1]) if v > 0)[
+        :100
+    ]
     backend = next((dict(k).get("backend") for (n, k) in after.samples if n == "xentd_build_info"), "?")
     lines = [
         f"xentd top - {url}   window {window}   {len(table)} model(s)   "
@@ -120,9 +129,11 @@ def render(before: Scrape, after: Scrape, *, url: str, window: str, sort: str = 
         f"{'ACCURACY':>9s} {'IN WINDOW':>10s}",
     ]
     for r in table[:limit]:
-        lines.append(f"{r.model[:32]:32s} {r.samples_per_s:11,.1f} {r.batches_per_s:10,.1f} "
-                     f"{_num(r.cross_entropy, '12.4f')} {_num(r.perplexity, '11.3f')} "
-                     f"{_num(r.accuracy * 100, '8.2f')}% {r.window_samples:10,.0f}")
+        lines.append(
+            f"{r.model[:32]:32s} {r.samples_per_s:11,.1f} {r.batches_per_s:10,.1f} "
+            f"{_num(r.cross_entropy, '12.4f')} {_num(r.perplexity, '11.3f')} "
+            f"{_num(r.accuracy * 100, '8.2f')}% {r.window_samples:10,.0f}"
+        )
     if len(table) > limit:
         lines.append(f"... and {len(table) - limit} more (--limit)")
     return "\n".join(lines) + "\n"
@@ -133,8 +144,18 @@ def _num(value: float, spec: str) -> str:
     return f"{'-':>{width}s}" if math.isnan(value) else format(value, spec)
 
 
-def run(url: str, *, window: str, interval: float, once: bool, sort: str, limit: int,
-        auth: str | None = None, cafile: str | None = None, out: TextIO = sys.stdout) -> int:
+def run(
+    url: str,
+    *,
+    window: str,
+    interval: float,
+    once: bool,
+    sort: str,
+    limit: int,
+    auth: str | None = None,
+    cafile: str | None = None,
+    out: TextIO = sys.stdout,
+) -> int:
     before = scrape(url, auth=auth, cafile=cafile)
     if not any(n == "xentd_build_info" for n, _ in before.samples):
         raise XentdError(f"{url}/metrics does not look like xentd's (no xentd_build_info)")

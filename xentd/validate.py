@@ -26,7 +26,7 @@ from xentd.wire import FLOAT_DATATYPES, MODEL_NAME_RE, Message, Tensor
 # Machine epsilon of each float wire datatype: sklearn's default clip for probabilities.
 DATATYPE_EPS = {
     "FP16": float(np.finfo(np.float16).eps),
-    "BF16": 2.0 ** -7,
+    "BF16": 2.0**-7,
     "FP32": float(np.finfo(np.float32).eps),
     "FP64": float(np.finfo(np.float64).eps),
 }
@@ -125,44 +125,51 @@ def validate(msg: Message, scratch: Scratch | None = None) -> Batch:
     With a ``scratch``, widened FP16/BF16 predictions live in its buffer (see :class:`Scratch`).
     """
     if not MODEL_NAME_RE.fullmatch(msg.model):
-        raise _reject(Reason.BAD_MODEL_NAME, f"model name {msg.model[:64]!r} must be 1-128 characters "
-                                             "of A-Z a-z 0-9 _ . : -")
+        raise _reject(
+            Reason.BAD_MODEL_NAME, f"model name {msg.model[:64]!r} must be 1-128 characters of A-Z a-z 0-9 _ . : -"
+        )
     try:
         kind = InputKind[msg.input.upper()]
     except KeyError:
-        raise _reject(Reason.BAD_INPUT_KIND, f"input {msg.input[:32]!r} must be probs, logits or "
-                                             "log_probs") from None
+        raise _reject(Reason.BAD_INPUT_KIND, f"input {msg.input[:32]!r} must be probs, logits or log_probs") from None
     for required in ("predictions", "targets"):
         if required not in msg.tensors:
             raise _reject(Reason.MISSING_TENSOR, f"tensor {required!r} is required")
 
     pred_t = msg.tensors["predictions"]
     if pred_t.datatype not in FLOAT_DATATYPES:
-        raise _reject(Reason.BAD_DATATYPE, f"predictions must be FP16, BF16, FP32 or FP64, "
-                                           f"got {pred_t.datatype}")
+        raise _reject(Reason.BAD_DATATYPE, f"predictions must be FP16, BF16, FP32 or FP64, got {pred_t.datatype}")
     shape = pred_t.array.shape
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] < 2):
-        raise _reject(Reason.SHAPE_MISMATCH, f"predictions must be [N] (binary) or [N, C] with C >= 2, "
-                                             f"got {list(shape)}")
+        raise _reject(
+            Reason.SHAPE_MISMATCH, f"predictions must be [N] (binary) or [N, C] with C >= 2, got {list(shape)}"
+        )
     pred, lo, hi = _floats("predictions", pred_t, scratch)
     n = pred.shape[0]
     binary = pred.ndim == 1
     num_classes = 2 if binary else int(pred.shape[1])
     if pred.size:
         if kind is InputKind.PROBS and (lo < 0.0 or hi > 1.0):
-            raise _reject(Reason.PROBABILITY_OUT_OF_RANGE,
-                          f"probabilities must lie in [0, 1], found values in [{lo:.6g}, {hi:.6g}]")
+            raise _reject(
+                Reason.PROBABILITY_OUT_OF_RANGE,
+                f"probabilities must lie in [0, 1], found values in [{lo:.6g}, {hi:.6g}]",
+            )
         if kind is InputKind.LOG_PROBS and hi > 0.0:
-            raise _reject(Reason.PROBABILITY_OUT_OF_RANGE,
-                          f"log-probabilities must be <= 0, found {hi:.6g}")
+            raise _reject(Reason.PROBABILITY_OUT_OF_RANGE, f"log-probabilities must be <= 0, found {hi:.6g}")
 
     targets, target_kind = _targets(msg.tensors["targets"], n, num_classes, binary)
     weights = _weights(msg.tensors.get("weights"), n)
     return Batch(
-        model=msg.model, kind=kind, predictions=kernel_array(pred), targets=kernel_array(targets),
-        target_kind=target_kind, weights=None if weights is None else kernel_array(weights),
-        num_classes=num_classes, prediction_datatype=pred_t.datatype,
-        batch_id=msg.batch_id, ts=msg.ts,
+        model=msg.model,
+        kind=kind,
+        predictions=kernel_array(pred),
+        targets=kernel_array(targets),
+        target_kind=target_kind,
+        weights=None if weights is None else kernel_array(weights),
+        num_classes=num_classes,
+        prediction_datatype=pred_t.datatype,
+        batch_id=msg.batch_id,
+        ts=msg.ts,
     )
 
 
@@ -179,21 +186,21 @@ def _targets(t: Tensor, n: int, num_classes: int, binary: bool) -> tuple[np.ndar
         if n:
             lo_i, hi_i = int(t.array.min()), int(t.array.max())
             if lo_i < 0 or hi_i >= num_classes:
-                raise _reject(Reason.TARGET_OUT_OF_RANGE,
-                              f"class indices must lie in [0, {num_classes - 1}], found [{lo_i}, {hi_i}]")
+                raise _reject(
+                    Reason.TARGET_OUT_OF_RANGE,
+                    f"class indices must lie in [0, {num_classes - 1}], found [{lo_i}, {hi_i}]",
+                )
         if binary:
             return t.array.astype(np.float64), TargetKind.SOFT
         return t.array.astype(np.int64, copy=False), TargetKind.INDEX
     if t.array.ndim == 2 and not binary:
         if shape != [n, num_classes]:
-            raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} do not match predictions "
-                                                 f"[{n}, {num_classes}]")
+            raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} do not match predictions [{n}, {num_classes}]")
         values, lo, hi = _floats("targets", t)
         _check_soft_labels(lo, hi, values.size, "one-hot or soft targets")
         return values, TargetKind.SOFT
     expected = "[N] (0/1 or a probability)" if binary else f"[N] class indices or [N, {num_classes}] floats"
-    raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} ({t.datatype}) do not fit predictions; "
-                                         f"expected {expected}")
+    raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} ({t.datatype}) do not fit predictions; expected {expected}")
 
 
 def _check_soft_labels(lo: float, hi: float, size: int, what: str) -> None:
@@ -214,9 +221,17 @@ def _weights(t: Tensor | None, n: int) -> np.ndarray | None:
 
 def layout(batch: Batch) -> tuple[object, ...]:
     """What two batches must share to be scored as one: everything but N and the values."""
-    return (batch.kind, batch.predictions.dtype.str, batch.prediction_datatype, batch.predictions.ndim,
-            batch.num_classes, batch.target_kind, batch.targets.dtype.str, batch.targets.ndim,
-            batch.weights is None)
+    return (
+        batch.kind,
+        batch.predictions.dtype.str,
+        batch.prediction_datatype,
+        batch.predictions.ndim,
+        batch.num_classes,
+        batch.target_kind,
+        batch.targets.dtype.str,
+        batch.targets.ndim,
+        batch.weights is None,
+    )
 
 
 def concatenate(batches: list[Batch]) -> Batch:
@@ -230,5 +245,7 @@ def concatenate(batches: list[Batch]) -> Batch:
         first,
         predictions=kernel_array(np.concatenate([b.predictions for b in batches])),
         targets=kernel_array(np.concatenate([b.targets for b in batches])),
-        weights=weights, ts=ts, batch_id=batches[-1].batch_id,
+        weights=weights,
+        ts=ts,
+        batch_id=batches[-1].batch_id,
     )

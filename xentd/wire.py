@@ -227,26 +227,34 @@ def _tensor_specs(header: Mapping[str, Any]) -> list[tuple[str, str, tuple[int, 
             raise _fail(Reason.BAD_HEADER, f"header.tensors[{i}] must be an object")
         name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
         if name not in TENSOR_NAMES:
-            raise _fail(Reason.BAD_HEADER, f"header.tensors[{i}].name must be one of "
-                                           f"{', '.join(TENSOR_NAMES)}, got {name!r}")
+            raise _fail(
+                Reason.BAD_HEADER, f"header.tensors[{i}].name must be one of {', '.join(TENSOR_NAMES)}, got {name!r}"
+            )
         if name in seen:
             raise _fail(Reason.BAD_HEADER, f"tensor {name!r} is listed twice")
         seen.add(name)
         if not isinstance(datatype, str):
             raise _fail(Reason.BAD_HEADER, f"tensor {name!r}: datatype must be a string")
         if datatype not in DATATYPES:
-            raise _fail(Reason.UNKNOWN_DATATYPE, f"tensor {name!r}: datatype {datatype[:32]!r} is not one of "
-                                                 f"{', '.join(DATATYPES)}")
-        if (not isinstance(shape, list) or len(shape) > MAX_RANK
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)):
-            raise _fail(Reason.BAD_SHAPE, f"tensor {name!r}: shape must be a list of at most {MAX_RANK} "
-                                          f"integers in [0, 2^40], got {str(shape)[:64]}")
+            raise _fail(
+                Reason.UNKNOWN_DATATYPE,
+                f"tensor {name!r}: datatype {datatype[:32]!r} is not one of {', '.join(DATATYPES)}",
+            )
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_RANK
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
+        ):
+            raise _fail(
+                Reason.BAD_SHAPE,
+                f"tensor {name!r}: shape must be a list of at most {MAX_RANK} "
+                f"integers in [0, 2^40], got {str(shape)[:64]}",
+            )
         out.append((name, datatype, tuple(shape)))
     return out
 
 
-def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: int,
-           topic: bool = False) -> Message:
+def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: int, topic: bool = False) -> Message:
     """Decode frames (``zmq.Frame``, bytes or memoryview) into a :class:`Message`.
 
     With ``topic=True`` the first frame is a PUB/SUB topic and must equal the model name.
@@ -264,8 +272,10 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
         raise _fail(Reason.BAD_FRAMING, "message has no header frame")
     header = parse_header(buffers[0], max_header_bytes)
     if header.get("v") != VERSION or isinstance(header.get("v"), bool):
-        raise _fail(Reason.UNSUPPORTED_VERSION, f"header.v is {str(header.get('v'))[:16]!r}; "
-                                                f"this daemon speaks version {VERSION}")
+        raise _fail(
+            Reason.UNSUPPORTED_VERSION,
+            f"header.v is {str(header.get('v'))[:16]!r}; this daemon speaks version {VERSION}",
+        )
     model = header.get("model")
     if not isinstance(model, str):
         raise _fail(Reason.BAD_HEADER, "header.model must be a string")
@@ -285,24 +295,28 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
     producer, seq = header.get("producer"), header.get("seq")
     if producer is not None or seq is not None:
         if not isinstance(producer, str) or not MODEL_NAME_RE.fullmatch(producer):
-            raise _fail(Reason.BAD_HEADER, "header.producer must be 1-128 characters of A-Z a-z 0-9 _ . : - "
-                                           "when seq is given")
+            raise _fail(
+                Reason.BAD_HEADER, "header.producer must be 1-128 characters of A-Z a-z 0-9 _ . : - when seq is given"
+            )
         if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
             raise _fail(Reason.BAD_HEADER, "header.seq must be an integer in [0, 2^63) when producer is given")
     specs = _tensor_specs(header)
     data_frames = buffers[1:]
     if len(data_frames) != len(specs):
-        raise _fail(Reason.BAD_FRAMING, f"header lists {len(specs)} tensors but {len(data_frames)} "
-                                        "data frames follow")
+        raise _fail(Reason.BAD_FRAMING, f"header lists {len(specs)} tensors but {len(data_frames)} data frames follow")
     tensors: dict[str, Tensor] = {}
     for (name, datatype, shape), buf in zip(specs, data_frames, strict=True):
         dtype = DATATYPES[datatype]
         count = math.prod(shape)
         expected = count * dtype.itemsize
         if expected != buf.nbytes:
-            raise _fail(Reason.SIZE_MISMATCH, f"tensor {name!r}: shape {list(shape)} of {datatype} is "
-                                              f"{expected} bytes but its frame has {buf.nbytes}")
+            raise _fail(
+                Reason.SIZE_MISMATCH,
+                f"tensor {name!r}: shape {list(shape)} of {datatype} is "
+                f"{expected} bytes but its frame has {buf.nbytes}",
+            )
         arr = np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
         tensors[name] = Tensor(datatype, arr)
-    return Message(model=model, input=kind, tensors=tensors, batch_id=batch_id, ts=ts, nbytes=nbytes,
-                   producer=producer, seq=seq)
+    return Message(
+        model=model, input=kind, tensors=tensors, batch_id=batch_id, ts=ts, nbytes=nbytes, producer=producer, seq=seq
+    )

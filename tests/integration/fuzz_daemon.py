@@ -46,8 +46,9 @@ def fuzz_real_daemon(tmp: Path, seed: int, messages: int) -> tuple[list[str], st
             problems.append(f"{rejected[Reason.INTERNAL_ERROR.value]} internal errors")
         duplicates = s[("xentd_duplicate_batches_total", frozenset())]
         if batches + sum(rejected.values()) + duplicates != sent:
-            problems.append(f"{batches} scored + {sum(rejected.values())} rejected + {duplicates} duplicates "
-                            f"!= {sent} sent")
+            problems.append(
+                f"{batches} scored + {sum(rejected.values())} rejected + {duplicates} duplicates != {sent} sent"
+            )
         for model, n in expected.items():
             got = d.value("xentd_samples_total", model=model)
             if n and got != n:
@@ -58,8 +59,10 @@ def fuzz_real_daemon(tmp: Path, seed: int, messages: int) -> tuple[list[str], st
         code = d.stop(signal.SIGTERM)
         if code != 0:
             problems.append(f"daemon exited {code}")
-        summary = (f"{sent} messages through a real daemon: {int(batches)} scored, "
-                   f"{int(sum(rejected.values()))} rejected under {sum(1 for v in rejected.values() if v)} reasons")
+        summary = (
+            f"{sent} messages through a real daemon: {int(batches)} scored, "
+            f"{int(sum(rejected.values()))} rejected under {sum(1 for v in rejected.values() if v)} reasons"
+        )
         return problems, summary
     finally:
         if d.proc.poll() is None:

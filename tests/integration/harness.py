@@ -20,9 +20,16 @@ STARTUP_TIMEOUT = 180.0  # a cold numba cache compiles every kernel first
 
 
 class DaemonProcess:
-    def __init__(self, tmp_path: Path, config: str = "", ingest: str | None = "tcp://127.0.0.1:*", *,
-                 metrics: str | None = "127.0.0.1:0", env: dict[str, str] | None = None,
-                 scheme: str = "http") -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        config: str = "",
+        ingest: str | None = "tcp://127.0.0.1:*",
+        *,
+        metrics: str | None = "127.0.0.1:0",
+        env: dict[str, str] | None = None,
+        scheme: str = "http",
+    ) -> None:
         cfg = tmp_path / "xentd.toml"
         cfg.write_text(config)
         args = [sys.executable, "-m", "xentd", "run", "--config", str(cfg)]
@@ -31,8 +38,13 @@ class DaemonProcess:
         if ingest is not None:
             args += ["--ingest", ingest]
         self.lines: list[str] = []
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        self.proc = subprocess.Popen(
+            args,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

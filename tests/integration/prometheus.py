@@ -18,7 +18,8 @@ RULES = ROOT / "config" / "prometheus" / "xentd.rules.yml"
 
 needs_prometheus = pytest.mark.skipif(
     shutil.which("prometheus") is None or shutil.which("promtool") is None,
-    reason="Debian's prometheus package is not installed (scripts/test installs it when run as root)")
+    reason="Debian's prometheus package is not installed (scripts/test installs it when run as root)",
+)
 
 
 def free_port() -> int:
@@ -36,13 +37,21 @@ class PrometheusProcess:
             f"global:\n  scrape_interval: {scrape_interval}\n  evaluation_interval: {scrape_interval}\n"
             f"rule_files: [{json.dumps(str(RULES))}]\n"
             "scrape_configs:\n  - job_name: xentd\n    static_configs:\n"
-            f"      - targets: {json.dumps(targets)}\n")
+            f"      - targets: {json.dumps(targets)}\n"
+        )
         self.log = tmp / "prometheus.log"
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
-                ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-                stdout=out, stderr=subprocess.STDOUT)
+                [
+                    "prometheus",
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--log.level=warn",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -61,10 +70,14 @@ class PrometheusProcess:
         with urllib.request.urlopen(url, timeout=10) as resp:
             body = json.load(resp)
         assert body["status"] == "success", body
-        return {frozenset((k, v) for k, v in r["metric"].items() if k != "__name__"): float(r["value"][1])
-                for r in body["data"]["result"]}
+        return {
+            frozenset((k, v) for k, v in r["metric"].items() if k != "__name__"): float(r["value"][1])
+            for r in body["data"]["result"]
+        }
 
-    def wait_until(self, expr: str, predicate: object, timeout: float = 60.0) -> dict[frozenset[tuple[str, str]], float]:
+    def wait_until(
+        self, expr: str, predicate: object, timeout: float = 60.0
+    ) -> dict[frozenset[tuple[str, str]], float]:
         deadline = time.monotonic() + timeout
         result: dict[frozenset[tuple[str, str]], float] = {}
         while time.monotonic() < deadline:

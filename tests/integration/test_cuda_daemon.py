@@ -23,10 +23,24 @@ NO_GPU = {"NUMBA_ENABLE_CUDASIM": "0", "CUDA_VISIBLE_DEVICES": ""}
 
 def test_cuda_without_a_gpu_refuses_to_start(tmp_path: Path) -> None:
     (tmp_path / "x.toml").write_text('[engine]\nbackend = "cuda"\n')
-    out = subprocess.run([sys.executable, "-m", "xentd", "run", "--config", str(tmp_path / "x.toml"),
-                          "--metrics", "127.0.0.1:0", "--ingest", "tcp://127.0.0.1:*"],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, **NO_GPU})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xentd",
+            "run",
+            "--config",
+            str(tmp_path / "x.toml"),
+            "--metrics",
+            "127.0.0.1:0",
+            "--ingest",
+            "tcp://127.0.0.1:*",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **NO_GPU},
+    )
     assert out.returncode == 2, out.stderr
     assert 'engine.backend = "cuda", but the cuda backend needs a CUDA GPU' in out.stderr
     assert "Traceback" not in out.stderr
@@ -39,8 +53,7 @@ def test_auto_without_a_gpu_falls_back_and_says_so(start_daemon: Callable[..., D
 
 
 def test_cuda_backend_end_to_end_on_the_simulator(start_daemon: Callable[..., DaemonProcess]) -> None:
-    d = start_daemon('[engine]\nbackend = "cuda"\ncuda_threads_per_block = 8\n',
-                     env={"NUMBA_ENABLE_CUDASIM": "1"})
+    d = start_daemon('[engine]\nbackend = "cuda"\ncuda_threads_per_block = 8\n', env={"NUMBA_ENABLE_CUDASIM": "1"})
     assert "CUDA backend ready on simulator" in d.log
     rng = np.random.default_rng(0)
     x = rng.normal(0, 2, (6, 12))
@@ -53,6 +66,7 @@ def test_cuda_backend_end_to_end_on_the_simulator(start_daemon: Callable[..., Da
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         ref = log_loss(y, softmax(x.astype(np.float32).astype(np.float64)), labels=range(12))
-    assert s[("xentd_cross_entropy_nats_sum", m)] / s[("xentd_cross_entropy_nats_count", m)] == \
-        pytest.approx(ref, rel=1e-9)
+    assert s[("xentd_cross_entropy_nats_sum", m)] / s[("xentd_cross_entropy_nats_count", m)] == pytest.approx(
+        ref, rel=1e-9
+    )
     assert d.value("xentd_build_info", version=__version__, backend="cuda") == 1.0

@@ -55,16 +55,21 @@ def test_dashboard_structure() -> None:
 
 @needs_prometheus
 def test_every_panel_query_is_valid_promql(tmp_path: Path) -> None:
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:panel_{i}", "expr": expr} for i, (_, expr) in enumerate(_queries())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:panel_{i}", "expr": expr} for i, (_, expr) in enumerate(_queries())],
+            }
+        ]
+    }
     path = tmp_path / "dashboard.rules.json"  # YAML is a superset of JSON
     path.write_text(json.dumps(rules))
     out = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_every_metric_in_the_dashboard_is_exported(start_daemon: Callable[..., DaemonProcess],
-                                                   tmp_path: Path) -> None:
+def test_every_metric_in_the_dashboard_is_exported(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
     d = start_daemon(f'[state]\ndirectory = "{tmp_path / "state"}"\nsnapshot_interval = "1s"\n')
     rng = np.random.default_rng(0)
     with Publisher(d.ingest) as pub:

@@ -29,8 +29,9 @@ def test_replay_npz_then_top(start_daemon: Callable[..., DaemonProcess], tmp_pat
     p, y = softmax(rng.normal(0, 2, (1000, 5))), rng.integers(0, 5, 1000)
     np.savez(tmp_path / "val.npz", predictions=p, targets=y)
     d = start_daemon()
-    out = _xentd("replay", str(tmp_path / "val.npz"), "--model", "val", "--to", d.ingest, "--batch-size", "64",
-                 "--rate", "200")
+    out = _xentd(
+        "replay", str(tmp_path / "val.npz"), "--model", "val", "--to", d.ingest, "--batch-size", "64", "--rate", "200"
+    )
     assert out.returncode == 0, out.stderr
     assert "replayed 1000 samples in 16 batches" in out.stderr and "100.0%" in out.stderr
     d.wait_for("xentd_samples_total", 1000.0, model="val")
@@ -60,18 +61,27 @@ def test_replay_csv_binary_and_multiclass(tmp_path: Path) -> None:
     mc = replay.load(tmp_path / "mc.csv")
     assert mc.predictions.tolist() == [[0.1, 0.2, 0.7], [0.8, 0.1, 0.1]] and mc.weights is None
     sent: list[tuple[slice, str]] = []
-    n = replay.replay(ds, lambda rows, bid: sent.append((rows, bid)), batch_size=2, rate=0, stem="bin",
-                      progress=replay.Progress(2, io.StringIO()))
+    n = replay.replay(
+        ds,
+        lambda rows, bid: sent.append((rows, bid)),
+        batch_size=2,
+        rate=0,
+        stem="bin",
+        progress=replay.Progress(2, io.StringIO()),
+    )
     assert n == 2 and sent == [(slice(0, 2), "bin:0-2"), (slice(2, 3), "bin:2-3")]
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "empty file"),
-    ("pred_0,pred_1\n0.5,0.5\n", "no 'target' column"),
-    ("target,p\n1,0.5\n", "expected a 'pred' column"),
-    ("target,pred\n1,abc\n", "bad prediction value"),
-    ("target,pred\n1.5,0.5\n", "class indices"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "empty file"),
+        ("pred_0,pred_1\n0.5,0.5\n", "no 'target' column"),
+        ("target,p\n1,0.5\n", "expected a 'pred' column"),
+        ("target,pred\n1,abc\n", "bad prediction value"),
+        ("target,pred\n1.5,0.5\n", "class indices"),
+    ],
+)
 def test_replay_csv_errors_are_clear(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(content)
@@ -93,7 +103,9 @@ def test_send_reads_the_same_files_as_replay(start_daemon: Callable[..., DaemonP
     assert out.returncode == 0, out.stderr
     d.wait_for("xentd_samples_total", 2.0, model="csv")
     (tmp_path / "empty.npz").write_bytes(b"")
-    for args, message in ([str(tmp_path / "empty.npz"), "--to", d.ingest], "cannot read as .npz"), \
-                         ([str(tmp_path / "one.csv"), "--to", "nonsense"], "cannot publish to nonsense"):
+    for args, message in (
+        ([str(tmp_path / "empty.npz"), "--to", d.ingest], "cannot read as .npz"),
+        ([str(tmp_path / "one.csv"), "--to", "nonsense"], "cannot publish to nonsense"),
+    ):
         bad = _xentd("send", *args, "--model", "m")
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

@@ -62,8 +62,9 @@ def test_promtool_check_metrics_passes(start_daemon: Callable[..., DaemonProcess
     assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
 
 
-def test_queries_and_recording_rules_through_prometheus(start_daemon: Callable[..., DaemonProcess],
-                                                        prometheus: Callable[[list[str]], PrometheusProcess]) -> None:
+def test_queries_and_recording_rules_through_prometheus(
+    start_daemon: Callable[..., DaemonProcess], prometheus: Callable[[list[str]], PrometheusProcess]
+) -> None:
     d = start_daemon()
     prom = prometheus([_target(d)])
     warm_p, warm_y = _data(1, 50)
@@ -84,15 +85,18 @@ def test_queries_and_recording_rules_through_prometheus(start_daemon: Callable[.
     window = prom.query('xentd_window_cross_entropy_nats{model="m", window="5m"}')
     assert list(window.values()) == [pytest.approx(everything, rel=1e-12)]
     # The recording rule sees only the increase inside its 5m range: the measured batch.
-    rule = prom.wait_until('model:xentd_cross_entropy_nats:mean5m{model="m"}',
-                           lambda r: r and abs(list(r.values())[0] - _reference(p, y)) < 1e-9 * _reference(p, y))
+    rule = prom.wait_until(
+        'model:xentd_cross_entropy_nats:mean5m{model="m"}',
+        lambda r: r and abs(list(r.values())[0] - _reference(p, y)) < 1e-9 * _reference(p, y),
+    )
     assert list(rule.values()) == [pytest.approx(_reference(p, y), rel=1e-9)]
     up = prom.query('up{job="xentd"}')
     assert list(up.values()) == [1.0]
 
 
 def test_three_instances_merge_to_the_single_instance_reference(
-        start_daemon: Callable[..., DaemonProcess], prometheus: Callable[[list[str]], PrometheusProcess]) -> None:
+    start_daemon: Callable[..., DaemonProcess], prometheus: Callable[[list[str]], PrometheusProcess]
+) -> None:
     """Producers PUSH round-robin to three instances; Prometheus merges sums and counts.
     The merged mean equals one instance that saw everything, and sklearn."""
     shards = [start_daemon() for _ in range(3)]
@@ -121,8 +125,9 @@ def test_three_instances_merge_to_the_single_instance_reference(
     assert merged
     per_instance = prom.query('xentd_batches_total{model="shared"}')
     assert len(per_instance) == 3 and all(v >= 1 for v in per_instance.values())  # all three took part
-    mean = prom.query('sum(xentd_cross_entropy_nats_sum{model="shared"}) '
-                      '/ sum(xentd_cross_entropy_nats_count{model="shared"})')
+    mean = prom.query(
+        'sum(xentd_cross_entropy_nats_sum{model="shared"}) / sum(xentd_cross_entropy_nats_count{model="shared"})'
+    )
     ref_sum = reference.value("xentd_cross_entropy_nats_sum", model="shared")
     ref_count = reference.value("xentd_cross_entropy_nats_count", model="shared")
     assert ref_sum is not None and ref_count is not None
@@ -132,8 +137,9 @@ def test_three_instances_merge_to_the_single_instance_reference(
         sk = log_loss(np.concatenate(ys), np.concatenate(ps), sample_weight=np.concatenate(ws), labels=range(4))
     assert list(mean.values()) == [pytest.approx(sk, rel=1e-12)]
     # Averaging the instances' own means is what docs/scaling.md warns against: it differs.
-    naive = prom.query('avg(xentd_cross_entropy_nats_sum{model="shared"} '
-                       '/ xentd_cross_entropy_nats_count{model="shared"})')
+    naive = prom.query(
+        'avg(xentd_cross_entropy_nats_sum{model="shared"} / xentd_cross_entropy_nats_count{model="shared"})'
+    )
     assert list(naive.values())[0] != pytest.approx(sk, rel=1e-9)
     fanout.close()
     single.close(linger=0)
@@ -141,13 +147,19 @@ def test_three_instances_merge_to_the_single_instance_reference(
 
 
 def test_sub_instances_shard_models_by_topic_prefix(
-        start_daemon: Callable[..., DaemonProcess], prometheus: Callable[[list[str]], PrometheusProcess]) -> None:
+    start_daemon: Callable[..., DaemonProcess], prometheus: Callable[[list[str]], PrometheusProcess]
+) -> None:
     """Three instances SUB to one PUB stream, each subscribed to its own model-name prefix."""
     import time
 
     with Publisher("tcp://127.0.0.1:*", socket="pub") as pub:
-        shards = [start_daemon(f'[ingest]\nsocket = "sub"\nconnect = true\naddress = "{pub.address}"\n'
-                               f'subscribe = ["{prefix}-"]\n', ingest=None) for prefix in ("a", "b", "c")]
+        shards = [
+            start_daemon(
+                f'[ingest]\nsocket = "sub"\nconnect = true\naddress = "{pub.address}"\nsubscribe = ["{prefix}-"]\n',
+                ingest=None,
+            )
+            for prefix in ("a", "b", "c")
+        ]
         prom = prometheus([_target(d) for d in shards])
         probe_p, probe_y = _data(4, 1)
         deadline = time.monotonic() + 30

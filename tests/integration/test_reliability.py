@@ -46,8 +46,9 @@ def _batch(rng: np.random.Generator, n: int = 20) -> tuple[np.ndarray, np.ndarra
     return rng.random((n, 3)).astype(np.float32), rng.integers(0, 3, n)
 
 
-def test_sigterm_mid_stream_then_restart_loses_nothing(start_daemon: Callable[..., DaemonProcess],
-                                                       tmp_path: Path) -> None:
+def test_sigterm_mid_stream_then_restart_loses_nothing(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
     """A producer streams through a restart. With resend on, every batch is counted exactly once."""
     address = f"tcp://127.0.0.1:{_free_port()}"
     config = f'[state]\ndirectory = "{tmp_path / "state"}"\nsnapshot_interval = "1h"\n'
@@ -86,8 +87,7 @@ def test_sigterm_mid_stream_then_restart_loses_nothing(start_daemon: Callable[..
     assert "restored 1 model(s)" in second.log
 
 
-def test_kill_9_loses_at_most_one_snapshot_interval(start_daemon: Callable[..., DaemonProcess],
-                                                    tmp_path: Path) -> None:
+def test_kill_9_loses_at_most_one_snapshot_interval(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
     """The bound: what a written snapshot holds survives a kill; what was scored after it,
     within the last interval, may or may not, and never in part."""
     interval = 1.0
@@ -113,8 +113,9 @@ def test_kill_9_loses_at_most_one_snapshot_interval(start_daemon: Callable[..., 
     assert d.value("xentd_samples_total", model="k") == survived  # nothing scored since: nothing lost
 
 
-def test_a_corrupt_snapshot_does_not_stop_the_daemon(start_daemon: Callable[..., DaemonProcess],
-                                                     tmp_path: Path) -> None:
+def test_a_corrupt_snapshot_does_not_stop_the_daemon(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
     state = tmp_path / "state"
     state.mkdir()
     (state / "xentd-state.npz").write_bytes(b"PK\x03\x04 definitely not a zip")
@@ -166,8 +167,7 @@ def test_sub_mode_counts_what_pub_sub_dropped(start_daemon: Callable[..., Daemon
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.SNDHWM, 5)
     pub.bind(f"tcp://127.0.0.1:{port}")
-    d = start_daemon('[ingest]\nsocket = "sub"\nconnect = true\nreceive_hwm = 5\n',
-                     ingest=f"tcp://127.0.0.1:{port}")
+    d = start_daemon('[ingest]\nsocket = "sub"\nconnect = true\nreceive_hwm = 5\n', ingest=f"tcp://127.0.0.1:{port}")
     rng = np.random.default_rng(3)
     p, y = _batch(rng, 2000)
 
@@ -221,16 +221,21 @@ def test_curve_admits_authorized_keys_only(start_daemon: Callable[..., DaemonPro
         assert main(["keygen", str(keys), "--name", name]) == 0
     assert oct((keys / "server.key_secret").stat().st_mode & 0o777) == "0o600"
     (authorized / "client.key").write_bytes((keys / "client.key").read_bytes())
-    d = start_daemon(f'[ingest.curve]\nserver_secret_key = "{keys / "server.key_secret"}"\n'
-                     f'authorized_keys = "{authorized}"\n')
+    d = start_daemon(
+        f'[ingest.curve]\nserver_secret_key = "{keys / "server.key_secret"}"\nauthorized_keys = "{authorized}"\n'
+    )
     p, y = _batch(np.random.default_rng(4))
-    with Publisher(d.ingest, curve_server_key=str(keys / "server.key"),
-                   curve_secret_key=str(keys / "client.key_secret")) as pub:
+    with Publisher(
+        d.ingest, curve_server_key=str(keys / "server.key"), curve_secret_key=str(keys / "client.key_secret")
+    ) as pub:
         pub.send("curve", p, y)
     d.wait_for("xentd_batches_total", 1.0, model="curve")
     for secret in ("intruder.key_secret", None):
-        kwargs = {} if secret is None else {"curve_server_key": str(keys / "server.key"),
-                                            "curve_secret_key": str(keys / secret)}
+        kwargs = (
+            {}
+            if secret is None
+            else {"curve_server_key": str(keys / "server.key"), "curve_secret_key": str(keys / secret)}
+        )
         with Publisher(d.ingest, linger_ms=500, **kwargs) as pub:  # type: ignore[arg-type]
             pub.send("curve", p, y)
             time.sleep(0.5)
@@ -249,9 +254,11 @@ def test_metrics_over_tls_with_basic_auth(start_daemon: Callable[..., DaemonProc
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     (tmp_path / "password").write_text("s3cret\n")
-    d = start_daemon(f'[metrics.tls]\ncert_file = "{tmp_path / "server.pem"}"\nkey_file = "{tmp_path / "server.pem"}"\n'
-                     f'[metrics.basic_auth]\nusername = "prom"\npassword_file = "{tmp_path / "password"}"\n',
-                     scheme="https")
+    d = start_daemon(
+        f'[metrics.tls]\ncert_file = "{tmp_path / "server.pem"}"\nkey_file = "{tmp_path / "server.pem"}"\n'
+        f'[metrics.basic_auth]\nusername = "prom"\npassword_file = "{tmp_path / "password"}"\n',
+        scheme="https",
+    )
     assert d.http.startswith("https://127.0.0.1:")
     client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
 
@@ -279,8 +286,11 @@ def test_metrics_mutual_tls(start_daemon: Callable[..., DaemonProcess], tmp_path
     ca = trustme.CA()
     ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    d = start_daemon(f'[metrics.tls]\ncert_file = "{tmp_path / "server.pem"}"\nkey_file = "{tmp_path / "server.pem"}"\n'
-                     f'client_ca_file = "{tmp_path / "ca.pem"}"\n', scheme="https")
+    d = start_daemon(
+        f'[metrics.tls]\ncert_file = "{tmp_path / "server.pem"}"\nkey_file = "{tmp_path / "server.pem"}"\n'
+        f'client_ca_file = "{tmp_path / "ca.pem"}"\n',
+        scheme="https",
+    )
     anonymous = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
     with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
         urllib.request.urlopen(d.http + "/metrics", context=anonymous, timeout=5).read()

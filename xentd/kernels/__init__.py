@@ -72,8 +72,9 @@ BACKEND_CHOICES = ("cpu", "cuda", "auto")
 class Router:
     """Scores each batch on the backend its model is set to use (see the module doc)."""
 
-    def __init__(self, cpu: Backend, cuda: Backend | None, *, default: str, per_model: Mapping[str, str],
-                 cuda_min_elements: int) -> None:
+    def __init__(
+        self, cpu: Backend, cuda: Backend | None, *, default: str, per_model: Mapping[str, str], cuda_min_elements: int
+    ) -> None:
         self.cpu = cpu
         self.cuda = cuda
         self.default = default
@@ -104,8 +105,14 @@ class Router:
             self.cuda.warmup()
 
 
-def create(name: str, *, parallel_threshold: int, per_model: Mapping[str, str] | None = None,
-           cuda_min_elements: int = 1 << 20, cuda_threads_per_block: int = 256) -> Router:
+def create(
+    name: str,
+    *,
+    parallel_threshold: int,
+    per_model: Mapping[str, str] | None = None,
+    cuda_min_elements: int = 1 << 20,
+    cuda_threads_per_block: int = 256,
+) -> Router:
     """The backends a config asks for. ``cuda`` anywhere without a usable GPU is a
     :class:`BackendUnavailable`; ``auto`` without one falls back to the CPU and says so in the log."""
     per_model = dict(per_model or {})
@@ -125,11 +132,16 @@ def create(name: str, *, parallel_threshold: int, per_model: Mapping[str, str] |
             cuda = CudaBackend(threads_per_block=cuda_threads_per_block)
         except (BackendUnavailable, ImportError, ValueError) as exc:
             if required:
-                which = "engine.backend" if name == "cuda" else \
-                    "models." + next(m for m, c in per_model.items() if c == "cuda") + ".backend"
-                raise BackendUnavailable(f"{which} = \"cuda\", but {exc}. Install a GPU build with "
-                                         "pip install 'xentd[cuda]' on a machine with an NVIDIA GPU and driver, "
-                                         "or set it to \"auto\" or \"cpu\"") from None
+                which = (
+                    "engine.backend"
+                    if name == "cuda"
+                    else "models." + next(m for m, c in per_model.items() if c == "cuda") + ".backend"
+                )
+                raise BackendUnavailable(
+                    f'{which} = "cuda", but {exc}. Install a GPU build with '
+                    "pip install 'xentd[cuda]' on a machine with an NVIDIA GPU and driver, "
+                    'or set it to "auto" or "cpu"'
+                ) from None
             log.warning("backend auto: no usable CUDA device (%s); scoring on the CPU", exc)
         else:
             log.info("CUDA backend ready on %s", getattr(cuda, "device", "?"))

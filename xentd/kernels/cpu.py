@@ -120,7 +120,7 @@ def _focal_weight(q, gamma):  # type: ignore[no-untyped-def]
         return q
     if gamma == 0.0:
         return 1.0
-    return q ** gamma
+    return q**gamma
 
 
 PROBS = int(InputKind.PROBS)
@@ -404,10 +404,22 @@ class CpuBackend:
         serial, parallel = KERNELS[family]
         kernel = parallel if batch.predictions.size >= self.parallel_threshold else serial
         out = (self._loss[:n], self._focal[:n], self._correct[:n], self._tcls[:n], self._unnorm[:n])
-        kernel(batch.predictions, batch.targets, int(batch.kind), params.eps, params.focal_gamma,
-               params.normalization_tolerance, *out)
-        return SampleScores(loss=out[0], focal=out[1], correct=out[2], true_class=out[3],
-                            unnormalized_rows=int(np.count_nonzero(out[4])))
+        kernel(
+            batch.predictions,
+            batch.targets,
+            int(batch.kind),
+            params.eps,
+            params.focal_gamma,
+            params.normalization_tolerance,
+            *out,
+        )
+        return SampleScores(
+            loss=out[0],
+            focal=out[1],
+            correct=out[2],
+            true_class=out[3],
+            unnormalized_rows=int(np.count_nonzero(out[4])),
+        )
 
     def warmup(self) -> None:
         """Compile (or load from the on-disk cache) every signature ``score`` can use."""

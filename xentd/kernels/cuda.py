@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 
 from xentd.errors import BackendUnavailable
-from xentd.kernels import SampleScores, ScoringParams
-from xentd.kernels import cpu
+from xentd.kernels import SampleScores, ScoringParams, cpu
 from xentd.validate import Batch, InputKind, TargetKind
 
 try:
@@ -301,8 +300,10 @@ class _Slot:
         return view
 
     def outputs(self, rows: int) -> list[object]:
-        return [self._buffers(f"out{k}", rows, np.dtype(dt))[1][:rows]  # type: ignore[index]
-                for k, dt in enumerate(self.OUT_DTYPES)]
+        return [
+            self._buffers(f"out{k}", rows, np.dtype(dt))[1][:rows]  # type: ignore[index]
+            for k, dt in enumerate(self.OUT_DTYPES)
+        ]
 
 
 class CudaBackend:
@@ -358,14 +359,20 @@ class CudaBackend:
                 grid = min(self.blocks, (stop - start + self.threads - 1) // self.threads)
             else:
                 grid = min(self.blocks, stop - start)
-            kernel[grid, self.threads, slot.stream](d_pred, d_tgt, int(batch.kind), params.eps, params.focal_gamma,
-                                                    params.normalization_tolerance, *d_out)
+            kernel[grid, self.threads, slot.stream](
+                d_pred, d_tgt, int(batch.kind), params.eps, params.focal_gamma, params.normalization_tolerance, *d_out
+            )
             for d, host in zip(d_out, outs, strict=True):
                 d.copy_to_host(host[start:stop], stream=slot.stream)
         for slot in self._slots:
             slot.stream.synchronize()
-        return SampleScores(loss=self._loss[:n], focal=self._focal[:n], correct=self._correct[:n],
-                            true_class=self._tcls[:n], unnormalized_rows=int(np.count_nonzero(self._unnorm[:n])))
+        return SampleScores(
+            loss=self._loss[:n],
+            focal=self._focal[:n],
+            correct=self._correct[:n],
+            true_class=self._tcls[:n],
+            unnormalized_rows=int(np.count_nonzero(self._unnorm[:n])),
+        )
 
     def warmup(self) -> None:
         """Compile every kernel signature ``score`` can use, on tiny batches."""
@@ -375,12 +382,23 @@ class CudaBackend:
         for dtype in (np.float32, np.float64):
             pred1 = kernel_array(np.full(2, 0.5, dtype))
             pred2 = kernel_array(np.full((2, 2), 0.5, dtype))
-            cases = [(pred1, kernel_array(np.zeros(2)), TargetKind.SOFT),
-                     (pred2, kernel_array(np.zeros(2, np.int64)), TargetKind.INDEX),
-                     (pred2, kernel_array(np.zeros((2, 2), np.float32)), TargetKind.SOFT),
-                     (pred2, kernel_array(np.zeros((2, 2), np.float64)), TargetKind.SOFT)]
+            cases = [
+                (pred1, kernel_array(np.zeros(2)), TargetKind.SOFT),
+                (pred2, kernel_array(np.zeros(2, np.int64)), TargetKind.INDEX),
+                (pred2, kernel_array(np.zeros((2, 2), np.float32)), TargetKind.SOFT),
+                (pred2, kernel_array(np.zeros((2, 2), np.float64)), TargetKind.SOFT),
+            ]
             for pred, tgt, target_kind in cases:
-                batch = Batch(model="warmup", kind=InputKind.PROBS, predictions=pred, targets=tgt,
-                              target_kind=target_kind, weights=None, num_classes=2,
-                              prediction_datatype="FP32" if dtype == np.float32 else "FP64", batch_id=None, ts=None)
+                batch = Batch(
+                    model="warmup",
+                    kind=InputKind.PROBS,
+                    predictions=pred,
+                    targets=tgt,
+                    target_kind=target_kind,
+                    weights=None,
+                    num_classes=2,
+                    prediction_datatype="FP32" if dtype == np.float32 else "FP64",
+                    batch_id=None,
+                    ts=None,
+                )
                 self.score(batch, params)
