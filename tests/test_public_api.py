@@ -7,8 +7,8 @@ import logging
 import pytest
 
 import xentd
-from xentd.daemon import _RejectionLog
 from xentd.errors import Reason, RejectedBatch, XentdError
+from xentd.pipeline import _RejectionLog
 
 
 def test_all_is_complete_and_importable() -> None:
@@ -24,6 +24,7 @@ def test_all_is_complete_and_importable() -> None:
         "exporter",
         "scan",
         "daemon",
+        "pipeline",
         "cli",
         "jit",
         "persist",

@@ -93,7 +93,7 @@ def block_size(largest_window: int) -> int:
 
 
 @njit(cache=True)
-def count_push(
+def count_push(  # type: ignore[no-untyped-def]
     loss,
     focal,
     correct,
@@ -101,7 +101,7 @@ def count_push(
     weights,
     weighted,
     class_limit,
-    slots,  # type: ignore[no-untyped-def]
+    slots,
     ring,
     ring_cls,
     blocks,
