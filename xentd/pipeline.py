@@ -158,7 +158,7 @@ class Pipeline:
 
     def _rejected(self, reason: Reason, detail: str, model: str | None) -> None:
         with self.state.lock:
-            self.state.reject(reason)
+            self.state.reject(reason, model)
             self.state.counters.messages += 1
         self._log_rejection(reason, detail, model)
 

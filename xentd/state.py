@@ -100,6 +100,10 @@ class ModelState:
         self.loss_sum = 0.0
         self.batches = 0
         self.unnormalized_rows = 0
+        # Target rows scored as sent although they are not a distribution (soft rows off 1, multi-hot rows).
+        self.unnormalized_targets = 0
+        # Rejected batches of this model, by reason value; only models with state get these.
+        self.rejected: dict[str, int] = {}
         self.last_batch_time = created
         self.last_event_time: float | None = None
         self.clock = created  # never goes backwards, so buckets stay monotone
@@ -126,6 +130,8 @@ class ModelState:
         "loss_sum",
         "batches",
         "unnormalized_rows",
+        "unnormalized_targets",
+        "rejected",
         "last_batch_time",
         "last_event_time",
         "clock",
@@ -136,6 +142,7 @@ class ModelState:
     def export(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
         """Copies of everything needed to rebuild this state: (scalars, arrays)."""
         scalars = {k: getattr(self, k) for k in self._SCALARS}
+        scalars["rejected"] = dict(self.rejected)
         arrays: dict[str, np.ndarray] = {
             "lifetime": self.lifetime.copy(),
             "hist": self.hist.copy(),
@@ -165,6 +172,10 @@ class ModelState:
             setattr(self, k, float(scalars[k]))  # type: ignore[arg-type]
         self.batches = int(scalars["batches"])  # type: ignore[call-overload]
         self.unnormalized_rows = int(scalars["unnormalized_rows"])  # type: ignore[call-overload]
+        # Absent from snapshots written before these counters existed.
+        self.unnormalized_targets = int(scalars.get("unnormalized_targets", 0))  # type: ignore[call-overload]
+        rejected = scalars.get("rejected") or {}
+        self.rejected = {str(k): int(v) for k, v in rejected.items()}  # type: ignore[attr-defined]
         event = scalars["last_event_time"]
         self.last_event_time = None if event is None else float(event)  # type: ignore[arg-type]
         if not windows:
@@ -310,6 +321,8 @@ class ModelSnapshot:
     correct_weighted_sum: float
     batches: int
     unnormalized_rows: int
+    unnormalized_targets: int
+    rejected: dict[str, int]  # reason value -> rejected batches of this model
     last_batch_time: float
     last_event_time: float | None
     class_labels: tuple[str, ...]
@@ -427,8 +440,13 @@ class StateStore:
             scratch.fold(scores, w, self.clock(), None)
             scratch.windows(self.clock())
 
-    def reject(self, reason: Reason) -> None:
+    def reject(self, reason: Reason, model: str | None = None) -> None:
+        """Count a rejected batch. Call with the lock held. Only a model that already
+        has state gets a labelled count, so bad or unknown names create no series."""
         self.rejected[reason.value] += 1
+        state = self.models.get(model) if model is not None else None
+        if state is not None:
+            state.rejected[reason.value] = state.rejected.get(reason.value, 0) + 1
 
     def snapshot(self) -> Snapshot:
         """A consistent copy of all state. The lock is held only to copy raw sums;
@@ -448,6 +466,8 @@ class StateStore:
                     m.loss_sum,
                     m.batches,
                     m.unnormalized_rows,
+                    m.unnormalized_targets,
+                    dict(m.rejected),
                     m.last_batch_time,
                     m.last_event_time,
                     m.window_labels,
@@ -469,6 +489,8 @@ class StateStore:
             loss_sum,
             batches,
             unnorm,
+            unnorm_targets,
+            model_rejected,
             last_batch,
             last_event,
             labels,
@@ -483,6 +505,8 @@ class StateStore:
                     correct_weighted_sum=float(life[acc.SWC]),
                     batches=batches,
                     unnormalized_rows=unnorm,
+                    unnormalized_targets=unnorm_targets,
+                    rejected=model_rejected,
                     last_batch_time=last_batch,
                     last_event_time=last_event,
                     class_labels=class_labels(num_classes, class_limit),
