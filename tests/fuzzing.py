@@ -343,7 +343,7 @@ def run_in_process(seed: int, count: int, chunk: int = 64) -> Report:
     clock = lambda: 1_700_000_000.0  # noqa: E731 - both daemons must see one time
     fuzzed, control = Daemon(FUZZ_CONFIG, clock=clock), Daemon(FUZZ_CONFIG, clock=clock)
     fuzzed._init_backend()
-    control.backend = fuzzed.backend
+    control.pipeline.backend = fuzzed.backend
     report = Report()
     expected: Counter[str] = Counter()
     items = stream(seed, count)
