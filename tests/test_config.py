@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,85 @@ def test_reliability_settings() -> None:
 def test_reliability_setting_errors(data: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config.from_mapping(data)
+
+
+def _xentd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xentd", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_check_config_reports_every_problem_at_once(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        "[ingest]\n"
+        'address = "tcp://127.0.0.1:5557"\n'
+        "receive_hwm = 0\n"
+        'adress = "x"\n'
+        "[metrics]\n"
+        'listen = "9650"\n'
+        "[windows]\n"
+        'time = ["5 minutes", "1m"]\n'
+        "[models.m]\n"
+        "eps = 0.9\n"
+        "[engine]\n"
+        'backend = "tpu"\n'
+        "[log]\n"
+        "level = 3\n"
+    )
+    out = _xentd("check-config", str(bad))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.splitlines()
+    assert lines[0] == f"xentd: error: {bad}: 7 problems:"
+    expected = [
+        "ingest.receive_hwm: must be a positive integer, got 0",
+        "ingest.adress: unknown key (did you mean 'address'?)",
+        "metrics.listen: expected HOST:PORT, got '9650'",
+        "windows.time[0]: '5 minutes' is not a duration",
+        "models.m.eps: must be in (0, 0.5), got 0.9",
+        "engine.backend: must be one of 'cpu', 'cuda', 'auto', got 'tpu'",
+        "log.level: expected str, got int 3",
+    ]
+    assert len(lines) == 1 + len(expected)
+    for line, want in zip(lines[1:], expected, strict=True):
+        assert line.startswith("  ") and want in line, (line, want)
+
+
+def test_every_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping({"ingets": {}, "state": {"dir": "/x", "interval": "1s"}})
+    text = str(info.value)
+    assert text.startswith("3 problems:\n")
+    for key in ("ingets: unknown key", "state.dir: unknown key", "state.interval: unknown key"):
+        assert key in text
+
+
+def test_one_problem_stays_one_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.from_mapping({"scoring": {"eps": 0.7}})
+    assert str(info.value) == "scoring.eps: must be in (0, 0.5), got 0.7"
+
+
+@pytest.mark.parametrize(
+    "address, hint",
+    [
+        ("127.0.0.1:5557", "did you mean `tcp://127.0.0.1:5557`?"),
+        ("localhost:5557", "did you mean `tcp://localhost:5557`?"),
+        ("[::1]:5557", "did you mean `tcp://[::1]:5557`?"),
+        ("*:5557", "did you mean `tcp://*:5557`?"),
+        ("nonsense", ""),
+        ("tcp://127.0.0.1:5557", ""),
+        ("/run/xentd.sock", ""),
+    ],
+)
+def test_transport_hint(address: str, hint: str) -> None:
+    assert config.transport_hint(address) == (f" ({hint})" if hint else "")
+
+
+def test_an_address_without_a_transport_gets_a_hint(tmp_path: Path) -> None:
+    cfg = tmp_path / "x.toml"
+    cfg.write_text('[ingest]\naddress = "127.0.0.1:5557"\n')
+    out = _xentd("check-config", str(cfg))
+    assert out.returncode == 2 and "ingest.address" in out.stderr
+    assert "did you mean `tcp://127.0.0.1:5557`?" in out.stderr
+    run = _xentd("run", "--ingest", "127.0.0.1:5557")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("xentd: error: --ingest: ") and "did you mean `tcp://127.0.0.1:5557`?" in run.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import tomllib
@@ -237,17 +238,62 @@ def parse_listen(text: str, where: str) -> tuple[str, int]:
     return host.strip("[]"), port
 
 
-class _Table:
-    """A TOML table being consumed key by key, so leftovers can be reported as unknown."""
+_ENDPOINT_RE = re.compile(r"^(tcp|ipc|inproc)://.+")
+# HOST:PORT, [IPv6]:PORT or *:PORT written without the transport in front.
+_BARE_HOST_PORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):(\d+|\*)$")
 
-    def __init__(self, data: Any, path: str) -> None:
+
+def transport_hint(address: str) -> str:
+    """`` (did you mean `tcp://HOST:PORT`?)`` for an address written as HOST:PORT, else ``""``.
+
+    The one place that guesses what a transport-less address meant: the config's
+    ``ingest.address``, ``--ingest``, ``send``/``replay --to`` and :class:`~xentd.client.Publisher`
+    all use it, so they all say the same thing.
+    """
+    text = address.strip()
+    if "://" not in text and _BARE_HOST_PORT_RE.match(text):
+        return f" (did you mean `tcp://{text}`?)"
+    return ""
+
+
+def _endpoint_problem(address: str, where: str) -> str | None:
+    """What is wrong with ``address`` as the daemon's ingest endpoint, or None."""
+    if _ENDPOINT_RE.match(address):
+        return None
+    return (
+        f"{where}: expected a ZeroMQ endpoint such as "
+        f'"tcp://127.0.0.1:5557" or "ipc:///run/xentd/ingest", got {address!r}{transport_hint(address)}'
+    )
+
+
+class _Table:
+    """A TOML table being consumed key by key, so leftovers can be reported as unknown.
+
+    Problems are noted in ``errors`` (shared by a table and its sub-tables) rather
+    than raised, and the parse goes on with the default, so one run reports every
+    problem in the file; :func:`from_mapping` raises them together at the end.
+    """
+
+    def __init__(self, data: Any, path: str, errors: list[str] | None = None) -> None:
         if not isinstance(data, dict):
             raise ConfigError(f"{path or 'config'}: expected a table, got {type(data).__name__}")
         self._data = dict(data)
         self._path = path
+        self.errors: list[str] = [] if errors is None else errors
 
     def where(self, key: str) -> str:
         return f"{self._path}.{key}" if self._path else key
+
+    def error(self, message: str) -> None:
+        self.errors.append(message)
+
+    def guard(self, parse: Callable[[], T], default: T) -> T:
+        """``parse()``, or ``default`` with its :class:`ConfigError` noted, so parsing goes on."""
+        try:
+            return parse()
+        except ConfigError as exc:
+            self.errors.append(str(exc))
+            return default
 
     def take(self, key: str, kind: type[T] | tuple[type, ...], default: T) -> T:
         if key not in self._data:
@@ -257,11 +303,13 @@ class _Table:
         # bool is an int in Python; a config that says `port = true` is a mistake.
         if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             names = " or ".join(k.__name__ for k in kinds)
-            raise ConfigError(f"{self.where(key)}: expected {names}, got {type(value).__name__} {value!r}")
+            self.error(f"{self.where(key)}: expected {names}, got {type(value).__name__} {value!r}")
+            return default
         return cast(T, value)
 
     def take_table(self, key: str) -> _Table:
-        return _Table(self._data.pop(key, {}), self.where(key))
+        """The sub-table ``key``; raises :class:`ConfigError` when it is not a table."""
+        return _Table(self._data.pop(key, {}), self.where(key), self.errors)
 
     def keys(self) -> list[str]:
         return list(self._data)
@@ -270,36 +318,47 @@ class _Table:
         if not self._data:
             return
         names = known() if callable(known) else known
-        key = next(iter(self._data))
-        hint = difflib.get_close_matches(key, names, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         allowed = ", ".join(sorted(names))
-        raise ConfigError(f"{self.where(key)}: unknown key{suggestion}; known keys here: {allowed}")
+        for key in self._data:
+            hint = difflib.get_close_matches(key, names, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            self.error(f"{self.where(key)}: unknown key{suggestion}; known keys here: {allowed}")
+        self._data.clear()
+
+    def raise_errors(self) -> None:
+        if len(self.errors) == 1:
+            raise ConfigError(self.errors[0])
+        if self.errors:
+            raise ConfigError(f"{len(self.errors)} problems:\n" + "\n".join(f"  {e}" for e in self.errors))
 
 
 def _non_negative_int(t: _Table, key: str, default: int) -> int:
     value = t.take(key, int, default)
     if value < 0:
-        raise ConfigError(f"{t.where(key)}: must be >= 0, got {value}")
+        t.error(f"{t.where(key)}: must be >= 0, got {value}")
+        return default
     return value
 
 
 def _positive_int(t: _Table, key: str, default: int) -> int:
     value = t.take(key, int, default)
     if value <= 0:
-        raise ConfigError(f"{t.where(key)}: must be a positive integer, got {value}")
+        t.error(f"{t.where(key)}: must be a positive integer, got {value}")
+        return default
     return value
 
 
 def _choice(t: _Table, key: str, choices: tuple[str, ...], default: str) -> str:
     value = t.take(key, str, default)
     if value not in choices:
-        raise ConfigError(f"{t.where(key)}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        t.error(f"{t.where(key)}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return default
     return value
 
 
 def _duration(t: _Table, key: str, default: float) -> float:
-    return _seconds(t.take(key, (str, int, float), default), t.where(key))
+    value = t.take(key, (str, int, float), default)
+    return t.guard(lambda: _seconds(value, t.where(key)), default)
 
 
 def _seconds(value: str | float, where: str) -> float:
@@ -317,14 +376,15 @@ def _field_names(cls: type) -> list[str]:
 def _parse_ingest(t: _Table) -> IngestConfig:
     d = IngestConfig()
     address = t.take("address", str, d.address)
-    if not re.match(r"^(tcp|ipc|inproc)://.+", address):
-        raise ConfigError(
-            f"{t.where('address')}: expected a ZeroMQ endpoint such as "
-            f'"tcp://127.0.0.1:5557" or "ipc:///run/xentd/ingest", got {address!r}'
-        )
+    problem = _endpoint_problem(address, t.where("address"))
+    if problem is not None:
+        t.error(problem)
+        address = d.address
     subscribe = t.take("subscribe", list, list(d.subscribe))
     if not all(isinstance(s, str) for s in subscribe):
-        raise ConfigError(f"{t.where('subscribe')}: expected a list of topic prefix strings")
+        t.error(f"{t.where('subscribe')}: expected a list of topic prefix strings")
+        subscribe = list(d.subscribe)
+    curve = t.guard(lambda: _parse_curve(t.take_table("curve")), None) if "curve" in t.keys() else None
     cfg = IngestConfig(
         address=address,
         socket=_choice(t, "socket", ("pull", "sub"), d.socket),  # type: ignore[arg-type]
@@ -334,12 +394,12 @@ def _parse_ingest(t: _Table) -> IngestConfig:
         max_message_bytes=_positive_int(t, "max_message_bytes", d.max_message_bytes),
         max_header_bytes=_positive_int(t, "max_header_bytes", d.max_header_bytes),
         dedup_window=_non_negative_int(t, "dedup_window", d.dedup_window),
-        curve=_parse_curve(t.take_table("curve")) if "curve" in t.keys() else None,
+        curve=curve,
     )
     if cfg.connect and cfg.socket != "sub":
-        raise ConfigError(f"{t.where('connect')}: only a SUB socket can connect; a PULL socket binds")
+        t.error(f"{t.where('connect')}: only a SUB socket can connect; a PULL socket binds")
     if cfg.curve is not None and not address.startswith("tcp://"):
-        raise ConfigError(
+        t.error(
             f"{t.where('curve')}: CURVE authentication needs a tcp:// address, got {address!r} "
             "(ipc sockets are guarded by file permissions instead)"
         )
@@ -350,7 +410,7 @@ def _parse_ingest(t: _Table) -> IngestConfig:
 def _required_str(t: _Table, key: str) -> str:
     value = t.take(key, str, "")
     if not value:
-        raise ConfigError(f"{t.where(key)}: required, as a non-empty string")
+        t.error(f"{t.where(key)}: required, as a non-empty string")
     return value
 
 
@@ -374,7 +434,7 @@ def _parse_tls(t: _Table) -> TlsConfig:
 def _parse_basic_auth(t: _Table) -> BasicAuthConfig:
     cfg = BasicAuthConfig(username=_required_str(t, "username"), password_file=_required_str(t, "password_file"))
     if ":" in cfg.username:
-        raise ConfigError(f"{t.where('username')}: a basic-auth username cannot contain ':'")
+        t.error(f"{t.where('username')}: a basic-auth username cannot contain ':'")
     t.done(_field_names(BasicAuthConfig))
     return cfg
 
@@ -382,9 +442,9 @@ def _parse_basic_auth(t: _Table) -> BasicAuthConfig:
 def _parse_metrics(t: _Table) -> MetricsConfig:
     d = MetricsConfig()
     listen = t.take("listen", str, f"{d.host}:{d.port}")
-    host, port = parse_listen(listen, t.where("listen"))
-    tls = _parse_tls(t.take_table("tls")) if "tls" in t.keys() else None
-    auth = _parse_basic_auth(t.take_table("basic_auth")) if "basic_auth" in t.keys() else None
+    host, port = t.guard(lambda: parse_listen(listen, t.where("listen")), (d.host, d.port))
+    tls = t.guard(lambda: _parse_tls(t.take_table("tls")), None) if "tls" in t.keys() else None
+    auth = t.guard(lambda: _parse_basic_auth(t.take_table("basic_auth")), None) if "basic_auth" in t.keys() else None
     t.done(["listen", "tls", "basic_auth"])
     return MetricsConfig(host=host, port=port, tls=tls, basic_auth=auth)
 
@@ -399,15 +459,19 @@ def _parse_windows(t: _Table) -> WindowsConfig:
     for i, spec in enumerate(time_specs):
         where = f"{t.where('time')}[{i}]"
         if not isinstance(spec, str):
-            raise ConfigError(f'{where}: expected a duration string such as "5m", got {spec!r}')
-        windows.append(TimeWindow(spec.strip(), parse_duration(spec, where)))
+            t.error(f'{where}: expected a duration string such as "5m", got {spec!r}')
+            continue
+        seconds = t.guard(functools.partial(parse_duration, spec, where), 0.0)
+        if seconds:
+            windows.append(TimeWindow(spec.strip(), seconds))
     counts = t.take("count", list, list(d.count))
     for i, n in enumerate(counts):
         if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ConfigError(f"{t.where('count')}[{i}]: expected a positive integer, got {n!r}")
+            t.error(f"{t.where('count')}[{i}]: expected a positive integer, got {n!r}")
+    counts = [n for n in counts if isinstance(n, int) and not isinstance(n, bool) and n > 0]
     labels = [w.label for w in windows] + [f"last_{n}" for n in counts] + ["ewma"]
     if len(set(labels)) != len(labels):
-        raise ConfigError(f"{t.where('time')}/{t.where('count')}: window labels repeat: {labels}")
+        t.error(f"{t.where('time')}/{t.where('count')}: window labels repeat: {labels}")
     cfg = WindowsConfig(
         time=tuple(windows),
         buckets=_positive_int(t, "buckets", d.buckets),
@@ -421,20 +485,23 @@ def _parse_windows(t: _Table) -> WindowsConfig:
 def _parse_scoring(t: _Table, base: ScoringConfig, *, per_model: bool = False) -> ScoringConfig:
     eps = t.take("eps", (int, float), base.eps)
     if eps is not None and not (0.0 < eps < 0.5):
-        raise ConfigError(f"{t.where('eps')}: must be in (0, 0.5), got {eps}")
+        t.error(f"{t.where('eps')}: must be in (0, 0.5), got {eps}")
+        eps = base.eps
     gamma = float(t.take("focal_gamma", (int, float), base.focal_gamma))
     if not math.isfinite(gamma) or gamma < 0:
-        raise ConfigError(f"{t.where('focal_gamma')}: must be a finite number >= 0, got {gamma}")
+        t.error(f"{t.where('focal_gamma')}: must be a finite number >= 0, got {gamma}")
+        gamma = base.focal_gamma
     tol = t.take("normalization_tolerance", (int, float), base.normalization_tolerance)
     if tol is not None and not (0.0 < tol < 1.0):
-        raise ConfigError(f"{t.where('normalization_tolerance')}: must be in (0, 1), got {tol}")
+        t.error(f"{t.where('normalization_tolerance')}: must be in (0, 1), got {tol}")
+        tol = base.normalization_tolerance
     backend = _choice(t, "backend", ("cpu", "cuda", "auto"), "") if per_model and "backend" in t.keys() else None
     t.done(_field_names(ScoringConfig) if per_model else [f for f in _field_names(ScoringConfig) if f != "backend"])
     return ScoringConfig(
         eps=None if eps is None else float(eps),
         focal_gamma=gamma,
         normalization_tolerance=None if tol is None else float(tol),
-        backend=backend,
+        backend=backend or None,
     )
 
 
@@ -447,27 +514,33 @@ def _parse_limits(t: _Table) -> LimitsConfig:
         or any(not math.isfinite(b) or b <= 0 for b in buckets)
         or any(b2 <= b1 for b1, b2 in zip(buckets, buckets[1:], strict=False))
     ):
-        raise ConfigError(
+        t.error(
             f"{t.where('loss_buckets')}: expected a non-empty, strictly increasing "
             f"list of positive finite numbers, got {buckets!r}"
         )
+        buckets = list(d.loss_buckets)
     allowed = t.take("allowed_models", list, list(d.allowed_models))
     for i, name in enumerate(allowed):
         if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name):
-            raise ConfigError(f"{t.where('allowed_models')}[{i}]: {name!r} is not a valid model name")
+            t.error(f"{t.where('allowed_models')}[{i}]: {name!r} is not a valid model name")
     pattern = t.take("model_pattern", str, "") or None
     if pattern is not None:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise ConfigError(f"{t.where('model_pattern')}: not a regular expression: {exc}") from None
+            t.error(f"{t.where('model_pattern')}: not a regular expression: {exc}")
+            pattern = None
     ttl_value = t.take("model_ttl", (str, int, float), "24h")
-    ttl = None if ttl_value == "never" else _seconds(ttl_value, t.where("model_ttl"))
+    ttl = (
+        None
+        if ttl_value == "never"
+        else t.guard(lambda: _seconds(ttl_value, t.where("model_ttl")), d.model_ttl_seconds)
+    )
     cfg = LimitsConfig(
         max_models=_positive_int(t, "max_models", d.max_models),
         class_limit=_positive_int(t, "class_limit", d.class_limit),
         loss_buckets=tuple(float(b) for b in buckets),
-        allowed_models=tuple(allowed),
+        allowed_models=tuple(a for a in allowed if isinstance(a, str)),
         model_pattern=pattern,
         model_ttl_seconds=ttl,
     )
@@ -488,23 +561,24 @@ def _parse_state(t: _Table) -> StateConfig:
 
 def _parse_engine(t: _Table) -> EngineConfig:
     d = EngineConfig()
-    parallel_threshold = t.take("parallel_threshold", int, d.parallel_threshold)
-    if parallel_threshold < 0:
-        raise ConfigError(f"{t.where('parallel_threshold')}: must be >= 0, got {parallel_threshold}")
+    parallel_threshold = _non_negative_int(t, "parallel_threshold", d.parallel_threshold)
     threads = _positive_int(t, "cuda_threads_per_block", d.cuda_threads_per_block)
     if threads & (threads - 1) or threads > 1024:
-        raise ConfigError(f"{t.where('cuda_threads_per_block')}: must be a power of two up to 1024, got {threads}")
+        t.error(f"{t.where('cuda_threads_per_block')}: must be a power of two up to 1024, got {threads}")
+        threads = d.cuda_threads_per_block
+    group_max_elements = t.take("group_max_elements", int, d.group_max_elements)
+    if group_max_elements < 0:
+        t.error(f"{t.where('group_max_elements')}: must be >= 0 (0 disables grouping)")
+        group_max_elements = d.group_max_elements
     cfg = EngineConfig(
         backend=_choice(t, "backend", ("cpu", "cuda", "auto"), d.backend),  # type: ignore[arg-type]
         cuda_min_elements=_non_negative_int(t, "cuda_min_elements", d.cuda_min_elements),
         cuda_threads_per_block=threads,
         parallel_threshold=parallel_threshold,
         drain_max=_positive_int(t, "drain_max", d.drain_max),
-        group_max_elements=t.take("group_max_elements", int, d.group_max_elements),
+        group_max_elements=group_max_elements,
         shutdown_drain_seconds=_duration(t, "shutdown_drain", d.shutdown_drain_seconds),
     )
-    if cfg.group_max_elements < 0:
-        raise ConfigError(f"{t.where('group_max_elements')}: must be >= 0 (0 disables grouping)")
     t.done(
         [
             "backend",
@@ -533,23 +607,35 @@ _SECTIONS = ["ingest", "metrics", "windows", "scoring", "models", "limits", "eng
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
-    """Build a :class:`Config` from parsed TOML, raising :class:`ConfigError` on any problem."""
+    """Build a :class:`Config` from parsed TOML.
+
+    Raises one :class:`ConfigError` that lists every problem found, one per line:
+    each table is parsed to its end even after a bad key, with the default in its place.
+    """
     root = _Table(data, "")
-    ingest = _parse_ingest(root.take_table("ingest"))
-    metrics = _parse_metrics(root.take_table("metrics"))
-    windows = _parse_windows(root.take_table("windows"))
-    scoring = _parse_scoring(root.take_table("scoring"), ScoringConfig())
-    models_table = root.take_table("models")
+
+    def section(key: str, parse: Callable[[_Table], T], default: T) -> T:
+        return root.guard(lambda: parse(root.take_table(key)), default)
+
+    ingest = section("ingest", _parse_ingest, IngestConfig())
+    metrics = section("metrics", _parse_metrics, MetricsConfig())
+    windows = section("windows", _parse_windows, WindowsConfig())
+    scoring = section("scoring", lambda t: _parse_scoring(t, ScoringConfig()), ScoringConfig())
     models: dict[str, ScoringConfig] = {}
+    models_table = root.guard(lambda: root.take_table("models"), _Table({}, "models"))
     for name in models_table.keys():  # noqa: SIM118 - a _Table, not a dict
         if not MODEL_NAME_RE.fullmatch(name):
-            raise ConfigError(f"models.{name!r}: not a valid model name (1-128 characters of A-Z a-z 0-9 _ . : -)")
-        models[name] = _parse_scoring(models_table.take_table(name), scoring, per_model=True)
-    limits = _parse_limits(root.take_table("limits"))
-    engine = _parse_engine(root.take_table("engine"))
-    log = _parse_log(root.take_table("log"))
-    state = _parse_state(root.take_table("state"))
+            root.error(f"models.{name!r}: not a valid model name (1-128 characters of A-Z a-z 0-9 _ . : -)")
+            continue
+        model_table = root.guard(functools.partial(models_table.take_table, name), None)
+        if model_table is not None:
+            models[name] = root.guard(functools.partial(_parse_scoring, model_table, scoring, per_model=True), scoring)
+    limits = section("limits", _parse_limits, LimitsConfig())
+    engine = section("engine", _parse_engine, EngineConfig())
+    log = section("log", _parse_log, LogConfig())
+    state = section("state", _parse_state, StateConfig())
     root.done(_SECTIONS)
+    root.raise_errors()
     return Config(
         ingest=ingest,
         metrics=metrics,
@@ -587,8 +673,10 @@ def with_overrides(
 ) -> Config:
     """Apply the ``--ingest``, ``--metrics`` and ``--state-dir`` command-line overrides."""
     if ingest is not None:
-        table = _Table({"address": ingest}, "--ingest")
-        address = _parse_ingest(table).address  # the same address checks as the file's
+        problem = _endpoint_problem(ingest, "--ingest")  # the same check as the file's
+        if problem is not None:
+            raise ConfigError(problem)
+        address = ingest
         fixed = dataclasses.replace(cfg.ingest, address=address)
         if fixed.curve is not None and not address.startswith("tcp://"):
             raise ConfigError(
