@@ -127,3 +127,87 @@ def test_producer_and_seq_are_checked_on_the_wire() -> None:
         max_header_bytes=1 << 16,
     )
     assert (msg.producer, msg.seq) == ("p", 4)
+
+
+def _raw(header: dict, *data: bytes) -> list[bytes]:
+    return [json.dumps(header).encode(), *data]
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        lambda h: h["tensors"][0].update(datatype="FP8"),  # unknown_datatype
+        lambda h: h["tensors"][0].update(shape=[3, -2]),  # bad_shape
+        lambda h: h["tensors"][0].update(shape=[4, 2]),  # size_mismatch
+        lambda h: h.update(ts=-5),  # bad_header
+    ],
+)
+def test_a_message_refused_while_decoding_still_records_its_seq(spoil: object) -> None:
+    d = _daemon()
+    header = json.loads(_msg(seq=1)[0])
+    spoil(header)  # type: ignore[operator]
+    refused = [json.dumps(header).encode(), *_msg(seq=1)[1:]]
+    d.handle_many([_msg(seq=0), refused, _msg(seq=2)])
+    assert d.state.counters.sequence_gaps == 0
+    assert sum(d.state.rejected.values()) == 1
+    d.handle(_msg(seq=5))  # 3 and 4 never arrived
+    assert d.state.counters.sequence_gaps == 2
+
+
+def test_an_empty_batch_is_counted_and_otherwise_ignored() -> None:
+    d = _daemon()
+    empty = [bytes(f) for f in wire.encode("m", np.zeros((0, 5)), np.zeros(0, np.int64), batch_id="e")]
+    d.handle_many([empty, empty])
+    assert not d.state.models and d.state.counters.messages == 2
+    assert d.state.counters.duplicate_batches == 0 and not any(d.state.rejected.values())
+    d.handle(_msg())  # [3, 2]: the empty [0, 5] batch fixed nothing
+    (m,) = d.state.snapshot().models
+    assert (m.name, m.class_labels, m.batches) == ("m", ("0", "1"), 1)
+    d.handle(empty)  # nor is it checked against the model's classes
+    assert d.state.counters.messages == 4 and not any(d.state.rejected.values())
+    assert d.state.snapshot().models[0].batches == 1
+    bad_empty = wire.encode("m", np.zeros((0, 5)), np.zeros((0, 4)))  # still validated
+    d.handle([bytes(f) for f in bad_empty])
+    assert d.state.rejected[Reason.SHAPE_MISMATCH.value] == 1
+
+
+def test_an_empty_batch_id_is_no_batch_id() -> None:
+    d = _daemon()
+    header = json.loads(_msg()[0])
+    header["batch_id"] = ""
+    d.handle_many([_raw(header, *_msg()[1:]), _raw(header, *_msg()[1:])])
+    d.handle(_raw(header, *_msg()[1:]))
+    (m,) = d.state.snapshot().models
+    assert m.batches == 3 and d.state.counters.duplicate_batches == 0 and len(d.state.recent) == 0
+
+
+def test_unnormalized_targets_are_counted_per_model_at_fold_time() -> None:
+    d = _daemon()
+    soft = np.array([[0.5, 0.6], [0.5, 0.5], [1.0, 1.0]])
+    batch = [bytes(f) for f in wire.encode("m", np.full((3, 2), 0.5), soft)]
+    multi_hot = [bytes(f) for f in wire.encode("m", np.full((2, 2), 0.5), np.ones((2, 2), np.uint8))]
+    d.handle_many([batch, batch, multi_hot])  # grouped: the counts add up
+    d.handle(batch)
+    (m,) = d.state.snapshot().models
+    assert m.unnormalized_targets == 2 * 3 + 2 and m.batches == 4 and m.samples == 11
+
+
+def test_rejections_are_counted_per_model_only_for_well_formed_known_names() -> None:
+    d = _daemon()
+    d.handle(_msg(model="m"))
+    header = json.loads(_msg()[0])
+    header["tensors"][0]["datatype"] = "FP8"
+    d.handle(_raw(header, *_msg()[1:]))  # decode error for a known model: labelled
+    d.handle([bytes(f) for f in wire.encode("m", np.full((1, 2), 0.5), np.array([5]))])  # validation error
+    header["model"] = "other"
+    d.handle(_raw(header, *_msg()[1:]))  # no state: unlabelled only
+    header["model"] = "m\n"
+    header["tensors"][0]["datatype"] = "FP64"
+    d.handle(_raw(header, *_msg()[1:]))  # bad_model_name: unlabelled, and creates nothing
+    header["model"] = "m"
+    header["v"] = 2
+    d.handle(_raw(header, *_msg()[1:]))  # another version: its fields mean nothing yet
+    (m,) = d.state.snapshot().models
+    assert m.rejected == {"unknown_datatype": 1, "target_out_of_range": 1}
+    assert d.state.rejected["unknown_datatype"] == 2 and d.state.rejected["bad_model_name"] == 1
+    assert d.state.rejected["unsupported_version"] == 1

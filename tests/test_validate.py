@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_batch
+from xentd import wire
 from xentd.errors import Reason, ValidationError
-from xentd.validate import InputKind, TargetKind
+from xentd.validate import InputKind, TargetKind, concatenate, validate
 from xentd.wire import BF16
 
 
@@ -109,3 +110,37 @@ def test_input_kind_and_missing_tensors_from_raw_headers() -> None:
     with pytest.raises(ValidationError) as info:
         validate(msg)
     assert info.value.reason is Reason.MISSING_TENSOR
+
+
+def test_target_rows_that_are_not_a_distribution_are_counted_not_refused() -> None:
+    p = np.full((5, 3), 1 / 3)
+    soft = np.array([[0.2, 0.3, 0.5], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.2, 0.2, 0.2]])
+    b = make_batch(p, soft)
+    assert b.unnormalized_targets == 3 and b.target_kind is TargetKind.SOFT
+    np.testing.assert_array_equal(b.targets, soft)  # scored as sent
+    multi_hot = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 0, 1], [0, 1, 0]], np.uint8)
+    assert make_batch(p, multi_hot).unnormalized_targets == 2
+    assert make_batch(p, np.eye(3, dtype=np.int64)[[0, 1, 2, 0, 1]]).unnormalized_targets == 0
+
+
+def test_soft_target_tolerance_follows_the_datatype_or_the_given_value() -> None:
+    p = np.full((2, 2), 0.5)
+    off = np.array([[0.5, 0.5 + 1e-4], [0.5, 0.5]])
+    assert make_batch(p, off.astype(np.float64)).unnormalized_targets == 1  # sqrt(eps64) = 1.5e-8
+    assert make_batch(p, off.astype(np.float32)).unnormalized_targets == 0  # sqrt(eps32) = 3.5e-4
+    assert make_batch(p, off.astype(np.float16)).unnormalized_targets == 0
+    frames = [bytes(f) for f in wire.encode("m", p, off)]
+    msg = wire.decode(frames, max_message_bytes=1 << 20, max_header_bytes=4096)
+    assert validate(msg, target_tolerance=1e-3).unnormalized_targets == 0
+    assert validate(msg, target_tolerance=1e-5).unnormalized_targets == 1
+
+
+def test_index_and_binary_targets_are_never_unnormalized() -> None:
+    assert make_batch(P, Y).unnormalized_targets == 0
+    assert make_batch(np.array([0.2, 0.9]), np.array([0.3, 0.6])).unnormalized_targets == 0
+
+
+def test_concatenated_batches_keep_their_unnormalized_counts() -> None:
+    a = make_batch(P, np.array([[0.5, 0.6], [1.0, 0.0]]))
+    b = make_batch(P, np.array([[0.5, 0.6], [0.5, 0.6]]))
+    assert concatenate([a, b]).unnormalized_targets == 3

@@ -159,3 +159,170 @@ def test_topic_frame_must_name_the_model() -> None:
     with pytest.raises(DecodeError) as info:
         wire.decode([b"other", *frames], topic=True, **LIMITS)
     assert info.value.reason is Reason.TOPIC_MISMATCH
+
+
+# --- the typed header: integers, versions, duplicates, ts, context ------------------
+
+
+def _reason(frames: list[bytes]) -> DecodeError:
+    with pytest.raises(DecodeError) as info:
+        wire.decode(frames, **LIMITS)
+    return info.value
+
+
+def _raw(text: str, *tensors: bytes) -> list[bytes]:
+    return [text.encode(), *tensors]
+
+
+_TENSORS = '[{"name":"predictions","datatype":"FP32","shape":[2]},{"name":"targets","datatype":"INT64","shape":[2]}]'
+
+
+def test_errors_name_the_field_path() -> None:
+    spec = _header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [2, 1.0]}])
+    err = _reason(_frames(spec, GOOD[0]))
+    assert err.reason is Reason.BAD_SHAPE and "$.tensors[0].shape[1]" in err.detail
+    err = _reason(_frames(_header(model=7), *GOOD))
+    assert err.reason is Reason.BAD_HEADER and "$.model" in err.detail
+    missing_shape = _header(tensors=[{"name": "predictions", "datatype": "FP32"}])
+    assert _reason(_frames(missing_shape, GOOD[0])).reason is Reason.BAD_SHAPE
+
+
+@pytest.mark.parametrize(
+    "v,reason",
+    [(2, Reason.UNSUPPORTED_VERSION), (0, Reason.UNSUPPORTED_VERSION), (1.0, Reason.UNSUPPORTED_VERSION)]
+    + [("1", Reason.UNSUPPORTED_VERSION), (None, Reason.UNSUPPORTED_VERSION), (2**70, Reason.UNSUPPORTED_VERSION)],
+)
+def test_only_the_integer_1_is_version_1(v: object, reason: Reason) -> None:
+    assert _reason(_frames(_header(v=v), *GOOD)).reason is reason
+
+
+def test_a_missing_version_is_a_bad_header() -> None:
+    h = _header()
+    del h["v"]
+    err = _reason(_frames(h, *GOOD))
+    assert err.reason is Reason.BAD_HEADER and "header.v" in err.detail
+
+
+def test_the_version_is_judged_before_the_rest_of_the_header() -> None:
+    """A header of another version may differ anywhere: it is unsupported, not malformed."""
+    assert _reason(_raw('{"tensors":{"x":1},"v":2}', *GOOD)).reason is Reason.UNSUPPORTED_VERSION
+    assert _reason(_raw('{"tensors":{"x":1}}', *GOOD)).reason is Reason.BAD_HEADER
+
+
+@pytest.mark.parametrize(
+    "over,reason",
+    [
+        (
+            {"tensors": [{"name": "predictions", "datatype": "FP32", "shape": [2.0]}, _header()["tensors"][1]]},
+            "bad_shape",
+        ),
+        ({"producer": "p", "seq": 3.0}, "bad_header"),
+        ({"producer": "p", "seq": 3.5}, "bad_header"),
+        ({"v": 1.0}, "unsupported_version"),
+    ],
+)
+def test_integer_fields_must_be_json_integers(over: dict, reason: str) -> None:
+    assert _reason(_frames(_header(**over), *GOOD)).reason == reason
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"v":1,"v":1,"model":"m","input":"probs","tensors":%s}',
+        '{"v":1,"model":"x","model":"m","input":"probs","tensors":%s}',
+        '{"v":1,"model":"m","input":"probs","tensors":%s,"extra":1,"extra":2}',
+        '{"v":1,"model":"m:1","input":"probs","batch_id":"a:b","batch_id":"c","tensors":%s}',
+        '{"v":1,"model":"m","input":"probs","tensors":%s,"note":"\\u003a","ts":1,"ts":2}',
+    ],
+)
+def test_a_repeated_key_is_a_bad_header(text: str) -> None:
+    err = _reason(_raw(text % _TENSORS, *GOOD))
+    assert err.reason is Reason.BAD_HEADER and "repeats the key" in err.detail
+
+
+def test_a_repeated_key_inside_a_tensor_spec_is_a_bad_header() -> None:
+    tensors = _TENSORS.replace('"shape":[2]}', '"shape":[2],"shape":[2]}', 1)
+    err = _reason(_raw('{"v":1,"model":"m","input":"probs","tensors":' + tensors + "}", *GOOD))
+    assert err.reason is Reason.BAD_HEADER and "'shape'" in err.detail
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"v":1,"model":"m","input":"probs","tensors":%s}',
+        '{"v":1,"model":"org:m","input":"probs","tensors":%s,"batch_id":"2026-01-01T00:00:00Z"}',
+        '{"v":1,"model":"m","input":"probs","tensors":%s,"extra":{"v":2,"model":"x"},"note":"a:b"}',
+        '{"v":1,"model":"m","input":"probs","tensors":%s,"batch_id":null,"ts":null}',
+        '{"v":1,"model":"m","input":"probs","tensors":%s,"batch_id":"\\u0062:1"}',
+    ],
+)
+def test_keys_repeated_only_across_objects_are_fine(text: str) -> None:
+    """Tensor specs share key names, nested unknown objects may reuse header keys, colons live in strings."""
+    msg = wire.decode(_raw(text % _TENSORS, *GOOD), **LIMITS)
+    assert msg.model in ("m", "org:m")
+
+
+@pytest.mark.parametrize("ts", [-5, -1e-9, 1e308, 253402300800, 1.7e12, "1", True])
+def test_ts_must_be_unix_seconds_up_to_year_9999(ts: object) -> None:
+    err = _reason(_frames(_header(ts=ts), *GOOD))
+    assert err.reason is Reason.BAD_HEADER and "$.ts" in err.detail
+
+
+@pytest.mark.parametrize("ts", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_ts_is_a_bad_header(ts: str) -> None:
+    text = '{"v":1,"model":"m","input":"probs","tensors":' + _TENSORS + ',"ts":' + ts + "}"
+    assert _reason(_raw(text, *GOOD)).reason is Reason.BAD_HEADER
+
+
+def test_valid_ts_range() -> None:
+    for ts in (0, 0.0, 1.7e9, 253402300799):
+        assert wire.decode(_frames(_header(ts=ts), *GOOD), **LIMITS).ts == float(ts)
+    with pytest.raises(ValueError, match="ts must be"):
+        wire.encode("m", np.ones(2), np.ones(2), ts=1.7e12)
+
+
+def test_an_empty_batch_id_means_none() -> None:
+    assert wire.decode(_frames(_header(batch_id=""), *GOOD), **LIMITS).batch_id is None
+    assert "batch_id" not in json.loads(wire.encode("m", np.ones(2), np.ones(2), batch_id="")[0])
+
+
+def test_datatype_names_are_case_sensitive() -> None:
+    spec = _header(tensors=[{"name": "predictions", "datatype": "fp32", "shape": [2]}])
+    err = _reason(_frames(spec, GOOD[0]))
+    assert err.reason is Reason.UNKNOWN_DATATYPE and "case-sensitive" in err.detail
+
+
+def test_a_refused_header_still_tells_its_model_and_stream_position() -> None:
+    """So the pipeline can record the seq (no false gap) and count the rejection per model."""
+    unknown = _header(
+        tensors=[{"name": "predictions", "datatype": "FP8", "shape": [2]}, _header()["tensors"][1]],
+        producer="p",
+        seq=7,
+    )
+    err = _reason(_frames(unknown, *GOOD))
+    assert (err.reason, err.model, err.producer, err.seq) == (Reason.UNKNOWN_DATATYPE, "m", "p", 7)
+    bad_shape = _header(tensors=[{"name": "predictions", "datatype": "FP32", "shape": [-2]}], producer="p", seq=8)
+    err = _reason(_frames(bad_shape, GOOD[0]))
+    assert (err.reason, err.model, err.producer, err.seq) == (Reason.BAD_SHAPE, "m", "p", 8)
+    err = _reason(_frames(_header(producer="p", seq=9), GOOD[0], GOOD[1][:-1]))
+    assert (err.reason, err.seq) == (Reason.SIZE_MISMATCH, 9)
+    err = _reason(_frames(_header(producer="p", seq=10), GOOD[0], b"\0" * (1 << 20)))
+    assert (err.reason, err.model, err.seq) == (Reason.MESSAGE_TOO_LARGE, "m", 10)
+    # Nothing that is not well-formed, and nothing from a header of another version.
+    err = _reason(_frames(_header(model="a b", producer="p", seq=-1, ts=-1), *GOOD))
+    assert (err.model, err.producer, err.seq) == (None, None, None)
+    err = _reason(_frames(_header(v=2, producer="p", seq=11), *GOOD))
+    assert (err.reason, err.model, err.seq) == (Reason.UNSUPPORTED_VERSION, None, None)
+
+
+def test_invalid_utf8_in_an_ignored_key_is_still_refused() -> None:
+    raw = json.dumps(_header()).encode()[:-1] + b', "note": "\xff"}'
+    assert _reason([raw, *GOOD]).reason is Reason.BAD_HEADER
+
+
+def test_encoded_header_is_compact_json_in_field_order() -> None:
+    frames = wire.encode("m", np.ones(2, np.float32), np.ones(2, np.int64), batch_id="b", ts=2.5, producer="p", seq=1)
+    assert bytes(frames[0]) == (
+        b'{"v":1,"model":"m","input":"probs","tensors":[{"name":"predictions","datatype":"FP32","shape":[2]},'
+        b'{"name":"targets","datatype":"INT64","shape":[2]}],"batch_id":"b","ts":2.5,"producer":"p","seq":1}'
+    )

@@ -78,7 +78,26 @@ class RejectedBatch(XentdError):
 
 
 class DecodeError(RejectedBatch):
-    """The message is not well-formed protocol v1 (frames, header, tensor layout)."""
+    """The message is not well-formed protocol v1 (frames, header, tensor layout).
+
+    When the header was read far enough, the error carries its well-formed model
+    name and its (producer, seq), so that a refused message is still counted as
+    arrived (no false sequence gap) and per model. Otherwise they are None.
+    """
+
+    def __init__(
+        self,
+        reason: Reason,
+        detail: str,
+        *,
+        model: str | None = None,
+        producer: str | None = None,
+        seq: int | None = None,
+    ) -> None:
+        super().__init__(reason, detail)
+        self.model = model
+        self.producer = producer
+        self.seq = seq
 
 
 class ValidationError(RejectedBatch):

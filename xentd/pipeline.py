@@ -17,7 +17,7 @@ from typing import Any
 
 from xentd import wire
 from xentd.config import Config
-from xentd.errors import Reason, RejectedBatch
+from xentd.errors import DecodeError, Reason, RejectedBatch
 from xentd.kernels import Backend, ScoringParams
 from xentd.state import ModelState, StateStore
 from xentd.validate import Batch, Scratch, concatenate, layout, validate
@@ -98,6 +98,7 @@ class Pipeline:
             self._score(group)
 
     def _accept(self, frames: list[Any]) -> tuple[Batch, ModelState, bool] | None:
+        # The model a rejection is counted for: only a well-formed name, and only once decoded.
         model: str | None = None
         try:
             msg = wire.decode(
@@ -106,15 +107,22 @@ class Pipeline:
                 max_header_bytes=self.config.ingest.max_header_bytes,
                 topic=self.config.ingest.socket == "sub",
             )
-            model = msg.model
+            if wire.MODEL_NAME_RE.fullmatch(msg.model):
+                model = msg.model
             if msg.producer is not None and msg.seq is not None:
                 # Before validation: a message that arrived but is refused is not a gap.
-                with self.state.lock:
-                    self.state.counters.sequence_gaps += self.state.sequences.observe(msg.producer, msg.seq)
+                self._observe_seq(msg.producer, msg.seq)
             pred = msg.tensors.get("predictions")
             small = pred is not None and pred.array.size <= self.config.engine.group_max_elements
             # A grouped batch must own its arrays; a scratch buffer is reused by the next message.
-            batch = validate(msg, None if small else self._scratch)
+            tolerance = self.config.scoring_for(msg.model).normalization_tolerance
+            batch = validate(msg, None if small else self._scratch, tolerance)
+            if batch.size == 0:
+                # Nothing to score: counted as a message, and nothing else. It creates no
+                # model, so it neither fixes nor checks a class count (docs/protocol.md).
+                with self.state.lock:
+                    self.state.counters.messages += 1
+                return None
             with self.state.lock:
                 if batch.batch_id is not None and self.state.recent.capacity:
                     key = (batch.model, batch.batch_id)
@@ -126,12 +134,21 @@ class Pipeline:
                 if batch.batch_id is not None:
                     self.state.recent.add((batch.model, batch.batch_id))
             return batch, state, small
+        except DecodeError as exc:
+            # Refused while decoding: the header may still have named its model and stream position.
+            if exc.producer is not None and exc.seq is not None:
+                self._observe_seq(exc.producer, exc.seq)
+            self._rejected(exc.reason, exc.detail, exc.model)
         except RejectedBatch as exc:
             self._rejected(exc.reason, exc.detail, model)
         except Exception:
             log.exception("internal error while validating a batch for model %r", model)
             self._rejected(Reason.INTERNAL_ERROR, "internal error", model)
         return None
+
+    def _observe_seq(self, producer: str, seq: int) -> None:
+        with self.state.lock:
+            self.state.counters.sequence_gaps += self.state.sequences.observe(producer, seq)
 
     def _score(self, group: _Group) -> None:
         count = len(group.batches)
@@ -141,7 +158,14 @@ class Pipeline:
             assert self.backend is not None
             scores = self.backend.score(batch, self._scoring_params(batch))
             with self.state.lock:
-                if group.state.fold(scores, batch.weights, self.clock(), batch.ts, batches=count):
+                if group.state.fold(
+                    scores,
+                    batch.weights,
+                    self.clock(),
+                    batch.ts,
+                    batches=count,
+                    unnormalized_targets=batch.unnormalized_targets,
+                ):
                     self.state.counters.limit_hits["class_limit"] += 1
                 self.state.counters.messages += count
         except RejectedBatch as exc:

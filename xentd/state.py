@@ -213,9 +213,18 @@ class ModelState:
         self.ring, self.ring_cls = ring, ring_cls
 
     def fold(
-        self, scores: SampleScores, weights: np.ndarray | None, now: float, event_time: float | None, batches: int = 1
+        self,
+        scores: SampleScores,
+        weights: np.ndarray | None,
+        now: float,
+        event_time: float | None,
+        batches: int = 1,
+        unnormalized_targets: int = 0,
     ) -> bool:
         """Add scored samples (``batches`` messages' worth, concatenated in arrival order).
+
+        ``unnormalized_targets`` is the batches' count of target rows that are not a
+        distribution (see :attr:`xentd.validate.Batch.unnormalized_targets`).
 
         Returns whether any sample's class was past the class limit (folded into "other").
         """
@@ -278,6 +287,7 @@ class ModelState:
             )
         self.batches += batches
         self.unnormalized_rows += scores.unnormalized_rows
+        self.unnormalized_targets += unnormalized_targets
         self.last_batch_time = now
         if event_time is not None:
             self.last_event_time = event_time

@@ -66,6 +66,9 @@ class Batch:
     prediction_datatype: str
     batch_id: str | None
     ts: float | None
+    # Target rows scored as sent although they are not a distribution: soft rows whose
+    # sum is off 1 by more than the tolerance, integer rows that are not one-hot.
+    unnormalized_targets: int = 0
 
     @property
     def binary(self) -> bool:
@@ -119,10 +122,13 @@ def _floats(name: str, t: Tensor, scratch: Scratch | None = None) -> tuple[np.nd
     return values, lo, hi
 
 
-def validate(msg: Message, scratch: Scratch | None = None) -> Batch:
+def validate(msg: Message, scratch: Scratch | None = None, target_tolerance: float | None = None) -> Batch:
     """Check a decoded message and return a :class:`Batch`, or raise ValidationError.
 
     With a ``scratch``, widened FP16/BF16 predictions live in its buffer (see :class:`Scratch`).
+    ``target_tolerance`` is how far a soft target row's sum may be off 1 before it is
+    counted in ``Batch.unnormalized_targets``; None: the square root of the targets'
+    datatype epsilon, as for prediction rows.
     """
     if not MODEL_NAME_RE.fullmatch(msg.model):
         raise _reject(
@@ -157,7 +163,7 @@ def validate(msg: Message, scratch: Scratch | None = None) -> Batch:
         if kind is InputKind.LOG_PROBS and hi > 0.0:
             raise _reject(Reason.PROBABILITY_OUT_OF_RANGE, f"log-probabilities must be <= 0, found {hi:.6g}")
 
-    targets, target_kind = _targets(msg.tensors["targets"], n, num_classes, binary)
+    targets, target_kind, unnormalized = _targets(msg.tensors["targets"], n, num_classes, binary, target_tolerance)
     weights = _weights(msg.tensors.get("weights"), n)
     return Batch(
         model=msg.model,
@@ -170,10 +176,13 @@ def validate(msg: Message, scratch: Scratch | None = None) -> Batch:
         prediction_datatype=pred_t.datatype,
         batch_id=msg.batch_id,
         ts=msg.ts,
+        unnormalized_targets=unnormalized,
     )
 
 
-def _targets(t: Tensor, n: int, num_classes: int, binary: bool) -> tuple[np.ndarray, TargetKind]:
+def _targets(
+    t: Tensor, n: int, num_classes: int, binary: bool, tolerance: float | None
+) -> tuple[np.ndarray, TargetKind, int]:
     shape = list(t.array.shape)
     is_float = t.datatype in FLOAT_DATATYPES
     if t.array.ndim == 1 and not (is_float and not binary):
@@ -182,7 +191,7 @@ def _targets(t: Tensor, n: int, num_classes: int, binary: bool) -> tuple[np.ndar
         if is_float:  # binary soft labels
             values, lo, hi = _floats("targets", t)
             _check_soft_labels(lo, hi, values.size, "binary soft targets")
-            return values.astype(np.float64, copy=False), TargetKind.SOFT
+            return values.astype(np.float64, copy=False), TargetKind.SOFT, 0
         if n:
             lo_i, hi_i = int(t.array.min()), int(t.array.max())
             if lo_i < 0 or hi_i >= num_classes:
@@ -191,16 +200,30 @@ def _targets(t: Tensor, n: int, num_classes: int, binary: bool) -> tuple[np.ndar
                     f"class indices must lie in [0, {num_classes - 1}], found [{lo_i}, {hi_i}]",
                 )
         if binary:
-            return t.array.astype(np.float64), TargetKind.SOFT
-        return t.array.astype(np.int64, copy=False), TargetKind.INDEX
+            return t.array.astype(np.float64), TargetKind.SOFT, 0
+        return t.array.astype(np.int64, copy=False), TargetKind.INDEX, 0
     if t.array.ndim == 2 and not binary:
         if shape != [n, num_classes]:
             raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} do not match predictions [{n}, {num_classes}]")
         values, lo, hi = _floats("targets", t)
         _check_soft_labels(lo, hi, values.size, "one-hot or soft targets")
-        return values, TargetKind.SOFT
+        return values, TargetKind.SOFT, _unnormalized_rows(values, t.datatype, tolerance)
     expected = "[N] (0/1 or a probability)" if binary else f"[N] class indices or [N, {num_classes}] floats"
     raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} ({t.datatype}) do not fit predictions; expected {expected}")
+
+
+def _unnormalized_rows(values: np.ndarray, datatype: str, tolerance: float | None) -> int:
+    """Rows of [N, C] targets (already within [0, 1]) that are not a distribution. One vectorised pass.
+
+    Integer rows are exact (one-hot or not); float rows may be off 1 by the tolerance.
+    """
+    if not values.size:
+        return 0
+    sums = values.sum(axis=1, dtype=np.float64)
+    if datatype not in FLOAT_DATATYPES:
+        return int(np.count_nonzero(sums != 1.0))
+    tol = tolerance if tolerance is not None else float(np.sqrt(DATATYPE_EPS[datatype]))
+    return int(np.count_nonzero(np.abs(sums - 1.0) > tol))
 
 
 def _check_soft_labels(lo: float, hi: float, size: int, what: str) -> None:
@@ -248,4 +271,5 @@ def concatenate(batches: list[Batch]) -> Batch:
         weights=weights,
         ts=ts,
         batch_id=batches[-1].batch_id,
+        unnormalized_targets=sum(b.unnormalized_targets for b in batches),
     )

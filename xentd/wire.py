@@ -7,7 +7,9 @@ A message is a ZeroMQ multipart message:
     tensor*  raw little-endian C-ordered bytes, one frame per entry of header.tensors
 
 Decoding checks only the framing: that the header is well-formed and that every
-frame is exactly as long as its declared shape says. Whether the values can be
+frame is exactly as long as its declared shape says. The header is a typed record
+(:class:`Header`), decoded and type-checked by msgspec in one pass; its errors name
+the field's path (``$.tensors[0].shape[1]``). Whether the values can be
 scored is :mod:`xentd.validate`'s job. Tensors are views on the frame buffers
 (``np.frombuffer``); nothing is copied and nothing is ever unpickled.
 
@@ -21,8 +23,9 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
 
+import msgspec
 import numpy as np
 
 from xentd.errors import DecodeError, Reason
@@ -37,6 +40,9 @@ MAX_RANK: Final = 2
 # Far past any frame that fits in memory; bounds dimensions that a zero elsewhere
 # in the shape would otherwise let through to NumPy unchecked.
 MAX_DIM: Final = 1 << 40
+# The largest event time: 9999-12-31T23:59:59Z, the end of what common date types
+# hold. A timestamp in milliseconds or nanoseconds is past it, and refused.
+MAX_TS: Final = 253_402_300_799.0
 
 # Open Inference Protocol datatype names -> little-endian storage dtype.
 # BF16 has no NumPy dtype; it travels as its 16 raw bits and is widened on decode.
@@ -54,6 +60,43 @@ DATATYPES: Final[Mapping[str, np.dtype[Any]]] = {
     "UINT32": np.dtype("<u4"),
 }
 FLOAT_DATATYPES: Final = frozenset({"FP16", "BF16", "FP32", "FP64"})
+
+
+# --- the header, as a typed record -----------------------------------------------
+#
+# Typed leniently where a finer reason than bad_header exists: a datatype is any
+# string (an unknown one is unknown_datatype, checked after decoding), and shape
+# errors are told apart by their path (bad_shape). Integers are strict: 1.0 is not 1.
+
+
+class TensorSpec(msgspec.Struct, frozen=True, gc=False):
+    """One entry of ``header.tensors``: the next data frame's name, datatype and shape."""
+
+    name: Literal["predictions", "targets", "weights"]
+    datatype: str
+    shape: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)]], msgspec.Meta(max_length=MAX_RANK)]
+
+
+class Header(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+    """The header frame. Unknown keys are ignored; ``None`` stands for an absent key."""
+
+    v: int
+    model: str
+    input: str
+    tensors: Annotated[list[TensorSpec], msgspec.Meta(min_length=1, max_length=len(TENSOR_NAMES))]
+    batch_id: Annotated[str, msgspec.Meta(max_length=MAX_BATCH_ID_CHARS)] | None = None
+    ts: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TS)] | None = None
+    producer: str | None = None
+    seq: int | None = None
+
+
+class _Envelope(msgspec.Struct, frozen=True, gc=False):
+    """The keys a refused header is still read for, with any types (see ``_schema_error``)."""
+
+    v: Any = msgspec.UNSET
+    model: Any = None
+    producer: Any = None
+    seq: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,156 +210,269 @@ def encode(
         raise ValueError("producer and seq go together")
     if producer is not None and not MODEL_NAME_RE.fullmatch(producer):
         raise ValueError(f"producer {producer!r} must be 1-128 characters of A-Z a-z 0-9 _ . : -")
-    if seq is not None and not (isinstance(seq, int) and 0 <= seq <= MAX_SEQ):
+    if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ):
         raise ValueError(f"seq must be an integer in [0, 2^63), got {seq!r}")
+    if ts is not None and not (math.isfinite(ts) and 0.0 <= ts <= MAX_TS):
+        raise ValueError(f"ts must be Unix seconds in [0, {MAX_TS:.0f}] (year 9999), got {ts!r}")
     named = [("predictions", predictions), ("targets", targets)]
     if weights is not None:
         named.append(("weights", weights))
-    specs: list[dict[str, Any]] = []
+    specs: list[TensorSpec] = []
     frames: list[bytes | memoryview] = []
     for name, value in named:
         datatype, arr = _as_wire_array(value, name)
         if arr.ndim > MAX_RANK:
             raise ValueError(f"{name}: rank {arr.ndim} is not supported (at most {MAX_RANK})")
-        specs.append({"name": name, "datatype": datatype, "shape": list(arr.shape)})
+        specs.append(TensorSpec(name, datatype, [int(d) for d in arr.shape]))  # type: ignore[arg-type]
         frames.append(arr.reshape(-1).view(np.uint8).data)
-    header: dict[str, Any] = {"v": VERSION, "model": model, "input": input, "tensors": specs}
-    if batch_id is not None:
-        header["batch_id"] = batch_id
-    if ts is not None:
-        header["ts"] = float(ts)
-    if producer is not None:
-        header["producer"] = producer
-        header["seq"] = seq
-    return [json.dumps(header, separators=(",", ":")).encode("utf-8"), *frames]
+    header = Header(
+        v=VERSION,
+        model=model,
+        input=input,
+        tensors=specs,
+        batch_id=batch_id or None,  # "" means no batch id
+        ts=None if ts is None else float(ts),
+        producer=producer,
+        seq=seq,
+    )
+    return [_HEADER_ENCODER.encode(header), *frames]
+
+
+_HEADER_ENCODER: Final = msgspec.json.Encoder()
 
 
 # --- decoding (daemon side) ---------------------------------------------------
 
 
-def _fail(reason: Reason, detail: str) -> DecodeError:
-    return DecodeError(reason, detail)
+def _fail(reason: Reason, detail: str, context: _Context | None = None) -> DecodeError:
+    if context is None:
+        return DecodeError(reason, detail)
+    return DecodeError(reason, detail, model=context.model, producer=context.producer, seq=context.seq)
 
 
-def parse_header(raw: memoryview | bytes, max_header_bytes: int) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What a refused header still tells: a well-formed model name and stream position."""
+
+    model: str | None = None
+    producer: str | None = None
+    seq: int | None = None
+
+
+def _stream_position(producer: object, seq: object) -> tuple[str, int] | None:
+    """(producer, seq) when both are well-formed, else None. The one definition of the rule."""
+    if isinstance(producer, str) and MODEL_NAME_RE.fullmatch(producer) and type(seq) is int and 0 <= seq <= MAX_SEQ:
+        return producer, seq
+    return None
+
+
+def _context(model: object, producer: object, seq: object) -> _Context:
+    position = _stream_position(producer, seq)
+    return _Context(
+        model=model if isinstance(model, str) and MODEL_NAME_RE.fullmatch(model) else None,
+        producer=None if position is None else position[0],
+        seq=None if position is None else position[1],
+    )
+
+
+_HEADER_DECODER: Final = msgspec.json.Decoder(Header)
+_ENVELOPE_DECODER: Final = msgspec.json.Decoder(_Envelope)
+# msgspec's messages: "Expected `int`, got `float` - at `$.tensors[0].shape[1]`",
+# "Object missing required field `shape` - at `$.tensors[0]`".
+_AT_RE: Final = re.compile(r" - at `(\$[^`]*)`$")
+_MISSING_RE: Final = re.compile(r"^Object missing required field `([^`]*)`")
+_SHAPE_PATH_RE: Final = re.compile(r"^\$\.tensors\[\d+\]\.shape(?:\[|$)")
+
+
+def _salvage(raw: bytes) -> tuple[_Envelope | None, str]:
+    """The few keys that decide a refused header's reason and context, read leniently."""
+    try:
+        return _ENVELOPE_DECODER.decode(raw), ""
+    except msgspec.DecodeError as exc:  # ValidationError too: not an object
+        return None, str(exc)
+    except RecursionError:
+        return None, "header nests too deeply"
+
+
+def _is_version(v: object) -> bool:
+    return type(v) is int and v == VERSION
+
+
+def _unsupported(v: object) -> DecodeError:
+    return _fail(
+        Reason.UNSUPPORTED_VERSION,
+        f"header.v is {json.dumps(v)[:16] if isinstance(v, (int, float, str)) or v is None else type(v).__name__}; "
+        f"this daemon speaks version {VERSION} (a JSON integer)",
+    )
+
+
+def _schema_error(raw: bytes, message: str) -> DecodeError:
+    """Map msgspec's validation error to a reason. The version is judged first, as if alone:
+    a header of another version may differ in any key."""
+    envelope, why = _salvage(raw)
+    if envelope is None:
+        return _fail(Reason.BAD_HEADER, f"header: {(why or message)[:160]}")
+    if envelope.v is msgspec.UNSET:
+        return _fail(Reason.BAD_HEADER, "header.v is required")
+    if not _is_version(envelope.v):
+        return _unsupported(envelope.v)
+    at, missing = _AT_RE.search(message), _MISSING_RE.match(message)
+    path = at.group(1) if at else "$"
+    if missing:
+        path = f"{path}.{missing.group(1)}"
+    reason = Reason.BAD_SHAPE if _SHAPE_PATH_RE.match(path) else Reason.BAD_HEADER
+    return _fail(reason, f"header: {message[:200]}", _context(envelope.model, envelope.producer, envelope.seq))
+
+
+def _keys_surely_unique(raw: bytes, h: Header) -> bool:
+    """A cheap proof that no object in the header repeats a key (msgspec keeps the last silently).
+
+    Outside strings, a colon in JSON only ends a key, so the text's colons are all
+    its keys plus the colons inside strings. When they number exactly the keys that
+    were decoded, there is no other key, repeated or unknown (the usual header).
+    Otherwise, with no escapes in the text, the colons inside the decoded strings can
+    be added; anything else (unknown keys, nulls, escapes, a repeat) gets the exact check.
+    """
+    keys = 4 + 3 * len(h.tensors)
+    keys += (h.batch_id is not None) + (h.ts is not None) + (h.producer is not None) + (h.seq is not None)
+    extra = raw.count(b":") - keys
+    if extra == 0:
+        return True
+    if b"\\" in raw:
+        return False
+    colons = h.model.count(":") + h.input.count(":") + sum(t.datatype.count(":") for t in h.tensors)
+    colons += (h.batch_id or "").count(":") + (h.producer or "").count(":")
+    return extra == colons
+
+
+def _repeated_key(raw: bytes) -> str | None:
+    """The first key that some object of the header repeats, or None. Exact, and slow."""
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> None:
+        if not repeated and len(items) > 1:
+            seen: set[str] = set()
+            for key, _ in items:
+                if key in seen:
+                    repeated.append(key)
+                    break
+                seen.add(key)
+
+    try:
+        json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return "(header nests too deeply to check)"
+    return repeated[0] if repeated else None
+
+
+def read_header(raw: memoryview | bytes, max_header_bytes: int) -> Header:
+    """Parse and type-check a header frame, or raise DecodeError with its reason."""
     if len(raw) > max_header_bytes:
         raise _fail(Reason.BAD_HEADER, f"header is {len(raw)} bytes, limit {max_header_bytes}")
+    data = bytes(raw)
+    if not data.isascii():
+        # msgspec checks UTF-8 only in the strings it decodes, not in skipped values.
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _fail(Reason.BAD_HEADER, f"header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        text = bytes(raw).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _fail(Reason.BAD_HEADER, f"header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    try:
-        header = json.loads(text)
-    except (ValueError, RecursionError) as exc:
+        header = _HEADER_DECODER.decode(data)
+    except msgspec.ValidationError as exc:
+        raise _schema_error(data, str(exc)) from None
+    except msgspec.DecodeError as exc:
         raise _fail(Reason.BAD_HEADER, f"header is not JSON: {str(exc)[:120]}") from None
-    if not isinstance(header, dict):
-        raise _fail(Reason.BAD_HEADER, f"header must be a JSON object, got {type(header).__name__}")
+    except RecursionError:
+        raise _fail(Reason.BAD_HEADER, "header nests too deeply") from None
+    if header.v != VERSION:
+        raise _unsupported(header.v)
+    if not _keys_surely_unique(data, header):
+        repeated = _repeated_key(data)
+        if repeated is not None:
+            raise _fail(
+                Reason.BAD_HEADER,
+                f"header repeats the key {repeated[:32]!r} in one object",
+                _context(header.model, header.producer, header.seq),
+            )
     return header
-
-
-def _tensor_specs(header: Mapping[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
-    specs = header.get("tensors")
-    if not isinstance(specs, list) or not specs:
-        raise _fail(Reason.BAD_HEADER, "header.tensors must be a non-empty list")
-    if len(specs) > len(TENSOR_NAMES):
-        raise _fail(Reason.BAD_HEADER, f"header.tensors lists {len(specs)} tensors, at most {len(TENSOR_NAMES)}")
-    out: list[tuple[str, str, tuple[int, ...]]] = []
-    seen: set[str] = set()
-    for i, spec in enumerate(specs):
-        if not isinstance(spec, dict):
-            raise _fail(Reason.BAD_HEADER, f"header.tensors[{i}] must be an object")
-        name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-        if name not in TENSOR_NAMES:
-            raise _fail(
-                Reason.BAD_HEADER, f"header.tensors[{i}].name must be one of {', '.join(TENSOR_NAMES)}, got {name!r}"
-            )
-        if name in seen:
-            raise _fail(Reason.BAD_HEADER, f"tensor {name!r} is listed twice")
-        seen.add(name)
-        if not isinstance(datatype, str):
-            raise _fail(Reason.BAD_HEADER, f"tensor {name!r}: datatype must be a string")
-        if datatype not in DATATYPES:
-            raise _fail(
-                Reason.UNKNOWN_DATATYPE,
-                f"tensor {name!r}: datatype {datatype[:32]!r} is not one of {', '.join(DATATYPES)}",
-            )
-        if (
-            not isinstance(shape, list)
-            or len(shape) > MAX_RANK
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
-        ):
-            raise _fail(
-                Reason.BAD_SHAPE,
-                f"tensor {name!r}: shape must be a list of at most {MAX_RANK} "
-                f"integers in [0, 2^40], got {str(shape)[:64]}",
-            )
-        out.append((name, datatype, tuple(shape)))
-    return out
 
 
 def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: int, topic: bool = False) -> Message:
     """Decode frames (``zmq.Frame``, bytes or memoryview) into a :class:`Message`.
 
     With ``topic=True`` the first frame is a PUB/SUB topic and must equal the model name.
+    A :class:`DecodeError` carries the model name and (producer, seq) whenever the
+    header is version 1 and they are well-formed, so a refused message still counts
+    as having arrived.
     """
     buffers = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames]
     nbytes = sum(b.nbytes for b in buffers)
+    head = 1 if topic else 0
     if nbytes > max_message_bytes:
-        raise _fail(Reason.MESSAGE_TOO_LARGE, f"message is {nbytes} bytes, limit {max_message_bytes}")
-    topic_buf = None
-    if topic:
-        if not buffers:
-            raise _fail(Reason.BAD_FRAMING, "empty message")
-        topic_buf, buffers = buffers[0], buffers[1:]
+        context = None
+        if len(buffers) > head and buffers[head].nbytes <= max_header_bytes:
+            envelope, _ = _salvage(bytes(buffers[head]))
+            if envelope is not None and _is_version(envelope.v):
+                context = _context(envelope.model, envelope.producer, envelope.seq)
+        raise _fail(Reason.MESSAGE_TOO_LARGE, f"message is {nbytes} bytes, limit {max_message_bytes}", context)
     if not buffers:
+        raise _fail(Reason.BAD_FRAMING, "empty message")
+    if len(buffers) == head:
         raise _fail(Reason.BAD_FRAMING, "message has no header frame")
-    header = parse_header(buffers[0], max_header_bytes)
-    if header.get("v") != VERSION or isinstance(header.get("v"), bool):
-        raise _fail(
-            Reason.UNSUPPORTED_VERSION,
-            f"header.v is {str(header.get('v'))[:16]!r}; this daemon speaks version {VERSION}",
-        )
-    model = header.get("model")
-    if not isinstance(model, str):
-        raise _fail(Reason.BAD_HEADER, "header.model must be a string")
-    if topic_buf is not None and bytes(topic_buf) != model.encode("utf-8", "replace"):
-        raise _fail(Reason.TOPIC_MISMATCH, f"topic frame {bytes(topic_buf)[:64]!r} is not the model name")
-    kind = header.get("input")
-    if not isinstance(kind, str):
-        raise _fail(Reason.BAD_HEADER, "header.input must be a string")
-    batch_id = header.get("batch_id")
-    if batch_id is not None and (not isinstance(batch_id, str) or len(batch_id) > MAX_BATCH_ID_CHARS):
-        raise _fail(Reason.BAD_HEADER, f"header.batch_id must be a string of at most {MAX_BATCH_ID_CHARS} chars")
-    ts = header.get("ts")
-    if ts is not None:
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
-            raise _fail(Reason.BAD_HEADER, "header.ts must be a finite number of Unix seconds")
-        ts = float(ts)
-    producer, seq = header.get("producer"), header.get("seq")
-    if producer is not None or seq is not None:
-        if not isinstance(producer, str) or not MODEL_NAME_RE.fullmatch(producer):
+    header = read_header(buffers[head], max_header_bytes)
+    model = header.model
+    position = None
+    if header.producer is not None or header.seq is not None:
+        position = _stream_position(header.producer, header.seq)
+        if position is None:
             raise _fail(
-                Reason.BAD_HEADER, "header.producer must be 1-128 characters of A-Z a-z 0-9 _ . : - when seq is given"
+                Reason.BAD_HEADER,
+                "header.producer (1-128 characters of A-Z a-z 0-9 _ . : -) and header.seq "
+                "(an integer in [0, 2^63)) go together",
+                _context(model, None, None),
             )
-        if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
-            raise _fail(Reason.BAD_HEADER, "header.seq must be an integer in [0, 2^63) when producer is given")
-    specs = _tensor_specs(header)
-    data_frames = buffers[1:]
-    if len(data_frames) != len(specs):
-        raise _fail(Reason.BAD_FRAMING, f"header lists {len(specs)} tensors but {len(data_frames)} data frames follow")
+    context = _context(model, header.producer, header.seq)
+    if topic and bytes(buffers[0]) != model.encode("utf-8", "replace"):
+        raise _fail(Reason.TOPIC_MISMATCH, f"topic frame {bytes(buffers[0])[:64]!r} is not the model name", context)
+    seen: set[str] = set()
+    for spec in header.tensors:
+        if spec.name in seen:
+            raise _fail(Reason.BAD_HEADER, f"tensor {spec.name!r} is listed twice", context)
+        seen.add(spec.name)
+        if spec.datatype not in DATATYPES:
+            raise _fail(
+                Reason.UNKNOWN_DATATYPE,
+                f"tensor {spec.name!r}: datatype {spec.datatype[:32]!r} is not one of {', '.join(DATATYPES)} "
+                "(names are case-sensitive)",
+                context,
+            )
+    data_frames = buffers[head + 1 :]
+    if len(data_frames) != len(header.tensors):
+        raise _fail(
+            Reason.BAD_FRAMING,
+            f"header lists {len(header.tensors)} tensors but {len(data_frames)} data frames follow",
+            context,
+        )
     tensors: dict[str, Tensor] = {}
-    for (name, datatype, shape), buf in zip(specs, data_frames, strict=True):
-        dtype = DATATYPES[datatype]
-        count = math.prod(shape)
+    for spec, buf in zip(header.tensors, data_frames, strict=True):
+        dtype = DATATYPES[spec.datatype]
+        count = math.prod(spec.shape)
         expected = count * dtype.itemsize
         if expected != buf.nbytes:
             raise _fail(
                 Reason.SIZE_MISMATCH,
-                f"tensor {name!r}: shape {list(shape)} of {datatype} is "
+                f"tensor {spec.name!r}: shape {spec.shape} of {spec.datatype} is "
                 f"{expected} bytes but its frame has {buf.nbytes}",
+                context,
             )
-        arr = np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
-        tensors[name] = Tensor(datatype, arr)
+        tensors[spec.name] = Tensor(spec.datatype, np.frombuffer(buf, dtype=dtype, count=count).reshape(spec.shape))
     return Message(
-        model=model, input=kind, tensors=tensors, batch_id=batch_id, ts=ts, nbytes=nbytes, producer=producer, seq=seq
+        model=model,
+        input=header.input,
+        tensors=tensors,
+        batch_id=header.batch_id or None,
+        ts=header.ts,
+        nbytes=nbytes,
+        producer=None if position is None else position[0],
+        seq=None if position is None else position[1],
     )
