@@ -211,6 +211,14 @@ def _bad_model(frames: Frames, rng: np.random.Generator) -> Frames:
     return _with_header(frames, h)
 
 
+def _repeat_key(frames: Frames, rng: np.random.Generator) -> Frames:
+    """The header with one of its keys written twice (a JSON parser would keep either copy)."""
+    h = _header(frames)
+    key = list(h)[int(rng.integers(0, len(h)))]
+    text = json.dumps(h)
+    return [("{" + json.dumps(key) + ": " + json.dumps(h[key]) + ", " + text[1:]).encode(), *frames[1:]]
+
+
 def _many_models(frames: Frames, rng: np.random.Generator) -> Frames:
     h = _header(frames)
     h["model"] = f"fuzz-flood-{int(rng.integers(0, 1 << 30))}"
@@ -265,6 +273,7 @@ MUTATIONS: dict[str, Callable[[Frames, np.random.Generator], Frames]] = {
     "oversize": _oversize,
     "bad_model": _bad_model,
     "many_models": _many_models,
+    "repeat_key": _repeat_key,
 }
 
 

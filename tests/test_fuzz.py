@@ -112,6 +112,12 @@ def _with(frames: list[bytes], **changes: Any) -> list[bytes]:
     return [json.dumps(header).encode(), *frames[1:]]
 
 
+def _without(frames: list[bytes], key: str) -> list[bytes]:
+    header = json.loads(frames[0])
+    del header[key]
+    return [json.dumps(header).encode(), *frames[1:]]
+
+
 def _header_only(raw: bytes) -> list[bytes]:
     return [raw, *_valid()[1:]]
 
@@ -151,6 +157,13 @@ CASES: dict[str, tuple[Reason, list[bytes]]] = {
         [bytes(f) for f in wire.encode("m", np.full((2, 2), 0.5), np.array([0, -1]))],
     ),
     "version 2": (Reason.UNSUPPORTED_VERSION, _with(_valid(), v=2)),
+    "version 1.0": (Reason.UNSUPPORTED_VERSION, _with(_valid(), v=1.0)),
+    "version missing": (Reason.BAD_HEADER, _without(_valid(), "v")),
+    "repeated key": (Reason.BAD_HEADER, [b'{"v": 1, ' + _valid()[0][1:], *_valid()[1:]]),
+    "fractional dimension": (Reason.BAD_SHAPE, _with(_valid(), pred_shape=[4, 3.0])),
+    "negative ts": (Reason.BAD_HEADER, _with(_valid(), ts=-5)),
+    "ts in milliseconds": (Reason.BAD_HEADER, _with(_valid(), ts=1.7e12)),
+    "fractional seq": (Reason.BAD_HEADER, _with(_valid(), producer="p", seq=1.0)),
     "bad model name": (Reason.BAD_MODEL_NAME, _with(_valid(), model="a/b")),
 }
 
