@@ -198,3 +198,13 @@ def test_model_cap_and_class_count_are_enforced() -> None:
         store.model("a", 4)
     assert info.value.reason is Reason.CLASS_COUNT_CHANGED
     assert store.model("a", 3) is store.models["a"]
+
+
+def test_fold_counts_unnormalized_targets_and_the_snapshot_carries_them() -> None:
+    store = _store(100, FakeClock(0.0))
+    model = store.model("m", 2)
+    one = SampleScores(np.ones(2), np.ones(2), np.ones(2, np.uint8), np.zeros(2, np.int64), 1)
+    model.fold(one, None, 0.0, None, unnormalized_targets=2)
+    model.fold(one, None, 0.0, None)
+    (snap,) = store.snapshot().models
+    assert (snap.unnormalized_targets, snap.unnormalized_rows, snap.batches) == (2, 2, 2)

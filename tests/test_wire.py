@@ -326,3 +326,15 @@ def test_encoded_header_is_compact_json_in_field_order() -> None:
         b'{"v":1,"model":"m","input":"probs","tensors":[{"name":"predictions","datatype":"FP32","shape":[2]},'
         b'{"name":"targets","datatype":"INT64","shape":[2]}],"batch_id":"b","ts":2.5,"producer":"p","seq":1}'
     )
+
+
+@pytest.mark.parametrize("depth", [50, 3000, 100_000])
+def test_deep_nesting_in_an_ignored_key_is_refused_cleanly(depth: int) -> None:
+    text = json.dumps(_header())[:-1] + ', "x": ' + "[" * depth + "]" * depth + "}"
+    limits = {**LIMITS, "max_header_bytes": 1 << 20, "max_message_bytes": 1 << 21}
+    if depth == 50:
+        assert wire.decode([text.encode(), *GOOD], **limits).model == "m"
+    else:
+        with pytest.raises(DecodeError) as info:
+            wire.decode([text.encode(), *GOOD], **limits)
+        assert info.value.reason is Reason.BAD_HEADER

@@ -361,7 +361,8 @@ def _repeated_key(raw: bytes) -> str | None:
     try:
         json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
     except (ValueError, RecursionError):
-        return "(header nests too deeply to check)"
+        # msgspec read it, so only the stdlib parser's depth limit can get here.
+        raise _fail(Reason.BAD_HEADER, "header nests too deeply") from None
     return repeated[0] if repeated else None
 
 
