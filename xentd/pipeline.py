@@ -98,7 +98,7 @@ class Pipeline:
             self._score(group)
 
     def _accept(self, frames: list[Any]) -> tuple[Batch, ModelState, bool] | None:
-        # The model a rejection is counted for: only a well-formed name, and only once decoded.
+        # A rejection is counted for the decoded model, and only under a well-formed name.
         model: str | None = None
         try:
             msg = wire.decode(
@@ -107,8 +107,7 @@ class Pipeline:
                 max_header_bytes=self.config.ingest.max_header_bytes,
                 topic=self.config.ingest.socket == "sub",
             )
-            if wire.MODEL_NAME_RE.fullmatch(msg.model):
-                model = msg.model
+            model = msg.model
             if msg.producer is not None and msg.seq is not None:
                 # Before validation: a message that arrived but is refused is not a gap.
                 self._observe_seq(msg.producer, msg.seq)
@@ -140,7 +139,7 @@ class Pipeline:
                 self._observe_seq(exc.producer, exc.seq)
             self._rejected(exc.reason, exc.detail, exc.model)
         except RejectedBatch as exc:
-            self._rejected(exc.reason, exc.detail, model)
+            self._rejected(exc.reason, exc.detail, model if model and wire.MODEL_NAME_RE.fullmatch(model) else None)
         except Exception:
             log.exception("internal error while validating a batch for model %r", model)
             self._rejected(Reason.INTERNAL_ERROR, "internal error", model)

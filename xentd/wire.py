@@ -259,6 +259,11 @@ class _Context:
     seq: int | None = None
 
 
+def _refuse(header: Header, reason: Reason, detail: str) -> DecodeError:
+    """A rejection of a version-1 header that decoded, with its context (worked out only now)."""
+    return _fail(reason, detail, _context(header.model, header.producer, header.seq))
+
+
 def _stream_position(producer: object, seq: object) -> tuple[str, int] | None:
     """(producer, seq) when both are well-formed, else None. The one definition of the rule."""
     if isinstance(producer, str) and MODEL_NAME_RE.fullmatch(producer) and type(seq) is int and 0 <= seq <= MAX_SEQ:
@@ -390,11 +395,7 @@ def read_header(raw: memoryview | bytes, max_header_bytes: int) -> Header:
     if not _keys_surely_unique(data, header):
         repeated = _repeated_key(data)
         if repeated is not None:
-            raise _fail(
-                Reason.BAD_HEADER,
-                f"header repeats the key {repeated[:32]!r} in one object",
-                _context(header.model, header.producer, header.seq),
-            )
+            raise _refuse(header, Reason.BAD_HEADER, f"header repeats the key {repeated[:32]!r} in one object")
     return header
 
 
@@ -426,33 +427,32 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
     if header.producer is not None or header.seq is not None:
         position = _stream_position(header.producer, header.seq)
         if position is None:
-            raise _fail(
+            raise _refuse(
+                header,
                 Reason.BAD_HEADER,
                 "header.producer (1-128 characters of A-Z a-z 0-9 _ . : -) and header.seq "
                 "(an integer in [0, 2^63)) go together",
-                _context(model, None, None),
             )
-    context = _context(model, header.producer, header.seq)
     if topic and bytes(buffers[0]) != model.encode("utf-8", "replace"):
-        raise _fail(Reason.TOPIC_MISMATCH, f"topic frame {bytes(buffers[0])[:64]!r} is not the model name", context)
+        raise _refuse(header, Reason.TOPIC_MISMATCH, f"topic frame {bytes(buffers[0])[:64]!r} is not the model name")
     seen: set[str] = set()
     for spec in header.tensors:
         if spec.name in seen:
-            raise _fail(Reason.BAD_HEADER, f"tensor {spec.name!r} is listed twice", context)
+            raise _refuse(header, Reason.BAD_HEADER, f"tensor {spec.name!r} is listed twice")
         seen.add(spec.name)
         if spec.datatype not in DATATYPES:
-            raise _fail(
+            raise _refuse(
+                header,
                 Reason.UNKNOWN_DATATYPE,
                 f"tensor {spec.name!r}: datatype {spec.datatype[:32]!r} is not one of {', '.join(DATATYPES)} "
                 "(names are case-sensitive)",
-                context,
             )
     data_frames = buffers[head + 1 :]
     if len(data_frames) != len(header.tensors):
-        raise _fail(
+        raise _refuse(
+            header,
             Reason.BAD_FRAMING,
             f"header lists {len(header.tensors)} tensors but {len(data_frames)} data frames follow",
-            context,
         )
     tensors: dict[str, Tensor] = {}
     for spec, buf in zip(header.tensors, data_frames, strict=True):
@@ -460,11 +460,11 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
         count = math.prod(spec.shape)
         expected = count * dtype.itemsize
         if expected != buf.nbytes:
-            raise _fail(
+            raise _refuse(
+                header,
                 Reason.SIZE_MISMATCH,
                 f"tensor {spec.name!r}: shape {spec.shape} of {spec.datatype} is "
                 f"{expected} bytes but its frame has {buf.nbytes}",
-                context,
             )
         tensors[spec.name] = Tensor(spec.datatype, np.frombuffer(buf, dtype=dtype, count=count).reshape(spec.shape))
     return Message(
