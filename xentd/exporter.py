@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import gzip
 import hmac
+import io
 import logging
 import math
+import queue
+import re
+import selectors
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import (
@@ -31,7 +36,9 @@ from prometheus_client.core import (
     Metric,
     SummaryMetricFamily,
 )
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest, make_wsgi_app
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
 from xentd.config import BasicAuthConfig, TlsConfig
@@ -40,7 +47,14 @@ from xentd.state import Counters, ModelSnapshot, Snapshot, WindowStats
 
 log = logging.getLogger("xentd.exporter")
 
-REQUEST_TIMEOUT_SECONDS = 30
+Backend = str | Callable[[], str]
+"""The kernel backend's name for xentd_build_info, or a function that says it at scrape time
+(the daemon serves /metrics while the kernels still compile)."""
+
+
+def _backend_name(backend: Backend) -> str:
+    return backend if isinstance(backend, str) else backend()
+
 
 _WINDOW_GAUGES: tuple[tuple[str, str, str], ...] = (
     ("xentd_window_cross_entropy_nats", "cross_entropy", "Weighted mean cross-entropy over the window, in nats."),
@@ -62,6 +76,11 @@ _SAMPLES_DOC = "Samples scored (unweighted)."
 _CORRECT_DOC = "Sum of weights of samples whose top-1 prediction was right."
 _BATCHES_DOC = "Batches scored."
 _UNNORM_DOC = "Rows of probs or log_probs whose mass was off 1 by more than the tolerance; scored as sent."
+_UNNORM_TARGETS_DOC = (
+    "Target rows that are not a distribution (soft rows off 1 by more than the tolerance, "
+    "integer rows that are not one-hot); scored as sent."
+)
+_MODEL_REJECTED_DOC = "Batches of this model refused, by reason; only models that already have state."
 _LAST_DOC = "When the last batch was scored (Unix seconds)."
 _LAST_EVENT_DOC = "The ts header of the last batch that had one (Unix seconds)."
 _CLASS_DOC = "Cross-entropy by true class: _sum is sum(w*loss), _count sum(w)."
@@ -69,13 +88,50 @@ _HIST_DOC = "Per-sample cross-entropy (unweighted)."
 _WINDOW_SAMPLES_DOC = "Samples in the window (decayed count for ewma)."
 
 
-class XentdCollector(Collector):
-    """Reads a snapshot from ``source`` on every scrape."""
+class _WeightedSummary:
+    """A summary whose ``_count`` is a sum of weights, so possibly fractional.
 
-    def __init__(self, source: Callable[[], Snapshot], *, version: str, backend: str) -> None:
+    Text format 0.0.4 takes that. OpenMetrics requires a summary's count to be an
+    integer, so there the pair is written as two gauge families whose samples
+    have the same names and values: ``<name>_sum`` and ``<name>_count``. Queries
+    read the same series either way."""
+
+    def __init__(self, name: str, doc: str, labels: list[str], *, openmetrics: bool) -> None:
+        self._summary: SummaryMetricFamily | None = None
+        self._pair: tuple[GaugeMetricFamily, GaugeMetricFamily] | None = None
+        if openmetrics:
+            self._pair = (
+                GaugeMetricFamily(f"{name}_sum", f"{doc} (summary _sum)", labels=labels),
+                GaugeMetricFamily(f"{name}_count", f"{doc} (summary _count)", labels=labels),
+            )
+        else:
+            self._summary = SummaryMetricFamily(name, doc, labels=labels)
+
+    def add(self, labels: list[str], count: float, total: float) -> None:
+        if self._summary is not None:
+            self._summary.add_metric(labels, count_value=count, sum_value=total)  # type: ignore[arg-type]
+        else:
+            assert self._pair is not None
+            self._pair[0].add_metric(labels, total)
+            self._pair[1].add_metric(labels, count)
+
+    def families(self) -> tuple[Metric, ...]:
+        return (self._summary,) if self._summary is not None else self._pair  # type: ignore[return-value]
+
+
+class XentdCollector(Collector):
+    """Reads a snapshot from ``source`` on every scrape.
+
+    With ``openmetrics=True`` the weighted summaries are written as gauge pairs
+    (see :class:`_WeightedSummary`), for the OpenMetrics exposition."""
+
+    def __init__(
+        self, source: Callable[[], Snapshot], *, version: str, backend: Backend, openmetrics: bool = False
+    ) -> None:
         self._source = source
         self._version = version
         self._backend = backend
+        self._openmetrics = openmetrics
 
     def describe(self) -> Iterable[Metric]:
         # Registering must not scrape: the state may not exist yet.
@@ -86,7 +142,7 @@ class XentdCollector(Collector):
         build = GaugeMetricFamily(
             "xentd_build_info", "xentd version and kernel backend; always 1.", labels=["version", "backend"]
         )
-        build.add_metric([self._version, self._backend], 1.0)
+        build.add_metric([self._version, _backend_name(self._backend)], 1.0)
         yield build
         yield GaugeMetricFamily("xentd_models", "Models with state in this instance.", value=len(snap.models))
         yield CounterMetricFamily(
@@ -108,14 +164,19 @@ class XentdCollector(Collector):
         yield from self._model_families(snap)
 
     def _model_families(self, snap: Snapshot) -> Iterator[Metric]:
-        ce = SummaryMetricFamily("xentd_cross_entropy_nats", _CE_DOC, labels=["model"])
+        om = self._openmetrics
+        ce = _WeightedSummary("xentd_cross_entropy_nats", _CE_DOC, ["model"], openmetrics=om)
         samples = CounterMetricFamily("xentd_samples", _SAMPLES_DOC, labels=["model"])
         correct = CounterMetricFamily("xentd_correct_predictions", _CORRECT_DOC, labels=["model"])
         batches = CounterMetricFamily("xentd_batches", _BATCHES_DOC, labels=["model"])
         unnorm = CounterMetricFamily("xentd_unnormalized_rows", _UNNORM_DOC, labels=["model"])
+        unnorm_targets = CounterMetricFamily("xentd_unnormalized_targets", _UNNORM_TARGETS_DOC, labels=["model"])
+        model_rejected = CounterMetricFamily(
+            "xentd_model_rejected_batches", _MODEL_REJECTED_DOC, labels=["model", "reason"]
+        )
         last = GaugeMetricFamily("xentd_last_batch_timestamp_seconds", _LAST_DOC, labels=["model"])
         last_event = GaugeMetricFamily("xentd_last_event_timestamp_seconds", _LAST_EVENT_DOC, labels=["model"])
-        per_class = SummaryMetricFamily("xentd_class_cross_entropy_nats", _CLASS_DOC, labels=["model", "class"])
+        per_class = _WeightedSummary("xentd_class_cross_entropy_nats", _CLASS_DOC, ["model", "class"], openmetrics=om)
         hist = HistogramMetricFamily("xentd_sample_loss_nats", _HIST_DOC, labels=["model"])
         window_samples = GaugeMetricFamily("xentd_window_samples", _WINDOW_SAMPLES_DOC, labels=["model", "window"])
         gauges = [
@@ -123,21 +184,19 @@ class XentdCollector(Collector):
         ]
         for m in snap.models:
             label = [m.name]
-            # Weighted counts are floats; the exposition format allows them.
-            ce.add_metric(label, count_value=m.weight, sum_value=m.loss_weighted_sum)  # type: ignore[arg-type]
+            ce.add(label, m.weight, m.loss_weighted_sum)
             samples.add_metric(label, m.samples)
             correct.add_metric(label, m.correct_weighted_sum)
             batches.add_metric(label, m.batches)
             unnorm.add_metric(label, m.unnormalized_rows)
+            unnorm_targets.add_metric(label, m.unnormalized_targets)
+            for reason, count in sorted(m.rejected.items()):
+                model_rejected.add_metric([m.name, reason], count)
             last.add_metric(label, m.last_batch_time)
             if m.last_event_time is not None:
                 last_event.add_metric(label, m.last_event_time)
             for cls, w, wl in zip(m.class_labels, m.class_weight, m.class_loss_weighted_sum, strict=True):
-                per_class.add_metric(
-                    [m.name, cls],
-                    count_value=float(w),  # type: ignore[arg-type]
-                    sum_value=float(wl),
-                )
+                per_class.add([m.name, cls], float(w), float(wl))
             cumulative = 0
             buckets: list[tuple[str, float]] = []
             for bound, count in zip([*map(_le, m.hist_bounds), "+Inf"], m.hist_counts, strict=True):
@@ -147,7 +206,10 @@ class XentdCollector(Collector):
             for window, stats in m.windows:
                 window_samples.add_metric([m.name, window], stats.samples)
                 _add_ratios(gauges, [m.name, window], stats)
-        yield from (ce, samples, correct, batches, unnorm, last, last_event, per_class, hist, window_samples)
+        yield from ce.families()
+        yield from (samples, correct, batches, unnorm, unnorm_targets, model_rejected, last, last_event)
+        yield from per_class.families()
+        yield from (hist, window_samples)
         yield from (g for g, _ in gauges)
 
 
@@ -272,11 +334,12 @@ def _family(out: list[str], name: str, kind: str, doc: str) -> None:
     out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
 
 
-def render_text(snap: Snapshot, *, version: str, backend: str) -> str:
+def render_text(snap: Snapshot, *, version: str, backend: Backend) -> str:
     """All xentd metric families of one snapshot, in Prometheus text format 0.0.4."""
     out: list[str] = []
     _family(out, "xentd_build_info", *_HELP["xentd_build_info"])
-    out.append(f'xentd_build_info{{version="{_esc(version)}",backend="{_esc(backend)}"}} 1.0\n')
+    name = _esc(_backend_name(backend))
+    out.append(f'xentd_build_info{{version="{_esc(version)}",backend="{name}"}} 1.0\n')
     _family(out, "xentd_models", *_HELP["xentd_models"])
     out.append(f"xentd_models {_v(len(snap.models))}\n")
     _family(out, "xentd_messages_received_total", *_HELP["xentd_messages_received_total"])
@@ -312,6 +375,13 @@ def render_text(snap: Snapshot, *, version: str, backend: str) -> str:
     per_model("xentd_correct_predictions_total", "counter", _CORRECT_DOC, lambda m: m.correct_weighted_sum)
     per_model("xentd_batches_total", "counter", _BATCHES_DOC, lambda m: m.batches)
     per_model("xentd_unnormalized_rows_total", "counter", _UNNORM_DOC, lambda m: m.unnormalized_rows)
+    per_model("xentd_unnormalized_targets_total", "counter", _UNNORM_TARGETS_DOC, lambda m: m.unnormalized_targets)
+    _family(out, "xentd_model_rejected_batches_total", "counter", _MODEL_REJECTED_DOC)
+    out.extend(
+        f'xentd_model_rejected_batches_total{{{lbl},reason="{_esc(r)}"}} {_v(c)}\n'
+        for lbl, m in models
+        for r, c in sorted(m.rejected.items())
+    )
     per_model("xentd_last_batch_timestamp_seconds", "gauge", _LAST_DOC, lambda m: m.last_batch_time)
     per_model("xentd_last_event_timestamp_seconds", "gauge", _LAST_EVENT_DOC, lambda m: m.last_event_time)
     _family(out, "xentd_class_cross_entropy_nats", "summary", _CLASS_DOC)
@@ -357,10 +427,12 @@ def _add_ratios(gauges: list[tuple[GaugeMetricFamily, str]], labels: list[str], 
             family.add_metric(labels, value)
 
 
-def build_registry(source: Callable[[], Snapshot], *, version: str, backend: str) -> CollectorRegistry:
+def build_registry(
+    source: Callable[[], Snapshot], *, version: str, backend: Backend, openmetrics: bool = False
+) -> CollectorRegistry:
     """The full registry: xentd's collector plus prometheus-client's process and platform metrics."""
     registry = CollectorRegistry()
-    registry.register(XentdCollector(source, version=version, backend=backend))
+    registry.register(XentdCollector(source, version=version, backend=backend, openmetrics=openmetrics))
     _add_process_collectors(registry)
     return registry
 
@@ -374,39 +446,171 @@ def _add_process_collectors(registry: CollectorRegistry) -> CollectorRegistry:
 class Exposition:
     """What /metrics serves. Text format 0.0.4 (what Prometheus takes by default)
     comes from :func:`render_text`; a client that accepts only OpenMetrics gets
-    the collector's output through prometheus-client. Both read one snapshot."""
+    the collector's output through prometheus-client. Each scrape reads one snapshot.
 
-    def __init__(self, source: Callable[[], Snapshot], *, version: str, backend: str) -> None:
+    ``backend`` may be a function: xentd_build_info then asks it on every scrape."""
+
+    def __init__(self, source: Callable[[], Snapshot], *, version: str, backend: Backend) -> None:
         self._source = source
         self._version = version
         self._backend = backend
-        self.registry = build_registry(source, version=version, backend=backend)
+        self.registry = build_registry(source, version=version, backend=backend, openmetrics=True)
         self._process = _add_process_collectors(CollectorRegistry())
 
     def text(self) -> bytes:
         body = render_text(self._source(), version=self._version, backend=self._backend)
         return body.encode("utf-8") + generate_latest(self._process)
 
+    def openmetrics(self) -> bytes:
+        body: bytes = generate_openmetrics(self.registry)  # type: ignore[no-untyped-call]
+        return body
+
 
 # --- HTTP --------------------------------------------------------------------
+#
+# One thread ("xentd-http") accepts connections and reads every connection's
+# request without blocking; a fixed pool of workers answers complete requests.
+# A client that dribbles its request therefore holds a socket and a small
+# buffer, never a thread, and is closed when its request deadline passes,
+# however often it sends a byte. The TLS handshake is part of the request and
+# runs on the same non-blocking thread.
+#
+# These are constants for now; they are candidates for [metrics] config keys
+# (request_deadline, max_connections, workers, listen_backlog).
+
+REQUEST_DEADLINE_SECONDS = 10.0
+"""The TLS handshake, headers and body must all arrive within this long of the accept.
+Prometheus sends its request at once; only a stalled or hostile client needs longer."""
+
+RESPONSE_DEADLINE_SECONDS = 60.0
+"""A client must take the whole response within this long; a 50 MB exposition
+leaves loopback in well under a second."""
+
+MAX_CONNECTIONS = 256
+"""Connections still sending their request. When one more arrives, the one that
+has been sending longest is closed: a slow client loses its place, while a
+scrape, which sends its request in one packet, never waits behind slow ones."""
+
+HTTP_WORKERS = 4
+"""Threads that answer complete requests. Rendering holds the GIL, so more would not scrape faster."""
+
+MAX_QUEUED_REQUESTS = 32
+"""Complete requests waiting for a worker; beyond this they are answered 503 at once."""
+
+LISTEN_BACKLOG = 256
+"""The kernel's accept queue (capped by net.core.somaxconn)."""
+
+MAX_REQUEST_BYTES = 64 * 1024
+"""Request line, headers and body together; a larger request is answered 413 and closed."""
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d+)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+_TEXT = "text/plain; charset=utf-8"
+_ALLOWED = ("GET", "HEAD")
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _Pending:
+    """A connection whose request has not fully arrived."""
+
+    __slots__ = ("sock", "address", "deadline", "data", "scanned", "head_end", "need", "handshaken", "events")
+
+    def __init__(self, sock: socket.socket, address: Any, deadline: float, *, tls: bool) -> None:
+        self.sock = sock
+        self.address = address
+        self.deadline = deadline
+        self.data = bytearray()
+        self.scanned = 0  # the head's end is searched for only in what arrived since
+        self.head_end = -1
+        self.need = -1  # bytes of the whole request, once the head is in
+        self.handshaken = not tls
+        self.events = selectors.EVENT_READ
+
+    def complete(self) -> bool | None:
+        """True when the whole request is in, None when it is over MAX_REQUEST_BYTES."""
+        if self.head_end < 0:
+            match = _HEAD_END.search(self.data, max(0, self.scanned - 3))
+            self.scanned = len(self.data)
+            if match is None:
+                return None if len(self.data) > MAX_REQUEST_BYTES else False
+            self.head_end = match.end()
+            length = _CONTENT_LENGTH.search(self.data, 0, self.head_end)
+            self.need = self.head_end + (int(length.group(1)) if length else 0)
+        if self.need > MAX_REQUEST_BYTES:
+            return None
+        return len(self.data) >= self.need
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+class _DeadlineWriter(io.BufferedIOBase):
+    """The response side of a connection: every write must finish by one deadline.
+    (A socket timeout alone applies to each send, so a client reading a byte at
+    a time could hold a worker indefinitely.)"""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        sent = 0
+        while sent < len(view):
+            remaining = self._deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the client did not take the response in time")
+            self._sock.settimeout(remaining)
+            sent += self._sock.send(view[sent : sent + (1 << 20)])
+        return sent
 
 
-class _QuietHandler(WSGIRequestHandler):
-    # A client that sends nothing for this long is dropped, so idle or slow
-    # connections cannot pile up handler threads.
-    timeout = REQUEST_TIMEOUT_SECONDS
+class _ServerHandler(ServerHandler):
+    def log_exception(self, exc_info: Any) -> None:
+        if isinstance(exc_info[1], TimeoutError):
+            log.info("http: a client did not take its response within %.0fs", RESPONSE_DEADLINE_SECONDS)
+        else:
+            log.error("http: error while answering a request", exc_info=exc_info)
+
+
+class _Handler(WSGIRequestHandler):
+    """Answers one request whose bytes the I/O thread has already read."""
+
+    def __init__(self, request: socket.socket, client_address: Any, server: WSGIServer, data: bytes) -> None:
+        self._data = data
+        super().__init__(request, client_address, server)
+
+    def setup(self) -> None:
+        self.connection = self.request
+        self.rfile = io.BytesIO(self._data)
+        self.wfile = _DeadlineWriter(self.request, time.monotonic() + RESPONSE_DEADLINE_SECONDS)
+
+    def handle(self) -> None:
+        self.raw_requestline = self.rfile.readline(65537)
+        if not self.parse_request():  # it has answered 400 or the like
+            return
+        handler = _ServerHandler(
+            self.rfile,
+            self.wfile,  # type: ignore[arg-type]  # typeshed wants IO[bytes]; write() is all it uses
+            self.get_stderr(),
+            self.get_environ(),
+            multithread=True,
+        )
+        handler.request_handler = self  # type: ignore[attr-defined]  # the stdlib's back pointer for logging
+        handler.run(self.server.get_app())  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("http %s", format % args)
+
+
+class _HttpServer(WSGIServer):
+    # Binds, listens and holds the WSGI environment; MetricsServer runs the loop.
+    request_queue_size = LISTEN_BACKLOG
+    allow_reuse_address = True
+
+
+class _HttpServer6(_HttpServer):
+    address_family = socket.AF_INET6
 
 
 def _basic_auth_check(cfg: BasicAuthConfig) -> Callable[[str], bool]:
@@ -435,41 +639,41 @@ def _basic_auth_check(cfg: BasicAuthConfig) -> Callable[[str], bool]:
 def make_app(
     exposition: Exposition, health: Callable[[], tuple[bool, str]], basic_auth: BasicAuthConfig | None = None
 ) -> Callable[..., Any]:
-    """/metrics (behind basic auth when configured) and /healthz (always open, for liveness probes)."""
-    openmetrics_app = make_wsgi_app(exposition.registry)
+    """/metrics (behind basic auth when configured) and /healthz (always open, for liveness probes).
+
+    Both answer GET and HEAD (the same headers, no body); other methods get 405."""
     authorized = _basic_auth_check(basic_auth) if basic_auth is not None else None
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
-        if path == "/metrics":
-            if authorized is not None and not authorized(environ.get("HTTP_AUTHORIZATION", "")):
-                start_response(
-                    "401 Unauthorized",
-                    [
-                        ("Content-Type", "text/plain; charset=utf-8"),
-                        ("WWW-Authenticate", 'Basic realm="xentd", charset="UTF-8"'),
-                    ],
-                )
-                return [b"xentd: unauthorized\n"]
+        method = environ.get("REQUEST_METHOD", "GET")
+        status = "200 OK"
+        headers = [("Content-Type", _TEXT)]
+        if path not in ("/metrics", "/healthz"):
+            status, body = "404 Not Found", b"xentd: try /metrics or /healthz\n"
+        elif method not in _ALLOWED:
+            status, body = "405 Method Not Allowed", f"xentd: {path} answers GET and HEAD\n".encode()
+            headers.append(("Allow", ", ".join(_ALLOWED)))
+        elif path == "/healthz":
+            ok, text = health()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            body = text.encode("utf-8") + b"\n"
+        elif authorized is not None and not authorized(environ.get("HTTP_AUTHORIZATION", "")):
+            status, body = "401 Unauthorized", b"xentd: unauthorized\n"
+            headers.append(("WWW-Authenticate", 'Basic realm="xentd", charset="UTF-8"'))
+        else:
             accept = environ.get("HTTP_ACCEPT", "")
             if "openmetrics" in accept and "text/plain" not in accept:
-                return openmetrics_app(environ, start_response)  # type: ignore[no-any-return]
-            body = exposition.text()
-            headers = [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
+                body, headers = exposition.openmetrics(), [("Content-Type", OPENMETRICS_CONTENT_TYPE)]
+            else:
+                body, headers = exposition.text(), [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
             if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
                 # Level 1: a 50 MB exposition compresses ~8x in a fraction of level 9's time.
                 body = gzip.compress(body, compresslevel=1)
                 headers.append(("Content-Encoding", "gzip"))
-            start_response("200 OK", headers)
-            return [body]
-        if path == "/healthz":
-            ok, text = health()
-            start_response(
-                "200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")]
-            )
-            return [text.encode("utf-8") + b"\n"]
-        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
-        return [b"xentd: try /metrics or /healthz\n"]
+        headers.append(("Content-Length", str(len(body))))
+        start_response(status, headers)
+        return [] if method == "HEAD" else [body]
 
     return app
 
@@ -487,52 +691,199 @@ def _tls_context(cfg: TlsConfig) -> ssl.SSLContext:
     return ctx
 
 
-class _TlsMixIn:
-    """The TLS handshake runs on the request's own thread, under the request timeout,
-    so a client that stalls mid-handshake cannot block the accept loop."""
-
-    tls_context: ssl.SSLContext
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(REQUEST_TIMEOUT_SECONDS)
-        try:
-            tls = self.tls_context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            log.debug("TLS handshake with %s failed: %s", client_address, exc)
-            return
-        try:
-            super().finish_request(tls, client_address)  # type: ignore[misc]
-        finally:
-            tls.close()
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
-class _TlsServer(_TlsMixIn, _Server):
-    pass
-
-
-class _TlsServer6(_TlsMixIn, _Server6):
-    pass
+def _answer_and_close(sock: socket.socket, status: str, *, handshaken: bool) -> None:
+    """A short answer from the I/O thread, best effort and without blocking, then close.
+    A TLS connection still in its handshake is just closed."""
+    if handshaken:
+        body = f"xentd: {status}\n".encode()
+        head = f"HTTP/1.0 {status}\r\nContent-Type: {_TEXT}\r\nContent-Length: {len(body)}\r\n"
+        with contextlib.suppress(OSError):
+            sock.send(head.encode() + b"Connection: close\r\n\r\n" + body)
+    _close(sock)
 
 
 class MetricsServer:
-    """Serves the WSGI app on a background thread, over HTTPS when ``tls`` is given."""
+    """Serves the WSGI app, over HTTPS when ``tls`` is given: one I/O thread that
+    accepts and reads requests without blocking, and HTTP_WORKERS threads that answer them."""
 
     def __init__(self, host: str, port: int, app: Callable[..., Any], *, tls: TlsConfig | None = None) -> None:
-        context = _tls_context(tls) if tls is not None else None
-        if context is not None:
-            server_class: type[_Server] = _TlsServer6 if ":" in host else _TlsServer
-        else:
-            server_class = _Server6 if ":" in host else _Server
-        self._httpd = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
-        if context is not None:
-            self._httpd.tls_context = context  # type: ignore[attr-defined]
+        self._tls = _tls_context(tls) if tls is not None else None
+        server_class = _HttpServer6 if ":" in host else _HttpServer
+        # The handler class is unused: workers build a _Handler for each request.
+        self._httpd = server_class((host, port), WSGIRequestHandler)
+        self._httpd.set_app(app)
         self.port = int(self._httpd.server_address[1])
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="xentd-http", daemon=True)
+        # Insertion order is accept order, which is deadline order.
+        self._pending: dict[_Pending, None] = {}
+        self._queue: queue.Queue[tuple[socket.socket, Any, bytes] | None] = queue.Queue(MAX_QUEUED_REQUESTS)
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
+        self._started = False
+        self._thread = threading.Thread(target=self._serve, name="xentd-http", daemon=True)
+        self._workers = [
+            threading.Thread(target=self._work, name=f"xentd-http-worker-{i}", daemon=True) for i in range(HTTP_WORKERS)
+        ]
 
     def start(self) -> None:
+        self._started = True
+        for worker in self._workers:
+            worker.start()
         self._thread.start()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        if self._started:
+            self._thread.join(timeout=5)
+            while True:  # requests not yet answered are dropped
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    _close(item[0])
+            for _ in self._workers:
+                self._queue.put(None)
+            for worker in self._workers:
+                worker.join(timeout=5)
         self._httpd.server_close()
-        self._thread.join(timeout=5)
+        for s in (self._wake_r, self._wake_w):
+            _close(s)
+
+    # --- the I/O thread ---------------------------------------------------------
+
+    def _serve(self) -> None:
+        listener = self._httpd.socket
+        listener.setblocking(False)
+        sel = self._selector
+        sel.register(listener, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self._stopping:
+                timeout = None
+                if self._pending:
+                    timeout = max(0.0, next(iter(self._pending)).deadline - time.monotonic())
+                for key, _ in sel.select(timeout):
+                    if key.fileobj is listener:
+                        self._accept()
+                    elif key.fileobj is self._wake_r:
+                        with contextlib.suppress(OSError):
+                            self._wake_r.recv(64)
+                    elif key.data in self._pending:  # not closed earlier in this round
+                        self._receive(key.data)
+                self._expire()
+        except Exception:
+            log.exception("http: the server loop failed; /metrics is no longer served")
+            raise
+        finally:
+            for p in list(self._pending):
+                self._drop(p)
+            sel.close()
+
+    def _accept(self) -> None:
+        for _ in range(64):  # a burst at a time, then back to the readers
+            try:
+                sock, address = self._httpd.socket.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # out of file descriptors, say: free one rather than spin
+                log.warning("http: accept failed: %s", exc)
+                if self._pending:
+                    self._drop(next(iter(self._pending)))
+                else:
+                    time.sleep(0.05)
+                return
+            if len(self._pending) >= MAX_CONNECTIONS:
+                self._drop(next(iter(self._pending)))
+            sock.setblocking(False)
+            if self._tls is not None:
+                try:
+                    sock = self._tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                except (ssl.SSLError, OSError) as exc:
+                    log.debug("http: TLS setup for %s failed: %s", address, exc)
+                    _close(sock)
+                    continue
+            p = _Pending(sock, address, time.monotonic() + REQUEST_DEADLINE_SECONDS, tls=self._tls is not None)
+            self._pending[p] = None
+            self._selector.register(sock, selectors.EVENT_READ, p)
+
+    def _receive(self, p: _Pending) -> None:
+        try:
+            if not p.handshaken:
+                p.sock.do_handshake()  # type: ignore[attr-defined]
+                p.handshaken = True
+            while True:  # until the kernel (or TLS) buffer is empty
+                chunk = p.sock.recv(65536)
+                if not chunk:
+                    self._drop(p)
+                    return
+                p.data += chunk
+                done = p.complete()
+                if done is None:
+                    self._refuse(p, "413 Content Too Large")
+                    return
+                if done:
+                    self._dispatch(p)
+                    return
+        except (BlockingIOError, ssl.SSLWantReadError):
+            self._want(p, selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            self._want(p, selectors.EVENT_WRITE)
+        except OSError as exc:  # a reset, or a failed TLS handshake
+            log.debug("http: connection from %s: %s", p.address, exc)
+            self._drop(p)
+
+    def _want(self, p: _Pending, events: int) -> None:
+        if p.events != events:
+            self._selector.modify(p.sock, events, p)
+            p.events = events
+
+    def _forget(self, p: _Pending) -> None:
+        del self._pending[p]
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(p.sock)
+
+    def _drop(self, p: _Pending) -> None:
+        self._forget(p)
+        _close(p.sock)
+
+    def _refuse(self, p: _Pending, status: str) -> None:
+        self._forget(p)
+        _answer_and_close(p.sock, status, handshaken=p.handshaken)
+
+    def _dispatch(self, p: _Pending) -> None:
+        self._forget(p)
+        try:
+            self._queue.put_nowait((p.sock, p.address, bytes(p.data)))
+        except queue.Full:
+            _answer_and_close(p.sock, "503 Service Unavailable", handshaken=True)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._pending:
+            p = next(iter(self._pending))
+            if p.deadline > now:
+                return
+            self._refuse(p, "408 Request Timeout")
+
+    # --- the workers --------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            sock, address, data = item
+            try:
+                _Handler(sock, address, self._httpd, data)
+            except Exception:
+                log.exception("http: error while answering %s", address)
+            finally:
+                _close(sock)
