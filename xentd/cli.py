@@ -8,10 +8,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from xentd import config as config_mod
 from xentd._version import __version__
 from xentd.errors import XentdError
+
+if TYPE_CHECKING:
+    from xentd.replay import Watch
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--pub", action="store_true", help="bind a PUB socket instead of connecting PUSH")
     send.add_argument("--curve-server-key", metavar="FILE", help="the daemon's public key file (CURVE)")
     send.add_argument("--curve-secret-key", metavar="FILE", help="this client's .key_secret file (CURVE)")
+    _delivery_options(send)
 
     top = sub.add_parser("top", help="live view of the models in a running daemon (reads its /metrics)")
     top.add_argument("--url", default="http://127.0.0.1:9650", help="the daemon's metrics address")
@@ -58,11 +63,40 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--pub", action="store_true", help="bind a PUB socket instead of connecting PUSH")
     replay.add_argument("--curve-server-key", metavar="FILE")
     replay.add_argument("--curve-secret-key", metavar="FILE")
+    _delivery_options(replay)
 
     keygen = sub.add_parser("keygen", help="create a CURVE key pair: NAME.key (public) and NAME.key_secret")
     keygen.add_argument("directory", type=Path)
     keygen.add_argument("--name", default="server", help="file name stem (default: server)")
     return p
+
+
+def _delivery_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up (exit 2) when no daemon has accepted the connection (with --pub: subscribed) within this "
+        "long, when a send blocks this long, or when --wait sees no progress for this long (default 5)",
+    )
+    p.add_argument(
+        "--wait",
+        metavar="URL",
+        help="the daemon's metrics URL (http://127.0.0.1:9650/metrics): wait until it has accounted for every "
+        "batch, then say how many were scored, duplicate or rejected (and why); exit 1 if any was rejected. "
+        "Read from counter deltas: exact only while no other producer sends to that daemon",
+    )
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="basic auth for --wait's /metrics")
+    p.add_argument("--cafile", help="CA certificate for an https --wait URL")
+
+
+def _watch(args: argparse.Namespace) -> Watch | None:
+    from xentd.replay import Watch
+
+    if not args.timeout > 0:
+        raise XentdError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    return Watch(args.wait, auth=args.auth, cafile=args.cafile) if args.wait else None
 
 
 def _load(path: Path | None) -> config_mod.Config:
@@ -88,15 +122,23 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
+    import zmq
+
     from xentd import replay
     from xentd.client import open_publisher
 
     ds = replay.load(args.file)  # .npz or .csv, with the same checks and errors as replay
+    watch = _watch(args)
+    before = watch.scrape() if watch is not None else None
+    timeout_ms = max(1, int(args.timeout * 1000))
     with open_publisher(
         args.to,
         socket="pub" if args.pub else "push",
         curve_server_key=args.curve_server_key,
         curve_secret_key=args.curve_secret_key,
+        connect_timeout=args.timeout,
+        send_timeout_ms=timeout_ms,
+        linger_ms=timeout_ms,
     ) as pub:
         try:
             pub.send(
@@ -104,8 +146,14 @@ def _send(args: argparse.Namespace) -> int:
             )
         except (TypeError, ValueError) as exc:
             raise XentdError(str(exc)) from None
-    print(f"sent {len(ds)} samples for model {args.model!r} to {args.to}")
-    return 0
+        except zmq.Again:
+            raise XentdError(f"{args.to}: the daemon took no batch for {args.timeout:g} s (send queue full)") from None
+    print(f"sent {len(ds)} samples for model {args.model!r} to {args.to}", flush=True)
+    if watch is None or before is None:
+        return 0
+    return replay.report(
+        replay.await_outcome(watch, before, model=args.model, sent=1, timeout=args.timeout), sys.stdout
+    )
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -159,6 +207,8 @@ def _replay(args: argparse.Namespace) -> int:
         pub=args.pub,
         curve_server_key=args.curve_server_key,
         curve_secret_key=args.curve_secret_key,
+        timeout=args.timeout,
+        wait=_watch(args),
     )
 
 

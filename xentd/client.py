@@ -16,11 +16,21 @@ xentd counts messages lost on the way (``xentd_sequence_gaps_total``). With
 sends them again whenever its connection to the daemon is re-established
 (after a daemon restart, say); xentd drops the copies it already scored by
 ``batch_id`` (see docs/reliability.md).
+
+ZeroMQ connects in the background, so by default a publisher can be created, and
+can send, before any daemon listens: batches wait in its queue (PUSH) until one
+does, or are dropped (PUB, which has no subscriber to send to). To find out
+instead, pass ``connect_timeout`` (seconds), or call :meth:`Publisher.wait_connected`:
+it raises a :class:`~xentd.errors.XentdError` naming the address when no daemon
+has completed the connection in time. This is off by default, because a model
+server that starts before its daemon should keep running, as ZeroMQ intends;
+``xentd send`` and ``xentd replay`` turn it on (``--timeout``).
 """
 
 from __future__ import annotations
 
 import collections
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +42,14 @@ import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from xentd import wire
+from xentd.config import transport_hint
 from xentd.errors import XentdError
+
+# What the monitor reports: a connection made, lost, or refused in its handshake.
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
 
 
 def open_publisher(address: str, **kwargs: Any) -> Publisher:
@@ -55,6 +72,10 @@ class Publisher:
     (``curve_server_key``: the z85 text, or the path of its ``.key`` file) and
     this client's secret key file (``curve_secret_key``, a ``.key_secret``
     written by ``xentd keygen``, whose ``.key`` the daemon lists as authorized).
+
+    ``connect_timeout`` (seconds; None, the default, does not wait) makes the
+    constructor call :meth:`wait_connected`, so that a publisher exists only once
+    a daemon has accepted it.
     """
 
     def __init__(
@@ -70,50 +91,69 @@ class Publisher:
         producer: str | None = None,
         curve_server_key: str | bytes | None = None,
         curve_secret_key: str | None = None,
+        connect_timeout: float | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         if socket not in ("push", "pub"):
             raise ValueError(f"socket must be 'push' or 'pub', got {socket!r}")
         if resend < 0:
             raise ValueError(f"resend must be >= 0, got {resend}")
+        if connect_timeout is not None and not connect_timeout >= 0:
+            raise ValueError(f"connect_timeout must be >= 0 seconds, got {connect_timeout}")
+        addresses = [address] if isinstance(address, str) else list(address)
+        for a in addresses:
+            if "://" not in a:
+                raise ValueError(
+                    f"{a!r} is not a ZeroMQ endpoint: it names no transport{transport_hint(a)}; "
+                    "write e.g. tcp://127.0.0.1:5557 or ipc:///run/xentd/ingest"
+                )
         self._topic = socket == "pub"
         # An own context by default, terminated on close: that is what makes close()
         # wait for queued messages. A shared Context.instance() is never terminated,
         # so a process that exits right after close() would drop what is queued.
         self._own_context = context is None
         self._context = context or zmq.Context()
-        self._socket = self._context.socket(zmq.PUB if self._topic else zmq.PUSH)
+        # XPUB sends exactly as PUB does, and also hands us the subscriptions it
+        # receives: the only way to know that a subscriber is ready (wait_connected).
+        self._socket = self._context.socket(zmq.XPUB if self._topic else zmq.PUSH)
         self.producer = producer or f"py-{uuid.uuid4().hex[:16]}"
         self._seq = 0
         self._resend: collections.deque[list[bytes | memoryview]] = collections.deque(maxlen=resend or None)
         self._resend_enabled = resend > 0
         self._monitor: zmq.Socket[Any] | None = None
         self._disconnected = False
+        # Endpoints whose connection completed its handshake and has not dropped since.
+        self._connected: set[str] = set()
+        self._refused: dict[str, str] = {}  # endpoint -> why its last handshake failed
+        self._subscribed = False
         self.resent = 0
-        addresses = [address] if isinstance(address, str) else list(address)
+        self._bound = bool(bind if bind is not None else self._topic)
+        self._addresses = addresses
         try:
             self._socket.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
             self._socket.setsockopt(zmq.LINGER, linger_ms)
             self._socket.setsockopt(zmq.SNDHWM, send_hwm)
             if curve_server_key is not None or curve_secret_key is not None:
                 self._configure_curve(curve_server_key, curve_secret_key)
-            if self._resend_enabled:
-                self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            if self._resend_enabled or connect_timeout is not None:
+                self._monitor = self._socket.get_monitor_socket(_MONITOR_EVENTS)
             if not addresses:
                 raise ValueError("no address given")
-            if bind if bind is not None else self._topic:
+            if self._bound:
                 if len(addresses) > 1:
                     raise ValueError("a bound socket takes one address")
                 self._socket.bind(addresses[0])
             else:
                 for a in addresses:  # several: ZeroMQ sends round-robin to them (docs/scaling.md)
                     self._socket.connect(a)
+            self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) or addresses[-1]
+            if connect_timeout is not None:
+                self.wait_connected(connect_timeout)
         except BaseException:
             # Nothing was sent: close at once, leaving no socket or context behind.
             self._socket.setsockopt(zmq.LINGER, 0)
             self.close()
             raise
-        self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT) or addresses[-1]
 
     def _configure_curve(self, server_key: str | bytes | None, secret_key: str | None) -> None:
         if server_key is None or secret_key is None:
@@ -169,20 +209,89 @@ class Publisher:
         if self._resend_enabled:
             self._resend.append(frames)
 
+    def wait_connected(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds until a daemon is there to take batches.
+
+        PUSH: every address given has completed its connection (the ZeroMQ
+        handshake, CURVE included). PUB: at least one subscriber has connected and
+        subscribed, so a batch sent now is not dropped for want of one. Raises
+        :class:`~xentd.errors.XentdError` naming the addresses still waiting.
+        ``inproc://`` addresses are not checked (they report no handshake).
+        Needs ``connect_timeout`` or ``resend`` at construction, which start the
+        connection monitor before the first connection is made.
+        """
+        if self._monitor is None:
+            raise XentdError("wait_connected needs a publisher made with connect_timeout (or resend)")
+        deadline = time.monotonic() + timeout
+        poller = zmq.Poller()
+        poller.register(self._monitor, zmq.POLLIN)
+        if self._topic:
+            poller.register(self._socket, zmq.POLLIN)
+        while True:
+            self._check_reconnect()
+            waiting = self._waiting()
+            if not waiting:
+                return
+            left = deadline - time.monotonic()
+            # A refused handshake (CURVE key not authorized, say) will not pass by waiting.
+            if left <= 0 or any(a in self._refused for a in waiting):
+                raise XentdError(self._not_connected_message(waiting, timeout))
+            poller.poll(max(1, int(left * 1000)))
+
+    def _waiting(self) -> list[str]:
+        """The addresses :meth:`wait_connected` still waits for."""
+        if self._topic:
+            while self._socket.poll(0):  # XPUB: b"\x01topic" subscribes, b"\x00topic" unsubscribes
+                if self._socket.recv()[:1] == b"\x01":
+                    self._subscribed = True
+            return [] if self._subscribed else [self.address]
+        if self._bound:
+            return [] if self._connected else [self.address]
+        return [a for a in self._addresses if a not in self._connected and not a.startswith("inproc://")]
+
+    def _not_connected_message(self, waiting: list[str], timeout: float) -> str:
+        where = ", ".join(waiting)
+        refused = [f"{a} refused the connection: {self._refused[a]}" for a in waiting if a in self._refused]
+        if refused:
+            return "; ".join(refused)
+        if self._topic:
+            return (
+                f"no daemon subscribed to {where} within {timeout:g} s "
+                '(is xentd running with ingest.socket = "sub" and connected to this address?)'
+            )
+        if self._bound:
+            return f"no daemon connected to {where} within {timeout:g} s"
+        return (
+            f"no daemon accepted the connection to {where} within {timeout:g} s "
+            "(is xentd running, and is that its ingest address?)"
+        )
+
     def _check_reconnect(self) -> None:
-        """After a reconnect, send the recent batches again: ones in flight when the
-        connection dropped may never have reached the daemon."""
+        """Read the connection monitor. After a reconnect, send the recent batches
+        again: ones in flight when the connection dropped may never have reached the daemon."""
         if self._monitor is None:
             return
         reconnected = False
         while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)["event"]
+            message = recv_monitor_message(self._monitor)
+            event, endpoint = message["event"], message["endpoint"].decode("utf-8", "replace")
             if event == zmq.EVENT_DISCONNECTED:
                 self._disconnected = True
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._disconnected:
-                self._disconnected = False
-                reconnected = True
-        if reconnected:
+                self._connected.discard(endpoint)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected.add(endpoint)
+                self._refused.pop(endpoint, None)
+                if self._disconnected:
+                    self._disconnected = False
+                    reconnected = True
+            elif event & _HANDSHAKE_FAILED:
+                self._refused[endpoint] = (
+                    "it did not accept this client's CURVE key (is the client's .key among the daemon's "
+                    "authorized keys, and is the server key the daemon's?)"
+                    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                    else "the ZeroMQ handshake failed (a different security mechanism, or not xentd?)"
+                )
+        if reconnected and self._resend_enabled:
             for frames in list(self._resend):
                 self._socket.send_multipart(frames, copy=False)
                 self.resent += 1

@@ -12,6 +12,13 @@ Two file layouts:
 Batches go out in file order, each ``batch_size`` rows, with ``batch_id``
 ``<file stem>:<first row>-<end row>``, so replaying a file twice with the same
 batch size into a daemon that still remembers the ids counts it once.
+
+With a metrics URL (``--wait``), ``send`` and ``replay`` then wait until the
+daemon has accounted for every batch sent, and say what became of them
+(:func:`await_outcome`): scored, duplicate or rejected, with the reason. That
+reads the daemon's counters before and after, so it is exact only while no other
+producer sends to the same daemon; a note says so when the counters moved by
+more than this command's batches.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+import zmq
 
 from xentd.errors import XentdError
+from xentd.top import Scrape, metrics_url, scrape
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,124 @@ def replay(
     return len(starts)
 
 
+@dataclass(frozen=True)
+class Watch:
+    """Where and how to read the daemon's /metrics for ``--wait``."""
+
+    url: str
+    auth: str | None = None
+    cafile: str | None = None
+
+    def scrape(self) -> Scrape:
+        return scrape(self.url, auth=self.auth, cafile=self.cafile)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the daemon's counters say became of ``sent`` batches for ``model``."""
+
+    model: str
+    sent: int
+    accounted: int  # growth of xentd_messages_received_total: every message the daemon finished with
+    scored: int
+    samples: int
+    duplicate: int
+    rejected: dict[str, int]  # reason -> batches
+
+    @property
+    def other_traffic(self) -> bool:
+        return self.accounted > self.sent or self.scored + self.duplicate + sum(self.rejected.values()) > self.sent
+
+    def lines(self) -> list[str]:
+        out = [f"the daemon accounted for {self.sent} batch(es) sent as model {self.model!r}:"]
+        if self.scored:
+            out.append(f"  {self.scored} scored ({self.samples:,} samples)")
+        if self.duplicate:
+            out.append(f"  {self.duplicate} duplicate (already scored: batch ids seen before)")
+        if self.rejected:
+            reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.rejected.items(), key=lambda kv: -kv[1]))
+            out.append(f"  {sum(self.rejected.values())} rejected ({reasons}; the daemon's log has the details)")
+        if self.other_traffic:
+            out.append(
+                f"note: the daemon accounted for {self.accounted} message(s) meanwhile, more than the {self.sent} "
+                "sent here: another producer was sending, and its batches may be counted above"
+            )
+        return out
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
+    return {k: round(v - before.get(k, 0.0)) for k, v in after.items() if round(v - before.get(k, 0.0)) > 0}
+
+
+def _model_rejections(s: Scrape, model: str) -> dict[str, float]:
+    return {
+        dict(labels).get("reason", ""): v
+        for (name, labels), v in s.samples.items()
+        if name == "xentd_model_rejected_batches_total" and dict(labels).get("model") == model
+    }
+
+
+def outcome(before: Scrape, after: Scrape, *, model: str, sent: int) -> Outcome:
+    """The counter deltas between two scrapes, read as the fate of ``sent`` batches."""
+
+    def grew(name: str, per_model: bool = False) -> int:
+        def get(s: Scrape) -> float:
+            return s.by_model(name).get(model, 0.0) if per_model else s.total(name).get("", 0.0)
+
+        return round(get(after) - get(before))
+
+    accounted = grew("xentd_messages_received_total")
+    rejected = _delta(after.total("xentd_rejected_batches_total"), before.total("xentd_rejected_batches_total"))
+    if accounted > sent and any(name == "xentd_model_rejected_batches_total" for name, _ in after.samples):
+        # Others were sending: this model's own rejection counts leave theirs out. (A model
+        # the daemon never scored has none; its rejections show only daemon-wide.)
+        rejected = _delta(_model_rejections(after, model), _model_rejections(before, model))
+    return Outcome(
+        model=model,
+        sent=sent,
+        accounted=accounted,
+        scored=grew("xentd_batches_total", per_model=True),
+        samples=grew("xentd_samples_total", per_model=True),
+        duplicate=grew("xentd_duplicate_batches_total"),
+        rejected=rejected,
+    )
+
+
+# How often --wait reads /metrics while the daemon works through the batches.
+WAIT_POLL_SECONDS = 0.1
+
+
+def await_outcome(watch: Watch, before: Scrape, *, model: str, sent: int, timeout: float) -> Outcome:
+    """Poll /metrics until the daemon has accounted for ``sent`` more messages.
+
+    Gives up with a :class:`XentdError` when the count has not moved for ``timeout``
+    seconds (a daemon still working through a backlog keeps it moving).
+    """
+    last, deadline = -1, time.monotonic() + timeout
+    while True:
+        got = outcome(before, watch.scrape(), model=model, sent=sent)
+        # Both: the message count (every outcome) and the outcomes themselves have grown.
+        done = min(got.accounted, got.scored + got.duplicate + sum(got.rejected.values()))
+        if done >= sent:
+            return got
+        if done > last:
+            last, deadline = done, time.monotonic() + timeout
+        elif time.monotonic() > deadline:
+            raise XentdError(
+                f"{metrics_url(watch.url)}: the daemon accounted for {max(done, 0)} of the {sent} batch(es) sent, "
+                f"and nothing more for {timeout:g} s (not received yet, or lost on the way; a longer --timeout "
+                "waits more)"
+            )
+        time.sleep(WAIT_POLL_SECONDS)
+
+
+def report(result: Outcome, out: TextIO) -> int:
+    """Print ``result``; the exit status: 1 when a batch was rejected, else 0."""
+    out.write("\n".join(result.lines()) + "\n")
+    out.flush()
+    return 1 if result.rejected else 0
+
+
 def run(
     path: Path,
     *,
@@ -161,20 +288,30 @@ def run(
     pub: bool,
     curve_server_key: str | None = None,
     curve_secret_key: str | None = None,
+    timeout: float = 5.0,
+    wait: Watch | None = None,
     out: TextIO = sys.stderr,
+    result_out: TextIO = sys.stdout,
 ) -> int:
     from xentd.client import open_publisher
 
     ds = load(path)
+    before = wait.scrape() if wait is not None else None
+    timeout_ms = max(1, int(timeout * 1000))
     with open_publisher(
         to,
         socket="pub" if pub else "push",
         curve_server_key=curve_server_key,
         curve_secret_key=curve_secret_key,
         resend=0,
+        connect_timeout=timeout,
+        send_timeout_ms=timeout_ms,
+        linger_ms=timeout_ms,
     ) as publisher:
+        sent = 0
 
         def send(rows: slice, batch_id: str) -> None:
+            nonlocal sent
             publisher.send(
                 model,
                 ds.predictions[rows],
@@ -183,6 +320,7 @@ def run(
                 weights=None if ds.weights is None else ds.weights[rows],
                 batch_id=batch_id,
             )
+            sent += 1
 
         try:
             batches = replay(
@@ -195,5 +333,11 @@ def run(
             )
         except (TypeError, ValueError) as exc:
             raise XentdError(f"{path}: {exc}") from None
+        except zmq.Again:
+            raise XentdError(
+                f"{to}: the daemon took no batch for {timeout:g} s (send queue full); stopped after {sent} batch(es)"
+            ) from None
     out.write(f"replayed {len(ds)} samples in {batches} batches to {to} as model {model!r}\n")
-    return 0
+    if wait is None or before is None:
+        return 0
+    return report(await_outcome(wait, before, model=model, sent=batches, timeout=timeout), result_out)

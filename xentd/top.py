@@ -1,18 +1,28 @@
 """``xentd top``: a live terminal view of the models in a running daemon, read from its /metrics.
 
-Rates come from the difference between two scrapes; the loss, perplexity and
-accuracy columns are the daemon's own window gauges for the chosen window.
-It reads only /metrics, so it works against any instance Prometheus can scrape.
+Rates come from the difference between two scrapes; the loss, perplexity,
+accuracy and balanced cross-entropy columns are the daemon's own window gauges
+for the chosen window, and the worst class is the true class with the highest
+mean loss since the daemon started (``xentd_class_cross_entropy_nats``).
+A model whose window holds no samples shows ``-`` there. It reads only /metrics,
+so it works against any instance Prometheus can scrape. On a terminal, ``q``
+quits.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
+import os
+import select
 import ssl
 import sys
+import termios
 import time
+import tty
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -46,8 +56,15 @@ class Scrape:
         return out
 
 
+def metrics_url(url: str) -> str:
+    """``url``'s /metrics page: the daemon's address, or the /metrics URL itself."""
+    base = url.rstrip("/")
+    return base if base.endswith("/metrics") else base + "/metrics"
+
+
 def scrape(url: str, *, auth: str | None = None, cafile: str | None = None, timeout: float = 10.0) -> Scrape:
-    request = urllib.request.Request(url.rstrip("/") + "/metrics", headers={"Accept": "text/plain"})
+    url = metrics_url(url)
+    request = urllib.request.Request(url, headers={"Accept": "text/plain"})
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     context = ssl.create_default_context(cafile=cafile) if url.startswith("https") else None
@@ -55,7 +72,7 @@ def scrape(url: str, *, auth: str | None = None, cafile: str | None = None, time
         with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
             text = resp.read().decode("utf-8")
     except OSError as exc:
-        raise XentdError(f"cannot read {url}/metrics: {exc}") from None
+        raise XentdError(f"cannot read {url}: {exc}") from None
     out = Scrape(at=time.monotonic())
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -72,6 +89,43 @@ class Row:
     perplexity: float
     accuracy: float
     window_samples: float
+    balanced_cross_entropy: float = math.nan
+    worst_class: str | None = None  # the true class with the highest mean loss since start
+    worst_class_loss: float = math.nan
+
+
+def windows(s: Scrape) -> list[str]:
+    """The window labels the daemon exports, in its order."""
+    return list(dict.fromkeys(dict(labels)["window"] for name, labels in s.samples if name == "xentd_window_samples"))
+
+
+def _worst_classes(s: Scrape) -> dict[str, tuple[str, float]]:
+    """Per model, the class with the highest weighted mean loss (``_sum / _count``) since start."""
+    sums: dict[tuple[str, str], float] = {}
+    counts: dict[tuple[str, str], float] = {}
+    for (name, labels), v in s.samples.items():
+        lbl = dict(labels)
+        if "model" not in lbl or "class" not in lbl:
+            continue
+        if name == "xentd_class_cross_entropy_nats_sum":
+            sums[(lbl["model"], lbl["class"])] = v
+        elif name == "xentd_class_cross_entropy_nats_count":
+            counts[(lbl["model"], lbl["class"])] = v
+    out: dict[str, tuple[str, float]] = {}
+    for key, total in sorted(sums.items()):
+        weight = counts.get(key, 0.0)
+        if weight > 0:
+            model, cls = key
+            mean = total / weight
+            if model not in out or mean > out[model][1]:
+                out[model] = (cls, mean)
+    return out
+
+
+def _perplexity(loss: float) -> float:
+    if math.isnan(loss):
+        return math.nan  # no samples in the window: no loss, so no perplexity either
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 def rows(before: Scrape, after: Scrape, window: str) -> list[Row]:
@@ -80,19 +134,25 @@ def rows(before: Scrape, after: Scrape, window: str) -> list[Row]:
     batches0, batches1 = before.by_model("xentd_batches_total"), after.by_model("xentd_batches_total")
     ce = after.by_model("xentd_window_cross_entropy_nats", window=window)
     acc = after.by_model("xentd_window_accuracy_ratio", window=window)
+    balanced = after.by_model("xentd_window_balanced_cross_entropy_nats", window=window)
     n = after.by_model("xentd_window_samples", window=window)
+    worst = _worst_classes(after)
     out = []
     for model in sorted(samples1):
         loss = ce.get(model, math.nan)
+        worst_class, worst_loss = worst.get(model, (None, math.nan))
         out.append(
             Row(
                 model=model,
                 samples_per_s=max(0.0, samples1[model] - samples0.get(model, samples1[model])) / dt,
                 batches_per_s=max(0.0, batches1.get(model, 0.0) - batches0.get(model, batches1.get(model, 0.0))) / dt,
                 cross_entropy=loss,
-                perplexity=math.exp(loss) if loss < 700 else math.inf,
+                perplexity=_perplexity(loss),
                 accuracy=acc.get(model, math.nan),
                 window_samples=n.get(model, 0.0),
+                balanced_cross_entropy=balanced.get(model, math.nan),
+                worst_class=worst_class,
+                worst_class_loss=worst_loss,
             )
         )
     return out
@@ -105,7 +165,15 @@ SORTS = {
 }
 
 
+def check_window(s: Scrape, window: str) -> None:
+    """Refuse a ``--window`` the daemon does not export (once it exports any: a daemon with no model has none)."""
+    present = windows(s)
+    if present and window not in present:
+        raise XentdError(f"--window {window!r}: this daemon has no such window; its windows are {', '.join(present)}")
+
+
 def render(before: Scrape, after: Scrape, *, url: str, window: str, sort: str = "name", limit: int = 50) -> str:
+    check_window(after, window)
     dt = max(after.at - before.at, 1e-9)
     table = sorted(rows(before, after, window), key=SORTS[sort])
     received = after.total("xentd_messages_received_total").get("", 0.0)
@@ -126,13 +194,15 @@ def render(before: Scrape, after: Scrape, *, url: str, window: str, sort: str = 
         f"sequence gaps {after.total('xentd_sequence_gaps_total').get('', 0):,.0f}   backend {backend}",
         "",
         f"{'MODEL':32s} {'SAMPLES/S':>11s} {'BATCHES/S':>10s} {'XENT (nats)':>12s} {'PERPLEXITY':>11s} "
-        f"{'ACCURACY':>9s} {'IN WINDOW':>10s}",
+        f"{'ACCURACY':>9s} {'IN WINDOW':>10s} {'BALANCED':>9s} {'WORST CLASS (since start)':>25s}",
     ]
     for r in table[:limit]:
+        worst = "-" if r.worst_class is None else f"{r.worst_class[:12]} {r.worst_class_loss:.4f}"
         lines.append(
             f"{r.model[:32]:32s} {r.samples_per_s:11,.1f} {r.batches_per_s:10,.1f} "
             f"{_num(r.cross_entropy, '12.4f')} {_num(r.perplexity, '11.3f')} "
-            f"{_num(r.accuracy * 100, '8.2f')}% {r.window_samples:10,.0f}"
+            f"{_num(r.accuracy * 100, '8.2f')}{' ' if math.isnan(r.accuracy) else '%'} {r.window_samples:10,.0f} "
+            f"{_num(r.balanced_cross_entropy, '9.4f')} {worst:>25s}"
         )
     if len(table) > limit:
         lines.append(f"... and {len(table) - limit} more (--limit)")
@@ -142,6 +212,42 @@ def render(before: Scrape, after: Scrape, *, url: str, window: str, sort: str = 
 def _num(value: float, spec: str) -> str:
     width = int(spec.split(".")[0])
     return f"{'-':>{width}s}" if math.isnan(value) else format(value, spec)
+
+
+@contextlib.contextmanager
+def _keys(stream: TextIO) -> Iterator[int | None]:
+    """The terminal's file descriptor in cbreak mode (keys arrive unbuffered, unechoed), or None off a terminal.
+
+    The terminal's settings are restored on the way out, however that happens."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield None
+        return
+    if not os.isatty(fd):
+        yield None
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _wait_for_quit(fd: int | None, seconds: float) -> bool:
+    """Sleep ``seconds``, or less if ``q`` is pressed; True when it was."""
+    if fd is None:
+        time.sleep(seconds)
+        return False
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            key = os.read(fd, 32)
+            if not key or key[:1] in (b"q", b"Q"):  # q, or end of input
+                return True
+    return False
 
 
 def run(
@@ -154,18 +260,25 @@ def run(
     limit: int,
     auth: str | None = None,
     cafile: str | None = None,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
+    keys: TextIO | None = None,
 ) -> int:
+    """Show the view every ``interval`` seconds until ``q`` (read from ``keys``, stdin by default) or Ctrl-C."""
+    out = out or sys.stdout
     before = scrape(url, auth=auth, cafile=cafile)
     if not any(n == "xentd_build_info" for n, _ in before.samples):
-        raise XentdError(f"{url}/metrics does not look like xentd's (no xentd_build_info)")
-    while True:
+        raise XentdError(f"{metrics_url(url)} does not look like xentd's (no xentd_build_info)")
+    check_window(before, window)
+    if once:
         time.sleep(interval)
-        after = scrape(url, auth=auth, cafile=cafile)
-        text = render(before, after, url=url, window=window, sort=sort, limit=limit)
-        if once:
-            out.write(text)
-            return 0
-        out.write("\x1b[H\x1b[2J" + text)  # home and clear: a full redraw per interval
-        out.flush()
-        before = after
+        out.write(render(before, scrape(url, auth=auth, cafile=cafile), url=url, window=window, sort=sort, limit=limit))
+        return 0
+    with _keys(keys or sys.stdin) as fd:
+        while not _wait_for_quit(fd, interval):
+            after = scrape(url, auth=auth, cafile=cafile)
+            text = render(before, after, url=url, window=window, sort=sort, limit=limit)
+            footer = "q: quit\n" if fd is not None else ""
+            out.write("\x1b[H\x1b[2J" + text + footer)  # home and clear: a full redraw per interval
+            out.flush()
+            before = after
+    return 0

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import pty
+import select
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +20,7 @@ from sklearn.metrics import log_loss
 
 from tests.conftest import softmax
 from tests.integration.harness import DaemonProcess
-from xentd import replay, top
+from xentd import Publisher, replay, top
 from xentd.errors import XentdError
 
 
@@ -109,3 +113,88 @@ def test_send_reads_the_same_files_as_replay(start_daemon: Callable[..., DaemonP
     ):
         bad = _xentd("send", *args, "--model", "m")
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def _top_line(view: str, model: str) -> list[str]:
+    return next(ln for ln in view.splitlines() if ln.startswith(model + " ")).split()
+
+
+def test_top_columns_balanced_and_worst_class(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    # Class 2 is predicted badly, so it is the worst; class 0 is common, so balanced != plain mean.
+    y = np.concatenate([np.zeros(300, np.int64), np.ones(60, np.int64), np.full(40, 2)])
+    logits = rng.normal(0, 1, (400, 3))
+    logits[np.arange(400), y] += np.where(y == 2, -1.0, 2.0)
+    p = softmax(logits)
+    np.savez(tmp_path / "cls.npz", predictions=p, targets=y)
+    d = start_daemon()
+    assert _xentd("send", str(tmp_path / "cls.npz"), "--model", "cls", "--to", d.ingest).returncode == 0
+    d.wait_for("xentd_samples_total", 400.0, model="cls")
+    view = _xentd("top", "--url", d.http, "--once", "--interval", "0.2")
+    assert view.returncode == 0, view.stderr
+    assert "BALANCED" in view.stdout and "WORST CLASS (since start)" in view.stdout
+    loss = -np.log(p[np.arange(400), y])
+    per_class = [loss[y == c].mean() for c in range(3)]
+    fields = _top_line(view.stdout, "cls")
+    assert float(fields[3]) == pytest.approx(loss.mean(), abs=5e-5)
+    assert float(fields[7]) == pytest.approx(np.mean(per_class), abs=5e-5)
+    assert fields[8] == str(int(np.argmax(per_class))) == "2"
+    assert float(fields[9]) == pytest.approx(max(per_class), abs=5e-5)
+
+
+def test_top_shows_a_dash_for_a_model_without_data(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    # Weight 0 everywhere: the batch is scored, but the window holds no weight, so no mean.
+    np.savez(tmp_path / "w0.npz", predictions=np.array([0.9, 0.2]), targets=np.array([1, 0]), weights=np.zeros(2))
+    d = start_daemon()
+    assert _xentd("send", str(tmp_path / "w0.npz"), "--model", "empty", "--to", d.ingest).returncode == 0
+    d.wait_for("xentd_samples_total", 2.0, model="empty")
+    view = _xentd("top", "--url", d.http, "--once", "--interval", "0.2")
+    assert view.returncode == 0, view.stderr
+    fields = _top_line(view.stdout, "empty")
+    assert fields[3:6] == ["-", "-", "-"], fields  # cross-entropy, perplexity, accuracy
+    assert "inf" not in view.stdout and "nan" not in view.stdout
+
+
+def test_top_refuses_an_unknown_window(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    d = start_daemon()
+    with Publisher(d.ingest) as pub:
+        pub.send("win", np.array([0.9]), np.array([1]))
+    d.wait_for("xentd_samples_total", 1.0, model="win")
+    out = _xentd("top", "--url", d.http, "--once", "--window", "10m")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    windows = "1m, 5m, 1h, last_1000, last_10000, ewma"
+    assert f"--window '10m': this daemon has no such window; its windows are {windows}" in out.stderr
+
+
+def test_top_quits_on_q(start_daemon: Callable[..., DaemonProcess]) -> None:
+    d = start_daemon()
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xentd", "top", "--url", d.http, "--interval", "0.2"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+    )
+    os.close(slave)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"q: quit" not in seen and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 65536)
+        assert b"q: quit" in seen, seen
+        os.write(master, b"q")
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(master, 65536)
+                except OSError:  # the other end closed
+                    break
+        assert proc.wait(timeout=60) == 0, seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
