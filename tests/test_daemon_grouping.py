@@ -31,7 +31,9 @@ def _stream() -> list[list[bytes]]:
         if model == "a":
             frames = wire.encode(model, x, y, input="logits", ts=float(i))
         elif model == "b":
-            frames = wire.encode(model, softmax(x).astype(np.float16), y, weights=rng.random(n) if i % 2 else None)
+            # Every fourth batch has soft targets, some rows halved (not a distribution: counted).
+            t = np.eye(10)[y] * np.where(rng.random(n) < 0.3, 0.5, 1.0)[:, None] if i % 4 == 1 else y
+            frames = wire.encode(model, softmax(x).astype(np.float16), t, weights=rng.random(n) if i % 2 else None)
         else:
             frames = wire.encode(model, x[:, 0], (y > 4).astype(np.uint8), input="logits")
         out.append([bytes(f) for f in frames])
@@ -62,6 +64,8 @@ def _state(d: Daemon) -> list[tuple]:
                 m.class_loss_weighted_sum.tolist(),
                 m.hist_counts.tolist(),
                 windows,
+                m.unnormalized_targets,
+                sorted(m.rejected.items()),
             )
         )
     return [rows, sorted(snap.rejected.items()), snap.counters.messages]
@@ -79,11 +83,13 @@ def test_grouped_equals_one_by_one() -> None:
     assert a[1] == b[1]
     rejected = dict(a[1])
     assert rejected["bad_header"] > 0 and rejected["class_count_changed"] == 1 and rejected["too_many_models"] == 1
+    by_model = {r[0]: r for r in a[0]}
+    assert by_model["b"][12] > 0 and by_model["a"][13] == [("class_count_changed", 1)]
     for ra, rb in zip(a[0], b[0], strict=True):
         assert ra[:2] == rb[:2] and ra[5] == rb[5] and ra[6] == rb[6] and ra[7] == rb[7]
         np.testing.assert_allclose(ra[2:5], rb[2:5], rtol=1e-12)
         np.testing.assert_allclose(ra[8] + ra[9], rb[8] + rb[9], rtol=1e-12, atol=1e-12)
-        assert ra[10] == rb[10]
+        assert ra[10] == rb[10] and ra[12:] == rb[12:]
         for (la, wa), (lb, wb) in zip(ra[11], rb[11], strict=True):
             assert la == lb
             np.testing.assert_allclose(wa, wb, rtol=1e-12, atol=1e-12)
