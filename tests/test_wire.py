@@ -338,3 +338,15 @@ def test_deep_nesting_in_an_ignored_key_is_refused_cleanly(depth: int) -> None:
         with pytest.raises(DecodeError) as info:
             wire.decode([text.encode(), *GOOD], **limits)
         assert info.value.reason is Reason.BAD_HEADER
+
+
+def test_a_topic_mismatch_still_tells_the_stream_position() -> None:
+    frames = _frames(_header(producer="p", seq=3), *GOOD)
+    with pytest.raises(DecodeError) as info:
+        wire.decode([b"other", *frames], topic=True, **LIMITS)
+    assert (info.value.reason, info.value.model, info.value.producer, info.value.seq) == (
+        Reason.TOPIC_MISMATCH,
+        "m",
+        "p",
+        3,
+    )
