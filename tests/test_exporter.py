@@ -35,7 +35,8 @@ def store() -> StateStore:
         clock(),
         1_699_999_999.0,
     )
-    s.reject(Reason.NON_FINITE)
+    m.unnormalized_targets = 2
+    s.reject(Reason.NON_FINITE, "clf")
     s.counters.messages = 2
     return s
 
@@ -55,6 +56,9 @@ def test_metric_values(store: StateStore) -> None:
     assert g("xentd_correct_predictions_total", m) == 1.0
     assert g("xentd_batches_total", m) == 1.0
     assert g("xentd_unnormalized_rows_total", m) == 1.0
+    assert g("xentd_unnormalized_targets_total", m) == 2.0
+    assert g("xentd_model_rejected_batches_total", {**m, "reason": "non_finite"}) == 1.0
+    assert g("xentd_model_rejected_batches_total", {**m, "reason": "too_many_models"}) is None  # only what happened
     assert g("xentd_last_batch_timestamp_seconds", m) == 1_700_000_000.0
     assert g("xentd_last_event_timestamp_seconds", m) == 1_699_999_999.0
     # class_limit=2 with 3 classes: class 2 is reported as "other".
