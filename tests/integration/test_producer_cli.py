@@ -7,6 +7,7 @@ daemon did with the batches (scored, duplicate, rejected and why), read from its
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zmq
 
 from tests.conftest import softmax
 from tests.integration.harness import DaemonProcess
@@ -132,26 +134,34 @@ def test_wait_reports_rejections_with_their_reason(start_daemon: Callable[..., D
     assert "  1 rejected (probability_out_of_range 1;" in replayed.stdout
 
 
-def test_wait_notes_other_traffic(start_daemon: Callable[..., DaemonProcess], npz: Path) -> None:
+def test_wait_notes_other_traffic(start_daemon: Callable[..., DaemonProcess], npz: Path, tmp_path: Path) -> None:
     d = start_daemon()
     stop = threading.Event()
 
-    def other_producer() -> None:
-        with Publisher(d.ingest, linger_ms=0, send_timeout_ms=1000) as pub:
+    def other_producer() -> None:  # good and bad batches of another model, as fast as they go
+        with Publisher(d.ingest, linger_ms=0, send_timeout_ms=100) as pub:
             while not stop.is_set():
-                pub.send("other", np.array([0.5]), np.array([1]))
+                with contextlib.suppress(zmq.Again):  # queue full: the daemon is busy; try again
+                    pub.send("other", np.array([0.5]), np.array([1]))
+                    pub.send("other", np.array([1.5]), np.array([1]))
 
     thread = threading.Thread(target=other_producer)
     thread.start()
     try:
         d.wait_for_at_least("xentd_batches_total", 1.0, model="other")
         out = _xentd("send", str(npz), "--model", "mine", "--to", d.ingest, "--wait", d.http)
+        bad = tmp_path / "bad.csv"
+        bad.write_text("target,pred_0,pred_1,pred_2,pred_3\n1,0.1,1.5,0.1,0.1\n")
+        rejected = _xentd("send", str(bad), "--model", "mine", "--to", d.ingest, "--wait", d.http)
     finally:
         stop.set()
         thread.join(30)
     assert out.returncode == 0, out.stderr
     assert "  1 scored (100 samples)" in out.stdout  # per model: the other model's batches are not ours
     assert "note: the daemon accounted for" in out.stdout and "another producer was sending" in out.stdout
+    # The other model's rejections are left out: the report reads this model's own rejection counts.
+    assert rejected.returncode == 1, rejected
+    assert "  1 rejected (probability_out_of_range 1;" in rejected.stdout and "note:" in rejected.stdout
 
 
 def test_wait_times_out_when_the_batches_go_elsewhere(
