@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """xentd benchmarks. Prints a table and writes JSON; see BENCHMARKS.md for results.
 
-    python scripts/bench.py kernels [--quick] [--json PATH]
+    python scripts/bench.py kernels [--quick] [--json PATH] [--inputs logits,probs] [--classes bin,10,32000]
     python scripts/bench.py e2e     [--quick] [--json PATH]
     python scripts/bench.py scale   [--quick] [--json PATH]
     python scripts/bench.py snapshot [--quick] [--json PATH]
@@ -249,16 +249,21 @@ def bench_kernels(args: argparse.Namespace) -> dict[str, Any]:
     print(f"memory read bandwidth (numba parallel sum, 256 MB): {bw:.1f} GB/s, {threads} threads")
     backend = CpuBackend(parallel_threshold=1 << 15)
     backend.warmup()
-    classes_list: list[int | None] = [None, 10, 100, 1000, 32_000, 128_000]
+    classes_list: list[int | None] = [None, 10, 32, 100, 1000, 32_000, 128_000]
+    if args.classes:
+        wanted = {None if c == "bin" else int(c) for c in args.classes.split(",")}
+        classes_list = [c for c in classes_list if c in wanted] + sorted(c for c in wanted - {*classes_list} if c)
     rows = []
     header = (
         f"{'input':<7}{'C':>8}{'dtype':>6}{'MB':>6}{'xentd GB/s':>11}{'+valid.':>9}{'Msamp/s':>9}"
         f"{'%mem':>6}{'numpy':>7}{'torch':>7}{'sklearn':>8}{'x torch':>8}"
     )
     print(header)
-    for kind in ("logits", "probs"):
+    for kind in args.inputs.split(","):
         for classes in classes_list:
             dtypes = ["FP32"] + (["FP16", "BF16"] if classes is not None and classes >= 32_000 else [])
+            if args.dtypes:
+                dtypes = [d for d in dtypes if d in args.dtypes.split(",")]
             for datatype in dtypes:
                 row = _kernel_case(
                     kind,
@@ -818,6 +823,9 @@ def main() -> int:
     p.add_argument("which", choices=[*BENCHES, "all"])
     p.add_argument("--quick", action="store_true", help="smaller batches and fewer repeats (smoke test)")
     p.add_argument("--json", type=Path, help="write results here (default: bench-results/<which>.json)")
+    p.add_argument("--inputs", default="logits,probs", help="kernels: input kinds to run (comma-separated)")
+    p.add_argument("--classes", default="", help="kernels: class counts to run, 'bin' for binary (default: all)")
+    p.add_argument("--dtypes", default="", help="kernels: datatypes to run, e.g. FP32 (default: all)")
     args = p.parse_args()
     # Producers and receivers are separate processes. Fork after Numba's OpenMP
     # pool has started can deadlock the child, so they are spawned.

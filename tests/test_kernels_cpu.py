@@ -7,11 +7,12 @@ import warnings
 
 import numpy as np
 import pytest
+from numba import njit
 from sklearn.metrics import log_loss
 
 from tests import naive
 from tests.conftest import default_params, make_batch, softmax
-from xentd.kernels import ScoringParams
+from xentd.kernels import ScoringParams, cpu
 from xentd.kernels.cpu import CpuBackend
 from xentd.wire import BF16
 
@@ -311,3 +312,76 @@ def test_binary_logits_equal_torch_bce_with_logits(backend: CpuBackend) -> None:
         torch.from_numpy(x), torch.from_numpy(t), reduction="none"
     ).numpy()
     np.testing.assert_allclose(backend.score(batch, default_params(batch)).loss, ref, rtol=1e-13, atol=1e-15)
+
+
+# --- the vectorisable float64 exp and log -------------------------------------
+
+
+def _ulps(got: np.ndarray, ref: np.ndarray) -> float:
+    """Largest distance from ``ref`` in units of ``ref``'s last place."""
+    return float(np.max(np.abs(got - ref) / np.spacing(np.abs(ref))))
+
+
+@njit
+def _apply_exp(x: np.ndarray, out: np.ndarray) -> None:
+    for i in range(x.shape[0]):
+        out[i] = cpu.exp_nonpos64(x[i])
+
+
+@njit
+def _apply_log(x: np.ndarray, out: np.ndarray) -> None:
+    for i in range(x.shape[0]):
+        out[i] = cpu.log64(x[i])
+
+
+@njit
+def _apply_log1p(x: np.ndarray, out: np.ndarray) -> None:
+    for i in range(x.shape[0]):
+        out[i] = cpu.log1p64(x[i])
+
+
+def test_exp_nonpos64_within_an_ulp_of_numpy() -> None:
+    rng = np.random.default_rng(21)
+    x = -np.concatenate([rng.random(200_000) * 745, rng.random(100_000), rng.random(10_000) * 1e-9])
+    x = np.concatenate([x, [0.0, -1e-300, -708.39, -708.4, -709.0, -744.4, -745.1, -745.2, -746.0, -1e4]])
+    got = np.empty_like(x)
+    _apply_exp(x, got)
+    ref = np.exp(x)
+    normal = ref >= np.finfo(np.float64).tiny
+    assert _ulps(got[normal], ref[normal]) <= 1.0
+    # Subnormal results: off by at most one subnormal step; below exp(-745.13) exactly 0.
+    np.testing.assert_allclose(got[~normal], ref[~normal], rtol=0, atol=5e-324)
+    assert got[-1] == 0.0 and got[-2] == 0.0
+
+
+def test_log64_and_log1p64_within_an_ulp_of_numpy() -> None:
+    rng = np.random.default_rng(22)
+    x = np.exp(rng.uniform(-707, 709, 200_000))
+    x = np.concatenate([x, 1 + rng.normal(0, 1e-9, 10_000), [1.0, 2.0, 0.5, np.sqrt(2), np.sqrt(0.5), 2.3e-308]])
+    got = np.empty_like(x)
+    _apply_log(x, got)
+    ref = np.log(x)
+    nonzero = ref != 0
+    assert _ulps(got[nonzero], ref[nonzero]) <= 1.0
+    assert (got[~nonzero] == 0).all()
+    y = np.concatenate(
+        [rng.random(100_000), -rng.random(100_000), rng.normal(0, 1e-12, 10_000), [0.0, 1e-300, -1 + 2**-52, 1.0]]
+    )
+    got = np.empty_like(y)
+    _apply_log1p(y, got)
+    ref = np.log1p(y)
+    nonzero = ref != 0
+    assert _ulps(got[nonzero], ref[nonzero]) <= 2.0
+    assert (got[~nonzero] == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 0.5, 5.0])
+def test_binary_focal_gamma(any_backend: CpuBackend, kind: str, gamma: float) -> None:
+    """Each (kind, gamma) the binary kernel specialises has its own loop: all agree with the reference."""
+    rng = np.random.default_rng(8)
+    x = _predictions(rng, 3000, None, kind)
+    t = np.where(rng.random(3000) < 0.3, rng.random(3000), rng.integers(0, 2, 3000))
+    batch = make_batch(x, t, kind)
+    ref = naive.binary(batch.predictions, batch.targets, kind, eps=batch.dtype_eps, gamma=gamma)
+    _assert_scores(any_backend.score(batch, default_params(batch, gamma)), ref)

@@ -45,5 +45,14 @@ def kernel_array(a: np.ndarray) -> np.ndarray:
 
 
 def serial_and_parallel(f: Callable[..., Any]) -> tuple[Any, Any]:
-    """(serial build, parallel build) of ``f``, both cached on disk."""
-    return njit(cache=True)(f), njit(cache=True, parallel=True)(_twin(f, "__parallel"))
+    """(serial build, parallel build) of ``f``, both cached on disk.
+
+    Both use ``error_model="numpy"``: a float division then has no
+    zero-divisor check (which raises in Python's model), and loops that divide
+    can vectorise. Kernels never divide by zero (validated inputs), and
+    inlined helpers compile under their caller's error model.
+    """
+    return (
+        njit(cache=True, error_model="numpy")(f),
+        njit(cache=True, parallel=True, error_model="numpy")(_twin(f, "__parallel")),
+    )

@@ -22,6 +22,7 @@ whole reduction runs through shared memory.
 from __future__ import annotations
 
 import math
+import types
 from typing import Any
 
 import numpy as np
@@ -158,11 +159,24 @@ def _row_sum_exp(pred, i, m, ssum, tid, nt):  # type: ignore[no-untyped-def]
     return _sum_all(s, ssum, tid, nt)
 
 
+def _device(f: Any, **callees: Any) -> Any:
+    """A CUDA device function of ``f``, with the helpers it calls (globals of
+    xentd.kernels.cpu, CPU dispatchers there) swapped for their device builds."""
+    if callees:
+        f = types.FunctionType(f.__code__, {**f.__globals__, **callees}, f.__name__, f.__defaults__, f.__closure__)
+    return cuda.jit(device=True)(f)
+
+
 # The loss formulas are the CPU kernels' own (see xentd/kernels/cpu.py), compiled for the device.
-_focal_weight = cuda.jit(device=True)(cpu._focal_weight.py_func)
-_index_terms = cuda.jit(device=True)(cpu._index_terms.py_func)
-_soft_terms = cuda.jit(device=True)(cpu._soft_terms.py_func)
-_binary_terms = cuda.jit(device=True)(cpu._binary_terms.py_func)
+# On the device, exp and log are libdevice's (through _binary_terms), not the CPU's vectorisable ones.
+_focal_weight = _device(cpu._focal_weight.py_func)
+_index_terms = _device(cpu._index_terms.py_func)
+_soft_terms = _device(cpu._soft_terms.py_func)
+_binary_terms = _device(
+    cpu._binary_terms.py_func,
+    _binary_prob_terms=_device(cpu._binary_prob_terms.py_func),
+    _binary_logit_terms=_device(cpu._binary_logit_terms.py_func),
+)
 
 
 # --- kernels ------------------------------------------------------------------------
