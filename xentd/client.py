@@ -200,6 +200,7 @@ class Publisher:
         )
         if self._topic:
             frames.insert(0, model.encode("utf-8"))
+            self._read_subscriptions()
         self._check_reconnect()
         if self._resend_enabled:
             # Copies: a resend must not see buffers the caller has since reused.
@@ -241,13 +242,18 @@ class Publisher:
     def _waiting(self) -> list[str]:
         """The addresses :meth:`wait_connected` still waits for."""
         if self._topic:
-            while self._socket.poll(0):  # XPUB: b"\x01topic" subscribes, b"\x00topic" unsubscribes
-                if self._socket.recv()[:1] == b"\x01":
-                    self._subscribed = True
+            self._read_subscriptions()
             return [] if self._subscribed else [self.address]
         if self._bound:
             return [] if self._connected else [self.address]
         return [a for a in self._addresses if a not in self._connected and not a.startswith("inproc://")]
+
+    def _read_subscriptions(self) -> None:
+        """Take the subscription messages XPUB queues (b"\\x01topic" subscribes, b"\\x00topic" leaves),
+        so that they cannot pile up over a long life of reconnecting subscribers."""
+        while self._socket.poll(0):
+            if self._socket.recv()[:1] == b"\x01":
+                self._subscribed = True
 
     def _not_connected_message(self, waiting: list[str], timeout: float) -> str:
         where = ", ".join(waiting)
