@@ -6,7 +6,9 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -191,3 +193,119 @@ def test_unwritable_state_directory_is_a_startup_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StartupError, match="state.directory"):
         _daemon(Clock(), blocker / "sub")
+
+
+def _tamper(path: Path, change: Callable[[dict[str, np.ndarray], dict[str, Any]], None]) -> None:
+    """Rewrite a snapshot as a valid archive with ``change`` applied to its arrays and manifest."""
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    manifest = json.loads(bytes(arrays["manifest"]))
+    change(arrays, manifest)
+    arrays["manifest"] = np.frombuffer(json.dumps(manifest).encode(), np.uint8)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+
+
+def _set(key: str, index: tuple[int, ...], value: float) -> Callable[[dict[str, np.ndarray], dict[str, Any]], None]:
+    def change(arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+        arrays[key][index] = value
+
+    return change
+
+
+def _scalar(path: list[str | int], value: object) -> Callable[[dict[str, np.ndarray], dict[str, Any]], None]:
+    def change(arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+        node: Any = manifest
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return change
+
+
+def _retype(key: str, dtype: str) -> Callable[[dict[str, np.ndarray], dict[str, Any]], None]:
+    def change(arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+        arrays[key] = arrays[key].astype(dtype)
+
+    return change
+
+
+def _duplicate_model(arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+    manifest["models"][1]["name"] = manifest["models"][0]["name"]
+
+
+TAMPERED = {
+    # Lifetime stat vector: [0] samples (xentd_samples_total), [1] weight (the _count), [2] weighted loss (the _sum).
+    "negative samples_total": (_set("m0.lifetime", (0,), -5.0), "lifetime[0] is -5.0; expected values >= 0"),
+    "NaN _count": (_set("m0.lifetime", (1,), np.nan), "lifetime[1] is nan; expected finite values"),
+    "infinite _sum": (_set("m0.lifetime", (2,), np.inf), "lifetime[2] is inf; expected finite values"),
+    "negative class weight": (_set("m1.lifetime", (6,), -1e-3), "lifetime[6] is -0.001; expected values >= 0"),
+    "negative histogram bucket": (_set("m0.hist", (3,), -1), "hist[3] is -1; expected values >= 0"),
+    "NaN in a time window": (_set("m0.tw_buckets", (0, 0, 2), np.nan), "tw_buckets[0, 0, 2] is nan"),
+    "negative EWMA weight": (_set("m0.ewma", (1,), -2.0), "ewma[1] is -2.0"),
+    "infinite count-window block": (_set("m1.blocks", (0, 2), -np.inf), "blocks[0, 2] is -inf"),
+    "negative ring weight": (_set("m0.ring", (0, 0), -1.0), "ring[0, 0] is -1.0"),
+    "ring class past the slots": (_set("m0.ring_cls", (0,), 101), "ring_cls holds class slot 101; the model has 101"),
+    "negative ring class": (_set("m0.ring_cls", (0,), -1), "ring_cls[0] is -1"),
+    "string array": (_retype("m0.lifetime", "U8"), "lifetime has dtype <U8; expected a float type"),
+    "float histogram": (_retype("m0.hist", "float64"), "hist has dtype float64; expected an integer type"),
+    "negative batches": (_scalar(["models", 0, "batches"], -2), "'a': batches is -2; expected a count"),
+    "fractional batches": (_scalar(["models", 0, "batches"], 2.5), "'a': batches is 2.5; expected a count"),
+    "negative unnormalized rows": (_scalar(["models", 1, "unnormalized_rows"], -1), "unnormalized_rows is -1"),
+    "negative unnormalized targets": (_scalar(["models", 1, "unnormalized_targets"], -7), "unnormalized_targets is -7"),
+    "infinite loss_sum": (_scalar(["models", 0, "loss_sum"], float("inf")), "loss_sum is inf; expected a finite"),
+    "NaN clock": (_scalar(["models", 0, "clock"], float("nan")), "clock is nan; expected a finite number"),
+    "negative per-model rejected": (_scalar(["models", 0, "rejected", "non_finite"], -4), "rejected.non_finite is -4"),
+    "zero classes": (_scalar(["models", 0, "num_classes"], 0), "num_classes is 0; expected at least 1"),
+    "count_total past the ring": (_scalar(["models", 0, "count_total"], 10**9), "but the ring holds"),
+    "negative messages": (_scalar(["counters", "messages"], -1), "counters.messages is -1"),
+    "negative limit hits": (_scalar(["counters", "limit_hits", "max_models"], -1), "limit_hits.max_models is -1"),
+    "negative rejected": (_scalar(["rejected", "bad_header"], -9), "rejected.bad_header is -9"),
+    "infinite rejected": (_scalar(["rejected", "bad_header"], float("inf")), "unreadable: OverflowError"),
+    "NaN taken": (_scalar(["taken"], float("nan")), "taken is nan"),
+    "one model twice": (_duplicate_model, "appears twice"),
+}
+
+
+@pytest.mark.parametrize("kind", TAMPERED)
+def test_a_tampered_snapshot_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str) -> None:
+    """A valid archive whose values no run could produce is refused like a corrupt one."""
+    change, reason = TAMPERED[kind]
+    clock = Clock()
+    d = _daemon(clock, tmp_path)
+    d.handle_many(_traffic(0, 6))
+    with d.state.lock:
+        d.state.models["a"].rejected["non_finite"] = 1  # so the per-model counts are in the file
+    assert d.snapshotter is not None and d.snapshotter.final()
+    path = tmp_path / persist.FILENAME
+    _tamper(path, change)
+    with caplog.at_level(logging.ERROR, logger="xentd.persist"):
+        fresh = _daemon(clock, tmp_path)
+    assert not fresh.state.models and fresh.state.counters.messages == 0
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "cannot be used" in errors[0].message and reason in errors[0].message, caplog.text
+    assert not path.exists() and len(list(tmp_path.glob(f"{persist.FILENAME}.corrupt-*"))) == 1
+
+
+def test_the_untampered_file_passes_the_check(tmp_path: Path) -> None:
+    """The control for the cases above: the same file, rewritten unchanged, restores."""
+    clock = Clock()
+    d = _daemon(clock, tmp_path)
+    d.handle_many(_traffic(0, 6))
+    assert d.snapshotter is not None and d.snapshotter.final()
+    _tamper(tmp_path / persist.FILENAME, lambda arrays, manifest: None)
+    assert _state(_daemon(clock, tmp_path)) == _state(d)
+
+
+def test_failing_snapshots_are_reported_until_one_succeeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    d = _daemon(Clock(), tmp_path)
+    assert d.snapshotter is not None and d.snapshotter.failing() is None
+
+    def full_disk(*args: object, **kwargs: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(persist, "write", full_disk)
+    for n in (1, 2, 3):
+        assert not d.snapshotter.final()
+        assert d.snapshotter.failing() == (n, "No space left on device")
+    monkeypatch.undo()
+    assert d.snapshotter.final() and d.snapshotter.failing() is None

@@ -2,16 +2,26 @@
 
 Lifecycle, in order (teardown runs in reverse, and logs each step)::
 
-    initialize()  logging is the caller's; then backend warm-up (compile), the
-                  state snapshot restored, metrics HTTP server, ingest socket,
-                  signal handlers; then READY=1 to systemd
+    initialize()  logging is the caller's. Cheap checks first, so that a busy
+                  port fails within a second: signal handlers, the state
+                  directory, the ingest socket bound, the metrics HTTP server
+                  bound and serving (/healthz: 503 "starting"); the state
+                  snapshot validated and restored (scrapes wait for it, so no
+                  counter ever reads 0 in between); then the kernels compiled
+                  (seconds from the Numba cache, 20 s or more without one),
+                  while systemd hears STATUS, WATCHDOG=1 and EXTEND_TIMEOUT_USEC;
+                  then READY=1 and /healthz 200
     run()         poll the socket, drain what is waiting, score it; between
                   drains: watchdog ping, snapshots, idle-model eviction
     stop          STOPPING=1; drain what is already queued (bounded); a final
                   snapshot; close everything; return 0
 
-Signal handlers only set a flag. A message that cannot be decoded or scored is
-counted under its reason, logged at a limited rate, and dropped; the loop goes on.
+Nothing is read off the ingest socket before the kernels are ready: what
+producers send during the compile waits in ZeroMQ's queue and is scored first.
+Signal handlers only set a flag; a stop asked for during the compile takes
+effect once it ends, and drains the queue like any other stop.
+A message that cannot be decoded or scored is counted under its reason, logged
+at a limited rate, and dropped; the loop goes on.
 The loop reads only when it has scored what it read before, so when scoring
 falls behind, ZeroMQ's queues fill and producers' sends block: back-pressure,
 not loss (docs/reliability.md).
@@ -40,7 +50,7 @@ from xentd.exporter import Exposition, MetricsServer, make_app
 from xentd.kernels import Backend
 from xentd.notify import Notifier
 from xentd.pipeline import Pipeline
-from xentd.state import StateStore
+from xentd.state import Snapshot, StateStore
 
 log = logging.getLogger("xentd")
 
@@ -49,6 +59,14 @@ POLL_MS = 100
 STALL_SECONDS = 10.0
 # Idle-model eviction and the systemd STATUS line run at most this often.
 HOUSEKEEPING_SECONDS = 1.0
+# While the kernels compile, systemd hears from a helper thread this often (at
+# least twice per watchdog interval): STATUS, WATCHDOG=1 and EXTEND_TIMEOUT_USEC.
+STARTUP_TICK_SECONDS = 5.0
+# Each EXTEND_TIMEOUT_USEC asks for this much more time; several ticks fit in it.
+STARTUP_EXTEND_SECONDS = 30.0
+# A compile that runs longer than this is taken for hung: the helper goes quiet,
+# and systemd's watchdog (or TimeoutStartSec) ends the start.
+STARTUP_EXTEND_LIMIT_SECONDS = 900.0
 
 
 class Daemon:
@@ -67,6 +85,12 @@ class Daemon:
         self.ingest_endpoint = ""
         self._stop = threading.Event()
         self._ready = False
+        self._listening = False
+        # What /healthz says while not ready, and since when (monotonic).
+        self._phase = "starting"
+        self._phase_since = time.monotonic()
+        # Set once the snapshot is restored (or there is none): scrapes wait for it.
+        self._restored = threading.Event()
         self._heartbeat = time.monotonic()
         self.pipeline = Pipeline(config, self.state, clock)
         self._teardown: list[tuple[str, Callable[[], None]]] = []
@@ -75,29 +99,54 @@ class Daemon:
 
     def initialize(self, *, install_signals: bool = True) -> None:
         self._teardown.append(("systemd notifier", self.notifier.close))
-        self._init_backend()
-        self._init_state()
-        self._init_http()
-        self._init_socket()
         if install_signals:
             self._init_signals()
-        self._ready = True
-        scheme = "https" if self.config.metrics.tls else "http"
+        state_dir = self._check_state_dir()
+        self._init_socket()
+        backend = self._create_backend()
+        self._init_http(backend.name)
         log.info(
-            "ready: ingest %s (%s), metrics %s://%s:%d/metrics, backend %s",
+            "listening: ingest %s (%s), metrics %s; messages wait in the queue until the kernels are ready",
             self.ingest_endpoint,
             self.config.ingest.socket.upper(),
-            scheme,
-            _url_host(self.config.metrics.host),
-            self.http.port if self.http else -1,
+            self._metrics_url(),
+        )
+        self._listening = True
+        self._set_phase("restoring the state snapshot")
+        if state_dir is not None:
+            self._restore_state(state_dir)
+        self._restored.set()
+        self._compile(backend)
+        self._heartbeat = time.monotonic()  # the loop has not turned yet, but it is about to
+        self._ready = True
+        log.info(
+            "ready: ingest %s (%s), metrics %s, backend %s",
+            self.ingest_endpoint,
+            self.config.ingest.socket.upper(),
+            self._metrics_url(),
             self.backend.name if self.backend else "?",
         )
         self.notifier.ready(self._status())
 
+    def _metrics_url(self) -> str:
+        scheme = "https" if self.config.metrics.tls else "http"
+        port = self.http.port if self.http else -1
+        return f"{scheme}://{_url_host(self.config.metrics.host)}:{port}/metrics"
+
+    def _set_phase(self, phase: str) -> None:
+        self._phase, self._phase_since = phase, time.monotonic()
+
     def _init_state(self) -> None:
+        """Check the state directory and restore its snapshot (both start-up steps at once)."""
+        directory = self._check_state_dir()
+        if directory is not None:
+            self._restore_state(directory)
+        self._restored.set()
+
+    def _check_state_dir(self) -> Path | None:
         directory = self.config.state.directory
         if directory is None:
-            return
+            return None
         path = Path(directory)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -108,30 +157,50 @@ class Daemon:
             raise StartupError(
                 f"state.directory {directory}: not a writable directory: {exc.strerror or exc}"
             ) from None
+        return path
+
+    def _restore_state(self, path: Path) -> None:
         persist.load_into(self.state, path)
         self.snapshotter = persist.Snapshotter(self.state, path, self.config.state.snapshot_interval_seconds)
 
     def _init_backend(self) -> None:
-        started = time.monotonic()
+        """Create and compile the backend in one step (tests score without sockets this way)."""
+        self._compile(self._create_backend())
+
+    def _create_backend(self) -> Backend:
+        """Choose the backends; cheap, and where a missing GPU is refused. Compiles nothing."""
         engine = self.config.engine
-        backend = kernels.create(
+        return kernels.create(
             engine.backend,
             parallel_threshold=engine.parallel_threshold,
             per_model=self.config.model_backends(),
             cuda_min_elements=engine.cuda_min_elements,
             cuda_threads_per_block=engine.cuda_threads_per_block,
         )
-        backend.warmup()
-        scan.warmup()
-        self.state.warmup()
+
+    def _compile(self, backend: Backend) -> None:
+        """Compile (or load from the Numba cache) every kernel, then hand the backend to the pipeline."""
+        self._set_phase("compiling kernels")
+        log.info(
+            "compiling kernels: the first start takes a while (20 s or more); later starts load them "
+            "from the Numba cache in %s",
+            numba_cache_location(),
+        )
+        started = time.monotonic()
+        with _StartupProgress(self.notifier, self._starting_text):
+            # The fold kernels first: a scrape of restored models needs them, the scoring kernels do not.
+            self.state.warmup()
+            scan.warmup()
+            backend.warmup()
         self.backend = backend
         self.pipeline.backend = backend
         log.info("kernels ready (%s backend) in %.1fs", backend.name, time.monotonic() - started)
 
-    def _init_http(self) -> None:
-        exposition = Exposition(
-            self.state.snapshot, version=__version__, backend=self.backend.name if self.backend else "none"
-        )
+    def _starting_text(self) -> str:
+        return f"starting: {self._phase}, {time.monotonic() - self._phase_since:.0f}s so far"
+
+    def _init_http(self, backend: str) -> None:
+        exposition = Exposition(self._scrape, version=__version__, backend=backend)
         cfg = self.config.metrics
         try:
             self.http = MetricsServer(
@@ -140,7 +209,15 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None
         self.http.start()
+        # Set first on the way down, so no scrape is left waiting for a restore that will not come.
         self._teardown.append(("metrics server", self.http.stop))
+        self._teardown.append(("scrapes waiting for the restore", self._restored.set))
+
+    def _scrape(self) -> Snapshot:
+        """What /metrics reads. Until the snapshot is restored it waits, so a scrape
+        never reports counters as 0 between two runs (Prometheus would take it for a reset)."""
+        self._restored.wait()
+        return self.state.snapshot()
 
     def _init_socket(self) -> None:
         cfg = self.config.ingest
@@ -184,7 +261,10 @@ class Daemon:
 
     def request_stop(self, why: str = "request") -> None:
         if not self._stop.is_set():
-            log.info("stopping (%s): draining queued messages", why)
+            if self._ready or self.socket is None:
+                log.info("stopping (%s): draining queued messages", why)
+            else:
+                log.info("stopping (%s) once the kernels are compiled; then draining queued messages", why)
         self._stop.set()
 
     def _status(self) -> str:
@@ -213,13 +293,19 @@ class Daemon:
         self.notifier.status(self._status())
 
     def health(self) -> tuple[bool, str]:
-        if not self._ready:
-            return False, "starting"
+        """/healthz: (healthy, body). Failing snapshots are named but keep it healthy:
+        the process still scores, and a restart would not bring the disk back."""
         if self._stop.is_set():
             return False, "stopping"
+        if not self._ready:
+            return False, self._starting_text()
         stalled = time.monotonic() - self._heartbeat
         if stalled > STALL_SECONDS:
             return False, f"scoring loop stalled for {stalled:.0f}s"
+        failing = self.snapshotter.failing() if self.snapshotter is not None else None
+        if failing is not None:
+            count, error = failing
+            return True, f"ok; last {count} snapshot(s) failed: {error}"
         return True, "ok"
 
     def run(self) -> int:
@@ -258,7 +344,8 @@ class Daemon:
                 log.debug("closed %s", name)
             except Exception:
                 log.exception("error while closing %s", name)
-        log.info("stopped")
+        if self._listening:  # a start refused before that is one error line, from the caller
+            log.info("stopped")
 
     # --- the hot path -------------------------------------------------------
 
@@ -282,6 +369,58 @@ class Daemon:
     def handle_many(self, messages: list[list[Any]]) -> None:
         """Process messages in arrival order (see :meth:`Pipeline.handle_many`). Never raises."""
         self.pipeline.handle_many(messages)
+
+
+class _StartupProgress:
+    """While the main thread compiles: a helper thread tells systemd how far it is
+    (STATUS), that it is alive (WATCHDOG=1) and that it needs more time
+    (EXTEND_TIMEOUT_USEC), so a slow first start trips neither WatchdogSec= nor
+    TimeoutStartSec=. It goes quiet after STARTUP_EXTEND_LIMIT_SECONDS. Outside
+    systemd it starts no thread."""
+
+    def __init__(self, notifier: Notifier, describe: Callable[[], str]) -> None:
+        self._notifier = notifier
+        self._describe = describe
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        interval = notifier.watchdog_interval
+        self._tick = min(STARTUP_TICK_SECONDS, interval / 2) if interval else STARTUP_TICK_SECONDS
+
+    def __enter__(self) -> _StartupProgress:
+        if self._notifier.enabled:
+            self._thread = threading.Thread(target=self._run, name="xentd-startup", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        limit = time.monotonic() + STARTUP_EXTEND_LIMIT_SECONDS
+        while time.monotonic() < limit:
+            self._notifier.extend(self._describe(), max(STARTUP_EXTEND_SECONDS, 3 * self._tick))
+            self._notifier.watchdog()
+            if self._done.wait(self._tick):
+                return
+        self._notifier.status(f"{self._describe()}; taken for hung, no longer extending the start timeout")
+
+
+def numba_cache_location() -> str:
+    """Where Numba keeps the compiled kernels, for log lines."""
+    configured = os.environ.get("NUMBA_CACHE_DIR", "")
+    if configured:
+        return f"{configured} (NUMBA_CACHE_DIR)"
+    return f"the __pycache__ folders under {Path(__file__).parent} (NUMBA_CACHE_DIR is unset)"
+
+
+def warm_cache(config: Config | None = None) -> float:
+    """Compile every kernel ``xentd run`` uses into the Numba cache, through the same
+    code path, so that the next start loads them. Returns the seconds it took."""
+    started = time.monotonic()
+    Daemon(config or Config())._init_backend()
+    return time.monotonic() - started
 
 
 def _url_host(host: str) -> str:

@@ -1,10 +1,12 @@
 """systemd's notify protocol (sd_notify), without libsystemd: datagrams to ``$NOTIFY_SOCKET``.
 
-The daemon sends ``READY=1`` once it can serve, ``STATUS=...`` lines for
+The daemon sends ``READY=1`` once it scores, ``STATUS=...`` lines for
 ``systemctl status``, ``WATCHDOG=1`` from the scoring loop itself, and
 ``STOPPING=1`` when it starts to shut down. Because the watchdog ping comes
 from the loop, a wedged loop stops pinging and systemd restarts the service
-(``WatchdogSec=`` in the unit). Outside systemd every call is a no-op.
+(``WatchdogSec=`` in the unit). While the kernels compile, before ``READY=1``,
+a helper thread sends ``STATUS``, ``WATCHDOG=1`` and ``EXTEND_TIMEOUT_USEC``
+(see :meth:`Notifier.extend`). Outside systemd every call is a no-op.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ class Notifier:
 
     def status(self, status: str) -> None:
         self.send(f"STATUS={status}")
+
+    def extend(self, status: str, seconds: float) -> None:
+        """Ask for ``seconds`` more before systemd's start (or stop) timeout may fire.
+
+        systemd only counts this once the state has outlasted ``TimeoutStartSec=``,
+        and expects the next message within ``seconds``: a sender that goes quiet
+        still times out."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}", f"STATUS={status}")
 
     def stopping(self, status: str) -> None:
         self.send("STOPPING=1", f"STATUS={status}")

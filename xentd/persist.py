@@ -9,9 +9,18 @@ scalars; each model's arrays follow as ``m<i>.<name>``.
 Writes go to a temporary file in the same directory, are fsynced, and replace
 the previous snapshot with ``os.replace``, so a crash at any moment leaves
 either the old snapshot or the new one, never a mix. On start the snapshot is
-restored; one that is corrupt, of another version, or built under an
-incompatible configuration is renamed aside (``*.corrupt-<time>``) with a log
-line saying why, and the daemon starts empty.
+restored. Every value is checked first (:func:`check`): counts are integers
+>= 0, sums and histogram buckets finite and >= 0, every array of the expected
+kind and shape, ring classes inside the class slots. A file that is a valid
+archive but holds a value no run could have produced (a negative
+samples_total, a NaN count, an infinite sum: damage or tampering) is refused
+like a corrupt one. One that is corrupt, of another version, fails the check,
+or was built under an incompatible configuration is renamed aside
+(``*.corrupt-<time>``) with an ERROR line saying why, and the daemon starts
+empty.
+
+While snapshots fail (a full disk, say), :meth:`Snapshotter.failing` says how
+many in a row and the last error, for ``/healthz``; the next success clears it.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import dataclasses
 import io
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -31,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from xentd.errors import SnapshotError
-from xentd.state import Counters, StateStore
+from xentd.state import Counters, StateStore, class_slots
 
 log = logging.getLogger("xentd.persist")
 
@@ -140,6 +150,7 @@ def read(path: Path) -> Image:
         zipfile.BadZipFile,
         io.UnsupportedOperation,
         UnicodeDecodeError,
+        OverflowError,  # int() of an infinite count
     ) as exc:
         raise SnapshotError(f"unreadable: {type(exc).__name__}: {str(exc)[:200]}") from None
 
@@ -169,6 +180,103 @@ def _from_npz(npz: Any) -> Image:
     )
 
 
+# Each model array: the dtype kinds it may have, and whether every value must be >= 0.
+# Scores and weights are >= 0 and nothing is ever subtracted, so every sum is too.
+_ARRAYS: dict[str, tuple[str, bool]] = {
+    "lifetime": ("f", True),
+    "hist": ("iu", True),
+    "ewma": ("f", True),
+    "ring": ("f", True),
+    "ring_cls": ("iu", True),
+    "blocks": ("f", True),
+    "tw_epochs": ("iu", False),  # bucket numbers; the initial ones are far below 0
+    "tw_buckets": ("f", True),
+}
+_MODEL_COUNTS = ("num_classes", "batches", "unnormalized_rows", "unnormalized_targets", "count_total")
+_MODEL_TIMES = ("last_batch_time", "clock", "ewma_time")
+
+
+def _count(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SnapshotError(f"{where} is {value!r}; expected a count (an integer >= 0)")
+    return value
+
+
+def _number(value: object, where: str, *, non_negative: bool) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not ok or (non_negative and value < 0):  # type: ignore[operator]
+        raise SnapshotError(f"{where} is {value!r}; expected a finite number{' >= 0' if non_negative else ''}")
+
+
+def _array(a: np.ndarray, where: str, kinds: str, non_negative: bool) -> None:
+    if a.dtype.kind not in kinds:
+        raise SnapshotError(f"{where} has dtype {a.dtype}; expected {'a float' if kinds == 'f' else 'an integer'} type")
+    if kinds == "f" and not np.isfinite(a).all():
+        bad = np.argwhere(~np.isfinite(a))[0]
+        raise SnapshotError(f"{where}{bad.tolist()} is {a[tuple(bad)]}; expected finite values")
+    if non_negative and a.size and a.min() < 0:
+        bad = np.argwhere(a < 0)[0]
+        raise SnapshotError(f"{where}{bad.tolist()} is {a[tuple(bad)]}; expected values >= 0")
+
+
+def check(image: Image) -> None:
+    """Raise :class:`SnapshotError` unless every value in ``image`` is one a run can produce.
+
+    Shapes against the current configuration are :meth:`ModelState.restore`'s
+    check; this one needs only the image: counts are integers >= 0, sums finite
+    and >= 0, times finite, arrays of their kind, ring classes inside the class
+    slots, and the ring long enough for the samples it claims to hold.
+    """
+    try:
+        _number(image.taken, "taken", non_negative=False)
+        counters = image.counters
+        for key in Counters.PERSISTED:
+            if key != "limit_hits":
+                _count(counters[key], f"counters.{key}")
+        for key, n in counters["limit_hits"].items():
+            _count(n, f"counters.limit_hits.{key}")
+        for reason, n in image.rejected.items():
+            _count(n, f"rejected.{reason}")
+        class_limit = _count(image.layout["class_limit"], "layout.class_limit")
+        largest_count_window = max((int(k) for k in image.layout["windows"]["count"]), default=0)
+        seen: set[str] = set()
+        for name, scalars, arrays in image.models:
+            where = f"model {name!r}:"
+            if name in seen:
+                raise SnapshotError(f"{where} appears twice")
+            seen.add(name)
+            for key in _MODEL_COUNTS:
+                _count(scalars.get(key, 0), f"{where} {key}")
+            if scalars["num_classes"] < 1:
+                raise SnapshotError(f"{where} num_classes is {scalars['num_classes']}; expected at least 1")
+            _number(scalars["loss_sum"], f"{where} loss_sum", non_negative=True)
+            for key in _MODEL_TIMES:
+                _number(scalars[key], f"{where} {key}", non_negative=False)
+            if scalars["last_event_time"] is not None:
+                _number(scalars["last_event_time"], f"{where} last_event_time", non_negative=False)
+            rejected = scalars.get("rejected") or {}
+            if not isinstance(rejected, dict):
+                raise SnapshotError(f"{where} rejected is {rejected!r}; expected reason: count")
+            for reason, n in rejected.items():
+                _count(n, f"{where} rejected.{reason}")
+            for key, a in arrays.items():
+                if key in _ARRAYS:
+                    _array(a, f"{where} {key}", *_ARRAYS[key])
+            ring, ring_cls = arrays["ring"], arrays["ring_cls"]
+            slots = class_slots(scalars["num_classes"], class_limit)
+            if ring_cls.size and ring_cls.max() >= slots:
+                # The fold kernels index per-class sums with these, unchecked.
+                raise SnapshotError(f"{where} ring_cls holds class slot {ring_cls.max()}; the model has {slots}")
+            if ring.shape[0] < min(scalars["count_total"], largest_count_window):
+                raise SnapshotError(
+                    f"{where} count_total {scalars['count_total']} but the ring holds {ring.shape[0]} samples"
+                )
+    except SnapshotError:
+        raise
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise SnapshotError(f"inconsistent contents: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
 @dataclass(frozen=True)
 class Restored:
     models: int
@@ -179,12 +287,14 @@ class Restored:
 def restore(store: StateStore, image: Image) -> Restored:
     """Load ``image`` into an empty ``store``. Raises :class:`SnapshotError` if the
     class limit or histogram buckets changed, since per-class totals and bucket
-    counts cannot be mapped onto a different layout. A changed window setup only
-    empties the windows: the lifetime totals still come back."""
+    counts cannot be mapped onto a different layout, or if a value fails
+    :func:`check`. A changed window setup only empties the windows: the lifetime
+    totals still come back."""
     layout = _layout(store)
     for key in ("class_limit", "loss_buckets"):
         if image.layout.get(key) != layout[key]:
             raise SnapshotError(f"limits.{key} was {image.layout.get(key)!r} and is now {layout[key]!r}")
+    check(image)
     windows = image.layout.get("windows") == layout["windows"]
     dropped = []
     try:
@@ -269,6 +379,7 @@ class Snapshotter:
         self.interval = interval
         self._next = time.monotonic() + interval
         self._writer: threading.Thread | None = None
+        self._failing: tuple[int, str] | None = None
 
     def maybe(self, now: float | None = None) -> bool:
         """Start a snapshot if one is due. Call from the scoring loop."""
@@ -290,14 +401,25 @@ class Snapshotter:
             image = capture(self.store)
         return self._write(image)
 
+    def failing(self) -> tuple[int, str] | None:
+        """(snapshots failed in a row, the last error) while writes fail; None once one succeeds."""
+        return self._failing
+
     def _write(self, image: Image) -> bool:
         started = time.monotonic()
         try:
             size = write(self.directory, image)
-        except OSError as exc:
-            log.error("cannot write state snapshot to %s: %s", self.directory, exc.strerror or exc)
+        except Exception as exc:  # a thread of its own: nothing above it would report this
+            if isinstance(exc, OSError):
+                error = exc.strerror or str(exc)
+                log.error("cannot write state snapshot to %s: %s", self.directory, error)
+            else:
+                error = f"{type(exc).__name__}: {exc}"
+                log.exception("cannot write state snapshot to %s", self.directory)
             with self.store.lock:
                 self.store.counters.snapshot_failures += 1
+            failed = self._failing[0] + 1 if self._failing is not None else 1
+            self._failing = (failed, error[:200])  # one assignment, so a reader never sees half of it
             return False
         elapsed = time.monotonic() - started
         with self.store.lock:
@@ -306,5 +428,8 @@ class Snapshotter:
             c.last_snapshot_time = image.taken
             c.last_snapshot_seconds = elapsed
             c.last_snapshot_bytes = size
+        if self._failing is not None:
+            log.info("state snapshot written to %s again, after %d failed", self.directory, self._failing[0])
+            self._failing = None
         log.debug("state snapshot: %d model(s), %d bytes in %.3fs", len(image.models), size, elapsed)
         return True

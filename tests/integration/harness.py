@@ -16,6 +16,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 READY_RE = re.compile(r"ready: ingest (\S+) \(\w+\), metrics https?://([^/]+)/metrics")
+# Logged before the kernels compile: sockets bound, /healthz answering 503.
+LISTENING_RE = re.compile(r"listening: ingest (\S+) \(\w+\), metrics https?://([^/]+)/metrics")
 STARTUP_TIMEOUT = 180.0  # a cold numba cache compiles every kernel first
 
 
@@ -29,7 +31,10 @@ class DaemonProcess:
         metrics: str | None = "127.0.0.1:0",
         env: dict[str, str] | None = None,
         scheme: str = "http",
+        wait: str = "ready",
     ) -> None:
+        """Start ``xentd run`` and wait for its ``ready`` log line, or with
+        ``wait="listening"`` only for its sockets (then :meth:`wait_ready`)."""
         cfg = tmp_path / "xentd.toml"
         cfg.write_text(config)
         args = [sys.executable, "-m", "xentd", "run", "--config", str(cfg)]
@@ -45,22 +50,37 @@ class DaemonProcess:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+        self._listening = threading.Event()
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if not self._ready.wait(STARTUP_TIMEOUT) or self.proc.poll() is not None:
+        self._scheme = scheme
+        if wait == "listening":
+            self._wait(self._listening, LISTENING_RE, "listen")
+        else:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Wait for the ``ready`` log line: the kernels are compiled and scoring runs."""
+        self._wait(self._ready, READY_RE, "become ready")
+
+    def _wait(self, event: threading.Event, pattern: re.Pattern[str], what: str) -> None:
+        if not event.wait(STARTUP_TIMEOUT) or self.proc.poll() is not None:
             self.proc.kill()
-            raise AssertionError("daemon did not become ready:\n" + self.log)
-        match = next(m for m in map(READY_RE.search, self.lines) if m)
+            raise AssertionError(f"daemon did not {what}:\n" + self.log)
+        match = next(m for m in map(pattern.search, self.lines) if m)
         self.ingest = match.group(1)
-        self.http = f"{scheme}://{match.group(2)}"
+        self.http = f"{self._scheme}://{match.group(2)}"
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
             self.lines.append(line)
+            if LISTENING_RE.search(line):
+                self._listening.set()
             if READY_RE.search(line):
                 self._ready.set()
+        self._listening.set()
         self._ready.set()
 
     @property

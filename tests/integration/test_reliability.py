@@ -6,6 +6,7 @@ import base64
 import contextlib
 import http.client
 import os
+import re
 import signal
 import socket
 import ssl
@@ -122,6 +123,53 @@ def test_a_corrupt_snapshot_does_not_stop_the_daemon(
     d = start_daemon(f'[state]\ndirectory = "{state}"\n')
     assert "cannot be used" in d.log and d.get("/healthz")[0] == 200
     assert list(state.glob("xentd-state.npz.corrupt-*"))
+
+
+def test_a_tampered_snapshot_is_set_aside(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    """A well-formed file whose numbers no run could produce (here a negative sample count)."""
+    state = tmp_path / "state"
+    config = f'[state]\ndirectory = "{state}"\nsnapshot_interval = "1h"\n'
+    d = start_daemon(config)
+    with Publisher(d.ingest) as pub:
+        pub.send("t", np.full((3, 2), 0.5), [0, 1, 0])
+    d.wait_for("xentd_samples_total", 3.0, model="t")
+    assert d.stop() == 0
+    path = state / "xentd-state.npz"
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["m0.lifetime"][0] = -3.0
+    np.savez(path, **arrays)
+    d = start_daemon(config)
+    assert "model 't': lifetime[0] is -3.0; expected values >= 0" in d.log
+    assert "ERROR" in next(line for line in d.lines if "cannot be used" in line)
+    assert d.value("xentd_samples_total", model="t") is None and d.get("/healthz") == (200, "ok\n")
+    assert list(state.glob("xentd-state.npz.corrupt-*"))
+
+
+def test_healthz_names_failing_snapshots_until_one_succeeds(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    """A state directory that goes away (like a full disk) fails every snapshot: the process
+    still scores, so /healthz stays 200 but says so; the next good snapshot clears it."""
+    state = tmp_path / "state"
+    d = start_daemon(f'[state]\ndirectory = "{state}"\nsnapshot_interval = 0.2\n')
+    d.wait_for_at_least("xentd_snapshots_written_total", 1.0)
+    assert d.get("/healthz") == (200, "ok\n")
+    for f in state.iterdir():
+        f.unlink()
+    state.rmdir()
+    deadline = time.monotonic() + 30
+    failing = re.compile(r"ok; last (\d+) snapshot\(s\) failed: No such file or directory\n")
+    while not ((match := failing.fullmatch((health := d.get("/healthz"))[1])) and int(match.group(1)) >= 3):
+        assert health[0] == 200 and time.monotonic() < deadline, health
+        time.sleep(0.05)
+    assert health[0] == 200
+    state.mkdir()
+    deadline = time.monotonic() + 30
+    while (health := d.get("/healthz")) != (200, "ok\n"):
+        assert health[0] == 200 and time.monotonic() < deadline, health
+        time.sleep(0.05)
+    assert "cannot write state snapshot" in d.log and "again, after" in d.log
 
 
 # --- back-pressure -----------------------------------------------------------------
@@ -308,20 +356,37 @@ def test_sd_notify_from_the_real_daemon(start_daemon: Callable[..., DaemonProces
     path = str(tmp_path / "notify")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
-    sock.settimeout(20)
+    sock.settimeout(0.2)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def read() -> None:  # as systemd does, all along: the daemon talks while it compiles, before READY
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                messages.append(sock.recv(4096).decode())
+
+    reader = threading.Thread(target=read)
+    reader.start()
     try:
         d = start_daemon(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
-        messages = [sock.recv(4096).decode() for _ in range(4)]
-        assert messages[0].startswith("READY=1\nSTATUS=") and f"MAINPID={d.proc.pid}" in messages[0]
-        assert "WATCHDOG=1" in messages[1:]
+        deadline = time.monotonic() + 20
+        while not any(m.startswith("READY=1") for m in messages):
+            assert time.monotonic() < deadline, messages
+            time.sleep(0.05)
+        ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
+        while "WATCHDOG=1" not in messages[ready:]:  # from the scoring loop now
+            assert time.monotonic() < deadline, messages
+            time.sleep(0.05)
+        # While compiling (even from a warm cache): progress, and more time asked for.
+        first = messages[0]
+        assert first.startswith("EXTEND_TIMEOUT_USEC=") and "STATUS=starting: compiling kernels" in first
+        assert messages[ready].startswith("READY=1\nSTATUS=") and f"MAINPID={d.proc.pid}" in messages[ready]
         assert d.stop(signal.SIGTERM) == 0
-        rest = []
-        sock.settimeout(0.5)
-        with contextlib.suppress(TimeoutError):
-            while True:
-                rest.append(sock.recv(4096).decode())
-        assert any(m.startswith("STOPPING=1") for m in rest)
+        time.sleep(0.5)
+        assert any(m.startswith("STOPPING=1") for m in messages[ready:])
     finally:
+        done.set()
+        reader.join()
         sock.close()
 
 

@@ -1,0 +1,123 @@
+"""Start-up order (docs/reliability.md): ports checked first, /healthz and the ingest socket up before
+the kernels compile, and what producers send meanwhile waits in the queue and is scored once ready."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss
+
+from tests.conftest import softmax
+from tests.integration.harness import DaemonProcess
+
+COMPILE_DEADLINE = 180.0  # an empty cache on a loaded machine; polled, never asserted as a time
+
+
+def _get(url: str, timeout: float = 60.0) -> tuple[int, str]:
+    # A scrape of restored models while the fold kernels still compile waits for them: a long timeout.
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _send(path: Path, ingest: str, model: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "xentd", "send", str(path), "--model", model, "--to", ingest],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_a_cold_start_serves_healthz_and_scores_what_was_sent_while_compiling(
+    start_daemon: Callable[..., DaemonProcess], tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(7)
+    batches = []
+    for i in range(2):
+        p, y = softmax(rng.normal(0, 2, (200, 5))), rng.integers(0, 5, 200)
+        np.savez(tmp_path / f"b{i}.npz", predictions=p, targets=y)
+        batches.append((p, y))
+    config = f'[state]\ndirectory = "{tmp_path / "state"}"\nsnapshot_interval = "1h"\n'
+
+    # A first run (warm cache) scores batch 0 and leaves a snapshot on stop.
+    first = start_daemon(config)
+    _send(tmp_path / "b0.npz", first.ingest, "m")
+    first.wait_for("xentd_samples_total", 200.0, model="m")
+    assert first.stop(signal.SIGTERM) == 0
+
+    # The second start has an empty kernel cache: it compiles everything.
+    cache = tmp_path / "numba-cache"
+    cache.mkdir()
+    d = start_daemon(config, env={"NUMBA_CACHE_DIR": str(cache)}, wait="listening")
+    deadline = time.monotonic() + COMPILE_DEADLINE
+    while "compiling kernels" not in (health := d.get("/healthz"))[1]:  # after the (short) restore
+        assert health[0] == 503 and health[1].startswith("starting"), health
+        assert time.monotonic() < deadline, d.log
+        time.sleep(0.02)
+    assert health[0] == 503 and health[1].startswith("starting: compiling kernels"), health
+    # /metrics already serves the restored counts: no reset to 0 between the two runs.
+    status, text = _get(d.http + "/metrics")
+    assert status == 200 and 'xentd_samples_total{model="m"} 200.0' in text, text[:2000]
+
+    _send(tmp_path / "b1.npz", d.ingest, "m")  # `xentd send` returns before the daemon is ready ...
+    assert d.get("/healthz")[0] == 503  # ... as this shows: the batch waits in the socket's queue
+
+    d.wait_ready()
+    assert d.get("/healthz") == (200, "ok\n")
+    d.wait_for("xentd_samples_total", 400.0, model="m")
+    p = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    total = d.value("xentd_cross_entropy_nats_sum", model="m")
+    assert total == pytest.approx(log_loss(y, p, labels=range(5), normalize=False), rel=1e-12)
+    assert d.value("xentd_batches_total", model="m") == 2
+    compiling = next(line for line in d.lines if "compiling kernels:" in line)
+    assert str(cache) in compiling and "later starts load them" in compiling
+    assert any("kernels ready (cpu backend) in" in line for line in d.lines)
+    assert any(f.suffix == ".nbc" for f in cache.rglob("*"))  # the compile filled the cache it was given
+
+
+def _listening_port() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+@pytest.mark.parametrize("which", ["ingest", "metrics"])
+def test_a_busy_port_is_one_line_before_any_compile(tmp_path: Path, which: str) -> None:
+    busy = _listening_port()
+    port = busy.getsockname()[1]
+    ingest = f"tcp://127.0.0.1:{port}" if which == "ingest" else "tcp://127.0.0.1:*"
+    metrics = f"127.0.0.1:{port}" if which == "metrics" else "127.0.0.1:0"
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "xentd", "run", "--ingest", ingest, "--metrics", metrics],
+            capture_output=True,
+            text=True,
+            timeout=COMPILE_DEADLINE,
+            env={**os.environ, "NUMBA_CACHE_DIR": str(cache)},
+        )
+    finally:
+        busy.close()
+    lines = out.stderr.strip().splitlines()
+    expected = f"cannot bind ingest endpoint {ingest}" if which == "ingest" else f"cannot serve metrics on {metrics}"
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("xentd: error: ") and expected in lines[0], out.stderr
+    assert not [f.name for f in cache.rglob("*") if f.is_file()]  # nothing was compiled first
