@@ -10,8 +10,10 @@ with, so the two cannot disagree. It never blocks forever: a full send queue
 raises ``zmq.Again`` after ``send_timeout_ms``, and :meth:`Publisher.close`
 waits at most ``linger_ms`` for queued messages to leave.
 
-Every message carries the publisher's ``producer`` id and a ``seq`` number, so
-xentd counts messages lost on the way (``xentd_sequence_gaps_total``). With
+Every message carries a ``producer`` stream id (``<producer>:<model>``: one stream
+per model, so a daemon that subscribes to some models only sees no false gaps) and
+that stream's ``seq`` number, so xentd counts messages lost on the way
+(``xentd_sequence_gaps_total``). With
 ``resend=N`` the publisher is at-least-once: it keeps its last N batches and
 sends them again whenever its connection to the daemon is re-established
 (after a daemon restart, say); xentd drops the copies it already scored by
@@ -30,6 +32,7 @@ server that starts before its daemon should keep running, as ZeroMQ intends;
 from __future__ import annotations
 
 import collections
+import hashlib
 import time
 import uuid
 from collections.abc import Sequence
@@ -117,7 +120,9 @@ class Publisher:
         # receives: the only way to know that a subscriber is ready (wait_connected).
         self._socket = self._context.socket(zmq.XPUB if self._topic else zmq.PUSH)
         self.producer = producer or f"py-{uuid.uuid4().hex[:16]}"
-        self._seq = 0
+        # One seq stream per model (docs/protocol.md): a daemon that subscribes to some
+        # topics only must not see the numbers of the others as gaps.
+        self._streams: dict[str, list[Any]] = {}
         self._resend: collections.deque[list[bytes | memoryview]] = collections.deque(maxlen=resend or None)
         self._resend_enabled = resend > 0
         self._monitor: zmq.Socket[Any] | None = None
@@ -185,8 +190,13 @@ class Publisher:
         With ``resend`` on, a batch without a ``batch_id`` gets one (producer and
         sequence number), since a resent copy can only be recognised by it.
         """
-        if self._resend_enabled and batch_id is None:
-            batch_id = f"{self.producer}:{self._seq}"
+        stream = self._streams.get(model)
+        if stream is None:
+            stream = self._streams[model] = [_stream_id(self.producer, model), 0]
+        stream_id, seq = stream
+        if self._resend_enabled and not batch_id:
+            # Unique within the model, which is the scope of the daemon's dedupe.
+            batch_id = f"{self.producer}:{seq}"
         frames = wire.encode(
             model,
             predictions,
@@ -195,8 +205,8 @@ class Publisher:
             weights=weights,
             batch_id=batch_id,
             ts=ts,
-            producer=self.producer,
-            seq=self._seq,
+            producer=stream_id,
+            seq=seq,
         )
         if self._topic:
             frames.insert(0, model.encode("utf-8"))
@@ -206,7 +216,7 @@ class Publisher:
             # Copies: a resend must not see buffers the caller has since reused.
             frames = [bytes(f) for f in frames]
         self._socket.send_multipart(frames, copy=False)
-        self._seq += 1
+        stream[1] = seq + 1
         if self._resend_enabled:
             self._resend.append(frames)
 
@@ -329,3 +339,13 @@ class Publisher:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _stream_id(producer: str, model: str) -> str:
+    """The ``producer`` header of this publisher's stream for ``model``: ``producer:model``,
+    with the model hashed where the two would pass the 128-character limit."""
+    stream = f"{producer}:{model}"
+    if len(stream) <= 128:
+        return stream
+    digest = hashlib.blake2b(model.encode("utf-8"), digest_size=12).hexdigest()
+    return f"{producer[:103]}:{digest}"

@@ -89,6 +89,20 @@ def test_pub_waits_for_a_subscribing_daemon(start_daemon: Callable[..., DaemonPr
     d.wait_for("xentd_samples_total", 2.0, model="via-pub-binary")
 
 
+def test_a_daemon_subscribed_to_some_models_sees_no_false_gaps(start_daemon: Callable[..., DaemonProcess]) -> None:
+    """The Publisher numbers each model's messages apart, so a topic-sharded daemon that
+    takes one model of two counts no gap for the messages of the other."""
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    d = start_daemon('[ingest]\nsocket = "sub"\nconnect = true\nsubscribe = ["alpha"]\n', ingest=address)
+    with Publisher(address, socket="pub", connect_timeout=60) as pub:
+        for _ in range(20):
+            for model in ("alpha", "beta"):
+                pub.send(model, np.array([0.9, 0.2]), np.array([1, 0]))
+    d.wait_for("xentd_batches_total", 20.0, model="alpha")
+    assert d.value("xentd_sequence_gaps_total") == 0
+    assert d.value("xentd_batches_total", model="beta") is None
+
+
 def test_pub_without_a_subscriber_is_an_error(npz: Path) -> None:
     address = f"tcp://127.0.0.1:{_free_port()}"
     out = _xentd("send", str(npz), "--model", "m", "--to", address, "--pub", "--timeout", "0.5", timeout=60)
