@@ -14,7 +14,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from xentd.client import Publisher
-from xentd.errors import XentdError
+from xentd.errors import ConnectError, XentdError
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_connect_timeout_names_the_address_nobody_answers(ctx: zmq.Context[zmq.S
     pull = ctx.socket(zmq.PULL)
     live = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
     dead = _nothing_listens()
-    with pytest.raises(XentdError) as info:
+    with pytest.raises(ConnectError) as info:
         Publisher([live, dead], connect_timeout=0.3)
     assert str(info.value) == (
         f"no daemon accepted the connection to {dead} within 0.3 s (is xentd running, and is that its ingest address?)"
@@ -86,14 +86,14 @@ def test_wait_connected_after_construction(ctx: zmq.Context[zmq.Socket[bytes]]) 
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     with Publisher(f"tcp://127.0.0.1:{port}", connect_timeout=10, linger_ms=0) as pub:
         pull.close(linger=0)  # the daemon goes away; the check notices the disconnect
-        with pytest.raises(XentdError, match=f"no daemon accepted the connection to tcp://127.0.0.1:{port}"):
+        with pytest.raises(ConnectError, match=f"no daemon accepted the connection to tcp://127.0.0.1:{port}"):
             for _ in range(300):  # the disconnect is reported a moment later
                 pub.wait_connected(0.1)
                 time.sleep(0.1)
 
 
 def test_pub_waits_for_a_subscription(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
-    with pytest.raises(XentdError, match=r"no daemon subscribed to tcp://127\.0\.0\.1:\d+ within 0.2 s"):
+    with pytest.raises(ConnectError, match=r"no daemon subscribed to tcp://127\.0\.0\.1:\d+ within 0.2 s"):
         Publisher("tcp://127.0.0.1:*", socket="pub", connect_timeout=0.2)
     with Publisher("tcp://127.0.0.1:*", socket="pub", linger_ms=0, resend=1) as pub:
         sub = ctx.socket(zmq.SUB)
@@ -118,7 +118,7 @@ def test_a_refused_curve_key_is_named(ctx: zmq.Context[zmq.Socket[bytes]], tmp_p
         pull.curve_server = True
         port = pull.bind_to_random_port("tcp://127.0.0.1")
         with pytest.raises(
-            XentdError, match=f"127.0.0.1:{port} refused the connection: it did not accept this client's CURVE key"
+            ConnectError, match=f"127.0.0.1:{port} refused the connection: it did not accept this client's CURVE key"
         ):
             Publisher(
                 f"tcp://127.0.0.1:{port}",

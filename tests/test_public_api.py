@@ -25,6 +25,8 @@ def test_all_is_complete_and_importable() -> None:
         "scan",
         "daemon",
         "pipeline",
+        "segments",
+        "receiver",
         "cli",
         "jit",
         "persist",

@@ -10,6 +10,7 @@ from xentd.client import Publisher
 from xentd.errors import (
     BackendUnavailable,
     ConfigError,
+    ConnectError,
     DecodeError,
     Reason,
     RejectedBatch,
@@ -24,6 +25,7 @@ __all__ = [
     "BF16",
     "BackendUnavailable",
     "ConfigError",
+    "ConnectError",
     "DecodeError",
     "Publisher",
     "Reason",

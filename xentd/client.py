@@ -23,7 +23,7 @@ ZeroMQ connects in the background, so by default a publisher can be created, and
 can send, before any daemon listens: batches wait in its queue (PUSH) until one
 does, or are dropped (PUB, which has no subscriber to send to). To find out
 instead, pass ``connect_timeout`` (seconds), or call :meth:`Publisher.wait_connected`:
-it raises a :class:`~xentd.errors.XentdError` naming the address when no daemon
+it raises a :class:`~xentd.errors.ConnectError` naming the address when no daemon
 has completed the connection in time. This is off by default, because a model
 server that starts before its daemon should keep running, as ZeroMQ intends;
 ``xentd send`` and ``xentd replay`` turn it on (``--timeout``).
@@ -46,7 +46,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from xentd import wire
 from xentd.config import transport_hint
-from xentd.errors import XentdError
+from xentd.errors import ConnectError, XentdError
 
 # What the monitor reports: a connection made, lost, or refused in its handshake.
 _HANDSHAKE_FAILED = (
@@ -226,7 +226,7 @@ class Publisher:
         PUSH: every address given has completed its connection (the ZeroMQ
         handshake, CURVE included). PUB: at least one subscriber has connected and
         subscribed, so a batch sent now is not dropped for want of one. Raises
-        :class:`~xentd.errors.XentdError` naming the addresses still waiting.
+        :class:`~xentd.errors.ConnectError` naming the addresses still waiting.
         ``inproc://`` addresses are not checked (they report no handshake).
         Needs ``connect_timeout`` or ``resend`` at construction, which start the
         connection monitor before the first connection is made.
@@ -246,7 +246,7 @@ class Publisher:
             left = deadline - time.monotonic()
             # A refused handshake (CURVE key not authorized, say) will not pass by waiting.
             if left <= 0 or any(a in self._refused for a in waiting):
-                raise XentdError(self._not_connected_message(waiting, timeout))
+                raise ConnectError(self._not_connected_message(waiting, timeout))
             poller.poll(max(1, int(left * 1000)))
 
     def _waiting(self) -> list[str]:

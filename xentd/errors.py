@@ -5,6 +5,7 @@
     ├── BackendUnavailable     a requested kernel backend cannot run on this machine
     ├── StartupError           a port or endpoint the daemon needs cannot be bound
     ├── SnapshotError          a state snapshot is corrupt or from an incompatible version
+    ├── ConnectError           a producer found no daemon to take its batches in time
     └── RejectedBatch          one message is refused; the daemon counts it and keeps going
         ├── DecodeError        the frames are not a well-formed protocol v1 message
         └── ValidationError    well-formed, but the values cannot be scored
@@ -62,6 +63,11 @@ class BackendUnavailable(XentdError):
 
 class StartupError(XentdError):
     """The daemon cannot acquire a resource it needs, such as its metrics port."""
+
+
+class ConnectError(XentdError):
+    """A :class:`~xentd.client.Publisher` found no daemon that took the connection (or, for
+    PUB, subscribed) within its timeout, or the daemon refused the producer's CURVE key."""
 
 
 class SnapshotError(XentdError):
