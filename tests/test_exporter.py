@@ -176,3 +176,45 @@ def test_http_serves_text_gzip_and_openmetrics(store: StateStore) -> None:
     assert _samples(gzip.decompress(body).decode())[("xentd_samples_total", frozenset({("model", "clf")}))] == 4
     status, headers, body = get(HTTP_ACCEPT="application/openmetrics-text;version=1.0.0")
     assert "openmetrics" in headers["Content-Type"] and body.rstrip().endswith(b"# EOF")
+
+
+def test_one_table_both_writers_render_the_same_families(store: StateStore) -> None:
+    """The text writer and the collector both render FAMILIES: same names, types and samples."""
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+
+    from xentd.exporter import FAMILIES, XentdCollector, render_text
+
+    store.counters.last_snapshot_time = 1.7e9  # every family has at least one sample
+    store.counters.last_snapshot_seconds = 0.5
+    store.counters.last_snapshot_bytes = 1234
+    expected = {f.name.removesuffix("_total") if f.type == "counter" else f.name: f.type for f in FAMILIES}
+    assert len(expected) == len(FAMILIES)
+    text = render_text(store.snapshot(), version="v", backend="cpu")
+    assert _types(text) == expected
+    for family in text_string_to_metric_families(text):
+        assert family.samples, family.name
+    registry = CollectorRegistry()
+    registry.register(XentdCollector(store.snapshot, version="v", backend="cpu"))
+    assert _types(generate_latest(registry).decode()) == expected
+    registry = CollectorRegistry()
+    registry.register(XentdCollector(store.snapshot, version="v", backend="cpu", openmetrics=True))
+    openmetrics = {f.name: f.type for f in parse_openmetrics(generate_openmetrics(registry).decode())}
+    pairs = {f"{n}_{part}": "gauge" for n, t in expected.items() if t == "summary" for part in ("sum", "count")}
+    assert openmetrics == {n: t for n, t in expected.items() if t != "summary"} | pairs
+
+
+def test_docs_list_every_family_with_its_type_and_labels() -> None:
+    import re
+    from pathlib import Path
+
+    from xentd.exporter import FAMILIES
+
+    documented: dict[str, tuple[str, str]] = {}
+    docs = Path(__file__).resolve().parents[1] / "docs" / "metrics.md"
+    for line in docs.read_text().splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > 4 and cells[1].startswith("`xentd_"):
+            for name in re.findall(r"`(xentd_[a-z_]+)`", cells[1]):
+                documented[name] = (cells[2], cells[3])
+    assert documented == {f.name: (f.type, ", ".join(f.labels)) for f in FAMILIES}

@@ -1,9 +1,13 @@
-"""Prometheus exposition: a custom collector over a state snapshot, and the HTTP server.
+"""Prometheus exposition: one table of metric families, two writers over a state snapshot, and the HTTP server.
 
-The collector builds fresh metric families on every scrape from one
-:meth:`~xentd.state.StateStore.snapshot`, so all values in a scrape come from the
-same instant and series of models that are gone simply disappear. Metric names
-and labels are a contract; docs/metrics.md lists them and must change with them.
+:data:`FAMILIES` declares every xentd family once: name, type, labels, help and
+where its values come from. :func:`render_text` (text format 0.0.4, the fast path
+Prometheus scrapes) and :class:`XentdCollector` (prometheus-client, for
+OpenMetrics) both render from it, building fresh families on every scrape from
+one :meth:`~xentd.state.StateStore.snapshot`, so all values in a scrape come from
+the same instant and series of models that are gone simply disappear. Metric
+names and labels are a contract; docs/metrics.md lists them and a test checks
+that it lists exactly the table.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import gzip
 import hmac
 import io
+import itertools
 import logging
 import math
 import queue
@@ -24,8 +29,9 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -43,7 +49,7 @@ from prometheus_client.registry import Collector
 
 from xentd.config import BasicAuthConfig, TlsConfig
 from xentd.errors import StartupError
-from xentd.state import Counters, ModelSnapshot, Snapshot, WindowStats
+from xentd.state import Counters, ModelSnapshot, Snapshot
 
 log = logging.getLogger("xentd.exporter")
 
@@ -56,36 +62,245 @@ def _backend_name(backend: Backend) -> str:
     return backend if isinstance(backend, str) else backend()
 
 
-_WINDOW_GAUGES: tuple[tuple[str, str, str], ...] = (
-    ("xentd_window_cross_entropy_nats", "cross_entropy", "Weighted mean cross-entropy over the window, in nats."),
-    ("xentd_window_accuracy_ratio", "accuracy", "Weighted top-1 accuracy over the window."),
-    ("xentd_window_focal_loss_nats", "focal_loss", "Weighted mean focal loss over the window, in nats."),
-    (
+# --- the metric families ----------------------------------------------------------
+#
+# One table says, for every xentd family, its name, type, labels, help text and
+# where its values come from. The text writer (render_text) and the collector
+# (XentdCollector, for OpenMetrics) both render from it, so they cannot
+# disagree; docs/metrics.md lists the same families, and tests/test_exporter.py
+# checks all three against each other.
+
+Labels = tuple[str, ...]
+Sample = tuple[Labels, Any]
+"""(label values, value). The value is a number for a counter or gauge, (count, sum)
+for a summary, and (bucket upper bounds, per-bucket counts with +Inf last, sum) for a histogram."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    """What one scrape reads: a snapshot, and the build facts for xentd_build_info."""
+
+    snapshot: Snapshot
+    version: str
+    backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family. ``name`` is the text-format name (a counter's ends in
+    ``_total``). A per-model family has ``model`` as its first label and reads each
+    :class:`ModelSnapshot` through ``per_model``, which yields the other labels'
+    values; a daemon-wide family reads the whole scrape through ``per_scrape``.
+    A sample whose value does not exist yet is left out, never exported as NaN."""
+
+    name: str
+    type: Literal["counter", "gauge", "summary", "histogram"]
+    labels: Labels
+    help: str
+    per_scrape: Callable[[Scrape], Iterable[Sample]] | None = None
+    per_model: Callable[[ModelSnapshot], Iterable[Sample]] | None = None
+
+
+def _one(value: float | None) -> list[Sample]:
+    return [] if value is None else [((), value)]
+
+
+def _counter(name: str, help: str, value: Callable[[Counters], float | None]) -> Family:
+    return Family(name, "counter", (), help, per_scrape=lambda s: _one(value(s.snapshot.counters)))
+
+
+def _gauge(name: str, help: str, value: Callable[[Counters], float | None]) -> Family:
+    return Family(name, "gauge", (), help, per_scrape=lambda s: _one(value(s.snapshot.counters)))
+
+
+def _model(name: str, kind: Literal["counter", "gauge"], help: str, value: Callable[[ModelSnapshot], Any]) -> Family:
+    return Family(name, kind, ("model",), help, per_model=lambda m: _one(value(m)))
+
+
+def _window(name: str, help: str, attr: str) -> Family:
+    def samples(m: ModelSnapshot) -> Iterator[Sample]:
+        for window, stats in m.windows:
+            value = getattr(stats, attr)
+            if not math.isnan(value):  # an empty window has no mean
+                yield (window,), value
+
+    return Family(name, "gauge", ("model", "window"), help, per_model=samples)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "xentd_build_info",
+        "gauge",
+        ("version", "backend"),
+        "xentd version and kernel backend; always 1.",
+        per_scrape=lambda s: [((s.version, s.backend), 1.0)],
+    ),
+    Family(
+        "xentd_models",
+        "gauge",
+        (),
+        "Models with state in this instance.",
+        per_scrape=lambda s: [((), len(s.snapshot.models))],
+    ),
+    _counter(
+        "xentd_messages_received_total", "Messages taken off the ingest socket, valid or not.", lambda c: c.messages
+    ),
+    Family(
+        "xentd_rejected_batches_total",
+        "counter",
+        ("reason",),
+        "Batches refused, by reason.",
+        per_scrape=lambda s: [((r,), n) for r, n in sorted(s.snapshot.rejected.items())],
+    ),
+    _counter(
+        "xentd_duplicate_batches_total",
+        "Batches not scored because the same (model, batch_id) was scored recently: producer retries.",
+        lambda c: c.duplicate_batches,
+    ),
+    _counter(
+        "xentd_sequence_gaps_total",
+        "Messages missing from producers' seq numbering: sent but never received.",
+        lambda c: c.sequence_gaps,
+    ),
+    _counter(
+        "xentd_models_evicted_total",
+        "Models dropped after limits.model_ttl without a batch.",
+        lambda c: c.models_evicted,
+    ),
+    Family(
+        "xentd_limit_hits_total",
+        "counter",
+        ("limit",),
+        "Batches a cardinality limit acted on: refused (max_models, "
+        'allowed_models) or with samples folded into class "other" (class_limit).',
+        per_scrape=lambda s: [((k,), n) for k, n in sorted(s.snapshot.counters.limit_hits.items())],
+    ),
+    _counter(
+        "xentd_ingest_disconnects_total",
+        "Producer connections that ended: producers going away, "
+        "or ZeroMQ dropping one that sent a frame over ingest.max_message_bytes.",
+        lambda c: c.ingest_disconnects,
+    ),
+    _counter(
+        "xentd_ingest_auth_failures_total",
+        "CURVE handshakes refused: the client key is not in ingest.curve.authorized_keys.",
+        lambda c: c.ingest_auth_failures,
+    ),
+    _counter(
+        "xentd_snapshots_written_total", "State snapshots written by this process.", lambda c: c.snapshots_written
+    ),
+    _counter(
+        "xentd_snapshot_failures_total", "State snapshots that could not be written.", lambda c: c.snapshot_failures
+    ),
+    _gauge(
+        "xentd_last_snapshot_timestamp_seconds",
+        "When the state in the last written snapshot was taken (Unix seconds).",
+        lambda c: c.last_snapshot_time,
+    ),
+    _gauge(
+        "xentd_last_snapshot_duration_seconds",
+        "How long writing the last snapshot took.",
+        lambda c: c.last_snapshot_seconds,
+    ),
+    _gauge("xentd_last_snapshot_bytes", "Size of the last snapshot written.", lambda c: c.last_snapshot_bytes),
+    Family(
+        "xentd_cross_entropy_nats",
+        "summary",
+        ("model",),
+        "Cross-entropy over all samples: _sum is sum(w*loss), _count is sum(w), "
+        "so rate(_sum)/rate(_count) is the weighted mean.",
+        per_model=lambda m: [((), (m.weight, m.loss_weighted_sum))],
+    ),
+    _model("xentd_samples_total", "counter", "Samples scored (unweighted).", lambda m: m.samples),
+    _model(
+        "xentd_correct_predictions_total",
+        "counter",
+        "Sum of weights of samples whose top-1 prediction was right.",
+        lambda m: m.correct_weighted_sum,
+    ),
+    _model("xentd_batches_total", "counter", "Batches scored.", lambda m: m.batches),
+    _model(
+        "xentd_unnormalized_rows_total",
+        "counter",
+        "Rows of probs or log_probs whose mass was off 1 by more than the tolerance; scored as sent.",
+        lambda m: m.unnormalized_rows,
+    ),
+    _model(
+        "xentd_unnormalized_targets_total",
+        "counter",
+        "Target rows that are not a distribution (soft rows off 1 by more than the tolerance, "
+        "integer rows that are not one-hot); scored as sent.",
+        lambda m: m.unnormalized_targets,
+    ),
+    Family(
+        "xentd_model_rejected_batches_total",
+        "counter",
+        ("model", "reason"),
+        "Batches of this model refused, by reason; only models that already have state.",
+        per_model=lambda m: [((r,), n) for r, n in sorted(m.rejected.items())],
+    ),
+    _model(
+        "xentd_last_batch_timestamp_seconds",
+        "gauge",
+        "When the last batch was scored (Unix seconds).",
+        lambda m: m.last_batch_time,
+    ),
+    _model(
+        "xentd_last_event_timestamp_seconds",
+        "gauge",
+        "The ts header of the last batch that had one (Unix seconds).",
+        lambda m: m.last_event_time,
+    ),
+    Family(
+        "xentd_class_cross_entropy_nats",
+        "summary",
+        ("model", "class"),
+        "Cross-entropy by true class: _sum is sum(w*loss), _count sum(w).",
+        per_model=lambda m: [
+            ((c,), (w, wl))
+            for c, w, wl in zip(
+                m.class_labels, m.class_weight.tolist(), m.class_loss_weighted_sum.tolist(), strict=True
+            )
+        ],
+    ),
+    Family(
+        "xentd_sample_loss_nats",
+        "histogram",
+        ("model",),
+        "Per-sample cross-entropy (unweighted).",
+        per_model=lambda m: [((), (m.hist_bounds.tolist(), m.hist_counts.tolist(), m.loss_sum))],
+    ),
+    Family(
+        "xentd_window_samples",
+        "gauge",
+        ("model", "window"),
+        "Samples in the window (decayed count for ewma).",
+        per_model=lambda m: [((window,), stats.samples) for window, stats in m.windows],
+    ),
+    _window(
+        "xentd_window_cross_entropy_nats", "Weighted mean cross-entropy over the window, in nats.", "cross_entropy"
+    ),
+    _window("xentd_window_accuracy_ratio", "Weighted top-1 accuracy over the window.", "accuracy"),
+    _window("xentd_window_focal_loss_nats", "Weighted mean focal loss over the window, in nats.", "focal_loss"),
+    _window(
         "xentd_window_balanced_cross_entropy_nats",
-        "balanced_cross_entropy",
         "Mean over the classes present of each class's weighted mean cross-entropy, in nats.",
+        "balanced_cross_entropy",
     ),
 )
 
 
-_CE_DOC = (
-    "Cross-entropy over all samples: _sum is sum(w*loss), _count is sum(w), "
-    "so rate(_sum)/rate(_count) is the weighted mean."
-)
-_SAMPLES_DOC = "Samples scored (unweighted)."
-_CORRECT_DOC = "Sum of weights of samples whose top-1 prediction was right."
-_BATCHES_DOC = "Batches scored."
-_UNNORM_DOC = "Rows of probs or log_probs whose mass was off 1 by more than the tolerance; scored as sent."
-_UNNORM_TARGETS_DOC = (
-    "Target rows that are not a distribution (soft rows off 1 by more than the tolerance, "
-    "integer rows that are not one-hot); scored as sent."
-)
-_MODEL_REJECTED_DOC = "Batches of this model refused, by reason; only models that already have state."
-_LAST_DOC = "When the last batch was scored (Unix seconds)."
-_LAST_EVENT_DOC = "The ts header of the last batch that had one (Unix seconds)."
-_CLASS_DOC = "Cross-entropy by true class: _sum is sum(w*loss), _count sum(w)."
-_HIST_DOC = "Per-sample cross-entropy (unweighted)."
-_WINDOW_SAMPLES_DOC = "Samples in the window (decayed count for ewma)."
+def _samples(family: Family, scrape: Scrape) -> Iterator[Sample]:
+    """Every sample of a family with all its label values (the model's first)."""
+    if family.per_scrape is not None:
+        yield from family.per_scrape(scrape)
+    if family.per_model is not None:
+        for m in scrape.snapshot.models:
+            for labels, value in family.per_model(m):
+                yield (m.name, *labels), value
+
+
+# --- the collector (OpenMetrics, and the reference for the text writer) -------------------
 
 
 class _WeightedSummary:
@@ -120,7 +335,7 @@ class _WeightedSummary:
 
 
 class XentdCollector(Collector):
-    """Reads a snapshot from ``source`` on every scrape.
+    """Renders :data:`FAMILIES` from a snapshot read from ``source`` on every scrape.
 
     With ``openmetrics=True`` the weighted summaries are written as gauge pairs
     (see :class:`_WeightedSummary`), for the OpenMetrics exposition."""
@@ -138,164 +353,29 @@ class XentdCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._source()
-        build = GaugeMetricFamily(
-            "xentd_build_info", "xentd version and kernel backend; always 1.", labels=["version", "backend"]
-        )
-        build.add_metric([self._version, _backend_name(self._backend)], 1.0)
-        yield build
-        yield GaugeMetricFamily("xentd_models", "Models with state in this instance.", value=len(snap.models))
-        yield CounterMetricFamily(
-            "xentd_messages_received",
-            "Messages taken off the ingest socket, valid or not.",
-            value=snap.counters.messages,
-        )
-        rejected = CounterMetricFamily("xentd_rejected_batches", "Batches refused, by reason.", labels=["reason"])
-        for reason, count in sorted(snap.rejected.items()):
-            rejected.add_metric([reason], count)
-        yield rejected
-        for name, kind, doc, label, values in daemon_families(snap.counters):
-            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-            base = name[: -len("_total")] if kind == "counter" else name
-            family = cls(base, doc, labels=[label] if label else None)
-            for label_value, value in values:
-                family.add_metric([label_value] if label else [], value)
-            yield family
-        yield from self._model_families(snap)
+        scrape = Scrape(self._source(), self._version, _backend_name(self._backend))
+        for family in FAMILIES:
+            yield from self._family(family, scrape)
 
-    def _model_families(self, snap: Snapshot) -> Iterator[Metric]:
-        om = self._openmetrics
-        ce = _WeightedSummary("xentd_cross_entropy_nats", _CE_DOC, ["model"], openmetrics=om)
-        samples = CounterMetricFamily("xentd_samples", _SAMPLES_DOC, labels=["model"])
-        correct = CounterMetricFamily("xentd_correct_predictions", _CORRECT_DOC, labels=["model"])
-        batches = CounterMetricFamily("xentd_batches", _BATCHES_DOC, labels=["model"])
-        unnorm = CounterMetricFamily("xentd_unnormalized_rows", _UNNORM_DOC, labels=["model"])
-        unnorm_targets = CounterMetricFamily("xentd_unnormalized_targets", _UNNORM_TARGETS_DOC, labels=["model"])
-        model_rejected = CounterMetricFamily(
-            "xentd_model_rejected_batches", _MODEL_REJECTED_DOC, labels=["model", "reason"]
-        )
-        last = GaugeMetricFamily("xentd_last_batch_timestamp_seconds", _LAST_DOC, labels=["model"])
-        last_event = GaugeMetricFamily("xentd_last_event_timestamp_seconds", _LAST_EVENT_DOC, labels=["model"])
-        per_class = _WeightedSummary("xentd_class_cross_entropy_nats", _CLASS_DOC, ["model", "class"], openmetrics=om)
-        hist = HistogramMetricFamily("xentd_sample_loss_nats", _HIST_DOC, labels=["model"])
-        window_samples = GaugeMetricFamily("xentd_window_samples", _WINDOW_SAMPLES_DOC, labels=["model", "window"])
-        gauges = [
-            (GaugeMetricFamily(name, doc, labels=["model", "window"]), attr) for name, attr, doc in _WINDOW_GAUGES
-        ]
-        for m in snap.models:
-            label = [m.name]
-            ce.add(label, m.weight, m.loss_weighted_sum)
-            samples.add_metric(label, m.samples)
-            correct.add_metric(label, m.correct_weighted_sum)
-            batches.add_metric(label, m.batches)
-            unnorm.add_metric(label, m.unnormalized_rows)
-            unnorm_targets.add_metric(label, m.unnormalized_targets)
-            for reason, count in sorted(m.rejected.items()):
-                model_rejected.add_metric([m.name, reason], count)
-            last.add_metric(label, m.last_batch_time)
-            if m.last_event_time is not None:
-                last_event.add_metric(label, m.last_event_time)
-            for cls, w, wl in zip(m.class_labels, m.class_weight, m.class_loss_weighted_sum, strict=True):
-                per_class.add([m.name, cls], float(w), float(wl))
-            cumulative = 0
-            buckets: list[tuple[str, float]] = []
-            for bound, count in zip([*map(_le, m.hist_bounds), "+Inf"], m.hist_counts, strict=True):
-                cumulative += int(count)
-                buckets.append((bound, cumulative))
-            hist.add_metric(label, buckets, sum_value=m.loss_sum)
-            for window, stats in m.windows:
-                window_samples.add_metric([m.name, window], stats.samples)
-                _add_ratios(gauges, [m.name, window], stats)
-        yield from ce.families()
-        yield from (samples, correct, batches, unnorm, unnorm_targets, model_rejected, last, last_event)
-        yield from per_class.families()
-        yield from (hist, window_samples)
-        yield from (g for g, _ in gauges)
-
-
-def daemon_families(c: Counters) -> list[tuple[str, str, str, str | None, list[tuple[str, float]]]]:
-    """Daemon-wide families: (name, type, help, label name, [(label value, value)]).
-
-    A gauge with nothing to report yet (no snapshot written) has no sample."""
-
-    def one(value: float | None) -> list[tuple[str, float]]:
-        return [] if value is None else [("", value)]
-
-    return [
-        (
-            "xentd_duplicate_batches_total",
-            "counter",
-            "Batches not scored because the same (model, batch_id) was scored recently: producer retries.",
-            None,
-            one(c.duplicate_batches),
-        ),
-        (
-            "xentd_sequence_gaps_total",
-            "counter",
-            "Messages missing from producers' seq numbering: sent but never received.",
-            None,
-            one(c.sequence_gaps),
-        ),
-        (
-            "xentd_models_evicted_total",
-            "counter",
-            "Models dropped after limits.model_ttl without a batch.",
-            None,
-            one(c.models_evicted),
-        ),
-        (
-            "xentd_limit_hits_total",
-            "counter",
-            "Batches a cardinality limit acted on: refused (max_models, "
-            'allowed_models) or with samples folded into class "other" (class_limit).',
-            "limit",
-            sorted(c.limit_hits.items()),
-        ),
-        (
-            "xentd_ingest_disconnects_total",
-            "counter",
-            "Producer connections that ended: producers going away, "
-            "or ZeroMQ dropping one that sent a frame over ingest.max_message_bytes.",
-            None,
-            one(c.ingest_disconnects),
-        ),
-        (
-            "xentd_ingest_auth_failures_total",
-            "counter",
-            "CURVE handshakes refused: the client key is not in ingest.curve.authorized_keys.",
-            None,
-            one(c.ingest_auth_failures),
-        ),
-        (
-            "xentd_snapshots_written_total",
-            "counter",
-            "State snapshots written by this process.",
-            None,
-            one(c.snapshots_written),
-        ),
-        (
-            "xentd_snapshot_failures_total",
-            "counter",
-            "State snapshots that could not be written.",
-            None,
-            one(c.snapshot_failures),
-        ),
-        (
-            "xentd_last_snapshot_timestamp_seconds",
-            "gauge",
-            "When the state in the last written snapshot was taken (Unix seconds).",
-            None,
-            one(c.last_snapshot_time),
-        ),
-        (
-            "xentd_last_snapshot_duration_seconds",
-            "gauge",
-            "How long writing the last snapshot took.",
-            None,
-            one(c.last_snapshot_seconds),
-        ),
-        ("xentd_last_snapshot_bytes", "gauge", "Size of the last snapshot written.", None, one(c.last_snapshot_bytes)),
-    ]
+    def _family(self, family: Family, scrape: Scrape) -> Iterable[Metric]:
+        labels = list(family.labels)
+        if family.type == "summary":
+            summary = _WeightedSummary(family.name, family.help, labels, openmetrics=self._openmetrics)
+            for values, (count, total) in _samples(family, scrape):
+                summary.add(list(values), count, total)
+            return summary.families()
+        if family.type == "histogram":
+            hist = HistogramMetricFamily(family.name, family.help, labels=labels)
+            for values, (bounds, counts, total) in _samples(family, scrape):
+                hist.add_metric(list(values), list(zip(_les(bounds), itertools.accumulate(counts), strict=True)), total)
+            return (hist,)
+        if family.type == "counter":
+            metric: Metric = CounterMetricFamily(family.name.removesuffix("_total"), family.help, labels=labels)
+        else:
+            metric = GaugeMetricFamily(family.name, family.help, labels=labels)
+        for values, value in _samples(family, scrape):
+            metric.add_metric(list(values), value)  # type: ignore[attr-defined]
+        return (metric,)
 
 
 # --- direct text exposition -----------------------------------------------------
@@ -305,14 +385,6 @@ def daemon_families(c: Counters) -> list[tuple[str, str, str, str | None, list[t
 # same families, from the same snapshot, as plain text format 0.0.4, with each
 # model's label fragment built once. tests/test_exporter.py checks that both
 # produce the same samples.
-
-_HELP = {
-    "xentd_build_info": ("gauge", "xentd version and kernel backend; always 1."),
-    "xentd_models": ("gauge", "Models with state in this instance."),
-    "xentd_messages_received_total": ("counter", "Messages taken off the ingest socket, valid or not."),
-    "xentd_rejected_batches_total": ("counter", "Batches refused, by reason."),
-}
-
 
 _SPECIAL = {"inf": "+Inf", "-inf": "-Inf", "nan": "NaN"}
 
@@ -330,101 +402,69 @@ def _esc(value: str) -> str:
     return value
 
 
-def _family(out: list[str], name: str, kind: str, doc: str) -> None:
-    out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
+def _les(bounds: list[float]) -> list[str]:
+    return [*(repr(float(b)) for b in bounds), "+Inf"]
+
+
+def _pairs(names: Labels, values: Labels) -> str:
+    return ",".join(f'{k}="{_esc(v)}"' for k, v in zip(names, values, strict=True))
+
+
+def _write(out: list[str], family: Family, labels: str, value: Any) -> None:
+    """One sample's lines; ``labels`` is the inside of the braces, possibly empty."""
+    name = family.name
+    braces = f"{{{labels}}}" if labels else ""
+    if family.type == "summary":
+        count, total = value
+        out.append(f"{name}_count{braces} {_v(count)}\n{name}_sum{braces} {_v(total)}\n")
+    elif family.type == "histogram":
+        bounds, counts, total = value
+        sep = "," if labels else ""
+        cumulative = 0
+        for le, count in zip(_les(bounds), counts, strict=True):
+            cumulative += count
+            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {_v(cumulative)}\n')
+        out.append(f"{name}_count{braces} {_v(cumulative)}\n{name}_sum{braces} {_v(total)}\n")
+    else:
+        out.append(f"{name}{braces} {_v(value)}\n")
 
 
 def render_text(snap: Snapshot, *, version: str, backend: Backend) -> str:
     """All xentd metric families of one snapshot, in Prometheus text format 0.0.4."""
+    scrape = Scrape(snap, version, _backend_name(backend))
     out: list[str] = []
-    _family(out, "xentd_build_info", *_HELP["xentd_build_info"])
-    name = _esc(_backend_name(backend))
-    out.append(f'xentd_build_info{{version="{_esc(version)}",backend="{name}"}} 1.0\n')
-    _family(out, "xentd_models", *_HELP["xentd_models"])
-    out.append(f"xentd_models {_v(len(snap.models))}\n")
-    _family(out, "xentd_messages_received_total", *_HELP["xentd_messages_received_total"])
-    out.append(f"xentd_messages_received_total {_v(snap.counters.messages)}\n")
-    _family(out, "xentd_rejected_batches_total", *_HELP["xentd_rejected_batches_total"])
-    out.extend(
-        f'xentd_rejected_batches_total{{reason="{_esc(r)}"}} {_v(c)}\n' for r, c in sorted(snap.rejected.items())
-    )
-    for name, kind, doc, label, values in daemon_families(snap.counters):
-        _family(out, name, kind, doc)
-        for label_value, value in values:
-            labels = f'{{{label}="{_esc(label_value)}"}}' if label else ""
-            out.append(f"{name}{labels} {_v(value)}\n")
     models = [(f'model="{_esc(m.name)}"', m) for m in snap.models]
-
-    def per_model(
-        name: str, kind: str, doc: str, value: Callable[[ModelSnapshot], float | None], sample: str | None = None
-    ) -> None:
-        _family(out, name, kind, doc)
-        sample = sample or name
-        for lbl, m in models:
-            v = value(m)
-            if v is not None:
-                out.append(f"{sample}{{{lbl}}} {_v(v)}\n")
-
-    _family(out, "xentd_cross_entropy_nats", "summary", _CE_DOC)
-    for lbl, m in models:
-        out.append(
-            f"xentd_cross_entropy_nats_count{{{lbl}}} {_v(m.weight)}\n"
-            f"xentd_cross_entropy_nats_sum{{{lbl}}} {_v(m.loss_weighted_sum)}\n"
-        )
-    per_model("xentd_samples_total", "counter", _SAMPLES_DOC, lambda m: m.samples)
-    per_model("xentd_correct_predictions_total", "counter", _CORRECT_DOC, lambda m: m.correct_weighted_sum)
-    per_model("xentd_batches_total", "counter", _BATCHES_DOC, lambda m: m.batches)
-    per_model("xentd_unnormalized_rows_total", "counter", _UNNORM_DOC, lambda m: m.unnormalized_rows)
-    per_model("xentd_unnormalized_targets_total", "counter", _UNNORM_TARGETS_DOC, lambda m: m.unnormalized_targets)
-    _family(out, "xentd_model_rejected_batches_total", "counter", _MODEL_REJECTED_DOC)
-    out.extend(
-        f'xentd_model_rejected_batches_total{{{lbl},reason="{_esc(r)}"}} {_v(c)}\n'
-        for lbl, m in models
-        for r, c in sorted(m.rejected.items())
-    )
-    per_model("xentd_last_batch_timestamp_seconds", "gauge", _LAST_DOC, lambda m: m.last_batch_time)
-    per_model("xentd_last_event_timestamp_seconds", "gauge", _LAST_EVENT_DOC, lambda m: m.last_event_time)
-    _family(out, "xentd_class_cross_entropy_nats", "summary", _CLASS_DOC)
-    for lbl, m in models:
-        for cls, w, wl in zip(m.class_labels, m.class_weight.tolist(), m.class_loss_weighted_sum.tolist(), strict=True):
-            out.append(
-                f'xentd_class_cross_entropy_nats_count{{{lbl},class="{cls}"}} {_v(w)}\n'
-                f'xentd_class_cross_entropy_nats_sum{{{lbl},class="{cls}"}} {_v(wl)}\n'
-            )
-    _family(out, "xentd_sample_loss_nats", "histogram", _HIST_DOC)
-    for lbl, m in models:
-        cumulative = 0
-        for bound, count in zip([*map(_le, m.hist_bounds), "+Inf"], m.hist_counts.tolist(), strict=True):
-            cumulative += count
-            out.append(f'xentd_sample_loss_nats_bucket{{{lbl},le="{bound}"}} {_v(cumulative)}\n')
-        out.append(
-            f"xentd_sample_loss_nats_count{{{lbl}}} {_v(cumulative)}\n"
-            f"xentd_sample_loss_nats_sum{{{lbl}}} {_v(m.loss_sum)}\n"
-        )
-    _family(out, "xentd_window_samples", "gauge", _WINDOW_SAMPLES_DOC)
-    for lbl, m in models:
-        for window, stats in m.windows:
-            out.append(f'xentd_window_samples{{{lbl},window="{_esc(window)}"}} {_v(stats.samples)}\n')
-    for name, attr, doc in _WINDOW_GAUGES:
-        _family(out, name, "gauge", doc)
-        for lbl, m in models:
-            for window, stats in m.windows:
-                value = getattr(stats, attr)
-                if not math.isnan(value):
-                    out.append(f'{name}{{{lbl},window="{_esc(window)}"}} {_v(value)}\n')
+    for family in FAMILIES:
+        name = family.name
+        out.append(f"# HELP {name} {family.help}\n# TYPE {name} {family.type}\n")
+        if family.per_scrape is not None:
+            for values, value in family.per_scrape(scrape):
+                _write(out, family, _pairs(family.labels, values), value)
+        per_model = family.per_model
+        if per_model is None:
+            continue
+        extra = family.labels[1:]
+        # The loops below are the hot path (a few hundred thousand samples for
+        # 10,000 models): the common shapes are spelled out rather than going
+        # through _write and _pairs for every sample.
+        if family.type in ("counter", "gauge") and len(extra) <= 1:
+            if extra:
+                key = extra[0]
+                out.extend(
+                    f'{name}{{{lbl},{key}="{_esc(x)}"}} {_v(v)}\n' for lbl, m in models for (x,), v in per_model(m)
+                )
+            else:
+                out.extend(f"{name}{{{lbl}}} {_v(v)}\n" for lbl, m in models for _, v in per_model(m))
+        elif len(extra) == 1:
+            key = extra[0]
+            for lbl, m in models:
+                for (x,), value in per_model(m):
+                    _write(out, family, f'{lbl},{key}="{_esc(x)}"', value)
+        else:
+            for lbl, m in models:
+                for values, value in per_model(m):
+                    _write(out, family, f"{lbl},{_pairs(extra, values)}" if extra else lbl, value)
     return "".join(out)
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))
-
-
-def _add_ratios(gauges: list[tuple[GaugeMetricFamily, str]], labels: list[str], stats: WindowStats) -> None:
-    # An empty window has no mean: leave the series out rather than export NaN.
-    for family, attr in gauges:
-        value = getattr(stats, attr)
-        if not math.isnan(value):
-            family.add_metric(labels, value)
 
 
 def build_registry(

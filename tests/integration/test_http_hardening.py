@@ -204,33 +204,36 @@ def test_when_every_worker_is_busy_and_the_queue_full_a_request_gets_503(
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         entered.set()
-        release.wait(60)
+        release.wait(120)
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"done\n"]
 
     server = serve(app)
-    results: dict[int, tuple[int, bytes]] = {}
 
-    def get(i: int) -> None:
-        results[i] = _scrape(f"http://127.0.0.1:{server.port}/metrics")
+    def send() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+        s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        return s
 
-    first = threading.Thread(target=get, args=(0,))
-    first.start()
-    assert entered.wait(60)
-    second = threading.Thread(target=get, args=(1,))
-    second.start()
+    def answer(s: socket.socket) -> bytes:
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        s.close()
+        return data
+
+    busy = send()
+    assert entered.wait(60)  # the only worker is taken
+    queued = send()
     deadline = time.monotonic() + 60
-    third: tuple[int, bytes] = (0, b"")
-    while time.monotonic() < deadline:  # until the second request sits in the queue, the third finds it full
-        third = _scrape(f"http://127.0.0.1:{server.port}/metrics")
-        if third[0] == 503:
-            break
-        time.sleep(0.05)
+    while not server._queue.full() and time.monotonic() < deadline:  # the queue's one place is taken
+        time.sleep(0.01)
+    refused = answer(send())
     release.set()
-    first.join(60)
-    second.join(60)
-    assert third == (503, b"xentd: 503 Service Unavailable\n")
-    assert results == {0: (200, b"done\n"), 1: (200, b"done\n")}
+    assert refused.startswith(b"HTTP/1.0 503") and refused.endswith(b"xentd: 503 Service Unavailable\n")
+    for s in (busy, queued):
+        reply = answer(s)
+        assert reply.startswith(b"HTTP/1.0 200") and reply.endswith(b"done\n"), reply
 
 
 def test_a_request_over_the_size_limit_gets_413(serve: Callable[..., MetricsServer]) -> None:
