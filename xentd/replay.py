@@ -35,7 +35,7 @@ import numpy as np
 import zmq
 
 from xentd.errors import XentdError
-from xentd.top import Scrape, metrics_url, scrape
+from xentd.top import Scrape, health, metrics_url, scrape
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,12 @@ class Watch:
     def scrape(self) -> Scrape:
         return scrape(self.url, auth=self.auth, cafile=self.cafile)
 
+    def starting(self) -> bool:
+        """Whether the daemon says it is still starting (compiling kernels): it has queued
+        what was sent and scores it once ready, so the wait is not a lack of progress."""
+        healthy, body = health(self.url, cafile=self.cafile)
+        return not healthy and body.startswith("starting")
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -250,9 +256,12 @@ def await_outcome(watch: Watch, before: Scrape, *, model: str, sent: int, timeou
     """Poll /metrics until the daemon has accounted for ``sent`` more messages.
 
     Gives up with a :class:`XentdError` when the count has not moved for ``timeout``
-    seconds (a daemon still working through a backlog keeps it moving).
+    seconds (a daemon still working through a backlog keeps it moving). While the
+    daemon says it is starting (compiling its kernels; the batches wait in its queue),
+    the clock does not run: a first start takes longer than any sensible --timeout.
     """
     last, deadline = -1, time.monotonic() + timeout
+    said_starting = False
     while True:
         got = outcome(before, watch.scrape(), model=model, sent=sent)
         # Both: the message count (every outcome) and the outcomes themselves have grown.
@@ -261,6 +270,11 @@ def await_outcome(watch: Watch, before: Scrape, *, model: str, sent: int, timeou
             return got
         if done > last:
             last, deadline = done, time.monotonic() + timeout
+        elif time.monotonic() > deadline and watch.starting():
+            if not said_starting:
+                print("the daemon is starting (compiling its kernels); the batches wait in its queue", file=sys.stderr)
+                said_starting = True
+            deadline = time.monotonic() + timeout
         elif time.monotonic() > deadline:
             raise XentdError(
                 f"{metrics_url(watch.url)}: the daemon accounted for {max(done, 0)} of the {sent} batch(es) sent, "

@@ -21,6 +21,7 @@ import sys
 import termios
 import time
 import tty
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,17 +63,34 @@ def metrics_url(url: str) -> str:
     return base if base.endswith("/metrics") else base + "/metrics"
 
 
-def scrape(url: str, *, auth: str | None = None, cafile: str | None = None, timeout: float = 10.0) -> Scrape:
-    url = metrics_url(url)
+def _get(url: str, *, auth: str | None, cafile: str | None, timeout: float) -> tuple[int, str]:
+    """(status, body) of a GET; an error status is an answer too. Unreachable: XentdError."""
     request = urllib.request.Request(url, headers={"Accept": "text/plain"})
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     context = ssl.create_default_context(cafile=cafile) if url.startswith("https") else None
     try:
         with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
-            text = resp.read().decode("utf-8")
+            return int(resp.status), resp.read().decode("utf-8")
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode("utf-8", "replace")
     except OSError as exc:
         raise XentdError(f"cannot read {url}: {exc}") from None
+
+
+def health(url: str, *, cafile: str | None = None, timeout: float = 10.0) -> tuple[bool, str]:
+    """The daemon's /healthz (``url`` as for :func:`scrape`): (healthy, its one-line body)."""
+    base = metrics_url(url).removesuffix("/metrics")
+    status, body = _get(base + "/healthz", auth=None, cafile=cafile, timeout=timeout)
+    return status == 200, body.strip()
+
+
+def scrape(url: str, *, auth: str | None = None, cafile: str | None = None, timeout: float = 10.0) -> Scrape:
+    url = metrics_url(url)
+    status, text = _get(url, auth=auth, cafile=cafile, timeout=timeout)
+    if status != 200:
+        raise XentdError(f"cannot read {url}: HTTP {status}: {text.strip()[:200]}")
     out = Scrape(at=time.monotonic())
     for family in text_string_to_metric_families(text):
         for s in family.samples:
