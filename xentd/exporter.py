@@ -522,9 +522,10 @@ REQUEST_DEADLINE_SECONDS = 10.0
 """The TLS handshake, headers and body must all arrive within this long of the accept.
 Prometheus sends its request at once; only a stalled or hostile client needs longer."""
 
-RESPONSE_DEADLINE_SECONDS = 60.0
-"""A client must take the whole response within this long; a 50 MB exposition
-leaves loopback in well under a second."""
+RESPONSE_DEADLINE_SECONDS = 30.0
+"""A client must take the whole response within this long of its first byte being
+sent (rendering does not count). A client that stops reading holds a worker this
+long at most; Prometheus gives up on a scrape after 10 s by default."""
 
 MAX_CONNECTIONS = 256
 """Connections still sending their request. When one more arrives, the one that
@@ -581,14 +582,14 @@ class _Pending:
 
 
 class _DeadlineWriter(io.BufferedIOBase):
-    """The response side of a connection: every write must finish by one deadline.
-    (A socket timeout alone applies to each send, so a client reading a byte at
-    a time could hold a worker indefinitely.)"""
+    """The response side of a connection: all of it must be sent within
+    RESPONSE_DEADLINE_SECONDS of the first write. (A socket timeout alone applies
+    to each send, so a client reading a byte at a time could hold a worker indefinitely.)"""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         super().__init__()
         self._sock = sock
-        self._deadline = deadline
+        self._deadline: float | None = None
 
     def writable(self) -> bool:
         return True
@@ -596,6 +597,8 @@ class _DeadlineWriter(io.BufferedIOBase):
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         sent = 0
+        if self._deadline is None:
+            self._deadline = time.monotonic() + RESPONSE_DEADLINE_SECONDS
         while sent < len(view):
             remaining = self._deadline - time.monotonic()
             if remaining <= 0:
@@ -623,7 +626,7 @@ class _Handler(WSGIRequestHandler):
     def setup(self) -> None:
         self.connection = self.request
         self.rfile = io.BytesIO(self._data)
-        self.wfile = _DeadlineWriter(self.request, time.monotonic() + RESPONSE_DEADLINE_SECONDS)
+        self.wfile = _DeadlineWriter(self.request)
 
     def handle(self) -> None:
         self.raw_requestline = self.rfile.readline(65537)

@@ -351,3 +351,25 @@ def test_the_daemon_under_slow_clients(start_daemon: Callable[..., DaemonProcess
         _close_all(clients)
     assert d.get("/metrics")[0] == 200
     assert _proc_status(pid, "Threads") <= threads
+
+
+def test_a_client_that_stops_reading_frees_its_worker_at_the_response_deadline(
+    serve: Callable[..., MetricsServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exporter, "HTTP_WORKERS", 1)
+    monkeypatch.setattr(exporter, "RESPONSE_DEADLINE_SECONDS", 1.0)
+    big = b"x" * (64 << 20)  # more than the socket buffers hold
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [big if environ["PATH_INFO"] == "/big" else b"small\n"]
+
+    server = serve(app)
+    stalled = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    try:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(b"GET /big HTTP/1.0\r\n\r\n")  # and never read
+        # The only worker is stuck sending to it until the deadline; then this is answered.
+        assert _scrape(f"http://127.0.0.1:{server.port}/small") == (200, b"small\n")
+    finally:
+        stalled.close()
