@@ -385,3 +385,44 @@ def test_binary_focal_gamma(any_backend: CpuBackend, kind: str, gamma: float) ->
     batch = make_batch(x, t, kind)
     ref = naive.binary(batch.predictions, batch.targets, kind, eps=batch.dtype_eps, gamma=gamma)
     _assert_scores(any_backend.score(batch, default_params(batch, gamma)), ref)
+
+
+# --- small-C rows: scored in transposed blocks ----------------------------------
+
+
+def _with_tied_maxima(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Every third row gets a second maximum, at a random other column."""
+    x = x.copy()
+    rows = np.arange(0, x.shape[0], 3)
+    cols = (x[rows].argmax(axis=1) + 1 + rng.integers(0, x.shape[1] - 1, rows.size)) % x.shape[1]
+    x[rows, cols] = x[rows].max(axis=1)
+    return x
+
+
+@pytest.mark.parametrize("classes", [2, 10, 47, 48, 49, 64])
+@pytest.mark.parametrize("kind", ["logits", "probs"])
+def test_small_class_blocks_match_the_reference(any_backend: CpuBackend, classes: int, kind: str) -> None:
+    """Several row blocks and a partial one, tied maxima (top-1 is the first), on both sides of cpu.SMALL_C."""
+    rng = np.random.default_rng(classes)
+    n = 2 * cpu.SMALL_ROWS + 37
+    x = _with_tied_maxima(_predictions(rng, n, classes, kind).astype(np.float32), rng)
+    # Targets: the first maximum, the tied second one, or anything.
+    first = x.argmax(axis=1)
+    last = classes - 1 - x[:, ::-1].argmax(axis=1)
+    y = np.select([rng.random(n) < 0.3, rng.random(n) < 0.5], [first, last], rng.integers(0, classes, n))
+    batch = make_batch(x, y, kind)
+    ref = _reference(batch, kind)
+    assert 0 < ref.correct.sum() < n
+    _assert_scores(any_backend.score(batch, default_params(batch)), ref, _tolerance(batch))
+
+
+def test_small_class_logits_keep_relative_accuracy_for_tiny_losses(backend: CpuBackend) -> None:
+    x = np.zeros((4, 10), np.float32)
+    x[:, 0] = [40.0, 20.0, 10.0, 5.0]
+    x[3, 1] = 5.0  # a tie for the maximum; class 0 is still the first maximum
+    batch = make_batch(x, np.zeros(4, np.int64), "logits")
+    scores = backend.score(batch, default_params(batch))
+    expected = [np.log1p(9 * np.exp(-40.0)), np.log1p(9 * np.exp(-20.0)), np.log1p(9 * np.exp(-10.0))]
+    expected.append(np.log(2.0 + 8 * np.exp(-5.0)))
+    np.testing.assert_allclose(scores.loss, expected, rtol=5e-6)
+    np.testing.assert_array_equal(scores.correct, [1, 1, 1, 1])
