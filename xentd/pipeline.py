@@ -15,14 +15,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xentd import wire
+from xentd import segments, wire
 from xentd.config import Config
 from xentd.errors import DecodeError, Reason, RejectedBatch
-from xentd.kernels import Backend, ScoringParams
+from xentd.kernels import Backend, SampleScores, ScoringParams
 from xentd.state import ModelState, StateStore
-from xentd.validate import Batch, Scratch, concatenate, layout, validate
+from xentd.validate import (
+    DATATYPE_EPS,
+    Batch,
+    FastLayout,
+    LayoutKey,
+    Scratch,
+    Segments,
+    check_many,
+    concatenate,
+    fast_layout,
+    layout,
+    validate,
+)
 
 log = logging.getLogger("xentd")
+
+# Drains of fewer messages are handled one message at a time.
+BATCH_MIN = 4
 
 
 @dataclass
@@ -48,11 +63,58 @@ class _RejectionLog:
 
 @dataclass
 class _Group:
-    """Batches of one model with one layout, waiting to be scored together."""
+    """Batches of one model with one layout, scored together (the one-message-at-a-time path)."""
 
     state: ModelState
     key: tuple[object, ...]
     batches: list[Batch]
+
+
+class _Entry:
+    """One message of a drain, from its arrival until it is folded or counted."""
+
+    __slots__ = ("unpacked", "fast", "producer", "seq", "refused", "batch", "layout", "segment")
+
+    def __init__(self) -> None:
+        self.unpacked: wire.Unpacked | None = None
+        self.fast: FastLayout | None = None
+        self.producer: str | None = None
+        self.seq: int | None = None
+        # (reason, detail, model to count it under) once the message is refused.
+        self.refused: tuple[Reason, str, str | None] | None = None
+        # A message checked on its own by validate() (it did not fit the batched check).
+        self.batch: Batch | None = None
+        self.layout: _Layout | None = None
+        self.segment = -1  # its rows in layout.segments
+
+
+class _Layout:
+    """The messages of one layout in a drain, checked together (:func:`xentd.validate.check_many`).
+
+    Each model's messages are concatenated next to each other, in arrival order, so
+    that what one model folds is one range of rows.
+    """
+
+    __slots__ = ("key", "by_model", "segments")
+
+    def __init__(self, key: LayoutKey) -> None:
+        self.key = key
+        self.by_model: dict[str, list[_Entry]] = {}
+        self.segments: Segments | None = None
+
+
+class _Unit:
+    """Consecutive accepted messages of one model and one scoring key: one fold."""
+
+    __slots__ = ("state", "model", "key", "params", "entries", "round")
+
+    def __init__(self, state: ModelState, model: str, key: object, params: ScoringParams | None, round_: int) -> None:
+        self.state = state
+        self.model = model
+        self.key = key
+        self.params = params
+        self.entries: list[_Entry] = []
+        self.round = round_
 
 
 class Pipeline:
@@ -62,63 +124,335 @@ class Pipeline:
         self.config = config
         self.state = state
         self.clock = clock
-        # Set by the daemon once the kernels are compiled; nothing is scored before that.
-        self.backend: Backend | None = None
+        self._backend: Backend | None = None
         self._params: dict[tuple[str, str], ScoringParams] = {}
+        self._backend_choice = config.model_backends()
         self._scratch = Scratch()
         self._log_rejection = _RejectionLog(config.log.rejection_interval_seconds)
+        self._limits = {
+            "max_message_bytes": config.ingest.max_message_bytes,
+            "max_header_bytes": config.ingest.max_header_bytes,
+            "topic": config.ingest.socket == "sub",
+        }
+
+    @property
+    def backend(self) -> Backend | None:
+        """Set by the daemon once the kernels are compiled; nothing is scored before that."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, backend: Backend | None) -> None:
+        # The batched check's kernels are compiled with the scoring ones, before the daemon reports ready.
+        if backend is not None:
+            segments.warmup()
+        self._backend = backend
 
     def handle_many(self, messages: list[list[Any]]) -> None:
         """Process messages in arrival order. Never raises.
 
-        Each message is decoded and validated on its own, so a bad one is rejected
-        alone. Small valid batches are grouped per model and scored with one kernel
-        call and one fold: for small batches the per-call overhead is most of the
-        cost. A model's open group is scored before any batch of that model that
-        cannot join it, so every model still sees its samples in arrival order.
+        Small messages (at most ``engine.group_max_elements`` prediction values) are
+        handled a drain at a time: each header is decoded on its own; the values of
+        all messages of one layout are checked in one jitted pass, one verdict per
+        message, so a bad message is rejected alone with its reason; each model's
+        consecutive accepted messages are folded at once, and messages of one layout
+        and scoring setup are scored in one kernel call across models. Larger
+        messages are handled one at a time, after what arrived before them. Every
+        model sees its samples in arrival order; duplicates and sequence numbers
+        are judged in arrival order, as if one message at a time.
         """
-        groups: dict[str, _Group] = {}
+        chunk: list[_Entry] = []
+        limit = self.config.engine.group_max_elements
         for frames in messages:
-            accepted = self._accept(frames)
-            if accepted is None:
-                continue
-            batch, state, small = accepted
-            key = layout(batch)
-            group = groups.get(batch.model)
-            if small and group is not None and group.key == key:
-                group.batches.append(batch)
-                continue
-            if group is not None:
-                self._score(groups.pop(batch.model))
-            if small:
-                groups[batch.model] = _Group(state, key, [batch])
+            entry = self._unpack(frames)
+            if entry.refused is None and _elements(entry) > limit:
+                # A large batch is validated into the scratch buffer and scored at once.
+                self._run(chunk)
+                chunk = []
+                self._handle_one(entry)
             else:
-                self._score(_Group(state, key, [batch]))
-        for group in groups.values():
-            self._score(group)
+                chunk.append(entry)
+        self._run(chunk)
 
-    def _accept(self, frames: list[Any]) -> tuple[Batch, ModelState, bool] | None:
-        # A rejection is counted for the decoded model, and only under a well-formed name.
-        model: str | None = None
+    # --- a drain of small messages ------------------------------------------------
+
+    def _unpack(self, frames: list[Any]) -> _Entry:
+        entry = _Entry()
         try:
-            msg = wire.decode(
-                frames,
-                max_message_bytes=self.config.ingest.max_message_bytes,
-                max_header_bytes=self.config.ingest.max_header_bytes,
-                topic=self.config.ingest.socket == "sub",
+            unpacked = wire.unpack(frames, **self._limits)  # type: ignore[arg-type]
+            entry.unpacked = unpacked
+            # Before validation: a message that arrived but is refused is not a gap.
+            entry.producer, entry.seq = unpacked.producer, unpacked.seq
+            entry.fast = fast_layout(unpacked.header)
+        except DecodeError as exc:
+            # Refused while decoding: the header may still have named its model and stream position.
+            entry.producer, entry.seq = exc.producer, exc.seq
+            entry.refused = (exc.reason, exc.detail, exc.model)
+        except Exception:
+            log.exception("internal error while decoding a message")
+            entry.refused = (Reason.INTERNAL_ERROR, "internal error", None)
+        return entry
+
+    def _run(self, chunk: list[_Entry]) -> None:
+        if len(chunk) < BATCH_MIN:
+            # Too few to repay the batched check's fixed cost (a drain is this short only
+            # when the daemon keeps up with its producers).
+            for entry in chunk:
+                if entry.refused is None:
+                    self._handle_one(entry)
+                else:
+                    if entry.producer is not None and entry.seq is not None:
+                        self._observe_seq(entry.producer, entry.seq)
+                    self._rejected(*entry.refused)
+            return
+        self._check(chunk)
+        for round_ in self._accept_all(chunk):
+            by_key: dict[object, list[_Unit]] = {}
+            for unit in round_:
+                if unit.key is None:
+                    batch = unit.entries[0].batch
+                    assert batch is not None
+                    self._score(_Group(unit.state, (), [batch]))
+                else:
+                    by_key.setdefault(unit.key, []).append(unit)
+            for units in by_key.values():
+                self._score_units(units)
+
+    def _check(self, chunk: list[_Entry]) -> None:
+        """Give every entry a verdict: refused, a validated batch, or good rows in a layout's segments."""
+        layouts: dict[LayoutKey, _Layout] = {}
+        for entry in chunk:
+            if entry.refused is not None:
+                continue
+            fast = entry.fast
+            if fast is None:
+                self._validate(entry)
+                continue
+            group = layouts.get(fast.key)
+            if group is None:
+                group = layouts[fast.key] = _Layout(fast.key)
+            assert entry.unpacked is not None
+            group.by_model.setdefault(entry.unpacked.header.model, []).append(entry)
+            entry.layout = group
+        for group in layouts.values():
+            try:
+                group.segments = self._check_layout(group)
+            except Exception:
+                log.exception("internal error in the batched check; checking %s messages one by one", group.key)
+                for entries in group.by_model.values():
+                    for entry in entries:
+                        entry.layout = None
+                        self._validate(entry)
+                continue
+            bad = group.segments.bad
+            for entries in group.by_model.values():
+                for entry in entries:
+                    if bad[entry.segment]:
+                        # Which rule it breaks, in the words of a message checked on its own.
+                        entry.layout = None
+                        self._validate(entry)
+
+    def _check_layout(self, group: _Layout) -> Segments:
+        preds: list[memoryview] = []
+        targets: list[memoryview] = []
+        weights: list[memoryview] | None = [] if group.key[5] is not None else None
+        rows: list[int] = []
+        tolerances: list[float | None] = []
+        soft = group.key[4] == 2
+        for model, entries in group.by_model.items():
+            tolerance = self.config.scoring_for(model).normalization_tolerance if soft else None
+            for entry in entries:
+                fast, unpacked = entry.fast, entry.unpacked
+                assert fast is not None and unpacked is not None
+                entry.segment = len(rows)
+                buffers = unpacked.buffers
+                preds.append(buffers[fast.predictions])
+                targets.append(buffers[fast.targets])
+                if weights is not None:
+                    weights.append(buffers[fast.weights])
+                rows.append(fast.rows)
+                tolerances.append(tolerance)
+        return check_many(group.key, preds, targets, weights, rows, tolerances)
+
+    def _validate(self, entry: _Entry) -> None:
+        """Check one message with validate(): its batch, or its reason."""
+        assert entry.unpacked is not None
+        model = entry.unpacked.header.model
+        try:
+            tolerance = self.config.scoring_for(model).normalization_tolerance
+            entry.batch = validate(entry.unpacked.message(), None, tolerance)
+        except RejectedBatch as exc:
+            entry.refused = (exc.reason, exc.detail, model if wire.MODEL_NAME_RE.fullmatch(model) else None)
+        except Exception:
+            log.exception("internal error while validating a batch for model %r", model)
+            entry.refused = (Reason.INTERNAL_ERROR, "internal error", model)
+
+    def _accept_all(self, chunk: list[_Entry]) -> list[list[_Unit]]:
+        """In arrival order: sequence numbers, rejections, duplicates and admission; then
+        each model's accepted messages as units, in rounds that keep every model's order."""
+        rounds: list[list[_Unit]] = []
+        open_units: dict[str, _Unit] = {}
+        logs: list[tuple[Reason, str, str | None]] = []
+        state = self.state
+        counters = state.counters
+        recent = state.recent
+        with state.lock:
+            for entry in chunk:
+                if entry.seq is not None:
+                    assert entry.producer is not None
+                    counters.sequence_gaps += state.sequences.observe(entry.producer, entry.seq)
+                if entry.refused is not None:
+                    self._count_rejection(entry.refused, logs)
+                    continue
+                batch = entry.batch
+                if batch is not None:
+                    if batch.size == 0:
+                        # Nothing to score: counted as a message, and nothing else. It creates no
+                        # model, so it neither fixes nor checks a class count (docs/protocol.md).
+                        counters.messages += 1
+                        continue
+                    model, batch_id, num_classes = batch.model, batch.batch_id, batch.num_classes
+                    datatype = batch.prediction_datatype
+                else:
+                    assert entry.unpacked is not None and entry.fast is not None
+                    header = entry.unpacked.header
+                    model, batch_id = header.model, header.batch_id or None
+                    num_classes = entry.fast.key[2] or 2
+                    datatype = entry.fast.key[1]
+                if batch_id is not None and recent.capacity:
+                    if (model, batch_id) in recent:
+                        counters.duplicate_batches += 1
+                        counters.messages += 1
+                        continue
+                try:
+                    model_state = state.model(model, num_classes)
+                    params = self._params_for(model, datatype)
+                except RejectedBatch as exc:
+                    self._count_rejection((exc.reason, exc.detail, model), logs)
+                    continue
+                except Exception:
+                    log.exception("internal error while admitting a batch for model %r", model)
+                    self._count_rejection((Reason.INTERNAL_ERROR, "internal error", model), logs)
+                    continue
+                if batch_id is not None:
+                    recent.add((model, batch_id))
+                key = None if batch is not None else (entry.fast.key, params, self._backend_choice.get(model))  # type: ignore[union-attr]
+                unit = open_units.get(model)
+                if unit is None or key is None or unit.key != key:
+                    unit = _Unit(model_state, model, key, params, 0 if unit is None else unit.round + 1)
+                    open_units[model] = unit
+                    if unit.round == len(rounds):
+                        rounds.append([])
+                    rounds[unit.round].append(unit)
+                unit.entries.append(entry)
+        for reason, detail, name in logs:
+            self._log_rejection(reason, detail, name)
+        return rounds
+
+    def _count_rejection(
+        self, refused: tuple[Reason, str, str | None], logs: list[tuple[Reason, str, str | None]]
+    ) -> None:
+        """Count a rejection (state lock held); its log line is written once the lock is released."""
+        self.state.reject(refused[0], refused[2])
+        self.state.counters.messages += 1
+        logs.append(refused)
+
+    def _score_units(self, units: list[_Unit]) -> None:
+        """Score units of one layout and scoring setup in one kernel call, then fold each."""
+        first = units[0]
+        assert first.entries[0].layout is not None and first.params is not None and self.backend is not None
+        segs = first.entries[0].layout.segments
+        assert segs is not None
+        spans: list[list[tuple[int, int]]] = []
+        ranges: list[tuple[int, int]] = []
+        for unit in units:
+            own = _merge([(segs.starts[e.segment], segs.starts[e.segment + 1]) for e in unit.entries])
+            spans.append(own)
+            ranges.extend(own)
+        batch = segs.batch(first.model, _merge(ranges))
+        try:
+            scores = self.backend.score(batch, first.params)
+        except Exception:
+            log.exception(
+                "internal error while scoring %d batch(es) of %d model(s)",
+                sum(len(u.entries) for u in units),
+                len(units),
             )
-            model = msg.model
-            if msg.producer is not None and msg.seq is not None:
+            for unit in units:
+                for _ in unit.entries:
+                    self._rejected(Reason.INTERNAL_ERROR, "internal error", unit.model)
+            return
+        if len(units) > 1 and scores.unnormalized_rows:
+            # The kernel counts unnormalized rows for the whole call; score each model on its own to count them.
+            for unit in units:
+                self._score_units([unit])
+            return
+        retry: list[tuple[_Unit, list[tuple[int, int]]]] = []
+        logs: list[tuple[Reason, str, str | None]] = []
+        offset = 0
+        with self.state.lock:
+            for unit, own in zip(units, spans, strict=True):
+                n = sum(end - start for start, end in own)
+                part = slice(offset, offset + n)
+                offset += n
+                count = len(unit.entries)
+                try:
+                    if unit.state.fold(
+                        SampleScores(
+                            loss=scores.loss[part],
+                            focal=scores.focal[part],
+                            correct=scores.correct[part],
+                            true_class=scores.true_class[part],
+                            unnormalized_rows=scores.unnormalized_rows if len(units) == 1 else 0,
+                        ),
+                        None if batch.weights is None else batch.weights[part],
+                        self.clock(),
+                        _last_ts(unit.entries),
+                        batches=count,
+                        unnormalized_targets=sum(segs.unnormalized[e.segment] for e in unit.entries),
+                    ):
+                        self.state.counters.limit_hits["class_limit"] += 1
+                    self.state.counters.messages += count
+                except RejectedBatch as exc:
+                    if count == 1:
+                        self._count_rejection((exc.reason, exc.detail, unit.model), logs)
+                    else:
+                        # One message spoiled the fold (its losses overflow); find it, keep the rest.
+                        retry.append((unit, own))
+                except Exception:
+                    log.exception("internal error while folding %d batch(es) for model %r", count, unit.model)
+                    for _ in range(count):
+                        self._count_rejection((Reason.INTERNAL_ERROR, "internal error", unit.model), logs)
+        for reason, detail, model in logs:
+            self._log_rejection(reason, detail, model)
+        for unit, _ in retry:
+            for entry in unit.entries:
+                assert entry.unpacked is not None
+                start, end = segs.starts[entry.segment], segs.starts[entry.segment + 1]
+                single = segs.batch(
+                    unit.model, [(start, end)], entry.unpacked.header.ts, segs.unnormalized[entry.segment]
+                )
+                self._score(_Group(unit.state, (), [single]))
+
+    # --- one message at a time (large batches) ------------------------------------
+
+    def _handle_one(self, entry: _Entry) -> None:
+        accepted = self._accept(entry)
+        if accepted is not None:
+            batch, state = accepted
+            self._score(_Group(state, layout(batch), [batch]))
+
+    def _accept(self, entry: _Entry) -> tuple[Batch, ModelState] | None:
+        # A rejection is counted for the decoded model, and only under a well-formed name.
+        assert entry.unpacked is not None
+        model = entry.unpacked.header.model
+        try:
+            if entry.producer is not None and entry.seq is not None:
                 # Before validation: a message that arrived but is refused is not a gap.
-                self._observe_seq(msg.producer, msg.seq)
-            pred = msg.tensors.get("predictions")
-            small = pred is not None and pred.array.size <= self.config.engine.group_max_elements
-            # A grouped batch must own its arrays; a scratch buffer is reused by the next message.
-            tolerance = self.config.scoring_for(msg.model).normalization_tolerance
-            batch = validate(msg, None if small else self._scratch, tolerance)
+                self._observe_seq(entry.producer, entry.seq)
+            # A large batch is scored before the next is validated, so it may widen into the scratch buffer.
+            tolerance = self.config.scoring_for(model).normalization_tolerance
+            batch = validate(entry.unpacked.message(), self._scratch, tolerance)
             if batch.size == 0:
-                # Nothing to score: counted as a message, and nothing else. It creates no
-                # model, so it neither fixes nor checks a class count (docs/protocol.md).
                 with self.state.lock:
                     self.state.counters.messages += 1
                 return None
@@ -132,14 +466,9 @@ class Pipeline:
                 state = self.state.model(batch.model, batch.num_classes)
                 if batch.batch_id is not None:
                     self.state.recent.add((batch.model, batch.batch_id))
-            return batch, state, small
-        except DecodeError as exc:
-            # Refused while decoding: the header may still have named its model and stream position.
-            if exc.producer is not None and exc.seq is not None:
-                self._observe_seq(exc.producer, exc.seq)
-            self._rejected(exc.reason, exc.detail, exc.model)
+            return batch, state
         except RejectedBatch as exc:
-            self._rejected(exc.reason, exc.detail, model if model and wire.MODEL_NAME_RE.fullmatch(model) else None)
+            self._rejected(exc.reason, exc.detail, model if wire.MODEL_NAME_RE.fullmatch(model) else None)
         except Exception:
             log.exception("internal error while validating a batch for model %r", model)
             self._rejected(Reason.INTERNAL_ERROR, "internal error", model)
@@ -155,7 +484,7 @@ class Pipeline:
         try:
             batch = concatenate(group.batches)
             assert self.backend is not None
-            scores = self.backend.score(batch, self._scoring_params(batch))
+            scores = self.backend.score(batch, self._params_for(batch.model, batch.prediction_datatype))
             with self.state.lock:
                 if group.state.fold(
                     scores,
@@ -185,19 +514,49 @@ class Pipeline:
             self.state.counters.messages += 1
         self._log_rejection(reason, detail, model)
 
-    def _scoring_params(self, batch: Batch) -> ScoringParams:
-        key = (batch.model, batch.prediction_datatype)
+    def _params_for(self, model: str, datatype: str) -> ScoringParams:
+        key = (model, datatype)
         params = self._params.get(key)
         if params is None:
-            cfg = self.config.scoring_for(batch.model)
+            cfg = self.config.scoring_for(model)
+            eps = DATATYPE_EPS[datatype]
             params = ScoringParams(
-                eps=cfg.eps if cfg.eps is not None else batch.dtype_eps,
+                eps=cfg.eps if cfg.eps is not None else eps,
                 focal_gamma=cfg.focal_gamma,
                 normalization_tolerance=(
-                    cfg.normalization_tolerance
-                    if cfg.normalization_tolerance is not None
-                    else math.sqrt(batch.dtype_eps)
+                    cfg.normalization_tolerance if cfg.normalization_tolerance is not None else math.sqrt(eps)
                 ),
             )
             self._params[key] = params
         return params
+
+
+def _elements(entry: _Entry) -> int:
+    """How many prediction values a decoded message holds (-1: no predictions tensor)."""
+    if entry.fast is not None:
+        return entry.fast.elements
+    assert entry.unpacked is not None
+    for spec in entry.unpacked.header.tensors:
+        if spec.name == "predictions":
+            return math.prod(spec.shape)
+    return -1
+
+
+def _last_ts(entries: list[_Entry]) -> float | None:
+    """The event time of a unit: its last message's that has one (as :func:`xentd.validate.concatenate`)."""
+    for entry in reversed(entries):
+        assert entry.unpacked is not None
+        if entry.unpacked.header.ts is not None:
+            return entry.unpacked.header.ts
+    return None
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent row ranges joined: [(0, 3), (3, 5), (7, 9)] -> [(0, 5), (7, 9)]."""
+    out = [ranges[0]]
+    for start, end in ranges[1:]:
+        if start == out[-1][1]:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out

@@ -15,13 +15,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 import numpy as np
 
+from xentd import segments
 from xentd.errors import Reason, ValidationError
 from xentd.jit import kernel_array
 from xentd.scan import scan, widen
-from xentd.wire import FLOAT_DATATYPES, MODEL_NAME_RE, Message, Tensor
+from xentd.wire import DATATYPES, FLOAT_DATATYPES, MODEL_NAME_RE, Header, Message, Tensor, bf16_to_float32
 
 # Machine epsilon of each float wire datatype: sklearn's default clip for probabilities.
 DATATYPE_EPS = {
@@ -213,17 +215,28 @@ def _targets(
 
 
 def _unnormalized_rows(values: np.ndarray, datatype: str, tolerance: float | None) -> int:
-    """Rows of [N, C] targets (already within [0, 1]) that are not a distribution. One vectorised pass.
-
-    Integer rows are exact (one-hot or not); float rows may be off 1 by the tolerance.
-    """
+    """Rows of [N, C] targets (already within [0, 1]) that are not a distribution."""
     if not values.size:
         return 0
-    sums = values.sum(axis=1, dtype=np.float64)
+    return int(np.count_nonzero(_unnormalized_flags(values, datatype, tolerance)))
+
+
+def _unnormalized_flags(values: np.ndarray, datatype: str, tolerance: float | np.ndarray | None) -> np.ndarray:
+    """Per row of [N, C] targets: is it not a distribution? One vectorised pass.
+
+    Integer rows are exact (one-hot or not); float rows may be off 1 by the tolerance
+    (a scalar, or one per row; None: the square root of the datatype's epsilon).
+    """
+    # Widened first, so that each row is summed alone in the same order however many rows
+    # share the array (a casting reduction works through buffers that may split a row).
+    sums = values.astype(np.float64, copy=False).sum(axis=1)
+    flags: np.ndarray
     if datatype not in FLOAT_DATATYPES:
-        return int(np.count_nonzero(sums != 1.0))
-    tol = tolerance if tolerance is not None else float(np.sqrt(DATATYPE_EPS[datatype]))
-    return int(np.count_nonzero(np.abs(sums - 1.0) > tol))
+        flags = sums != 1.0
+    else:
+        tol = tolerance if tolerance is not None else float(np.sqrt(DATATYPE_EPS[datatype]))
+        flags = np.abs(sums - 1.0) > tol
+    return flags
 
 
 def _check_soft_labels(lo: float, hi: float, size: int, what: str) -> None:
@@ -272,4 +285,200 @@ def concatenate(batches: list[Batch]) -> Batch:
         ts=ts,
         batch_id=batches[-1].batch_id,
         unnormalized_targets=sum(b.unnormalized_targets for b in batches),
+    )
+
+
+# --- many messages at once (the daemon's hot path) ------------------------------------
+#
+# validate() checks one message. For a drain of small messages the pipeline checks
+# the shapes of each header here in Python (fast_layout), then every value of all
+# the messages of one layout in one jitted pass (check_many). A message that
+# fast_layout cannot place, or that the pass flags, goes through validate() for its
+# exact reason; so these functions need only be strict, never more lenient.
+
+_KINDS: dict[str, InputKind] = {k.name.lower(): k for k in InputKind}
+# Per predictions datatype: how many columns (0: binary [N]); per targets: datatype and rank.
+LayoutKey = tuple[InputKind, str, int, str, int, str | None]
+
+
+class FastLayout(NamedTuple):
+    """Where a header's tensors are and the layout they share with others: see :func:`fast_layout`."""
+
+    key: LayoutKey
+    rows: int
+    elements: int  # prediction values
+    predictions: int  # index of each tensor in header.tensors
+    targets: int
+    weights: int
+
+
+# Model names already found well-formed (the regular expression costs more than a lookup).
+_GOOD_NAMES: dict[str, None] = {}
+_GOOD_NAMES_MAX = 1 << 14
+
+
+def _good_name(name: str) -> bool:
+    if name in _GOOD_NAMES:
+        return True
+    if not MODEL_NAME_RE.fullmatch(name):
+        return False
+    if len(_GOOD_NAMES) >= _GOOD_NAMES_MAX:
+        _GOOD_NAMES.clear()
+    _GOOD_NAMES[name] = None
+    return True
+
+
+def fast_layout(header: Header) -> FastLayout | None:
+    """The layout of a well-shaped, non-empty message, or None when only :func:`validate`
+    can judge it (a bad name, kind, datatype or shape, or no rows)."""
+    p = t = w = -1
+    for i, spec in enumerate(header.tensors):
+        if spec.name == "predictions":
+            p = i
+        elif spec.name == "targets":
+            t = i
+        else:
+            w = i
+    kind = _KINDS.get(header.input)
+    if p < 0 or t < 0 or kind is None or not _good_name(header.model):
+        return None
+    pred, tgt = header.tensors[p], header.tensors[t]
+    shape = pred.shape
+    if pred.datatype not in FLOAT_DATATYPES or not shape or shape[0] == 0:
+        return None
+    n = shape[0]
+    if len(shape) == 1:
+        cols = 0
+    elif shape[1] >= 2:
+        cols = shape[1]
+    else:
+        return None
+    if len(tgt.shape) == 1:
+        if tgt.shape[0] != n or (cols and tgt.datatype in FLOAT_DATATYPES):
+            return None
+    elif not cols or tgt.shape != shape:
+        return None
+    weights = None
+    if w >= 0:
+        spec = header.tensors[w]
+        if len(spec.shape) != 1 or spec.shape[0] != n:
+            return None
+        weights = spec.datatype
+    key = (kind, pred.datatype, cols, tgt.datatype, len(tgt.shape), weights)
+    return FastLayout(key, n, n * (cols or 1), p, t, w)
+
+
+def _as_float(raw: bytes, datatype: str) -> np.ndarray:
+    """A wire tensor's bytes as float32 (FP16, BF16, FP32) or float64 (FP64, integers)."""
+    values = np.frombuffer(raw, DATATYPES[datatype])
+    if datatype == "FP16":
+        return values.astype(np.float32)
+    if datatype == "BF16":
+        return bf16_to_float32(values)
+    if datatype in ("FP32", "FP64"):
+        return values
+    return values.astype(np.float64)
+
+
+@dataclass(frozen=True, slots=True)
+class Segments:
+    """Many messages of one layout, concatenated, with a verdict per message.
+
+    Message ``s`` is rows ``starts[s]:starts[s + 1]`` of every array. Only rows of
+    messages with ``bad[s]`` false may be scored; the arrays are typed as
+    :class:`Batch` types them (see :meth:`batch`).
+    """
+
+    kind: InputKind
+    prediction_datatype: str
+    num_classes: int
+    target_kind: TargetKind
+    predictions: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray | None
+    starts: list[int]
+    bad: list[bool]
+    unnormalized: list[int]  # per message, as Batch.unnormalized_targets
+
+    def batch(self, model: str, ranges: list[tuple[int, int]], ts: float | None = None, unnormalized: int = 0) -> Batch:
+        """A :class:`Batch` of the rows in ``ranges`` (in that order), views when they are one range."""
+
+        def take(a: np.ndarray) -> np.ndarray:
+            if len(ranges) == 1:
+                start, end = ranges[0]
+                return a if (start, end) == (0, a.shape[0]) else kernel_array(a[start:end])
+            return kernel_array(np.concatenate([a[start:end] for start, end in ranges]))
+
+        return Batch(
+            model=model,
+            kind=self.kind,
+            predictions=take(self.predictions),
+            targets=take(self.targets),
+            target_kind=self.target_kind,
+            weights=None if self.weights is None else take(self.weights),
+            num_classes=self.num_classes,
+            prediction_datatype=self.prediction_datatype,
+            batch_id=None,
+            ts=ts,
+            unnormalized_targets=unnormalized,
+        )
+
+
+def check_many(
+    key: LayoutKey,
+    predictions: list[memoryview],
+    targets: list[memoryview],
+    weights: list[memoryview] | None,
+    rows: list[int],
+    tolerances: list[float | None],
+) -> Segments:
+    """Check the values of many messages of layout ``key`` in one pass (:func:`xentd.segments.check`).
+
+    ``predictions``, ``targets`` and ``weights`` are each message's raw tensor
+    frames, ``rows`` their N, ``tolerances`` each message's target tolerance (see
+    :func:`validate`).
+    """
+    kind, pred_datatype, cols, tgt_datatype, tgt_ndim, _ = key
+    binary = cols == 0
+    num_classes = 2 if binary else cols
+    starts = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(rows, out=starts[1:])
+    total = int(starts[-1])
+    pred = _as_float(b"".join(predictions), pred_datatype)
+    pred = kernel_array(pred if binary else pred.reshape(total, cols))
+    raw_tgt = b"".join(targets)
+    unnormalized = [0] * len(rows)
+    if tgt_ndim == 2:
+        tgt = _as_float(raw_tgt, tgt_datatype).reshape(total, cols)
+        target_kind, target_max = TargetKind.SOFT, 1.0
+        default = float(np.sqrt(DATATYPE_EPS[tgt_datatype])) if tgt_datatype in FLOAT_DATATYPES else 0.0
+        per_row = np.repeat([default if t is None else t for t in tolerances], rows)
+        flags = _unnormalized_flags(tgt, tgt_datatype, per_row)
+        unnormalized = np.add.reduceat(flags, starts[:-1]).tolist()
+    elif tgt_datatype in FLOAT_DATATYPES:  # binary soft labels
+        tgt = _as_float(raw_tgt, tgt_datatype).astype(np.float64, copy=False)
+        target_kind, target_max = TargetKind.SOFT, 1.0
+    else:
+        ints = np.frombuffer(raw_tgt, DATATYPES[tgt_datatype])
+        target_max = float(num_classes - 1)
+        if binary:
+            tgt, target_kind = ints.astype(np.float64), TargetKind.SOFT
+        else:
+            tgt, target_kind = ints.astype(np.int64, copy=False), TargetKind.INDEX
+    tgt = kernel_array(tgt)
+    w = None
+    if weights is not None:
+        w = kernel_array(_as_float(b"".join(weights), key[5] or "FP64").astype(np.float64, copy=False))
+    bad = segments.check(pred, int(kind), tgt, target_max, w, starts)
+    return Segments(
+        kind=kind,
+        prediction_datatype=pred_datatype,
+        num_classes=num_classes,
+        target_kind=target_kind,
+        predictions=pred,
+        targets=tgt,
+        weights=w,
+        starts=starts.tolist(),
+        bad=(bad != 0).tolist(),
+        unnormalized=unnormalized,
     )

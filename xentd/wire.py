@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import msgspec
 import numpy as np
@@ -399,6 +399,39 @@ def read_header(raw: memoryview | bytes, max_header_bytes: int) -> Header:
     return header
 
 
+class Unpacked(NamedTuple):
+    """A message whose framing is checked (see :func:`unpack`); its tensors are still raw buffers.
+
+    ``buffers[i]`` is the data frame of ``header.tensors[i]``, exactly as long as its shape says.
+    (A named tuple: the hot path builds one per message, and a tuple is the cheapest record to build.)
+    """
+
+    header: Header
+    buffers: list[memoryview]
+    nbytes: int
+    producer: str | None
+    seq: int | None
+
+    def message(self) -> Message:
+        """The :class:`Message`: a read-only NumPy view of each tensor, nothing copied."""
+        tensors: dict[str, Tensor] = {}
+        for spec, buf in zip(self.header.tensors, self.buffers, strict=True):
+            dtype = DATATYPES[spec.datatype]
+            array = np.frombuffer(buf, dtype=dtype, count=math.prod(spec.shape)).reshape(spec.shape)
+            tensors[spec.name] = Tensor(spec.datatype, array)
+        h = self.header
+        return Message(
+            model=h.model,
+            input=h.input,
+            tensors=tensors,
+            batch_id=h.batch_id or None,
+            ts=h.ts,
+            nbytes=self.nbytes,
+            producer=self.producer,
+            seq=self.seq,
+        )
+
+
 def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: int, topic: bool = False) -> Message:
     """Decode frames (``zmq.Frame``, bytes or memoryview) into a :class:`Message`.
 
@@ -407,8 +440,17 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
     header is version 1 and they are well-formed, so a refused message still counts
     as having arrived.
     """
+    return unpack(frames, max_message_bytes=max_message_bytes, max_header_bytes=max_header_bytes, topic=topic).message()
+
+
+def unpack(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: int, topic: bool = False) -> Unpacked:
+    """Every check of :func:`decode`, without building the tensor views.
+
+    The daemon's hot path reads many messages' buffers as one array per layout
+    (:mod:`xentd.pipeline`), so a view per tensor would be built only to be thrown away.
+    """
     buffers = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames]
-    nbytes = sum(b.nbytes for b in buffers)
+    nbytes = sum([b.nbytes for b in buffers])
     head = 1 if topic else 0
     if nbytes > max_message_bytes:
         context = None
@@ -435,8 +477,9 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
             )
     if topic and bytes(buffers[0]) != model.encode("utf-8", "replace"):
         raise _refuse(header, Reason.TOPIC_MISMATCH, f"topic frame {bytes(buffers[0])[:64]!r} is not the model name")
+    specs = header.tensors
     seen: set[str] = set()
-    for spec in header.tensors:
+    for spec in specs:
         if spec.name in seen:
             raise _refuse(header, Reason.BAD_HEADER, f"tensor {spec.name!r} is listed twice")
         seen.add(spec.name)
@@ -448,17 +491,14 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
                 "(names are case-sensitive)",
             )
     data_frames = buffers[head + 1 :]
-    if len(data_frames) != len(header.tensors):
+    if len(data_frames) != len(specs):
         raise _refuse(
             header,
             Reason.BAD_FRAMING,
-            f"header lists {len(header.tensors)} tensors but {len(data_frames)} data frames follow",
+            f"header lists {len(specs)} tensors but {len(data_frames)} data frames follow",
         )
-    tensors: dict[str, Tensor] = {}
-    for spec, buf in zip(header.tensors, data_frames, strict=True):
-        dtype = DATATYPES[spec.datatype]
-        count = math.prod(spec.shape)
-        expected = count * dtype.itemsize
+    for spec, buf in zip(specs, data_frames, strict=True):
+        expected = math.prod(spec.shape) * DATATYPES[spec.datatype].itemsize
         if expected != buf.nbytes:
             raise _refuse(
                 header,
@@ -466,14 +506,6 @@ def decode(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
                 f"tensor {spec.name!r}: shape {spec.shape} of {spec.datatype} is "
                 f"{expected} bytes but its frame has {buf.nbytes}",
             )
-        tensors[spec.name] = Tensor(spec.datatype, np.frombuffer(buf, dtype=dtype, count=count).reshape(spec.shape))
-    return Message(
-        model=model,
-        input=header.input,
-        tensors=tensors,
-        batch_id=header.batch_id or None,
-        ts=header.ts,
-        nbytes=nbytes,
-        producer=None if position is None else position[0],
-        seq=None if position is None else position[1],
-    )
+    if position is None:
+        return Unpacked(header, data_frames, nbytes, None, None)
+    return Unpacked(header, data_frames, nbytes, position[0], position[1])

@@ -1,0 +1,101 @@
+"""Value checks for many messages at once: one jitted pass over a layout's concatenated buffers.
+
+The daemon's hot path (:mod:`xentd.pipeline`) concatenates the tensors of every
+message of one layout in a drain and checks them here, one segment (message) at
+a time, in a single call: NaN and Inf, the input kind's range for predictions,
+class indices or soft labels for targets, and non-negative weights. The result
+is one flag per message, so a bad message is set aside alone and its neighbours
+go on to be scored. The flag only says *that* a message breaks a rule;
+:func:`xentd.validate.validate` then says which rule, with the same words as
+for a message checked on its own.
+
+Min and max use the same masked, fast-math reductions as :mod:`xentd.scan`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from xentd.jit import kernel_array
+from xentd.scan import fmax, fmin
+
+_BIG = 1.7976931348623157e308  # finite identities: fast-math min/max must never see an infinity
+# InputKind values (xentd.validate imports this module, so they are repeated here).
+PROBS = 0
+LOG_PROBS = 2
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _stats(x, a, b):  # type: ignore[no-untyped-def]
+    """(min, max, count of NaN/Inf) of x[a:b] as float64; min and max skip the non-finite values."""
+    lo = _BIG
+    hi = -_BIG
+    bad = 0
+    for j in range(a, b):
+        v = np.float64(x[j])
+        finite = (v - v) == 0.0
+        bad += 0 if finite else 1
+        clean = v if finite else 0.0
+        lo = fmin(lo, clean)
+        hi = fmax(hi, clean)
+    return lo, hi, bad
+
+
+@njit(cache=True, error_model="numpy")
+def _check(pred, pred_cols, kind, tgt, tgt_cols, tgt_max, weights, has_weights, starts, bad):  # type: ignore[no-untyped-def]
+    for s in range(bad.shape[0]):
+        a = starts[s]
+        b = starts[s + 1]
+        lo, hi, nonfinite = _stats(pred, a * pred_cols, b * pred_cols)
+        flag = nonfinite > 0 or (kind == PROBS and (lo < 0.0 or hi > 1.0)) or (kind == LOG_PROBS and hi > 0.0)
+        lo, hi, nonfinite = _stats(tgt, a * tgt_cols, b * tgt_cols)
+        flag = flag or nonfinite > 0 or lo < 0.0 or hi > tgt_max
+        if has_weights:
+            lo, hi, nonfinite = _stats(weights, a, b)
+            flag = flag or nonfinite > 0 or lo < 0.0
+        bad[s] = 1 if flag else 0
+
+
+_NO_WEIGHTS = kernel_array(np.zeros(0, np.float64))
+
+
+def check(
+    predictions: np.ndarray,
+    kind: int,
+    targets: np.ndarray,
+    target_max: float,
+    weights: np.ndarray | None,
+    starts: np.ndarray,
+) -> np.ndarray:
+    """One flag per segment (uint8, 1 = breaks a rule) of rows ``starts[s]:starts[s + 1]``.
+
+    ``predictions`` (float32/float64) and ``targets`` (int64, float32 or float64) are
+    row-major with the rows of every segment one after another; ``weights`` is float64
+    ``[rows]`` or None. Predictions must be finite (probabilities within [0, 1],
+    log-probabilities <= 0); targets finite within [0, ``target_max``]; weights finite and >= 0.
+    """
+    rows = max(int(predictions.shape[0]), 1)
+    bad = np.zeros(starts.shape[0] - 1, np.uint8)
+    _check(
+        kernel_array(predictions.reshape(-1)),
+        predictions.size // rows,
+        kind,
+        kernel_array(targets.reshape(-1)),
+        targets.size // rows,
+        float(target_max),
+        _NO_WEIGHTS if weights is None else kernel_array(weights),
+        weights is not None,
+        kernel_array(starts.astype(np.int64, copy=False)),
+        bad,
+    )
+    return bad
+
+
+def warmup() -> None:
+    """Compile every signature :func:`check` can be called with."""
+    starts = np.array([0, 1, 2], np.int64)
+    for pred_dtype in (np.float32, np.float64):
+        for tgt_dtype in (np.int64, np.float32, np.float64):
+            for weights in (None, np.ones(2)):
+                check(np.full((2, 2), 0.5, pred_dtype), PROBS, np.zeros(2, tgt_dtype), 1.0, weights, starts)
