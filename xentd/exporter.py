@@ -455,11 +455,12 @@ def render_text(snap: Snapshot, *, version: str, backend: Backend) -> str:
                 )
             else:
                 out.extend(f"{name}{{{lbl}}} {_v(v)}\n" for lbl, m in models for _, v in per_model(m))
-        elif len(extra) == 1:
+        elif family.type == "summary" and len(extra) == 1:
             key = extra[0]
             for lbl, m in models:
-                for (x,), value in per_model(m):
-                    _write(out, family, f'{lbl},{key}="{_esc(x)}"', value)
+                for (x,), (count, total) in per_model(m):
+                    labels = f'{lbl},{key}="{_esc(x)}"'
+                    out.append(f"{name}_count{{{labels}}} {_v(count)}\n{name}_sum{{{labels}}} {_v(total)}\n")
         else:
             for lbl, m in models:
                 for values, value in per_model(m):
