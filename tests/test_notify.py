@@ -109,10 +109,12 @@ def test_watchdog_pings_stop_while_the_loop_is_wedged(
     runner = threading.Thread(target=d.run)
     runner.start()
     try:
-        time.sleep(0.4)
-        before = started + _read(sock)
-        before = before[next(i for i, m in enumerate(before) if m.startswith("READY=1")) :]
-        assert before.count("WATCHDOG=1") >= 3
+        after_ready = started[next(i for i, m in enumerate(started) if m.startswith("READY=1")) :]
+        deadline = time.monotonic() + 10
+        while after_ready.count("WATCHDOG=1") < 3:  # the loop pings
+            assert time.monotonic() < deadline, after_ready
+            after_ready += _read(sock)
+            time.sleep(0.05)
         push = zmq.Context.instance().socket(zmq.PUSH)
         push.connect(d.ingest_endpoint)
         push.send_multipart(wire.encode("m", np.full((1, 2), 0.5), [0]))

@@ -103,8 +103,8 @@ class Daemon:
             self._init_signals()
         state_dir = self._check_state_dir()
         self._init_socket()
+        self._init_http()
         backend = self._create_backend()
-        self._init_http(backend.name)
         log.info(
             "listening: ingest %s (%s), metrics %s; messages wait in the queue until the kernels are ready",
             self.ingest_endpoint,
@@ -199,8 +199,11 @@ class Daemon:
     def _starting_text(self) -> str:
         return f"starting: {self._phase}, {time.monotonic() - self._phase_since:.0f}s so far"
 
-    def _init_http(self, backend: str) -> None:
-        exposition = Exposition(self._scrape, version=__version__, backend=backend)
+    def _init_http(self) -> None:
+        # xentd_build_info asks on every scrape: "starting" until the kernels are compiled.
+        exposition = Exposition(
+            self._scrape, version=__version__, backend=lambda: self.backend.name if self.backend else "starting"
+        )
         cfg = self.config.metrics
         try:
             self.http = MetricsServer(

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 READY_RE = re.compile(r"ready: ingest (\S+) \(\w+\), metrics https?://([^/]+)/metrics")
 # Logged before the kernels compile: sockets bound, /healthz answering 503.
 LISTENING_RE = re.compile(r"listening: ingest (\S+) \(\w+\), metrics https?://([^/]+)/metrics")
-STARTUP_TIMEOUT = 180.0  # a cold numba cache compiles every kernel first
+STARTUP_TIMEOUT = 600.0  # a cold numba cache compiles every kernel first: minutes on a loaded 2-core machine
 
 
 class DaemonProcess:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,8 +21,12 @@ from sklearn.metrics import log_loss
 
 from tests.conftest import softmax
 from tests.integration.harness import DaemonProcess
+from xentd import scan
+from xentd.client import Publisher
+from xentd.config import Config, IngestConfig, MetricsConfig, StateConfig
+from xentd.daemon import Daemon
 
-COMPILE_DEADLINE = 180.0  # an empty cache on a loaded machine; polled, never asserted as a time
+COMPILE_DEADLINE = 600.0  # an empty cache on a loaded machine; polled, never asserted as a time
 
 
 def _get(url: str, timeout: float = 60.0) -> tuple[int, str]:
@@ -73,6 +78,7 @@ def test_a_cold_start_serves_healthz_and_scores_what_was_sent_while_compiling(
     # /metrics already serves the restored counts: no reset to 0 between the two runs.
     status, text = _get(d.http + "/metrics")
     assert status == 200 and 'xentd_samples_total{model="m"} 200.0' in text, text[:2000]
+    assert 'backend="starting"' in text
 
     _send(tmp_path / "b1.npz", d.ingest, "m")  # `xentd send` returns before the daemon is ready ...
     assert d.get("/healthz")[0] == 503  # ... as this shows: the batch waits in the socket's queue
@@ -85,10 +91,46 @@ def test_a_cold_start_serves_healthz_and_scores_what_was_sent_while_compiling(
     total = d.value("xentd_cross_entropy_nats_sum", model="m")
     assert total == pytest.approx(log_loss(y, p, labels=range(5), normalize=False), rel=1e-12)
     assert d.value("xentd_batches_total", model="m") == 2
+    assert [labels for (name, labels) in d.samples() if name == "xentd_build_info"][0] >= {("backend", "cpu")}
     compiling = next(line for line in d.lines if "compiling kernels:" in line)
     assert str(cache) in compiling and "later starts load them" in compiling
     assert any("kernels ready (cpu backend) in" in line for line in d.lines)
     assert any(f.suffix == ".nbc" for f in cache.rglob("*"))  # the compile filled the cache it was given
+
+
+def test_a_stop_while_compiling_still_scores_what_is_queued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the SIGTERM handler does (request_stop) during the compile waits for it, then drains
+    the queue like any stop: the batch sent meanwhile is scored and in the final snapshot.
+    In-process, with the compile stretched, so that the stop surely lands inside it."""
+    compiling, release = threading.Event(), threading.Event()
+    real_warmup = scan.warmup
+
+    def held_warmup() -> None:
+        compiling.set()
+        assert release.wait(60)
+        real_warmup()
+
+    monkeypatch.setattr(scan, "warmup", held_warmup)
+    config = Config(
+        ingest=IngestConfig(address="tcp://127.0.0.1:*"),
+        metrics=MetricsConfig(port=0),
+        state=StateConfig(directory=str(tmp_path)),
+    )
+    d = Daemon(config)
+    starting = threading.Thread(target=d.initialize, kwargs={"install_signals": False})
+    starting.start()
+    assert compiling.wait(60)
+    with Publisher(d.ingest_endpoint) as pub:
+        pub.send("q", softmax(np.zeros((50, 3))), np.zeros(50, np.int64))
+    assert d.socket is not None and d.socket.poll(10_000)  # queued (nothing reads it yet)
+    d.request_stop("SIGTERM")
+    assert d.health() == (False, "stopping")
+    release.set()
+    starting.join(60)
+    assert d.run() == 0
+    restored = Daemon(config)
+    restored._init_state()
+    assert [(m.name, m.samples) for m in restored.state.snapshot().models] == [("q", 50.0)]
 
 
 def _listening_port() -> socket.socket:
