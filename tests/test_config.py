@@ -114,6 +114,17 @@ def test_reliability_settings() -> None:
     assert over.metrics.tls == cfg.metrics.tls and over.state.directory == "/tmp/s"
 
 
+def test_http_limits() -> None:
+    assert config.Config().metrics.http == config.HttpLimits()
+    cfg = config.from_mapping(
+        {"metrics": {"request_deadline": "2s", "response_deadline": 5, "max_connections": 16, "workers": 2}}
+    )
+    assert cfg.metrics.http == config.HttpLimits(
+        request_deadline_seconds=2.0, response_deadline_seconds=5.0, max_connections=16, workers=2
+    )
+    assert config.with_overrides(cfg, metrics="127.0.0.1:1").metrics.http == cfg.metrics.http
+
+
 @pytest.mark.parametrize(
     "data, message",
     [
@@ -126,6 +137,9 @@ def test_reliability_settings() -> None:
         ({"metrics": {"basic_auth": {"username": "a:b", "password_file": "/p"}}}, "cannot contain ':'"),
         ({"state": {"snapshot_interval": "0s"}}, "must be positive"),
         ({"ingest": {"dedup_window": -1}}, "must be >= 0"),
+        ({"metrics": {"request_deadline": "0s"}}, "metrics.request_deadline: .*positive"),
+        ({"metrics": {"workers": 0}}, "metrics.workers: must be a positive integer"),
+        ({"metrics": {"max_request_bytes": "64k"}}, "metrics.max_request_bytes"),
     ],
 )
 def test_reliability_setting_errors(data: dict[str, object], message: str) -> None:

@@ -74,6 +74,26 @@ class BasicAuthConfig:
 
 
 @dataclass(frozen=True)
+class HttpLimits:
+    """What the metrics HTTP server lets one client hold (docs/metrics.md, "HTTP limits")."""
+
+    # The TLS handshake, headers and body must all arrive within this long of the accept.
+    request_deadline_seconds: float = 10.0
+    # A client must take the whole response within this long of its first byte.
+    response_deadline_seconds: float = 30.0
+    # Connections still sending their request; one more closes the longest-sending one.
+    max_connections: int = 256
+    # Threads answering complete requests (rendering holds the GIL, so more would not help).
+    workers: int = 4
+    # Complete requests waiting for a worker; beyond it, 503 at once.
+    max_queued_requests: int = 32
+    # The kernel's accept queue (capped by net.core.somaxconn).
+    listen_backlog: int = 256
+    # Request line, headers and body together; larger gets 413.
+    max_request_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """The HTTP endpoint Prometheus scrapes."""
 
@@ -81,6 +101,7 @@ class MetricsConfig:
     port: int = 9650
     tls: TlsConfig | None = None
     basic_auth: BasicAuthConfig | None = None
+    http: HttpLimits = field(default_factory=HttpLimits)
 
 
 @dataclass(frozen=True)
@@ -445,8 +466,29 @@ def _parse_metrics(t: _Table) -> MetricsConfig:
     host, port = t.guard(lambda: parse_listen(listen, t.where("listen")), (d.host, d.port))
     tls = t.guard(lambda: _parse_tls(t.take_table("tls")), None) if "tls" in t.keys() else None
     auth = t.guard(lambda: _parse_basic_auth(t.take_table("basic_auth")), None) if "basic_auth" in t.keys() else None
-    t.done(["listen", "tls", "basic_auth"])
-    return MetricsConfig(host=host, port=port, tls=tls, basic_auth=auth)
+    h = HttpLimits()
+    http = HttpLimits(
+        request_deadline_seconds=_duration(t, "request_deadline", h.request_deadline_seconds),
+        response_deadline_seconds=_duration(t, "response_deadline", h.response_deadline_seconds),
+        max_connections=_positive_int(t, "max_connections", h.max_connections),
+        workers=_positive_int(t, "workers", h.workers),
+        max_queued_requests=_positive_int(t, "max_queued_requests", h.max_queued_requests),
+        listen_backlog=_positive_int(t, "listen_backlog", h.listen_backlog),
+        max_request_bytes=_positive_int(t, "max_request_bytes", h.max_request_bytes),
+    )
+    t.done(["listen", "tls", "basic_auth", *_HTTP_KEYS])
+    return MetricsConfig(host=host, port=port, tls=tls, basic_auth=auth, http=http)
+
+
+_HTTP_KEYS = (
+    "request_deadline",
+    "response_deadline",
+    "max_connections",
+    "workers",
+    "max_queued_requests",
+    "listen_backlog",
+    "max_request_bytes",
+)
 
 
 _WINDOW_LABEL_RE = re.compile(r"^[A-Za-z0-9_.]+$")

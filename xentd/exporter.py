@@ -47,7 +47,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
-from xentd.config import BasicAuthConfig, TlsConfig
+from xentd.config import BasicAuthConfig, HttpLimits, TlsConfig
 from xentd.errors import StartupError
 from xentd.state import Counters, ModelSnapshot, Snapshot
 
@@ -516,34 +516,7 @@ class Exposition:
 # however often it sends a byte. The TLS handshake is part of the request and
 # runs on the same non-blocking thread.
 #
-# These are constants for now; they are candidates for [metrics] config keys
-# (request_deadline, max_connections, workers, listen_backlog).
-
-REQUEST_DEADLINE_SECONDS = 10.0
-"""The TLS handshake, headers and body must all arrive within this long of the accept.
-Prometheus sends its request at once; only a stalled or hostile client needs longer."""
-
-RESPONSE_DEADLINE_SECONDS = 30.0
-"""A client must take the whole response within this long of its first byte being
-sent (rendering does not count). A client that stops reading holds a worker this
-long at most; Prometheus gives up on a scrape after 10 s by default."""
-
-MAX_CONNECTIONS = 256
-"""Connections still sending their request. When one more arrives, the one that
-has been sending longest is closed: a slow client loses its place, while a
-scrape, which sends its request in one packet, never waits behind slow ones."""
-
-HTTP_WORKERS = 4
-"""Threads that answer complete requests. Rendering holds the GIL, so more would not scrape faster."""
-
-MAX_QUEUED_REQUESTS = 32
-"""Complete requests waiting for a worker; beyond this they are answered 503 at once."""
-
-LISTEN_BACKLOG = 256
-"""The kernel's accept queue (capped by net.core.somaxconn)."""
-
-MAX_REQUEST_BYTES = 64 * 1024
-"""Request line, headers and body together; a larger request is answered 413 and closed."""
+# Every limit is a [metrics] config key (config.HttpLimits; docs/metrics.md).
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d+)[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
@@ -554,10 +527,22 @@ _ALLOWED = ("GET", "HEAD")
 class _Pending:
     """A connection whose request has not fully arrived."""
 
-    __slots__ = ("sock", "address", "deadline", "data", "scanned", "head_end", "need", "handshaken", "events")
+    __slots__ = (
+        "sock",
+        "address",
+        "deadline",
+        "max_bytes",
+        "data",
+        "scanned",
+        "head_end",
+        "need",
+        "handshaken",
+        "events",
+    )
 
-    def __init__(self, sock: socket.socket, address: Any, deadline: float, *, tls: bool) -> None:
+    def __init__(self, sock: socket.socket, address: Any, deadline: float, *, max_bytes: int, tls: bool) -> None:
         self.sock = sock
+        self.max_bytes = max_bytes
         self.address = address
         self.deadline = deadline
         self.data = bytearray()
@@ -568,28 +553,29 @@ class _Pending:
         self.events = selectors.EVENT_READ
 
     def complete(self) -> bool | None:
-        """True when the whole request is in, None when it is over MAX_REQUEST_BYTES."""
+        """True when the whole request is in, None when it is over ``max_bytes``."""
         if self.head_end < 0:
             match = _HEAD_END.search(self.data, max(0, self.scanned - 3))
             self.scanned = len(self.data)
             if match is None:
-                return None if len(self.data) > MAX_REQUEST_BYTES else False
+                return None if len(self.data) > self.max_bytes else False
             self.head_end = match.end()
             length = _CONTENT_LENGTH.search(self.data, 0, self.head_end)
             self.need = self.head_end + (int(length.group(1)) if length else 0)
-        if self.need > MAX_REQUEST_BYTES:
+        if self.need > self.max_bytes:
             return None
         return len(self.data) >= self.need
 
 
 class _DeadlineWriter(io.BufferedIOBase):
     """The response side of a connection: all of it must be sent within
-    RESPONSE_DEADLINE_SECONDS of the first write. (A socket timeout alone applies
+    ``seconds`` of the first write. (A socket timeout alone applies
     to each send, so a client reading a byte at a time could hold a worker indefinitely.)"""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
         super().__init__()
         self._sock = sock
+        self._seconds = seconds
         self._deadline: float | None = None
 
     def writable(self) -> bool:
@@ -599,7 +585,7 @@ class _DeadlineWriter(io.BufferedIOBase):
         view = memoryview(data).cast("B")
         sent = 0
         if self._deadline is None:
-            self._deadline = time.monotonic() + RESPONSE_DEADLINE_SECONDS
+            self._deadline = time.monotonic() + self._seconds
         while sent < len(view):
             remaining = self._deadline - time.monotonic()
             if remaining <= 0:
@@ -612,7 +598,7 @@ class _DeadlineWriter(io.BufferedIOBase):
 class _ServerHandler(ServerHandler):
     def log_exception(self, exc_info: Any) -> None:
         if isinstance(exc_info[1], TimeoutError):
-            log.info("http: a client did not take its response within %.0fs", RESPONSE_DEADLINE_SECONDS)
+            log.info("http: a client did not take its response in time")
         else:
             log.error("http: error while answering a request", exc_info=exc_info)
 
@@ -620,14 +606,17 @@ class _ServerHandler(ServerHandler):
 class _Handler(WSGIRequestHandler):
     """Answers one request whose bytes the I/O thread has already read."""
 
-    def __init__(self, request: socket.socket, client_address: Any, server: WSGIServer, data: bytes) -> None:
+    def __init__(
+        self, request: socket.socket, client_address: Any, server: WSGIServer, data: bytes, response_seconds: float
+    ) -> None:
         self._data = data
+        self._response_seconds = response_seconds
         super().__init__(request, client_address, server)
 
     def setup(self) -> None:
         self.connection = self.request
         self.rfile = io.BytesIO(self._data)
-        self.wfile = _DeadlineWriter(self.request)
+        self.wfile = _DeadlineWriter(self.request, self._response_seconds)
 
     def handle(self) -> None:
         self.raw_requestline = self.rfile.readline(65537)
@@ -649,7 +638,6 @@ class _Handler(WSGIRequestHandler):
 
 class _HttpServer(WSGIServer):
     # Binds, listens and holds the WSGI environment; MetricsServer runs the loop.
-    request_queue_size = LISTEN_BACKLOG
     allow_reuse_address = True
 
 
@@ -753,25 +741,42 @@ def _answer_and_close(sock: socket.socket, status: str, *, handshaken: bool) -> 
 
 class MetricsServer:
     """Serves the WSGI app, over HTTPS when ``tls`` is given: one I/O thread that
-    accepts and reads requests without blocking, and HTTP_WORKERS threads that answer them."""
+    accepts and reads requests without blocking, and ``limits.workers`` threads that answer them."""
 
-    def __init__(self, host: str, port: int, app: Callable[..., Any], *, tls: TlsConfig | None = None) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        app: Callable[..., Any],
+        *,
+        tls: TlsConfig | None = None,
+        limits: HttpLimits | None = None,
+    ) -> None:
+        self.limits = limits = limits if limits is not None else HttpLimits()
         self._tls = _tls_context(tls) if tls is not None else None
         server_class = _HttpServer6 if ":" in host else _HttpServer
         # The handler class is unused: workers build a _Handler for each request.
-        self._httpd = server_class((host, port), WSGIRequestHandler)
+        self._httpd = server_class((host, port), WSGIRequestHandler, bind_and_activate=False)
+        try:
+            self._httpd.request_queue_size = limits.listen_backlog  # listen()'s backlog
+            self._httpd.server_bind()
+            self._httpd.server_activate()
+        except BaseException:
+            self._httpd.server_close()
+            raise
         self._httpd.set_app(app)
         self.port = int(self._httpd.server_address[1])
         # Insertion order is accept order, which is deadline order.
         self._pending: dict[_Pending, None] = {}
-        self._queue: queue.Queue[tuple[socket.socket, Any, bytes] | None] = queue.Queue(MAX_QUEUED_REQUESTS)
+        self._queue: queue.Queue[tuple[socket.socket, Any, bytes] | None] = queue.Queue(limits.max_queued_requests)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = False
         self._started = False
         self._thread = threading.Thread(target=self._serve, name="xentd-http", daemon=True)
         self._workers = [
-            threading.Thread(target=self._work, name=f"xentd-http-worker-{i}", daemon=True) for i in range(HTTP_WORKERS)
+            threading.Thread(target=self._work, name=f"xentd-http-worker-{i}", daemon=True)
+            for i in range(limits.workers)
         ]
 
     def start(self) -> None:
@@ -844,7 +849,7 @@ class MetricsServer:
                 else:
                     time.sleep(0.05)
                 return
-            if len(self._pending) >= MAX_CONNECTIONS:
+            if len(self._pending) >= self.limits.max_connections:
                 self._drop(next(iter(self._pending)))
             sock.setblocking(False)
             if self._tls is not None:
@@ -854,7 +859,13 @@ class MetricsServer:
                     log.debug("http: TLS setup for %s failed: %s", address, exc)
                     _close(sock)
                     continue
-            p = _Pending(sock, address, time.monotonic() + REQUEST_DEADLINE_SECONDS, tls=self._tls is not None)
+            p = _Pending(
+                sock,
+                address,
+                time.monotonic() + self.limits.request_deadline_seconds,
+                max_bytes=self.limits.max_request_bytes,
+                tls=self._tls is not None,
+            )
             self._pending[p] = None
             self._selector.register(sock, selectors.EVENT_READ, p)
 
@@ -926,7 +937,7 @@ class MetricsServer:
                 return
             sock, address, data = item
             try:
-                _Handler(sock, address, self._httpd, data)
+                _Handler(sock, address, self._httpd, data, self.limits.response_deadline_seconds)
             except Exception:
                 log.exception("http: error while answering %s", address)
             finally:

@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 
 from tests.integration.harness import DaemonProcess
-from xentd import exporter
-from xentd.config import BasicAuthConfig, LimitsConfig, TlsConfig, WindowsConfig
+from xentd.config import BasicAuthConfig, HttpLimits, LimitsConfig, TlsConfig, WindowsConfig
 from xentd.exporter import Exposition, MetricsServer, make_app
 from xentd.kernels import SampleScores
 from xentd.state import StateStore
@@ -118,11 +117,8 @@ def _close_all(clients: list[socket.socket]) -> None:
         s.close()
 
 
-def test_slow_clients_hold_no_threads_and_a_scrape_still_answers(
-    serve: Callable[..., MetricsServer], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(exporter, "REQUEST_DEADLINE_SECONDS", 600.0)  # they stay for the whole test
-    server = serve()
+def test_slow_clients_hold_no_threads_and_a_scrape_still_answers(serve: Callable[..., MetricsServer]) -> None:
+    server = serve(limits=HttpLimits(request_deadline_seconds=600.0))  # they stay for the whole test
     threads = threading.active_count()
     clients = _slow_clients(server.port, SLOW_CLIENTS)
     try:
@@ -131,8 +127,8 @@ def test_slow_clients_hold_no_threads_and_a_scrape_still_answers(
         assert status == 200 and b'xentd_samples_total{model="clf"} 2' in body
         # Still connected: all but those the connection cap closed to make room (the oldest first).
         still_open = [_open(s) for s in clients]
-        assert sum(still_open) >= min(SLOW_CLIENTS, exporter.MAX_CONNECTIONS) - 2, sum(still_open)
-        assert all(still_open[-(exporter.MAX_CONNECTIONS // 2) :])  # the newest stay
+        assert sum(still_open) >= min(SLOW_CLIENTS, HttpLimits().max_connections) - 2, sum(still_open)
+        assert all(still_open[-(HttpLimits().max_connections // 2) :])  # the newest stay
         assert threading.active_count() <= threads
         _dribble(clients)
         status, _ = _scrape(f"http://127.0.0.1:{server.port}/healthz")
@@ -142,12 +138,9 @@ def test_slow_clients_hold_no_threads_and_a_scrape_still_answers(
         _close_all(clients)
 
 
-def test_a_dribbling_client_is_closed_at_its_request_deadline(
-    serve: Callable[..., MetricsServer], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_dribbling_client_is_closed_at_its_request_deadline(serve: Callable[..., MetricsServer]) -> None:
     """The deadline covers the whole request, not each read: sending a line every 0.1 s does not extend it."""
-    monkeypatch.setattr(exporter, "REQUEST_DEADLINE_SECONDS", 1.0)
-    server = serve()
+    server = serve(limits=HttpLimits(request_deadline_seconds=1.0))
     (client,) = _slow_clients(server.port, 1)
     sent = 0
     answer = b""
@@ -177,12 +170,8 @@ def test_a_dribbling_client_is_closed_at_its_request_deadline(
     assert answer == b"" or answer.startswith(b"HTTP/1.0 408"), answer
 
 
-def test_past_the_connection_cap_the_oldest_incomplete_request_is_closed(
-    serve: Callable[..., MetricsServer], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(exporter, "REQUEST_DEADLINE_SECONDS", 600.0)
-    monkeypatch.setattr(exporter, "MAX_CONNECTIONS", 8)
-    server = serve()
+def test_past_the_connection_cap_the_oldest_incomplete_request_is_closed(serve: Callable[..., MetricsServer]) -> None:
+    server = serve(limits=HttpLimits(request_deadline_seconds=600.0, max_connections=8))
     clients = _slow_clients(server.port, 20)
     try:
         deadline = time.monotonic() + 60
@@ -195,11 +184,7 @@ def test_past_the_connection_cap_the_oldest_incomplete_request_is_closed(
         _close_all(clients)
 
 
-def test_when_every_worker_is_busy_and_the_queue_full_a_request_gets_503(
-    serve: Callable[..., MetricsServer], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(exporter, "HTTP_WORKERS", 1)
-    monkeypatch.setattr(exporter, "MAX_QUEUED_REQUESTS", 1)
+def test_when_every_worker_is_busy_and_the_queue_full_a_request_gets_503(serve: Callable[..., MetricsServer]) -> None:
     entered, release = threading.Event(), threading.Event()
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
@@ -208,7 +193,7 @@ def test_when_every_worker_is_busy_and_the_queue_full_a_request_gets_503(
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"done\n"]
 
-    server = serve(app)
+    server = serve(app, limits=HttpLimits(workers=1, max_queued_requests=1))
 
     def send() -> socket.socket:
         s = socket.create_connection(("127.0.0.1", server.port), timeout=60)
@@ -312,7 +297,7 @@ def test_tls_and_basic_auth_with_stalled_handshakes(serve: Callable[..., Metrics
         assert _scrape(head, context=client) == (200, b"")
         post = urllib.request.Request(url + "/metrics", data=b"x", method="POST")
         assert _scrape(post, context=client)[0] == 405
-        assert threading.active_count() <= threads + 1 + exporter.HTTP_WORKERS
+        assert threading.active_count() <= threads + 1 + HttpLimits().workers
     finally:
         _close_all(stalled)
 
@@ -355,17 +340,15 @@ def test_the_daemon_under_slow_clients(start_daemon: Callable[..., DaemonProcess
 
 
 def test_a_client_that_stops_reading_frees_its_worker_at_the_response_deadline(
-    serve: Callable[..., MetricsServer], monkeypatch: pytest.MonkeyPatch
+    serve: Callable[..., MetricsServer],
 ) -> None:
-    monkeypatch.setattr(exporter, "HTTP_WORKERS", 1)
-    monkeypatch.setattr(exporter, "RESPONSE_DEADLINE_SECONDS", 1.0)
     big = b"x" * (64 << 20)  # more than the socket buffers hold
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [big if environ["PATH_INFO"] == "/big" else b"small\n"]
 
-    server = serve(app)
+    server = serve(app, limits=HttpLimits(workers=1, response_deadline_seconds=1.0))
     stalled = socket.create_connection(("127.0.0.1", server.port), timeout=60)
     try:
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
