@@ -11,8 +11,18 @@ float64 references to the last digits. FP32 (and FP16/BF16, which arrive
 widened to float32) predictions with class-index targets take
 ``_multiclass_index_f32``, whose log-sum-exp uses a float32 exp2 that is
 within ~1e-7 relative, below the input's own precision, while every sum is
-carried in float64 (tested bound: 2e-6 nats). Loads widen with
-``np.float64(x)``: in Numba, ``float(x)`` of a float32 stays float32.
+carried in float64 (tested bound: 2e-6 nats). Rows of at most SMALL_C
+classes are summed in float32 within the row, as one block of the wide path
+is. Loads widen with ``np.float64(x)``: in Numba, ``float(x)`` of a float32
+stays float32.
+
+Speed: binary predictions and small-C rows are bound by per-sample work, so
+those paths avoid libm (one call per value): binary logits and probabilities
+(any dtype) and FP32 small-C rows use float64 exp/log/log1p written as plain
+arithmetic (fdlibm's algorithms, within 1 ulp), which the loop vectoriser
+turns into AVX code, and small-C rows are transposed into blocks so that every
+loop runs across rows. The float64 multiclass, soft-target and binary
+log_probs paths keep libm's functions.
 
 docs/metrics.md gives every formula computed here.
 """
