@@ -27,8 +27,18 @@ LOG_PROBS = 2
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _nonfinite(x, a, b):  # type: ignore[no-untyped-def]
+    """How many of x[a:b] are NaN or Inf, in the array's own type (v - v is NaN exactly for those)."""
+    bad = 0
+    for j in range(a, b):
+        d = x[j] - x[j]
+        bad += 0 if d == d else 1
+    return bad
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _stats(x, a, b):  # type: ignore[no-untyped-def]
-    """(min, max, count of NaN/Inf) of x[a:b] as float64; min and max skip the non-finite values."""
+    """(min, max, count of NaN/Inf) of a non-empty x[a:b]; min and max skip the non-finite values."""
     lo = _BIG
     hi = -_BIG
     bad = 0
@@ -42,15 +52,33 @@ def _stats(x, a, b):  # type: ignore[no-untyped-def]
     return lo, hi, bad
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _int_range(x, a, b):  # type: ignore[no-untyped-def]
+    """(min, max) of a non-empty integer x[a:b], in its own type."""
+    lo = x[a]
+    hi = x[a]
+    for j in range(a + 1, b):
+        lo = min(lo, x[j])
+        hi = max(hi, x[j])
+    return lo, hi
+
+
 @njit(cache=True, error_model="numpy")
-def _check(pred, pred_cols, kind, tgt, tgt_cols, tgt_max, weights, has_weights, starts, bad):  # type: ignore[no-untyped-def]
+def _check(pred, pred_cols, kind, tgt, tgt_cols, tgt_max, integer_targets, weights, has_weights, starts, bad):  # type: ignore[no-untyped-def]
     for s in range(bad.shape[0]):
         a = starts[s]
         b = starts[s + 1]
-        lo, hi, nonfinite = _stats(pred, a * pred_cols, b * pred_cols)
-        flag = nonfinite > 0 or (kind == PROBS and (lo < 0.0 or hi > 1.0)) or (kind == LOG_PROBS and hi > 0.0)
-        lo, hi, nonfinite = _stats(tgt, a * tgt_cols, b * tgt_cols)
-        flag = flag or nonfinite > 0 or lo < 0.0 or hi > tgt_max
+        if kind == PROBS or kind == LOG_PROBS:
+            lo, hi, nonfinite = _stats(pred, a * pred_cols, b * pred_cols)
+            flag = nonfinite > 0 or (kind == PROBS and (lo < 0.0 or hi > 1.0)) or (kind == LOG_PROBS and hi > 0.0)
+        else:  # logits: any finite value will do
+            flag = _nonfinite(pred, a * pred_cols, b * pred_cols) > 0
+        if integer_targets:
+            ilo, ihi = _int_range(tgt, a * tgt_cols, b * tgt_cols)
+            flag = flag or ilo < 0 or ihi > tgt_max
+        else:
+            lo, hi, nonfinite = _stats(tgt, a * tgt_cols, b * tgt_cols)
+            flag = flag or nonfinite > 0 or lo < 0.0 or hi > tgt_max
         if has_weights:
             lo, hi, nonfinite = _stats(weights, a, b)
             flag = flag or nonfinite > 0 or lo < 0.0
@@ -84,6 +112,7 @@ def check(
         kernel_array(targets.reshape(-1)),
         targets.size // rows,
         float(target_max),
+        targets.dtype.kind == "i",
         _NO_WEIGHTS if weights is None else kernel_array(weights),
         weights is not None,
         kernel_array(starts.astype(np.int64, copy=False)),
