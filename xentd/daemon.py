@@ -8,7 +8,7 @@ Lifecycle, in order (teardown runs in reverse, and logs each step)::
                   bound and serving (/healthz: 503 "starting"); the state
                   snapshot validated and restored (scrapes wait for it, so no
                   counter ever reads 0 in between); then the kernels compiled
-                  (seconds from the Numba cache, 20 s or more without one),
+                  (seconds from the Numba cache, 20 s to minutes without one),
                   while systemd hears STATUS, WATCHDOG=1 and EXTEND_TIMEOUT_USEC;
                   then READY=1 and /healthz 200
     run()         poll the socket, drain what is waiting, score it; between
@@ -182,7 +182,7 @@ class Daemon:
         """Compile (or load from the Numba cache) every kernel, then hand the backend to the pipeline."""
         self._set_phase("compiling kernels")
         log.info(
-            "compiling kernels: the first start takes a while (20 s or more); later starts load them "
+            "compiling kernels: the first start takes a while (20 s to a few minutes); later starts load them "
             "from the Numba cache in %s",
             numba_cache_location(),
         )
