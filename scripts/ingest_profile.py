@@ -183,6 +183,8 @@ def _threaded(d: Any, count: int, models: int, run: int, drain: int) -> float | 
         done += len(batch)
     elapsed = time.perf_counter() - start
     receiver.stop()
+    while not receiver.finished:  # the socket is the thread's until then
+        receiver.take(timeout=0.05)
     sender.wait()
     sock.close(0)
     ctx.term()
