@@ -207,7 +207,7 @@ class Daemon:
         cfg = self.config.metrics
         try:
             self.http = MetricsServer(
-                cfg.host, cfg.port, make_app(exposition, self.health, cfg.basic_auth), tls=cfg.tls
+                cfg.host, cfg.port, make_app(exposition, self.health, cfg.basic_auth), tls=cfg.tls, limits=cfg.http
             )
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {cfg.host}:{cfg.port}: {exc.strerror or exc}") from None

@@ -23,7 +23,7 @@ from tests.conftest import softmax
 from tests.integration.harness import DaemonProcess
 from xentd import scan
 from xentd.client import Publisher
-from xentd.config import Config, IngestConfig, MetricsConfig, StateConfig
+from xentd.config import Config, HttpLimits, IngestConfig, MetricsConfig, StateConfig
 from xentd.daemon import Daemon
 
 COMPILE_DEADLINE = 600.0  # an empty cache on a loaded machine; polled, never asserted as a time
@@ -163,3 +163,13 @@ def test_a_busy_port_is_one_line_before_any_compile(tmp_path: Path, which: str) 
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert lines[0].startswith("xentd: error: ") and expected in lines[0], out.stderr
     assert not [f.name for f in cache.rglob("*") if f.is_file()]  # nothing was compiled first
+
+
+def test_the_metrics_server_gets_the_configured_http_limits() -> None:
+    limits = HttpLimits(workers=2, max_queued_requests=3)
+    d = Daemon(Config(ingest=IngestConfig(address="tcp://127.0.0.1:*"), metrics=MetricsConfig(port=0, http=limits)))
+    try:
+        d.initialize(install_signals=False)
+        assert d.http is not None and d.http.limits == limits
+    finally:
+        d.close()
