@@ -368,8 +368,8 @@ class Pipeline:
             own = _merge([(segs.starts[e.segment], segs.starts[e.segment + 1]) for e in unit.entries])
             spans.append(own)
             ranges.extend(own)
-        batch = segs.batch(first.model, _merge(ranges))
         try:
+            batch = segs.batch(first.model, _merge(ranges))
             scores = self.backend.score(batch, first.params)
         except Exception:
             log.exception(

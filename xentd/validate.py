@@ -23,7 +23,16 @@ from xentd import segments
 from xentd.errors import Reason, ValidationError
 from xentd.jit import kernel_array
 from xentd.scan import scan, widen
-from xentd.wire import DATATYPES, FLOAT_DATATYPES, MODEL_NAME_RE, Header, Message, Tensor, bf16_to_float32
+from xentd.wire import (
+    DATATYPES,
+    FLOAT_DATATYPES,
+    MODEL_NAME_RE,
+    Header,
+    Message,
+    Tensor,
+    bf16_to_float32,
+    well_formed_name,
+)
 
 # Machine epsilon of each float wire datatype: sklearn's default clip for probabilities.
 DATATYPE_EPS = {
@@ -312,22 +321,6 @@ class FastLayout(NamedTuple):
     weights: int
 
 
-# Model names already found well-formed (the regular expression costs more than a lookup).
-_GOOD_NAMES: dict[str, None] = {}
-_GOOD_NAMES_MAX = 1 << 14
-
-
-def _good_name(name: str) -> bool:
-    if name in _GOOD_NAMES:
-        return True
-    if not MODEL_NAME_RE.fullmatch(name):
-        return False
-    if len(_GOOD_NAMES) >= _GOOD_NAMES_MAX:
-        _GOOD_NAMES.clear()
-    _GOOD_NAMES[name] = None
-    return True
-
-
 def fast_layout(header: Header) -> FastLayout | None:
     """The layout of a well-shaped, non-empty message, or None when only :func:`validate`
     can judge it (a bad name, kind, datatype or shape, or no rows)."""
@@ -340,7 +333,7 @@ def fast_layout(header: Header) -> FastLayout | None:
         else:
             w = i
     kind = _KINDS.get(header.input)
-    if p < 0 or t < 0 or kind is None or not _good_name(header.model):
+    if p < 0 or t < 0 or kind is None or not well_formed_name(header.model):
         return None
     pred, tgt = header.tensors[p], header.tensors[t]
     shape = pred.shape

@@ -264,9 +264,27 @@ def _refuse(header: Header, reason: Reason, detail: str) -> DecodeError:
     return _fail(reason, detail, _context(header.model, header.producer, header.seq))
 
 
+# Names already found well-formed: a lookup costs less than the regular expression,
+# and the hot path checks a model or producer name on every message.
+_GOOD_NAMES: dict[str, None] = {}
+_GOOD_NAMES_MAX: Final = 1 << 14
+
+
+def well_formed_name(name: str) -> bool:
+    """Whether ``name`` is a well-formed model or producer name (:data:`MODEL_NAME_RE`)."""
+    if name in _GOOD_NAMES:
+        return True
+    if not MODEL_NAME_RE.fullmatch(name):
+        return False
+    if len(_GOOD_NAMES) >= _GOOD_NAMES_MAX:
+        _GOOD_NAMES.clear()
+    _GOOD_NAMES[name] = None
+    return True
+
+
 def _stream_position(producer: object, seq: object) -> tuple[str, int] | None:
     """(producer, seq) when both are well-formed, else None. The one definition of the rule."""
-    if isinstance(producer, str) and MODEL_NAME_RE.fullmatch(producer) and type(seq) is int and 0 <= seq <= MAX_SEQ:
+    if isinstance(producer, str) and well_formed_name(producer) and type(seq) is int and 0 <= seq <= MAX_SEQ:
         return producer, seq
     return None
 
