@@ -25,6 +25,7 @@ def test_all_is_complete_and_importable() -> None:
         "scan",
         "daemon",
         "pipeline",
+        "preflight",
         "segments",
         "receiver",
         "cli",

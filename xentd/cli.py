@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xentd import config as config_mod
+from xentd import preflight
 from xentd._version import __version__
 from xentd.errors import XentdError
 
@@ -110,6 +111,8 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         stream=sys.stderr, level=cfg.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # Before the daemon's import (NumPy and Numba: a second or more): a busy port is an error at once.
+    preflight.check_ports(cfg)
     from xentd.daemon import serve
 
     return serve(cfg)

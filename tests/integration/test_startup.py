@@ -165,6 +165,26 @@ def test_a_busy_port_is_one_line_before_any_compile(tmp_path: Path, which: str) 
     assert not [f.name for f in cache.rglob("*") if f.is_file()]  # nothing was compiled first
 
 
+@pytest.mark.parametrize("which", ["ingest", "metrics"])
+def test_a_busy_port_is_refused_before_the_kernels_are_even_imported(which: str) -> None:
+    """The port check runs before `xentd.daemon` (NumPy, Numba) is imported, so it answers at once."""
+    busy = _listening_port()
+    port = busy.getsockname()[1]
+    ingest = f"tcp://127.0.0.1:{port}" if which == "ingest" else "tcp://127.0.0.1:*"
+    metrics = f"127.0.0.1:{port}" if which == "metrics" else "127.0.0.1:0"
+    code = (
+        "import sys; from xentd.cli import main; "
+        f"rc = main(['run', '--ingest', {ingest!r}, '--metrics', {metrics!r}]); "
+        "print(rc, 'numba' in sys.modules, 'xentd.daemon' in sys.modules)"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    finally:
+        busy.close()
+    assert out.stdout.split() == ["2", "False", "False"], (out.stdout, out.stderr)
+    assert "xentd: error: cannot " in out.stderr
+
+
 def test_the_metrics_server_gets_the_configured_http_limits() -> None:
     limits = HttpLimits(workers=2, max_queued_requests=3)
     d = Daemon(Config(ingest=IngestConfig(address="tcp://127.0.0.1:*"), metrics=MetricsConfig(port=0, http=limits)))
