@@ -378,7 +378,8 @@ def test_log64_and_log1p64_within_an_ulp_of_numpy() -> None:
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 0.5, 5.0])
 def test_binary_focal_gamma(any_backend: CpuBackend, kind: str, gamma: float) -> None:
-    """Each (kind, gamma) the binary kernel specialises has its own loop: all agree with the reference."""
+    """gamma = 2 takes the vectorised loops (logits, probs), any other gamma and log_probs the libm loop:
+    all agree with the reference."""
     rng = np.random.default_rng(8)
     x = _predictions(rng, 3000, None, kind)
     t = np.where(rng.random(3000) < 0.3, rng.random(3000), rng.integers(0, 2, 3000))

@@ -570,22 +570,23 @@ ROW_BLOCK = 2048
 
 
 @njit(inline="always", cache=True, error_model="numpy")
-def _binary_span(pred, tgt, kind, eps, log_eps, gamma, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
     """One block of samples (views, so that indices are known non-negative and
     need no wraparound: a loop over ``range(lo, hi)`` with a runtime ``lo``
-    vectorised into gathers, 3x slower). Callers pass ``kind`` and ``gamma`` as
-    constants where they can: inlined, the branches on them fold away and the
-    loop vectorises (logits and probs; log_probs keeps libm's expm1)."""
+    vectorised into gathers, 3x slower). With ``libm`` false, callers pass
+    ``kind`` (logits or probs) and ``gamma`` as constants: inlined, the branches
+    on them fold away and the loop vectorises. With ``libm`` true, any kind and
+    gamma, one sample at a time through _binary_terms."""
     for i in range(pred.shape[0]):
         x = np.float64(pred[i])
-        if kind == LOGITS:
+        if libm:
+            lp, lq, p, q, positive = _binary_terms(kind, x, eps, log_eps)
+        elif kind == LOGITS:
             e = exp_nonpos64(-abs(x))
             lp, lq, p, q, positive = _binary_logit_terms(x, e, log1p64(e))
-        elif kind == PROBS:
+        else:  # probs
             pc = min(max(x, eps), 1.0 - eps)
             lp, lq, p, q, positive = _binary_prob_terms(x, pc, log64(pc), log1p64(-pc))
-        else:
-            lp, lq, p, q, positive = _binary_terms(kind, x, eps, log_eps)
         t = tgt[i]
         loss[i] = -(t * lp + (1.0 - t) * lq)
         focal[i] = -(t * _focal_weight(q, gamma) * lp + (1.0 - t) * _focal_weight(p, gamma) * lq)
@@ -603,21 +604,15 @@ def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm
         hi = min(lo + ROW_BLOCK, n)
         x, t = pred[lo:hi], tgt[lo:hi]
         out = (loss[lo:hi], focal[lo:hi], correct[lo:hi], tcls[lo:hi], unnorm[lo:hi])
-        # One specialised loop per (kind, common gamma): see _binary_span.
+        # The default gamma gets loops of its own (see _binary_span); any other
+        # gamma, and log_probs, share one loop with libm's functions. Each
+        # specialised loop costs compile time (5 to 10 s per build).
         if kind == LOGITS and gamma == 2.0:
-            _binary_span(x, t, LOGITS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4])
-        elif kind == LOGITS and gamma == 0.0:
-            _binary_span(x, t, LOGITS, eps, log_eps, 0.0, out[0], out[1], out[2], out[3], out[4])
-        elif kind == LOGITS:
-            _binary_span(x, t, LOGITS, eps, log_eps, gamma, out[0], out[1], out[2], out[3], out[4])
+            _binary_span(x, t, False, LOGITS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4])
         elif kind == PROBS and gamma == 2.0:
-            _binary_span(x, t, PROBS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4])
-        elif kind == PROBS and gamma == 0.0:
-            _binary_span(x, t, PROBS, eps, log_eps, 0.0, out[0], out[1], out[2], out[3], out[4])
-        elif kind == PROBS:
-            _binary_span(x, t, PROBS, eps, log_eps, gamma, out[0], out[1], out[2], out[3], out[4])
+            _binary_span(x, t, False, PROBS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4])
         else:
-            _binary_span(x, t, LOG_PROBS, eps, log_eps, gamma, out[0], out[1], out[2], out[3], out[4])
+            _binary_span(x, t, True, kind, eps, log_eps, gamma, out[0], out[1], out[2], out[3], out[4])
 
 
 KERNELS = {
