@@ -364,8 +364,14 @@ class Pipeline:
         assert segs is not None
         spans: list[list[tuple[int, int]]] = []
         ranges: list[tuple[int, int]] = []
+        starts = segs.starts
         for unit in units:
-            own = _merge([(segs.starts[e.segment], segs.starts[e.segment + 1]) for e in unit.entries])
+            entries = unit.entries
+            if len(entries) == 1:  # the usual unit when many models share a drain
+                segment = entries[0].segment
+                own = [(starts[segment], starts[segment + 1])]
+            else:
+                own = _merge([(starts[e.segment], starts[e.segment + 1]) for e in entries])
             spans.append(own)
             ranges.extend(own)
         try:
@@ -391,7 +397,7 @@ class Pipeline:
         offset = 0
         with self.state.lock:
             for unit, own in zip(units, spans, strict=True):
-                n = sum(end - start for start, end in own)
+                n = own[0][1] - own[0][0] if len(own) == 1 else sum([end - start for start, end in own])
                 part = slice(offset, offset + n)
                 offset += n
                 count = len(unit.entries)
@@ -408,7 +414,7 @@ class Pipeline:
                         self.clock(),
                         _last_ts(unit.entries),
                         batches=count,
-                        unnormalized_targets=sum(segs.unnormalized[e.segment] for e in unit.entries),
+                        unnormalized_targets=sum([segs.unnormalized[e.segment] for e in unit.entries]),
                     ):
                         self.state.counters.limit_hits["class_limit"] += 1
                     self.state.counters.messages += count
