@@ -13,6 +13,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from xentd import wire
 from xentd.client import Publisher
 from xentd.errors import ConnectError, XentdError
 
@@ -55,6 +56,44 @@ def _nothing_listens() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _received_headers(pulls: list[zmq.Socket[bytes]], count: int) -> list[wire.Header]:
+    headers: list[wire.Header] = []
+    poller = zmq.Poller()
+    for p in pulls:
+        poller.register(p, zmq.POLLIN)
+    while len(headers) < count:
+        ready = dict(poller.poll(10_000))
+        assert ready, f"only {len(headers)} of {count} messages arrived"
+        for p in pulls:
+            if p in ready:
+                headers.append(wire.read_header(p.recv_multipart()[0], 1 << 16))
+    return headers
+
+
+def test_sequence_numbers_count_per_model(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull = ctx.socket(zmq.PULL)
+    address = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+    with Publisher(address, producer="p1", connect_timeout=30) as pub:
+        for model in ("a", "b", "a", "a", "b"):
+            pub.send(model, np.array([0.5]), np.array([1]))
+    got = [(h.producer, h.seq) for h in _received_headers([pull], 5)]
+    pull.close(linger=0)
+    assert got == [("p1:a", 0), ("p1:b", 0), ("p1:a", 1), ("p1:a", 2), ("p1:b", 1)]
+
+
+def test_round_robin_over_several_daemons_sends_no_sequence_numbers(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    # Each instance would see a share of the stream and count the rest as gaps.
+    pulls = [ctx.socket(zmq.PULL) for _ in range(2)]
+    addresses = [f"tcp://127.0.0.1:{p.bind_to_random_port('tcp://127.0.0.1')}" for p in pulls]
+    with Publisher(addresses, connect_timeout=30) as pub:
+        for _ in range(4):
+            pub.send("m", np.array([0.5]), np.array([1]))
+    got = {(h.producer, h.seq) for h in _received_headers(pulls, 4)}
+    for p in pulls:
+        p.close(linger=0)
+    assert got == {(None, None)}
 
 
 def test_by_default_nothing_waits_for_a_daemon() -> None:

@@ -134,6 +134,9 @@ class Publisher:
         self.resent = 0
         self._bound = bool(bind if bind is not None else self._topic)
         self._addresses = addresses
+        # PUSH to several instances round-robins: each would see a share of one stream
+        # and count the rest as gaps, so such a publisher sends no seq (docs/scaling.md).
+        self._numbered = len(addresses) == 1
         try:
             self._socket.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
             self._socket.setsockopt(zmq.LINGER, linger_ms)
@@ -205,8 +208,8 @@ class Publisher:
             weights=weights,
             batch_id=batch_id,
             ts=ts,
-            producer=stream_id,
-            seq=seq,
+            producer=stream_id if self._numbered else None,
+            seq=seq if self._numbered else None,
         )
         if self._topic:
             frames.insert(0, model.encode("utf-8"))
