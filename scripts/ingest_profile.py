@@ -4,6 +4,7 @@ Usage:
     .venv/bin/python scripts/ingest_profile.py                      # this checkout
     .venv/bin/python scripts/ingest_profile.py --against /tmp/base  # side by side with another checkout
     .venv/bin/python scripts/ingest_profile.py --profile            # plus a cProfile top list
+    ... --parallel-threshold 4611686018427387904                      # serial scoring kernels only
 
 Messages are 64 x 10 FP32 logits with int64 class indices, a producer and seq, and a
 unique batch_id, encoded before any clock starts. Figures (microseconds per message):
@@ -20,6 +21,10 @@ unique batch_id, encoded before any clock starts. Figures (microseconds per mess
 With ``--against DIR`` every measurement runs in a fresh process, alternating between
 DIR's xentd and this checkout's, ``--repeats`` times; the table shows medians. The
 machine is shared and noisy: only side-by-side medians mean anything.
+
+A full drain of 64 x 10 messages (163,840 values) is past the default
+``engine.parallel_threshold``, so the parallel scoring kernel runs; on two busy
+cores it was slower than the serial one, hence ``--parallel-threshold``.
 """
 
 from __future__ import annotations
@@ -93,11 +98,12 @@ def _sender(address: str, count: int, models: int, run: int) -> subprocess.Popen
     )
 
 
-def _daemon() -> Any:
-    from xentd.config import Config, LimitsConfig
+def _daemon(parallel_threshold: int | None) -> Any:
+    from xentd.config import Config, EngineConfig, LimitsConfig
     from xentd.daemon import Daemon
 
-    d = Daemon(Config(limits=LimitsConfig(max_models=2000)), clock=time.time)
+    engine = EngineConfig() if parallel_threshold is None else EngineConfig(parallel_threshold=parallel_threshold)
+    d = Daemon(Config(limits=LimitsConfig(max_models=2000), engine=engine), clock=time.time)
     d._init_backend()
     return d
 
@@ -191,12 +197,12 @@ def _threaded(d: Any, count: int, models: int, run: int, drain: int) -> float | 
     return elapsed / count * 1e6
 
 
-def measure(count: int, drain: int, run: int, profile: bool) -> dict[str, Any]:
+def measure(count: int, drain: int, run: int, profile: bool, parallel_threshold: int | None) -> dict[str, Any]:
     """Every figure once, in this process, for the xentd on sys.path."""
     import xentd
 
     out: dict[str, Any] = {"xentd": str(Path(xentd.__file__).parent)}
-    d = _daemon()
+    d = _daemon(parallel_threshold)
     # Warm: kernels, models created, caches filled (different batch ids than the timed runs).
     for models in (1, 1000):
         d.handle_many(_received(2000, models, run + 1000))
@@ -223,6 +229,8 @@ def _child(pythonpath: str, args: argparse.Namespace, run: int) -> dict[str, Any
     env["PYTHONPATH"] = pythonpath
     cmd = [sys.executable, __file__, "--child", "--messages", str(args.messages), "--drain", str(args.drain)]
     cmd += ["--run", str(run)]
+    if args.parallel_threshold is not None:
+        cmd += ["--parallel-threshold", str(args.parallel_threshold)]
     result = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
@@ -234,6 +242,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--against", help="another checkout's root, measured side by side (as 'before')")
     parser.add_argument("--profile", action="store_true", help="print a cProfile top list of handle_many")
+    parser.add_argument(
+        "--parallel-threshold",
+        type=int,
+        help="engine.parallel_threshold for the daemon (default: the config default); a full drain of "
+        "64 x 10 messages is 163,840 values, past the default, so the parallel scoring kernel runs",
+    )
     parser.add_argument("--run", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--models", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--send", help=argparse.SUPPRESS)
@@ -243,7 +257,7 @@ def main() -> None:
         _send(args.send, args.messages, args.models, args.run)
         return
     if args.child:
-        print(json.dumps(measure(args.messages, args.drain, args.run, False)))
+        print(json.dumps(measure(args.messages, args.drain, args.run, False, args.parallel_threshold)))
         return
     sides = {"after": str(HERE)}
     if args.against:
@@ -254,7 +268,11 @@ def main() -> None:
             results[side].append(_child(root, args, run))
             print(f"run {run + 1}/{args.repeats} {side}: done", file=sys.stderr)
     keys = [k for k in results["after"][0] if k != "xentd"]
-    print(f"us/msg, median of {args.repeats} (64x10 FP32 logits, drains of {args.drain}, {args.messages} messages)")
+    threshold = "default" if args.parallel_threshold is None else args.parallel_threshold
+    print(
+        f"us/msg, median of {args.repeats} (64x10 FP32 logits, drains of {args.drain}, {args.messages} messages, "
+        f"engine.parallel_threshold {threshold})"
+    )
     print(
         f"{'figure':<14}"
         + "".join(f"{side:>12}" for side in sides)
@@ -270,7 +288,7 @@ def main() -> None:
             line += "".join(f"{raw[s] / medians[s]:>14.2f}" if s in medians else f"{'-':>14}" for s in sides)
         print(line)
     if args.profile:
-        out = measure(args.messages, args.drain, 99, True)
+        out = measure(args.messages, args.drain, 99, True, args.parallel_threshold)
         for models in (1, 1000):
             print(f"\ncProfile, handle_many, {models} model(s):\n{out[f'profile_{models}']}")
 
