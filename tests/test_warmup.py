@@ -7,8 +7,9 @@ import itertools
 import numpy as np
 
 from tests.conftest import default_params, make_batch, softmax
-from xentd import accumulate, scan
-from xentd.config import LimitsConfig, WindowsConfig
+from xentd import accumulate, scan, segments, wire
+from xentd.config import Config, LimitsConfig, WindowsConfig
+from xentd.daemon import Daemon
 from xentd.kernels import cpu
 from xentd.state import StateStore
 from xentd.wire import BF16
@@ -63,3 +64,39 @@ def test_no_compilation_after_warmup() -> None:
     store.snapshot()
     after = {id(d): len(d.signatures) for d in _dispatchers()}
     assert after == before
+
+
+def test_the_batched_check_compiles_nothing_after_warmup() -> None:
+    """Drains of every prediction and target datatype, weighted or not, use only what segments.warmup compiled."""
+    segments.warmup()
+    before = len(segments._check.signatures)
+    d = Daemon(Config())
+    d.pipeline.backend = cpu.CpuBackend()
+    rng = np.random.default_rng(1)
+    p = softmax(rng.normal(size=(8, 3)))
+    preds = {
+        "FP16": p.astype(np.float16),
+        "BF16": BF16.from_float32(p.astype(np.float32)),
+        "FP32": p.astype(np.float32),
+        "FP64": p,
+    }
+    targets = {
+        "index8": rng.integers(0, 3, 8).astype(np.uint8),
+        "index64": rng.integers(0, 3, 8),
+        "soft32": softmax(rng.normal(size=(8, 3))).astype(np.float32),
+        "soft64": softmax(rng.normal(size=(8, 3))),
+        "onehot": np.eye(3, dtype=np.uint8)[rng.integers(0, 3, 8)],
+    }
+    drain = []
+    for (dt, pred), (name, tgt), weighted in itertools.product(preds.items(), targets.items(), (False, True)):
+        weights = np.ones(8, np.float32) if weighted else None
+        for model in (f"{dt}-{name}", f"{dt}-{name}-binary"):
+            if model.endswith("binary"):
+                pred_b = p[:, 0].astype(np.float32)
+                frames = wire.encode(model, pred_b, rng.integers(0, 2, 8), weights=weights)
+            else:
+                frames = wire.encode(model, pred, tgt, weights=weights)
+            drain += [[bytes(f) for f in frames]] * 4  # a drain long enough for the batched path
+    d.handle_many(drain)
+    assert sum(d.state.rejected.values()) == 0, d.state.rejected
+    assert len(segments._check.signatures) == before

@@ -195,7 +195,9 @@ class EngineConfig:
     cuda_min_elements: int = 1 << 20
     cuda_threads_per_block: int = 256
     # Batches with at least this many prediction elements use the multi-threaded kernels.
-    parallel_threshold: int = 1 << 15
+    # Below this many prediction values the serial kernels run: on 2 cores a drain of 16,384 x 10
+    # rows scored in 940 us serial against 1,981 us with the thread pool (BENCHMARKS.md section b).
+    parallel_threshold: int = 1 << 20
     # Most messages taken off the socket per loop turn.
     drain_max: int = 256
     # Within one turn, a model's batches of at most this many prediction values

@@ -42,7 +42,7 @@ from typing import Any
 
 import zmq
 
-from xentd import ingest, kernels, persist, scan
+from xentd import ingest, kernels, persist, scan, segments
 from xentd._version import __version__
 from xentd.config import Config
 from xentd.errors import StartupError
@@ -191,6 +191,7 @@ class Daemon:
             # The fold kernels first: a scrape of restored models needs them, the scoring kernels do not.
             self.state.warmup()
             scan.warmup()
+            segments.warmup()
             backend.warmup()
         self.backend = backend
         self.pipeline.backend = backend

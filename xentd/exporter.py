@@ -158,6 +158,11 @@ FAMILIES: tuple[Family, ...] = (
         lambda c: c.duplicate_batches,
     ),
     _counter(
+        "xentd_empty_batches_total",
+        "Well-formed batches of zero rows: accepted, nothing scored (a producer flushing an empty buffer).",
+        lambda c: c.empty_batches,
+    ),
+    _counter(
         "xentd_sequence_gaps_total",
         "Messages missing from producers' seq numbering: sent but never received.",
         lambda c: c.sequence_gaps,

@@ -231,7 +231,7 @@ def check(image: Image) -> None:
         _number(image.taken, "taken", non_negative=False)
         counters = image.counters
         for key in Counters.PERSISTED:
-            if key != "limit_hits":
+            if key != "limit_hits" and key in counters:  # a counter newer than the file is absent: 0
                 _count(counters[key], f"counters.{key}")
         for key, n in counters["limit_hits"].items():
             _count(n, f"counters.limit_hits.{key}")
@@ -310,6 +310,7 @@ def restore(store: StateStore, image: Image) -> Restored:
                 store.counters,
                 messages=int(counters["messages"]),
                 duplicate_batches=int(counters["duplicate_batches"]),
+                empty_batches=int(counters.get("empty_batches", 0)),
                 sequence_gaps=int(counters["sequence_gaps"]),
                 models_evicted=int(counters["models_evicted"]),
                 limit_hits={k: int(counters["limit_hits"].get(k, 0)) for k in store.counters.limit_hits},

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from xentd import segments, wire
+from xentd import wire
 from xentd.config import Config
 from xentd.errors import DecodeError, Reason, RejectedBatch
 from xentd.kernels import Backend, SampleScores, ScoringParams
@@ -124,9 +124,9 @@ class Pipeline:
         self.config = config
         self.state = state
         self.clock = clock
-        self._backend: Backend | None = None
+        self.backend: Backend | None = None
         self._params: dict[tuple[str, str], ScoringParams] = {}
-        self._backend_choice = config.model_backends()
+        self.backend_choice = config.model_backends()
         self._scratch = Scratch()
         self._log_rejection = _RejectionLog(config.log.rejection_interval_seconds)
         self._limits = {
@@ -134,18 +134,6 @@ class Pipeline:
             "max_header_bytes": config.ingest.max_header_bytes,
             "topic": config.ingest.socket == "sub",
         }
-
-    @property
-    def backend(self) -> Backend | None:
-        """Set by the daemon once the kernels are compiled; nothing is scored before that."""
-        return self._backend
-
-    @backend.setter
-    def backend(self, backend: Backend | None) -> None:
-        # The batched check's kernels are compiled with the scoring ones, before the daemon reports ready.
-        if backend is not None:
-            segments.warmup()
-        self._backend = backend
 
     def handle_many(self, messages: list[list[Any]]) -> None:
         """Process messages in arrival order. Never raises.
@@ -309,6 +297,7 @@ class Pipeline:
                         # Nothing to score: counted as a message, and nothing else. It creates no
                         # model, so it neither fixes nor checks a class count (docs/protocol.md).
                         counters.messages += 1
+                        counters.empty_batches += 1
                         continue
                     model, batch_id, num_classes = batch.model, batch.batch_id, batch.num_classes
                     datatype = batch.prediction_datatype
@@ -335,7 +324,7 @@ class Pipeline:
                     continue
                 if batch_id is not None:
                     recent.add((model, batch_id))
-                key = None if batch is not None else (entry.fast.key, params, self._backend_choice.get(model))  # type: ignore[union-attr]
+                key = None if batch is not None else (entry.fast.key, params, self.backend_choice.get(model))  # type: ignore[union-attr]
                 unit = open_units.get(model)
                 if unit is None or key is None or unit.key != key:
                     unit = _Unit(model_state, model, key, params, 0 if unit is None else unit.round + 1)
@@ -461,6 +450,7 @@ class Pipeline:
             if batch.size == 0:
                 with self.state.lock:
                     self.state.counters.messages += 1
+                    self.state.counters.empty_batches += 1
                 return None
             with self.state.lock:
                 if batch.batch_id is not None and self.state.recent.capacity:

@@ -188,10 +188,16 @@ class Outcome:
     samples: int
     duplicate: int
     rejected: dict[str, int]  # reason -> batches
+    empty: int = 0  # accepted with zero rows: nothing to score
 
     @property
     def other_traffic(self) -> bool:
-        return self.accounted > self.sent or self.scored + self.duplicate + sum(self.rejected.values()) > self.sent
+        return self.accounted > self.sent or self.settled > self.sent
+
+    @property
+    def settled(self) -> int:
+        """Batches whose fate the counters show: scored, duplicate, rejected or empty."""
+        return self.scored + self.duplicate + self.empty + sum(self.rejected.values())
 
     def lines(self) -> list[str]:
         out = [f"the daemon accounted for {self.sent} batch(es) sent as model {self.model!r}:"]
@@ -199,6 +205,8 @@ class Outcome:
             out.append(f"  {self.scored} scored ({self.samples:,} samples)")
         if self.duplicate:
             out.append(f"  {self.duplicate} duplicate (already scored: batch ids seen before)")
+        if self.empty:
+            out.append(f"  {self.empty} empty (no rows: nothing to score)")
         if self.rejected:
             reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.rejected.items(), key=lambda kv: -kv[1]))
             out.append(f"  {sum(self.rejected.values())} rejected ({reasons}; the daemon's log has the details)")
@@ -244,6 +252,7 @@ def outcome(before: Scrape, after: Scrape, *, model: str, sent: int) -> Outcome:
         scored=grew("xentd_batches_total", per_model=True),
         samples=grew("xentd_samples_total", per_model=True),
         duplicate=grew("xentd_duplicate_batches_total"),
+        empty=grew("xentd_empty_batches_total"),
         rejected=rejected,
     )
 
@@ -265,7 +274,7 @@ def await_outcome(watch: Watch, before: Scrape, *, model: str, sent: int, timeou
     while True:
         got = outcome(before, watch.scrape(), model=model, sent=sent)
         # Both: the message count (every outcome) and the outcomes themselves have grown.
-        done = min(got.accounted, got.scored + got.duplicate + sum(got.rejected.values()))
+        done = min(got.accounted, got.settled)
         if done >= sent:
             return got
         if done > last:

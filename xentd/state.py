@@ -353,6 +353,8 @@ class Counters:
 
     messages: int = 0
     duplicate_batches: int = 0
+    # Well-formed batches of zero rows: counted, otherwise ignored (docs/protocol.md).
+    empty_batches: int = 0
     sequence_gaps: int = 0
     models_evicted: int = 0
     limit_hits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LIMITS, 0))
@@ -366,7 +368,7 @@ class Counters:
     last_snapshot_bytes: int | None = None
     restored_models: int = 0
 
-    PERSISTED = ("messages", "duplicate_batches", "sequence_gaps", "models_evicted", "limit_hits")
+    PERSISTED = ("messages", "duplicate_batches", "empty_batches", "sequence_gaps", "models_evicted", "limit_hits")
 
     def copy(self) -> Counters:
         return dataclasses.replace(self, limit_hits=dict(self.limit_hits))

@@ -122,6 +122,17 @@ def test_send_wait_reports_scored_samples(start_daemon: Callable[..., DaemonProc
     assert d.value("xentd_samples_total", model="w") == 100.0
 
 
+def test_send_wait_reports_an_empty_batch(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
+    """A zero-row batch is accepted and not scored; --wait says so instead of waiting for a score."""
+    d = start_daemon()
+    path = tmp_path / "empty.npz"
+    np.savez(path, predictions=np.zeros((0, 4), np.float32), targets=np.zeros(0, np.int64))
+    out = _xentd("send", str(path), "--model", "w0", "--to", d.ingest, "--wait", d.http + "/metrics")
+    assert out.returncode == 0, out.stderr
+    assert "  1 empty (no rows: nothing to score)" in out.stdout, out.stdout
+    assert d.value("xentd_empty_batches_total") == 1.0
+
+
 def test_replay_wait_reports_duplicates_on_a_repeat(start_daemon: Callable[..., DaemonProcess], npz: Path) -> None:
     d = start_daemon()
     args = ("replay", str(npz), "--model", "r", "--to", d.ingest, "--batch-size", "30", "--wait", d.http)

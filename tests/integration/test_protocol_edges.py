@@ -172,7 +172,9 @@ def test_a_refused_message_is_not_a_sequence_gap(net: Wire) -> None:
 
 def test_an_empty_batch_is_counted_and_fixes_no_class_count(net: Wire) -> None:
     empty = batch("edge-empty", n=0, classes=5)
+    before = net.counter("xentd_empty_batches_total")
     expect(net, [empty], class_count_changed=0, shape_mismatch=0)
+    assert net.counter("xentd_empty_batches_total") == before + 1
     assert net.d.value("xentd_batches_total", model="edge-empty") is None  # no model state
     expect(net, [batch("edge-empty", n=3, classes=2), empty], class_count_changed=0)
     assert net.counter("xentd_batches_total", model="edge-empty") == 1
