@@ -168,3 +168,173 @@ def test_a_refused_curve_key_is_named(ctx: zmq.Context[zmq.Socket[bytes]], tmp_p
         pull.close(linger=0)
     finally:
         auth.stop()
+
+
+# --- coalescing (batch_rows / linger) ---------------------------------------------------------
+
+
+def _pull(ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[zmq.Socket[bytes], str]:
+    pull = ctx.socket(zmq.PULL)
+    return pull, f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
+
+
+def _received(pull: zmq.Socket[bytes], count: int) -> list[wire.Message]:
+    """``count`` whole messages, decoded with the daemon's own decoder."""
+    got: list[wire.Message] = []
+    while len(got) < count:
+        assert pull.poll(10_000), f"only {len(got)} of {count} messages arrived"
+        got.append(wire.decode(pull.recv_multipart(), max_message_bytes=1 << 24, max_header_bytes=1 << 16))
+    return got
+
+
+def _nothing_more(pull: zmq.Socket[bytes]) -> bool:
+    return not pull.poll(200)
+
+
+def _rows_of(m: wire.Message, name: str) -> list[object]:
+    return np.asarray(m.tensors[name].array).tolist()  # type: ignore[no-any-return]
+
+
+def _probs(i: int) -> np.ndarray:
+    return np.array([[i / 100, 1 - i / 100]])
+
+
+def test_coalescing_is_off_by_default(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull, address = _pull(ctx)
+    with Publisher(address, connect_timeout=30) as pub:
+        for i in range(3):
+            pub.send("m", _probs(i), np.array([i % 2]))
+        assert pub.pending_rows == 0
+    assert [len(_rows_of(m, "targets")) for m in _received(pull, 3)] == [1, 1, 1]
+    pull.close(linger=0)
+
+
+def test_coalescing_flushes_on_size_in_order_with_one_seq_per_message(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull, address = _pull(ctx)
+    with Publisher(address, producer="p", connect_timeout=30, batch_rows=4) as pub:
+        for i in range(10):
+            pub.send("m", _probs(i), np.array([i % 2]), weights=np.array([float(i)]), ts=1000.0 + i)
+        got = _received(pull, 2)  # 8 rows sent on size; 2 still held
+        assert pub.pending_rows == 2 and _nothing_more(pull)
+    got += _received(pull, 1)  # ...and sent on close
+    pull.close(linger=0)
+    assert [m.seq for m in got] == [0, 1, 2] and {m.producer for m in got} == {"p:m"}
+    assert [_rows_of(m, "targets") for m in got] == [[0, 1, 0, 1], [0, 1, 0, 1], [0, 1]]
+    assert sum((_rows_of(m, "predictions") for m in got), []) == [_probs(i).tolist()[0] for i in range(10)]
+    assert sum((_rows_of(m, "weights") for m in got), []) == [float(i) for i in range(10)]
+    assert [m.ts for m in got] == [1003.0, 1007.0, 1009.0]  # the latest ts of its rows
+    assert all(m.batch_id is None for m in got)
+
+
+def test_coalescing_flushes_on_linger_time(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull, address = _pull(ctx)
+    with Publisher(address, connect_timeout=30, batch_rows=1000, linger=0.05) as pub:
+        pub.send("m", _probs(1), np.array([1]))
+        pub.send("m", _probs(2), np.array([0]))
+        time.sleep(0.2)  # past linger: the next send sends the two held rows first
+        pub.send("m", _probs(3), np.array([1]))
+        (first,) = _received(pull, 1)
+        assert _rows_of(first, "targets") == [1, 0]
+        assert pub.pending_rows == 1
+        pub.flush()  # a producer that goes quiet flushes
+        (second,) = _received(pull, 1)
+        assert _rows_of(second, "targets") == [1] and pub.pending_rows == 0
+    pull.close(linger=0)
+
+
+def test_without_linger_rows_wait_for_size_or_flush(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull, address = _pull(ctx)
+    with Publisher(address, connect_timeout=30, batch_rows=1000) as pub:
+        pub.send("m", _probs(1), np.array([1]))
+        time.sleep(0.1)
+        pub.send("m", _probs(2), np.array([0]))
+        assert _nothing_more(pull) and pub.pending_rows == 2
+        pub.flush()
+        assert [_rows_of(m, "targets") for m in _received(pull, 1)] == [[1, 0]]
+    pull.close(linger=0)
+
+
+def test_a_layout_change_or_a_batch_id_sends_the_held_rows_first(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull, address = _pull(ctx)
+    with Publisher(address, connect_timeout=30, batch_rows=1000) as pub:
+        pub.send("m", _probs(1), np.array([1]))
+        pub.send("m", _probs(2), np.array([0]))
+        pub.send("other", _probs(3), np.array([1]))  # another model: its own buffer
+        pub.send("m", np.log(_probs(4)), np.array([1]), input="log_probs")  # another input kind
+        pub.send("m", _probs(5).astype(np.float32), np.array([0]))  # another dtype
+        pub.send("m", _probs(6).astype(np.float32), np.array([1]), weights=np.array([2.0]))  # weights now
+        pub.send("m", _probs(7).astype(np.float32), np.array([0]), weights=np.array([3.0]))
+        pub.send("m", _probs(8), np.array([1]), batch_id="b-8")  # cannot be merged: alone
+        pub.send("m", np.array([[0.1, 0.2, 0.7]]), np.array([2]))  # another row shape
+    got = _received(pull, 7)
+    pull.close(linger=0)
+    by_model = [(m.model, m.input, m.tensors["predictions"].datatype, _rows_of(m, "targets"), m.batch_id) for m in got]
+    assert by_model == [
+        ("m", "probs", "FP64", [1, 0], None),
+        ("m", "log_probs", "FP64", [1], None),
+        ("m", "probs", "FP32", [0], None),
+        ("m", "probs", "FP32", [1, 0], None),
+        ("m", "probs", "FP64", [1], "b-8"),
+        ("other", "probs", "FP64", [1], None),  # on close, buffers go in the order they were started
+        ("m", "probs", "FP64", [2], None),
+    ]
+    m_only = [(m.seq, _rows_of(m, "targets")) for m in got if m.model == "m"]
+    assert m_only == [(0, [1, 0]), (1, [1]), (2, [0]), (3, [1, 0]), (4, [1]), (5, [2])]
+
+
+def test_coalesced_rows_are_copied_at_send(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull, address = _pull(ctx)
+    buf_p, buf_y = np.zeros((1, 2)), np.zeros(1, dtype=np.int64)
+    with Publisher(address, connect_timeout=30, batch_rows=3) as pub:
+        for i in range(3):
+            buf_p[0] = _probs(i)[0]
+            buf_y[0] = i % 2
+            pub.send("m", buf_p, buf_y)  # the caller reuses its buffers
+    (m,) = _received(pull, 1)
+    pull.close(linger=0)
+    assert _rows_of(m, "predictions") == [_probs(i).tolist()[0] for i in range(3)]
+    assert _rows_of(m, "targets") == [0, 1, 0]
+
+
+def test_coalescing_bf16_and_bool_rows(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull, address = _pull(ctx)
+    with Publisher(address, connect_timeout=30, batch_rows=2) as pub:
+        for v, y in ((0.25, True), (0.75, False)):
+            pub.send("m", wire.BF16.from_float32(np.array([v], dtype=np.float32)), np.array([y]))
+    (m,) = _received(pull, 1)
+    pull.close(linger=0)
+    assert m.tensors["predictions"].datatype == "BF16"
+    assert wire.bf16_to_float32(np.asarray(m.tensors["predictions"].array)).tolist() == [0.25, 0.75]
+    assert _rows_of(m, "targets") == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, message",
+    [
+        ((np.array([[0.5, 0.5]], dtype=np.complex64), np.array([1])), {}, TypeError, "predictions: dtype complex64"),
+        ((np.zeros((1, 2, 2, 2)), np.array([1])), {}, ValueError, "predictions: rank 4"),
+        ((np.array([[0.5, 0.5]]), np.array([1, 0])), {}, ValueError, "targets: 2 rows for 1 predictions"),
+        ((np.array([[0.5, 0.5]]), np.array([1])), {"weights": np.ones(3)}, ValueError, "weights: 3 rows"),
+        ((np.array([[0.5, 0.5]]), np.array([1])), {"input": "odds"}, ValueError, "input must be one of"),
+        ((np.array([[0.5, 0.5]]), np.array([1])), {"ts": -1.0}, ValueError, "ts must be Unix seconds"),
+    ],
+)
+def test_coalescing_refuses_a_bad_row_at_send(
+    args: tuple[object, ...], kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with Publisher(_nothing_listens(), linger_ms=0, batch_rows=10) as pub:
+        pub.send("m", np.array([[0.5, 0.5]]), np.array([1]))
+        with pytest.raises(error, match=message):
+            pub.send("m", *args, **kwargs)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="model name"):
+            pub.send("bad name", np.array([[0.5, 0.5]]), np.array([1]))
+        assert pub.pending_rows == 1  # the good row is still held
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"batch_rows": 0}, "batch_rows"), ({"batch_rows": 2.5}, "batch_rows"), ({"linger": -1}, "linger")],
+)
+def test_coalescing_options_are_checked(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Publisher("tcp://127.0.0.1:1", **kwargs)  # type: ignore[arg-type]

@@ -27,19 +27,30 @@ it raises a :class:`~xentd.errors.ConnectError` naming the address when no daemo
 has completed the connection in time. This is off by default, because a model
 server that starts before its daemon should keep running, as ZeroMQ intends;
 ``xentd send`` and ``xentd replay`` turn it on (``--timeout``).
+
+Coalescing (off by default), as Kafka producers have ``linger.ms`` and
+``batch.size``: with ``batch_rows`` and/or ``linger`` given, sends without a
+``batch_id`` are held and joined, per model, into one message of many rows, sent
+once ``batch_rows`` rows are pending, once the first pending row is ``linger``
+seconds old (checked on every send; there is no background thread, so a producer
+that goes quiet calls :meth:`Publisher.flush`), on :meth:`Publisher.flush` and on
+close. See :class:`Publisher` for what can be joined.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+import numpy as np
 import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
@@ -79,6 +90,24 @@ class Publisher:
     ``connect_timeout`` (seconds; None, the default, does not wait) makes the
     constructor call :meth:`wait_connected`, so that a publisher exists only once
     a daemon has accepted it.
+
+    Coalescing: ``batch_rows`` (rows) and ``linger`` (seconds), both None (off) by
+    default. With either given, a send without a ``batch_id`` is not sent at once:
+    its rows are copied and held per model, and joined with the model's next sends
+    into one message. That message is sent when ``batch_rows`` rows are pending
+    (None: no size limit), when a send finds the first pending row ``linger``
+    seconds old (None: no time limit), on :meth:`flush`, and on :meth:`close` (and
+    leaving a ``with`` block). No thread sends in the background: a producer that
+    may go quiet with rows pending calls :meth:`flush`. Only rows that can share a
+    message are joined: same model, ``input``, prediction and target datatypes and
+    row shapes, and weights either on all or none (same datatype); a send with
+    another layout first sends the model's pending rows, so each model's rows stay
+    in order. A send with a ``batch_id`` cannot be merged (the daemon dedupes by
+    it): it first sends the model's pending rows, then goes alone. A joined message
+    carries the latest ``ts`` of its rows (none if none had one). Each message sent
+    takes one ``seq``, as without coalescing. Bad rows (model name, ``input``,
+    dtype, rank, row counts that differ between arrays, ``ts``) raise at send, never
+    at flush. A rank-0 prediction has no rows to join and is sent alone.
     """
 
     def __init__(
@@ -96,7 +125,15 @@ class Publisher:
         curve_secret_key: str | None = None,
         connect_timeout: float | None = None,
         context: zmq.Context[Any] | None = None,
+        batch_rows: int | None = None,
+        linger: float | None = None,
     ) -> None:
+        if batch_rows is not None and (
+            isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1
+        ):
+            raise ValueError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
+        if linger is not None and not (math.isfinite(linger) and linger >= 0):
+            raise ValueError(f"linger must be >= 0 seconds, got {linger!r}")
         if socket not in ("push", "pub"):
             raise ValueError(f"socket must be 'push' or 'pub', got {socket!r}")
         if resend < 0:
@@ -123,6 +160,10 @@ class Publisher:
         # One seq stream per model (docs/protocol.md): a daemon that subscribes to some
         # topics only must not see the numbers of the others as gaps.
         self._streams: dict[str, list[Any]] = {}
+        self._coalesce = batch_rows is not None or linger is not None
+        self._batch_rows = batch_rows
+        self._linger = linger
+        self._pending: dict[str, _Pending] = {}  # model -> rows held for one message
         self._resend: collections.deque[list[bytes | memoryview]] = collections.deque(maxlen=resend or None)
         self._resend_enabled = resend > 0
         self._monitor: zmq.Socket[Any] | None = None
@@ -191,8 +232,70 @@ class Publisher:
         """Send one batch. Arrays may be any supported dtype (see docs/protocol.md).
 
         With ``resend`` on, a batch without a ``batch_id`` gets one (producer and
-        sequence number), since a resent copy can only be recognised by it.
+        sequence number), since a resent copy can only be recognised by it. With
+        coalescing on (``batch_rows``/``linger``), the rows may be held and sent
+        joined with others (see :class:`Publisher`).
         """
+        if not self._coalesce:
+            self._send_now(model, predictions, targets, input, weights, batch_id, ts)
+            return
+        now = time.monotonic()
+        self._flush_expired(now)
+        if batch_id:
+            self._flush_model(model)
+            self._send_now(model, predictions, targets, input, weights, batch_id, ts)
+            return
+        layout, arrays = _rows(model, predictions, targets, input, weights, ts)
+        if layout is None:
+            self._flush_model(model)
+            self._send_now(model, predictions, targets, input, weights, None, ts)
+            return
+        pending = self._pending.get(model)
+        if pending is not None and pending.layout != layout:
+            self._flush_model(model)
+            pending = None
+        if pending is None:
+            pending = self._pending[model] = _Pending(layout, now)
+        pending.add(arrays, ts)
+        if self._batch_rows is not None and pending.rows >= self._batch_rows:
+            self._flush_model(model)
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows held for coalescing, not yet sent (all models)."""
+        return sum(p.rows for p in self._pending.values())
+
+    def _flush_expired(self, now: float) -> None:
+        """Send every model's pending rows whose first row has waited ``linger`` seconds."""
+        if self._linger is None or not self._pending:
+            return
+        for model in [m for m, p in self._pending.items() if now - p.since >= self._linger]:
+            self._flush_model(model)
+
+    def _flush_model(self, model: str) -> None:
+        """Send ``model``'s pending rows as one message. They leave the buffer first:
+        a send that fails (``zmq.Again``) raises, and they are not sent twice."""
+        pending = self._pending.pop(model, None)
+        if pending is None:
+            return
+        predictions, targets, weights = pending.joined()
+        self._send_now(model, predictions, targets, pending.layout[0], weights, None, pending.ts)
+
+    def _flush_all(self) -> None:
+        for model in list(self._pending):
+            self._flush_model(model)
+
+    def _send_now(
+        self,
+        model: str,
+        predictions: Any,
+        targets: Any,
+        input: str,
+        weights: Any,
+        batch_id: str | None,
+        ts: float | None,
+    ) -> None:
+        """Encode and send one message now, with the model's next seq."""
         stream = self._streams.get(model)
         if stream is None:
             stream = self._streams[model] = [_stream_id(self.producer, model), 0]
@@ -316,17 +419,27 @@ class Publisher:
                 self.resent += 1
 
     def flush(self, timeout_ms: int = 0) -> None:
-        """Resend recent batches now if the connection came back since the last send.
+        """Send the rows held for coalescing, each model's as one message; then resend
+        recent batches now if the connection came back since the last send.
 
         Waits up to ``timeout_ms`` for that reconnect to be reported."""
+        self._flush_all()
         if self._monitor is not None and timeout_ms and self._disconnected:
             self._monitor.poll(timeout_ms)
         self._check_reconnect()
 
     def close(self) -> None:
-        """Close the socket, waiting up to ``linger_ms`` for queued messages to be sent."""
+        """Send the rows held for coalescing, then close the socket, waiting up to
+        ``linger_ms`` for queued messages to be sent. The socket is closed even when
+        sending the held rows fails (that error is raised)."""
         if self._socket.closed:
             return
+        try:
+            self._flush_all()
+        finally:
+            self._close_socket()
+
+    def _close_socket(self) -> None:
         self._check_reconnect()
         if self._monitor is not None:
             self._socket.disable_monitor()
@@ -352,3 +465,70 @@ def _stream_id(producer: str, model: str) -> str:
         return stream
     digest = hashlib.blake2b(model.encode("utf-8"), digest_size=12).hexdigest()
     return f"{producer[:103]}:{digest}"
+
+
+# What makes rows joinable into one message: input kind, then (datatype, row shape) of
+# predictions and targets, and of weights or None.
+_Layout = tuple[str, tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...]] | None]
+
+
+def _rows(
+    model: str, predictions: Any, targets: Any, input: str, weights: Any, ts: float | None
+) -> tuple[_Layout | None, list[np.ndarray]]:
+    """Check one send as :func:`xentd.wire.encode` would, so that a bad row raises now and
+    not at flush; return its layout and copies of its arrays (the caller may reuse its
+    buffers once send returns). Layout None: rank-0 predictions, which have no rows to join."""
+    if not wire.well_formed_name(model):
+        raise ValueError(f"model name {model!r} must be 1-128 characters of A-Z a-z 0-9 _ . : -")
+    if input not in wire.INPUT_KINDS:
+        raise ValueError(f"input must be one of {', '.join(wire.INPUT_KINDS)}, got {input!r}")
+    if ts is not None and not (math.isfinite(ts) and 0.0 <= ts <= wire.MAX_TS):
+        raise ValueError(f"ts must be Unix seconds in [0, {wire.MAX_TS:.0f}] (year 9999), got {ts!r}")
+    named = [("predictions", predictions), ("targets", targets)]
+    if weights is not None:
+        named.append(("weights", weights))
+    parts: list[tuple[str, tuple[int, ...]]] = []
+    arrays: list[np.ndarray] = []
+    for name, value in named:
+        datatype, arr = wire._as_wire_array(value, name)
+        if arr.ndim > wire.MAX_RANK:
+            raise ValueError(f"{name}: rank {arr.ndim} is not supported (at most {wire.MAX_RANK})")
+        parts.append((datatype, tuple(int(d) for d in arr.shape[1:])))
+        arrays.append(arr)
+    if arrays[0].ndim == 0:
+        return None, arrays
+    n = arrays[0].shape[0]
+    for (name, _), arr in zip(named[1:], arrays[1:], strict=True):
+        if arr.ndim == 0 or arr.shape[0] != n:
+            # Joined, the rows of the two arrays would no longer line up.
+            raise ValueError(f"{name}: {arr.shape[0] if arr.ndim else 'no'} rows for {n} predictions")
+    layout: _Layout = (input, parts[0], parts[1], parts[2] if weights is not None else None)
+    return layout, [a.copy() for a in arrays]
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One model's rows held for coalescing, all of one layout."""
+
+    layout: _Layout
+    since: float  # time.monotonic() of the first row
+    rows: int = 0
+    ts: float | None = None
+    arrays: list[list[np.ndarray]] = field(default_factory=list)
+
+    def add(self, arrays: list[np.ndarray], ts: float | None) -> None:
+        self.arrays.append(arrays)
+        self.rows += int(arrays[0].shape[0])
+        if ts is not None and (self.ts is None or ts > self.ts):
+            self.ts = ts
+
+    def joined(self) -> tuple[Any, Any, Any]:
+        """Predictions, targets and weights (or None), each one array, BF16 rewrapped."""
+        out: list[Any] = []
+        for i, part in enumerate((self.layout[1], self.layout[2], self.layout[3])):
+            if part is None:
+                out.append(None)
+                continue
+            arr = np.concatenate([a[i] for a in self.arrays]) if len(self.arrays) > 1 else self.arrays[0][i]
+            out.append(wire.BF16(arr) if part[0] == "BF16" else arr)
+        return out[0], out[1], out[2]
