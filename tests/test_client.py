@@ -338,3 +338,17 @@ def test_coalescing_refuses_a_bad_row_at_send(
 def test_coalescing_options_are_checked(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Publisher("tcp://127.0.0.1:1", **kwargs)  # type: ignore[arg-type]
+
+
+def test_coalescing_joins_big_endian_and_strided_rows_as_their_values(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull, address = _pull(ctx)
+    wide = np.arange(12.0).reshape(2, 6) / 100
+    with Publisher(address, connect_timeout=30, batch_rows=4) as pub:
+        pub.send("m", np.array([[0.25, 0.75]], dtype=">f8"), np.array([1], dtype=">i8"))
+        pub.send("m", wide[:, ::3], np.array([0, 1]))  # a strided view
+        pub.send("m", np.array([[0.5, 0.5]]), np.array([0]))
+    (m,) = _received(pull, 1)
+    pull.close(linger=0)
+    assert m.tensors["predictions"].datatype == "FP64" and m.tensors["targets"].datatype == "INT64"
+    assert _rows_of(m, "predictions") == [[0.25, 0.75], [0.0, 0.03], [0.06, 0.09], [0.5, 0.5]]
+    assert _rows_of(m, "targets") == [1, 0, 1, 0]
