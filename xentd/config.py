@@ -215,6 +215,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """Which series /metrics carries (docs/metrics.md, "Cardinality")."""
+
+    # Per-class series (xentd_class_cross_entropy_nats): "all", "none", or "auto": only for
+    # models with at most per_class_max_classes classes. 10,000 models x 101 classes is ~2 M series.
+    per_class: Literal["auto", "all", "none"] = "auto"
+    per_class_max_classes: int = 20
+    # Most per-model series in one scrape; past it, per-class series go first, then whole
+    # models in name order (counted in xentd_series_dropped). 0: no budget.
+    max_series: int = 1_000_000
+
+
+@dataclass(frozen=True)
 class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -225,6 +238,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def scoring_for(self, model: str) -> ScoringConfig:
         return self.models.get(model, self.scoring)
@@ -647,7 +661,18 @@ def _parse_log(t: _Table) -> LogConfig:
     return cfg
 
 
-_SECTIONS = ["ingest", "metrics", "windows", "scoring", "models", "limits", "engine", "log", "state"]
+def _parse_export(t: _Table) -> ExportConfig:
+    d = ExportConfig()
+    cfg = ExportConfig(
+        per_class=_choice(t, "per_class", ("auto", "all", "none"), d.per_class),  # type: ignore[arg-type]
+        per_class_max_classes=_non_negative_int(t, "per_class_max_classes", d.per_class_max_classes),
+        max_series=_non_negative_int(t, "max_series", d.max_series),
+    )
+    t.done(_field_names(ExportConfig))
+    return cfg
+
+
+_SECTIONS = ["ingest", "metrics", "windows", "scoring", "models", "limits", "engine", "log", "state", "export"]
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
@@ -678,6 +703,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     engine = section("engine", _parse_engine, EngineConfig())
     log = section("log", _parse_log, LogConfig())
     state = section("state", _parse_state, StateConfig())
+    export = section("export", _parse_export, ExportConfig())
     root.done(_SECTIONS)
     root.raise_errors()
     return Config(
@@ -690,6 +716,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         engine=engine,
         log=log,
         state=state,
+        export=export,
     )
 
 

@@ -47,7 +47,7 @@ from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPEN
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
-from xentd.config import BasicAuthConfig, HttpLimits, TlsConfig
+from xentd.config import BasicAuthConfig, ExportConfig, HttpLimits, TlsConfig
 from xentd.errors import StartupError
 from xentd.state import Counters, ModelSnapshot, Snapshot
 
@@ -78,11 +78,16 @@ for a summary, and (bucket upper bounds, per-bucket counts with +Inf last, sum) 
 
 @dataclass(frozen=True, slots=True)
 class Scrape:
-    """What one scrape reads: a snapshot, and the build facts for xentd_build_info."""
+    """What one scrape reads: a snapshot, the build facts for xentd_build_info, and
+    what [export] lets through (see :func:`_plan`): the models exported, those whose
+    per-class series are, and how many per-model series were left out for the budget."""
 
     snapshot: Snapshot
     version: str
     backend: str
+    models: tuple[ModelSnapshot, ...] = ()
+    per_class: frozenset[str] = frozenset()
+    dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +96,10 @@ class Family:
     ``_total``). A per-model family has ``model`` as its first label and reads each
     :class:`ModelSnapshot` through ``per_model``, which yields the other labels'
     values; a daemon-wide family reads the whole scrape through ``per_scrape``.
-    A sample whose value does not exist yet is left out, never exported as NaN."""
+    A sample whose value does not exist yet is left out, never exported as NaN.
+    A ``per_class`` family has a series per class of a model, so [export] gates it per model.
+    ``series``, where given, says how many series ``per_model`` yields for a model without
+    building its samples (for the max_series budget; a test checks it against the samples)."""
 
     name: str
     type: Literal["counter", "gauge", "summary", "histogram"]
@@ -99,6 +107,8 @@ class Family:
     help: str
     per_scrape: Callable[[Scrape], Iterable[Sample]] | None = None
     per_model: Callable[[ModelSnapshot], Iterable[Sample]] | None = None
+    per_class: bool = False
+    series: Callable[[ModelSnapshot], int] | None = None
 
 
 def _one(value: float | None) -> list[Sample]:
@@ -141,6 +151,13 @@ FAMILIES: tuple[Family, ...] = (
         (),
         "Models with state in this instance.",
         per_scrape=lambda s: [((), len(s.snapshot.models))],
+    ),
+    Family(
+        "xentd_series_dropped",
+        "gauge",
+        (),
+        "Per-model series left out of this scrape to keep within export.max_series.",
+        per_scrape=lambda s: [((), s.dropped)],
     ),
     _counter(
         "xentd_messages_received_total", "Messages taken off the ingest socket, valid or not.", lambda c: c.messages
@@ -267,6 +284,8 @@ FAMILIES: tuple[Family, ...] = (
                 m.class_labels, m.class_weight.tolist(), m.class_loss_weighted_sum.tolist(), strict=True
             )
         ],
+        per_class=True,
+        series=lambda m: 2 * len(m.class_labels),
     ),
     Family(
         "xentd_sample_loss_nats",
@@ -274,6 +293,7 @@ FAMILIES: tuple[Family, ...] = (
         ("model",),
         "Per-sample cross-entropy (unweighted).",
         per_model=lambda m: [((), (m.hist_bounds.tolist(), m.hist_counts.tolist(), m.loss_sum))],
+        series=lambda m: len(m.hist_counts) + 2,
     ),
     Family(
         "xentd_window_samples",
@@ -295,12 +315,115 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+# --- cardinality: which per-model series a scrape carries (docs/metrics.md, "Cardinality") ---
+
+# A warning about series left out goes to the log at most this often; the gauge says it every scrape.
+_DROP_WARNING_SECONDS = 60.0
+
+
+def _series(family: Family, value: Any) -> int:
+    """How many series one sample is: a summary is _count and _sum, a histogram its buckets, _count and _sum."""
+    if family.type == "summary":
+        return 2
+    if family.type == "histogram":
+        return len(value[1]) + 2
+    return 1
+
+
+def _family_series(family: Family, m: ModelSnapshot) -> int:
+    """How many series a per-model family has for ``m``."""
+    if family.series is not None:
+        return family.series(m)
+    assert family.per_model is not None
+    return sum(_series(family, v) for _, v in family.per_model(m))
+
+
+def _cost(m: ModelSnapshot, per_class: bool) -> int:
+    return sum(_family_series(f, m) for f in FAMILIES if f.per_model is not None and f.per_class == per_class)
+
+
+def _plan(snap: Snapshot, export: ExportConfig) -> tuple[tuple[ModelSnapshot, ...], frozenset[str], int]:
+    """(models exported, models whose per-class series are exported, per-model series left out).
+
+    Per-class series are wanted for every model ("all"), none ("none"), or models with at
+    most ``per_class_max_classes`` classes ("auto"). Past ``max_series``, whole models
+    come first: in name order, each model's other series while they fit; then, in
+    name order, per-class series while they fit. Both stop at the first that does not."""
+    wanted = frozenset(
+        m.name
+        for m in snap.models
+        if export.per_class == "all"
+        or (export.per_class == "auto" and len(m.class_labels) <= export.per_class_max_classes)
+    )
+    models = tuple(snap.models)
+    if export.max_series == 0:
+        return models, wanted, 0
+    ordered = sorted(models, key=lambda m: m.name)
+    base = {m.name: _cost(m, per_class=False) for m in ordered}
+    classes = {m.name: _cost(m, per_class=True) for m in ordered if m.name in wanted}
+    total = sum(base.values()) + sum(classes.values())
+    if total <= export.max_series:
+        return models, wanted, 0
+    budget = export.max_series
+    kept: set[str] = set()
+    for m in ordered:
+        if base[m.name] > budget:
+            break
+        kept.add(m.name)
+        budget -= base[m.name]
+    detailed: set[str] = set()
+    for m in ordered:
+        if m.name not in kept or m.name not in wanted:
+            continue
+        if classes[m.name] > budget:
+            break
+        detailed.add(m.name)
+        budget -= classes[m.name]
+    exported = sum(base[n] for n in kept) + sum(classes[n] for n in detailed)
+    return tuple(m for m in models if m.name in kept), frozenset(detailed), total - exported
+
+
+class _DropWarning:
+    """Logs series left out of a scrape, at most once per :data:`_DROP_WARNING_SECONDS`
+    (both writers share one, so a scrape in either format counts)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: float | None = None
+
+    def note(self, dropped: int, export: ExportConfig) -> None:
+        if not dropped:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if self._last is not None and now - self._last < _DROP_WARNING_SECONDS:
+                return
+            self._last = now
+        log.warning(
+            "export: %d per-model series left out of /metrics to stay within export.max_series = %d "
+            "(xentd_series_dropped; docs/metrics.md, Cardinality)",
+            dropped,
+            export.max_series,
+        )
+
+
+def _scrape(
+    snap: Snapshot, version: str, backend: Backend, export: ExportConfig, warning: _DropWarning | None
+) -> Scrape:
+    models, per_class, dropped = _plan(snap, export)
+    if warning is not None:
+        warning.note(dropped, export)
+    return Scrape(snap, version, _backend_name(backend), models, per_class, dropped)
+
+
 def _samples(family: Family, scrape: Scrape) -> Iterator[Sample]:
     """Every sample of a family with all its label values (the model's first)."""
     if family.per_scrape is not None:
         yield from family.per_scrape(scrape)
     if family.per_model is not None:
-        for m in scrape.snapshot.models:
+        for m in scrape.models:
+            if family.per_class and m.name not in scrape.per_class:
+                continue
             for labels, value in family.per_model(m):
                 yield (m.name, *labels), value
 
@@ -343,22 +466,32 @@ class XentdCollector(Collector):
     """Renders :data:`FAMILIES` from a snapshot read from ``source`` on every scrape.
 
     With ``openmetrics=True`` the weighted summaries are written as gauge pairs
-    (see :class:`_WeightedSummary`), for the OpenMetrics exposition."""
+    (see :class:`_WeightedSummary`), for the OpenMetrics exposition. ``export``
+    says which per-model series go out (:func:`_plan`)."""
 
     def __init__(
-        self, source: Callable[[], Snapshot], *, version: str, backend: Backend, openmetrics: bool = False
+        self,
+        source: Callable[[], Snapshot],
+        *,
+        version: str,
+        backend: Backend,
+        openmetrics: bool = False,
+        export: ExportConfig | None = None,
+        warning: _DropWarning | None = None,
     ) -> None:
         self._source = source
         self._version = version
         self._backend = backend
         self._openmetrics = openmetrics
+        self._export = export if export is not None else ExportConfig()
+        self._warning = warning
 
     def describe(self) -> Iterable[Metric]:
         # Registering must not scrape: the state may not exist yet.
         return []
 
     def collect(self) -> Iterator[Metric]:
-        scrape = Scrape(self._source(), self._version, _backend_name(self._backend))
+        scrape = _scrape(self._source(), self._version, self._backend, self._export, self._warning)
         for family in FAMILIES:
             yield from self._family(family, scrape)
 
@@ -434,11 +567,20 @@ def _write(out: list[str], family: Family, labels: str, value: Any) -> None:
         out.append(f"{name}{braces} {_v(value)}\n")
 
 
-def render_text(snap: Snapshot, *, version: str, backend: Backend) -> str:
-    """All xentd metric families of one snapshot, in Prometheus text format 0.0.4."""
-    scrape = Scrape(snap, version, _backend_name(backend))
+def render_text(
+    snap: Snapshot,
+    *,
+    version: str,
+    backend: Backend,
+    export: ExportConfig | None = None,
+    warning: _DropWarning | None = None,
+) -> str:
+    """All xentd metric families of one snapshot, in Prometheus text format 0.0.4,
+    with the per-model series ``export`` lets through (:func:`_plan`)."""
+    scrape = _scrape(snap, version, backend, export if export is not None else ExportConfig(), warning)
     out: list[str] = []
-    models = [(f'model="{_esc(m.name)}"', m) for m in snap.models]
+    every_model = [(f'model="{_esc(m.name)}"', m) for m in scrape.models]
+    detailed = [(lbl, m) for lbl, m in every_model if m.name in scrape.per_class]
     for family in FAMILIES:
         name = family.name
         out.append(f"# HELP {name} {family.help}\n# TYPE {name} {family.type}\n")
@@ -449,6 +591,7 @@ def render_text(snap: Snapshot, *, version: str, backend: Backend) -> str:
         if per_model is None:
             continue
         extra = family.labels[1:]
+        models = detailed if family.per_class else every_model
         # The loops below are the hot path (a few hundred thousand samples for
         # 10,000 models): the common shapes are spelled out rather than going
         # through _write and _pairs for every sample.
@@ -474,11 +617,21 @@ def render_text(snap: Snapshot, *, version: str, backend: Backend) -> str:
 
 
 def build_registry(
-    source: Callable[[], Snapshot], *, version: str, backend: Backend, openmetrics: bool = False
+    source: Callable[[], Snapshot],
+    *,
+    version: str,
+    backend: Backend,
+    openmetrics: bool = False,
+    export: ExportConfig | None = None,
+    warning: _DropWarning | None = None,
 ) -> CollectorRegistry:
     """The full registry: xentd's collector plus prometheus-client's process and platform metrics."""
     registry = CollectorRegistry()
-    registry.register(XentdCollector(source, version=version, backend=backend, openmetrics=openmetrics))
+    registry.register(
+        XentdCollector(
+            source, version=version, backend=backend, openmetrics=openmetrics, export=export, warning=warning
+        )
+    )
     _add_process_collectors(registry)
     return registry
 
@@ -494,17 +647,31 @@ class Exposition:
     comes from :func:`render_text`; a client that accepts only OpenMetrics gets
     the collector's output through prometheus-client. Each scrape reads one snapshot.
 
-    ``backend`` may be a function: xentd_build_info then asks it on every scrape."""
+    ``backend`` may be a function: xentd_build_info then asks it on every scrape.
+    ``export`` (the config's [export]) says which per-model series go out."""
 
-    def __init__(self, source: Callable[[], Snapshot], *, version: str, backend: Backend) -> None:
+    def __init__(
+        self,
+        source: Callable[[], Snapshot],
+        *,
+        version: str,
+        backend: Backend,
+        export: ExportConfig | None = None,
+    ) -> None:
         self._source = source
         self._version = version
         self._backend = backend
-        self.registry = build_registry(source, version=version, backend=backend, openmetrics=True)
+        self._export = export if export is not None else ExportConfig()
+        self._warning = _DropWarning()
+        self.registry = build_registry(
+            source, version=version, backend=backend, openmetrics=True, export=self._export, warning=self._warning
+        )
         self._process = _add_process_collectors(CollectorRegistry())
 
     def text(self) -> bytes:
-        body = render_text(self._source(), version=self._version, backend=self._backend)
+        body = render_text(
+            self._source(), version=self._version, backend=self._backend, export=self._export, warning=self._warning
+        )
         return body.encode("utf-8") + generate_latest(self._process)
 
     def openmetrics(self) -> bytes:
