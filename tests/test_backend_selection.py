@@ -17,7 +17,10 @@ class Fake:
         self.name = name
         self.scored: list[str] = []
 
-    def warmup(self) -> None:
+    def warmup(self, *, parallel: bool = True) -> None:
+        pass
+
+    def warmup_parallel(self) -> None:
         pass
 
     def score(self, batch: Batch, params: ScoringParams) -> SampleScores:

@@ -427,3 +427,30 @@ def test_small_class_logits_keep_relative_accuracy_for_tiny_losses(backend: CpuB
     expected.append(np.log(2.0 + 8 * np.exp(-5.0)))
     np.testing.assert_allclose(scores.loss, expected, rtol=5e-6)
     np.testing.assert_array_equal(scores.correct, [1, 1, 1, 1])
+
+
+def test_large_batches_score_on_the_serial_build_until_the_parallel_one_is_compiled() -> None:
+    rng = np.random.default_rng(4)
+    batch = make_batch(rng.normal(0, 3, (4000, 10)).astype(np.float32), rng.integers(0, 10, 4000), "logits")
+    deferred = CpuBackend(parallel_threshold=0)
+    deferred.warmup(parallel=False)
+    real = cpu.KERNELS["index_f32"]
+    serial, parallel = real
+    calls: list[str] = []
+
+    def score() -> np.ndarray:
+        # Which build runs is recorded by wrapping the two dispatchers for the call.
+        cpu.KERNELS["index_f32"] = (
+            lambda *a: (calls.append("serial"), serial(*a))[1],
+            lambda *a: (calls.append("parallel"), parallel(*a))[1],
+        )
+        try:
+            return deferred.score(batch, default_params(batch)).loss.copy()
+        finally:
+            cpu.KERNELS["index_f32"] = real
+
+    before = score()
+    deferred.warmup_parallel()
+    after = score()
+    assert calls == ["serial", "parallel"]
+    np.testing.assert_array_equal(before, after)

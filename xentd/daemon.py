@@ -116,7 +116,7 @@ class Daemon:
         if state_dir is not None:
             self._restore_state(state_dir)
         self._restored.set()
-        self._compile(backend)
+        self._compile(backend, parallel=False)
         self._heartbeat = time.monotonic()  # the loop has not turned yet, but it is about to
         self._ready = True
         log.info(
@@ -127,6 +127,24 @@ class Daemon:
             self.backend.name if self.backend else "?",
         )
         self.notifier.ready(self._status())
+        self._compile_parallel_later(backend)
+
+    def _compile_parallel_later(self, backend: Backend) -> None:
+        """The multi-threaded builds, after READY: they only make large batches faster
+        (until then those take the serial builds), and on a cold cache they are about
+        half of the compile. The thread holds the GIL while Numba compiles, so scoring
+        runs slower meanwhile, never stops; a stop does not wait for it."""
+
+        def compile_parallel() -> None:
+            started = time.monotonic()
+            try:
+                backend.warmup_parallel()
+            except Exception:
+                log.exception("compiling the multi-threaded kernels failed; large batches stay on one thread")
+                return
+            log.info("multi-threaded kernels ready in %.1fs", time.monotonic() - started)
+
+        threading.Thread(target=compile_parallel, name="xentd-compile", daemon=True).start()
 
     def _metrics_url(self) -> str:
         scheme = "https" if self.config.metrics.tls else "http"
@@ -178,8 +196,9 @@ class Daemon:
             cuda_threads_per_block=engine.cuda_threads_per_block,
         )
 
-    def _compile(self, backend: Backend) -> None:
-        """Compile (or load from the Numba cache) every kernel, then hand the backend to the pipeline."""
+    def _compile(self, backend: Backend, *, parallel: bool = True) -> None:
+        """Compile (or load from the Numba cache) the kernels, then hand the backend to the
+        pipeline. ``parallel=False`` leaves the multi-threaded scoring builds for later."""
         self._set_phase("compiling kernels")
         log.info(
             "compiling kernels: the first start takes a while (20 s to a few minutes); later starts load them "
@@ -192,7 +211,7 @@ class Daemon:
             self.state.warmup()
             scan.warmup()
             segments.warmup()
-            backend.warmup()
+            backend.warmup(parallel=parallel)
         self.backend = backend
         self.pipeline.backend = backend
         log.info("kernels ready (%s backend) in %.1fs", backend.name, time.monotonic() - started)

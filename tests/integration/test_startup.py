@@ -96,6 +96,13 @@ def test_a_cold_start_serves_healthz_and_scores_what_was_sent_while_compiling(
     assert str(cache) in compiling and "later starts load them" in compiling
     assert any("kernels ready (cpu backend) in" in line for line in d.lines)
     assert any(f.suffix == ".nbc" for f in cache.rglob("*"))  # the compile filled the cache it was given
+    # The multi-threaded builds compile after READY, in the background; scoring went on meanwhile.
+    deadline = time.monotonic() + COMPILE_DEADLINE
+    while not any("multi-threaded kernels ready in" in line for line in d.lines):
+        assert time.monotonic() < deadline and d.proc.poll() is None, d.log
+        time.sleep(0.2)
+    ready_at = next(i for i, line in enumerate(d.lines) if "ready: ingest" in line)
+    assert ready_at < next(i for i, line in enumerate(d.lines) if "multi-threaded kernels ready" in line)
 
 
 def test_a_stop_while_compiling_still_scores_what_is_queued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -57,8 +57,12 @@ class SampleScores:
 class Backend(Protocol):
     name: str
 
-    def warmup(self) -> None:
-        """Compile every kernel signature the daemon can reach, before it reports ready."""
+    def warmup(self, *, parallel: bool = True) -> None:
+        """Compile every kernel signature the daemon can reach, before it reports ready.
+        ``parallel=False`` may leave out builds that only make large batches faster."""
+
+    def warmup_parallel(self) -> None:
+        """Compile what ``warmup(parallel=False)`` left out (in the background, once ready)."""
 
     def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
         """Score every sample of a validated batch."""
@@ -99,10 +103,15 @@ class Router:
     def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
         return self.pick(batch).score(batch, params)
 
-    def warmup(self) -> None:
-        self.cpu.warmup()
+    def warmup(self, *, parallel: bool = True) -> None:
+        self.cpu.warmup(parallel=parallel)
         if self.cuda is not None:
-            self.cuda.warmup()
+            self.cuda.warmup(parallel=parallel)
+
+    def warmup_parallel(self) -> None:
+        self.cpu.warmup_parallel()
+        if self.cuda is not None:
+            self.cuda.warmup_parallel()
 
 
 def create(

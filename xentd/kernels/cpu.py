@@ -630,6 +630,9 @@ class CpuBackend:
 
     def __init__(self, *, parallel_threshold: int = 1 << 15) -> None:
         self.parallel_threshold = parallel_threshold
+        # False between warmup(parallel=False) and warmup_parallel(): large batches then take
+        # the serial builds (the same results, on one core) instead of compiling on the hot path.
+        self._parallel_ready = True
         self._capacity = 0
         self._alloc(1024)
 
@@ -653,7 +656,8 @@ class CpuBackend:
         else:
             family = "soft"
         serial, parallel = KERNELS[family]
-        kernel = parallel if batch.predictions.size >= self.parallel_threshold else serial
+        large = batch.predictions.size >= self.parallel_threshold
+        kernel = parallel if large and self._parallel_ready else serial
         out = (self._loss[:n], self._focal[:n], self._correct[:n], self._tcls[:n], self._unnorm[:n])
         kernel(
             batch.predictions,
@@ -672,8 +676,23 @@ class CpuBackend:
             unnormalized_rows=int(np.count_nonzero(out[4])),
         )
 
-    def warmup(self) -> None:
-        """Compile (or load from the on-disk cache) every signature ``score`` can use."""
+    def warmup(self, *, parallel: bool = True) -> None:
+        """Compile (or load from the on-disk cache) every signature ``score`` can use.
+
+        With ``parallel=False`` only the serial builds: enough to score everything, in
+        about half the compile time; :meth:`warmup_parallel` adds the others later.
+        """
+        self._parallel_ready = False
+        self._compile((0,))
+        if parallel:
+            self.warmup_parallel()
+
+    def warmup_parallel(self) -> None:
+        """Compile the ``prange`` builds; large batches use them from then on."""
+        self._compile((1,))
+        self._parallel_ready = True
+
+    def _compile(self, builds: tuple[int, ...]) -> None:
         out = (np.empty(2), np.empty(2), np.empty(2, np.uint8), np.empty(2, np.int64), np.empty(2, np.uint8))
         for dtype in (np.float32, np.float64):
             pred1 = kernel_array(np.full(2, 0.5, dtype))
@@ -685,5 +704,5 @@ class CpuBackend:
                 ("soft", pred2, kernel_array(np.zeros((2, 2), np.float64))),
             ]
             for family, pred, tgt in cases:
-                for kernel in KERNELS[family]:
-                    kernel(pred, tgt, PROBS, 1e-7, 2.0, 1e-3, *out)
+                for build in builds:
+                    KERNELS[family][build](pred, tgt, PROBS, 1e-7, 2.0, 1e-3, *out)

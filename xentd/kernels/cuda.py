@@ -388,7 +388,10 @@ class CudaBackend:
             unnormalized_rows=int(np.count_nonzero(self._unnorm[:n])),
         )
 
-    def warmup(self) -> None:
+    def warmup_parallel(self) -> None:
+        """Nothing to add: every CUDA kernel is compiled by :meth:`warmup`."""
+
+    def warmup(self, *, parallel: bool = True) -> None:
         """Compile every kernel signature ``score`` can use, on tiny batches."""
         from xentd.jit import kernel_array
 
