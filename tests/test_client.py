@@ -352,3 +352,12 @@ def test_coalescing_joins_big_endian_and_strided_rows_as_their_values(ctx: zmq.C
     assert m.tensors["predictions"].datatype == "FP64" and m.tensors["targets"].datatype == "INT64"
     assert _rows_of(m, "predictions") == [[0.25, 0.75], [0.0, 0.03], [0.06, 0.09], [0.5, 0.5]]
     assert _rows_of(m, "targets") == [1, 0, 1, 0]
+
+
+def test_linger_zero_sends_each_send_at_once(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull, address = _pull(ctx)
+    with Publisher(address, connect_timeout=30, batch_rows=100, linger=0) as pub:
+        pub.send("m", _probs(1), np.array([1]))
+        assert pub.pending_rows == 0
+        assert [_rows_of(m, "targets") for m in _received(pull, 1)] == [[1]]
+    pull.close(linger=0)

@@ -96,7 +96,7 @@ class Publisher:
     its rows are copied and held per model, and joined with the model's next sends
     into one message. That message is sent when ``batch_rows`` rows are pending
     (None: no size limit), when a send finds the first pending row ``linger``
-    seconds old (None: no time limit), on :meth:`flush`, and on :meth:`close` (and
+    seconds old (None: no time limit; 0: at once), on :meth:`flush`, and on :meth:`close` (and
     leaving a ``with`` block). No thread sends in the background: a producer that
     may go quiet with rows pending calls :meth:`flush`. Only rows that can share a
     message are joined: same model, ``input``, prediction and target datatypes and
@@ -257,7 +257,8 @@ class Publisher:
         if pending is None:
             pending = self._pending[model] = _Pending(layout, now)
         pending.add(arrays, ts)
-        if self._batch_rows is not None and pending.rows >= self._batch_rows:
+        full = self._batch_rows is not None and pending.rows >= self._batch_rows
+        if full or self._linger == 0:  # linger=0, as Kafka's linger.ms=0: no waiting at all
             self._flush_model(model)
 
     @property
