@@ -222,7 +222,10 @@ class Daemon:
     def _init_http(self) -> None:
         # xentd_build_info asks on every scrape: "starting" until the kernels are compiled.
         exposition = Exposition(
-            self._scrape, version=__version__, backend=lambda: self.backend.name if self.backend else "starting"
+            self._scrape,
+            version=__version__,
+            backend=lambda: self.backend.name if self.backend else "starting",
+            export=self.config.export,
         )
         cfg = self.config.metrics
         try:

@@ -178,3 +178,20 @@ def test_the_daemon_exports_the_new_families_in_both_formats(start_daemon: Calla
         _, text = d.get("/metrics")
         out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
         assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), out.stdout + out.stderr
+
+
+def test_the_daemon_applies_the_export_section(start_daemon: Callable[..., DaemonProcess]) -> None:
+    """[export] in the config file reaches the real daemon's /metrics: per-class series off, and a
+    series budget too small for the second model leaves it out and says so."""
+    d = start_daemon('[export]\nper_class = "none"\nmax_series = 60\n')
+    rng = np.random.default_rng(9)
+    with Publisher(d.ingest, connect_timeout=60) as pub:
+        for model in ("a-first", "b-second"):
+            p = rng.dirichlet(np.ones(3), 20)
+            pub.send(model, p, rng.integers(0, 3, 20))
+    d.wait_for("xentd_messages_received_total", 2.0)
+    names = {(name, dict(labels).get("model")) for name, labels in d.samples()}
+    assert not any(name.startswith("xentd_class_cross_entropy_nats") for name, _ in names)
+    assert ("xentd_samples_total", "a-first") in names
+    assert ("xentd_samples_total", "b-second") not in names
+    assert (d.value("xentd_series_dropped") or 0) > 0
