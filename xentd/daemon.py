@@ -201,7 +201,7 @@ class Daemon:
         pipeline. ``parallel=False`` leaves the multi-threaded scoring builds for later."""
         self._set_phase("compiling kernels")
         log.info(
-            "compiling kernels: the first start takes a while (20 s to a few minutes); later starts load them "
+            "compiling kernels: the first start takes a while (20 s to a minute or two); later starts load them "
             "from the Numba cache in %s",
             numba_cache_location(),
         )
