@@ -294,10 +294,7 @@ class Pipeline:
                 batch = entry.batch
                 if batch is not None:
                     if batch.size == 0:
-                        # Nothing to score: counted as a message, and nothing else. It creates no
-                        # model, so it neither fixes nor checks a class count (docs/protocol.md).
-                        counters.messages += 1
-                        counters.empty_batches += 1
+                        self._count_empty_locked()
                         continue
                     model, batch_id, num_classes = batch.model, batch.batch_id, batch.num_classes
                     datatype = batch.prediction_datatype
@@ -307,11 +304,8 @@ class Pipeline:
                     model, batch_id = header.model, header.batch_id or None
                     num_classes = entry.fast.key[2] or 2
                     datatype = entry.fast.key[1]
-                if batch_id is not None and recent.capacity:
-                    if (model, batch_id) in recent:
-                        counters.duplicate_batches += 1
-                        counters.messages += 1
-                        continue
+                if self._duplicate_locked(model, batch_id):
+                    continue
                 try:
                     model_state = state.model(model, num_classes)
                     params = self._params_for(model, datatype)
@@ -447,18 +441,12 @@ class Pipeline:
             # A large batch is scored before the next is validated, so it may widen into the scratch buffer.
             tolerance = self.config.scoring_for(model).normalization_tolerance
             batch = validate(entry.unpacked.message(), self._scratch, tolerance)
-            if batch.size == 0:
-                with self.state.lock:
-                    self.state.counters.messages += 1
-                    self.state.counters.empty_batches += 1
-                return None
             with self.state.lock:
-                if batch.batch_id is not None and self.state.recent.capacity:
-                    key = (batch.model, batch.batch_id)
-                    if key in self.state.recent:
-                        self.state.counters.duplicate_batches += 1
-                        self.state.counters.messages += 1
-                        return None
+                if batch.size == 0:
+                    self._count_empty_locked()
+                    return None
+                if self._duplicate_locked(batch.model, batch.batch_id):
+                    return None
                 state = self.state.model(batch.model, batch.num_classes)
                 if batch.batch_id is not None:
                     self.state.recent.add((batch.model, batch.batch_id))
@@ -469,6 +457,21 @@ class Pipeline:
             log.exception("internal error while validating a batch for model %r", model)
             self._rejected(Reason.INTERNAL_ERROR, "internal error", model)
         return None
+
+    def _count_empty_locked(self) -> None:
+        """A batch of zero rows: counted as a message and an empty batch, and nothing else. It
+        creates no model, so it neither fixes nor checks a class count (docs/protocol.md)."""
+        self.state.counters.messages += 1
+        self.state.counters.empty_batches += 1
+
+    def _duplicate_locked(self, model: str, batch_id: str | None) -> bool:
+        """Whether (model, batch_id) was scored recently; a duplicate is counted here.
+        Both paths judge retries by this one rule; the caller remembers the id once admitted."""
+        if batch_id is None or not self.state.recent.capacity or (model, batch_id) not in self.state.recent:
+            return False
+        self.state.counters.duplicate_batches += 1
+        self.state.counters.messages += 1
+        return True
 
     def _observe_seq(self, producer: str, seq: int) -> None:
         with self.state.lock:
