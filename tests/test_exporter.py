@@ -9,10 +9,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_state import FakeClock
+from tests.clock import FakeClock
 from xentd.config import LimitsConfig, WindowsConfig
 from xentd.errors import Reason
 from xentd.exporter import build_registry
+from xentd.joins import PoolKey
 from xentd.kernels import SampleScores
 from xentd.state import StateStore
 
@@ -36,6 +37,10 @@ def store() -> StateStore:
         1_699_999_999.0,
     )
     m.unnormalized_targets = 2
+    m.fold_predictions(np.array([0.5, 1.0]), np.array([0.9, 0.6]), None, clock())
+    rows = np.array([[0.2, 0.3, 0.5]] * 3, np.float32)
+    s.joins.put("clf", PoolKey(0, "FP32", 3, False), np.arange(3, dtype=np.uint64), rows, None, clock())
+    s.joins.take("clf", np.array([0, 9], np.uint64), clock() + 2.0)
     s.reject(Reason.NON_FINITE, "clf")
     s.counters.messages = 2
     return s

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import naive
+from tests.clock import FakeClock
 from xentd.config import LimitsConfig, TimeWindow, WindowsConfig
 from xentd.errors import Reason, ValidationError
 from xentd.kernels import SampleScores
@@ -22,14 +23,6 @@ WINDOWS = WindowsConfig(
     ewma_half_life_seconds=7.0,
 )
 BOUNDS = (0.1, 1.0, 5.0)
-
-
-class FakeClock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def _store(classes_limit: int, clock: FakeClock, max_models: int = 10) -> StateStore:
@@ -174,7 +167,7 @@ def test_count_windows_stay_exact_over_long_streams() -> None:
     got = dict(model.windows(0.0))
     for k in WINDOWS.count:
         assert got[f"last_{k}"].cross_entropy == pytest.approx(loss[-k:].mean(), rel=1e-12)
-    assert model.ring.shape[0] == max(WINDOWS.count)  # memory stops at the largest window
+    assert model.loss.ring.shape[0] == max(WINDOWS.count)  # memory stops at the largest window
 
 
 def test_clock_going_backwards_does_not_corrupt_windows() -> None:

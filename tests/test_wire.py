@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from xentd import wire
-from xentd.errors import DecodeError, Reason
+from xentd.errors import DecodeError, Reason, ValidationError
 from xentd.wire import BF16, bf16_to_float32
 
 LIMITS = {"max_message_bytes": 1 << 20, "max_header_bytes": 4096}
@@ -108,7 +108,6 @@ def test_encode_refuses_misuse() -> None:
         (_frames(_header(v=2), *GOOD), Reason.UNSUPPORTED_VERSION),
         (_frames(_header(v=True), *GOOD), Reason.UNSUPPORTED_VERSION),
         (_frames(_header(model=7), *GOOD), Reason.BAD_HEADER),
-        (_frames(_header(input=None), *GOOD), Reason.BAD_HEADER),
         (_frames(_header(batch_id=5), *GOOD), Reason.BAD_HEADER),
         (_frames(_header(ts="now"), *GOOD), Reason.BAD_HEADER),
         (_frames(_header(tensors=[]), *GOOD), Reason.BAD_HEADER),
@@ -377,3 +376,13 @@ def test_ids_round_trip_uint64_above_2_63_and_int64() -> None:
 def test_encode_refuses_incomplete_join_messages(kwargs: dict[str, object], error: type, match: str) -> None:
     with pytest.raises(error, match=match):
         wire.encode("m", **kwargs)  # type: ignore[arg-type]
+
+
+def test_input_may_be_absent_only_without_predictions() -> None:
+    from xentd.validate import validate
+
+    # A labels-only message may omit it; with predictions it is required, and still bad_header.
+    msg = wire.decode(_frames(_header(input=None), *GOOD), max_message_bytes=1 << 20, max_header_bytes=1 << 16)
+    with pytest.raises(ValidationError) as info:
+        validate(msg)
+    assert info.value.reason is Reason.BAD_HEADER and "header.input is required" in info.value.detail

@@ -227,6 +227,26 @@ class ExportConfig:
     max_series: int = 1_000_000
 
 
+# Label delays from 1 s to 30 days (xentd_label_delay_seconds).
+DEFAULT_DELAY_BUCKETS: tuple[float, ...] = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 10800.0, 21600.0)
+DEFAULT_DELAY_BUCKETS += (43200.0, 86400.0, 259200.0, 604800.0, 2592000.0)
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    """Delayed labels: predictions that wait for labels sent later (docs/protocol.md)."""
+
+    # A waiting prediction older than this is dropped and counted as expired.
+    ttl_seconds: float = 3600.0
+    # The join store's budget across all models; past it the oldest predictions are evicted.
+    max_pending_bytes: int = 256 * 1024 * 1024
+    delay_buckets: tuple[float, ...] = DEFAULT_DELAY_BUCKETS
+
+
+# Stamps in the join store are 10 ms ticks in 32 bits: 497 days; a TTL must leave room.
+MAX_LABEL_TTL_SECONDS = 400 * 86400.0
+
+
 @dataclass(frozen=True)
 class Config:
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -239,6 +259,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     state: StateConfig = field(default_factory=StateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
 
     def scoring_for(self, model: str) -> ScoringConfig:
         return self.models.get(model, self.scoring)
@@ -672,7 +693,39 @@ def _parse_export(t: _Table) -> ExportConfig:
     return cfg
 
 
-_SECTIONS = ["ingest", "metrics", "windows", "scoring", "models", "limits", "engine", "log", "state", "export"]
+def _parse_labels(t: _Table) -> LabelsConfig:
+    d = LabelsConfig()
+    ttl = _duration(t, "ttl", d.ttl_seconds)
+    if ttl > MAX_LABEL_TTL_SECONDS:
+        t.error(f"{t.where('ttl')}: at most 400d, got {ttl:.0f} seconds")
+        ttl = d.ttl_seconds
+    buckets = t.take("delay_buckets", list, list(d.delay_buckets))
+    ok = all(isinstance(b, int | float) and not isinstance(b, bool) and math.isfinite(b) and b > 0 for b in buckets)
+    if not buckets or not ok or any(a >= b for a, b in zip(buckets, buckets[1:], strict=False)):
+        t.error(f"{t.where('delay_buckets')}: expected increasing positive numbers of seconds, got {buckets!r}")
+        buckets = list(d.delay_buckets)
+    cfg = LabelsConfig(
+        ttl_seconds=ttl,
+        max_pending_bytes=_positive_int(t, "max_pending_bytes", d.max_pending_bytes),
+        delay_buckets=tuple(float(b) for b in buckets),
+    )
+    t.done(["ttl", "max_pending_bytes", "delay_buckets"])
+    return cfg
+
+
+_SECTIONS = [
+    "ingest",
+    "metrics",
+    "windows",
+    "scoring",
+    "models",
+    "limits",
+    "engine",
+    "log",
+    "state",
+    "export",
+    "labels",
+]
 
 
 def from_mapping(data: Mapping[str, Any]) -> Config:
@@ -704,6 +757,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     log = section("log", _parse_log, LogConfig())
     state = section("state", _parse_state, StateConfig())
     export = section("export", _parse_export, ExportConfig())
+    labels = section("labels", _parse_labels, LabelsConfig())
     root.done(_SECTIONS)
     root.raise_errors()
     return Config(
@@ -717,6 +771,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         log=log,
         state=state,
         export=export,
+        labels=labels,
     )
 
 

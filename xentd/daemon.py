@@ -73,7 +73,9 @@ class Daemon:
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.clock = clock
-        self.state = StateStore(config.windows, config.limits, clock, dedup_window=config.ingest.dedup_window)
+        self.state = StateStore(
+            config.windows, config.limits, clock, dedup_window=config.ingest.dedup_window, labels=config.labels
+        )
         self.notifier = Notifier()
         self.snapshotter: persist.Snapshotter | None = None
         self._housekeeping_due = 0.0
@@ -298,7 +300,8 @@ class Daemon:
         return f"{len(self.state.models)} model(s), {self.state.counters.messages} message(s), backend {backend}"
 
     def housekeeping(self, force: bool = False) -> None:
-        """Between drains: watchdog ping, snapshots, idle-model eviction, status."""
+        """Between drains: watchdog ping, snapshots, idle-model eviction, expiry of waiting
+        predictions past labels.ttl, status."""
         self.notifier.watchdog()
         now = time.monotonic()
         if self.snapshotter is not None:
@@ -308,6 +311,7 @@ class Daemon:
         self._housekeeping_due = now + HOUSEKEEPING_SECONDS
         with self.state.lock:
             evicted = self.state.evict_idle(self.clock())
+            self.state.joins.expire(self.clock())
         if evicted:
             log.info(
                 "dropped %d model(s) idle for over %s s: %s%s",

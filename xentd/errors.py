@@ -45,6 +45,8 @@ class Reason(StrEnum):
     CLASS_COUNT_CHANGED = "class_count_changed"
     TOO_MANY_MODELS = "too_many_models"
     MODEL_NOT_ALLOWED = "model_not_allowed"
+    # A labels-only message for a model with no state: no predictions to join, no class count.
+    UNKNOWN_MODEL = "unknown_model"
     # A bug in xentd, not in the producer: logged with a traceback.
     INTERNAL_ERROR = "internal_error"
 

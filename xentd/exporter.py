@@ -312,6 +312,73 @@ FAMILIES: tuple[Family, ...] = (
         "Mean over the classes present of each class's weighted mean cross-entropy, in nats.",
         "balanced_cross_entropy",
     ),
+    # --- delayed labels and label-free statistics (xentd.joins, xentd.predstats) ---
+    Family(
+        "xentd_pending_bytes",
+        "gauge",
+        (),
+        "Bytes the join store holds for predictions waiting for labels, against labels.max_pending_bytes.",
+        per_scrape=lambda s: [((), s.snapshot.pending_bytes)],
+    ),
+    Family(
+        "xentd_pending_bytes_limit",
+        "gauge",
+        (),
+        "labels.max_pending_bytes: past it the oldest waiting predictions are evicted.",
+        per_scrape=lambda s: [((), s.snapshot.pending_bytes_limit)],
+    ),
+    Family(
+        "xentd_label_joins_total",
+        "counter",
+        ("model", "outcome"),
+        "Delayed labels and waiting predictions by outcome: matched, unmatched (a label whose id does not wait), "
+        "duplicate (a prediction whose id already waits), expired (past labels.ttl), evicted (over the budget).",
+        per_model=lambda m: [] if m.joins is None else [((o,), n) for o, n in m.joins.outcomes.items()],
+    ),
+    Family(
+        "xentd_pending_predictions",
+        "gauge",
+        ("model",),
+        "Predictions waiting for their labels.",
+        per_model=lambda m: [] if m.joins is None else [((), m.joins.pending)],
+    ),
+    Family(
+        "xentd_label_delay_seconds",
+        "histogram",
+        ("model",),
+        "Label arrival minus prediction arrival, one per matched join.",
+        per_model=lambda m: (
+            []
+            if m.joins is None
+            else [((), (m.joins.delay_bounds.tolist(), m.joins.delay_counts.tolist(), m.joins.delay_sum))]
+        ),
+        series=lambda m: 0 if m.joins is None else len(m.joins.delay_counts) + 2,
+    ),
+    Family(
+        "xentd_prediction_entropy_nats",
+        "summary",
+        ("model",),
+        "Entropy of every predicted distribution received, labelled or not: _sum is sum(w*H), _count sum(w).",
+        per_model=lambda m: (
+            [] if not m.predictions.rows else [((), (m.predictions.weight, m.predictions.entropy_weighted_sum))]
+        ),
+    ),
+    Family(
+        "xentd_prediction_confidence",
+        "summary",
+        ("model",),
+        "Top-class probability of every prediction received: _sum is sum(w*max p), _count sum(w).",
+        per_model=lambda m: (
+            [] if not m.predictions.rows else [((), (m.predictions.weight, m.predictions.confidence_weighted_sum))]
+        ),
+    ),
+    Family(
+        "xentd_window_prediction_entropy_nats",
+        "gauge",
+        ("model", "window"),
+        "Weighted mean entropy of the predictions received in the window, in nats.",
+        per_model=lambda m: [((w,), h) for w, h in m.predictions.window_entropy if not math.isnan(h)],
+    ),
 )
 
 

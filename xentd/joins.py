@@ -140,9 +140,9 @@ def _contains_many(ids, stamps, keys, found):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _take_many(
+def _take_many(  # type: ignore[no-untyped-def]
     ids, stamps, rows, weights, weighted, keys, pending, expire_before, out_rows, out_weights, out_stamps, status
-):  # type: ignore[no-untyped-def]
+):
     """For each key still ``pending`` (status NOT_FOUND): take its row out (MATCHED, copied to the
     outputs in key order) or drop it as EXPIRED when it arrived before ``expire_before``.
     Returns the number matched."""

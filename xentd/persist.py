@@ -29,7 +29,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from xentd.errors import SnapshotError
-from xentd.state import Counters, StateStore, class_slots
+from xentd.state import Counters, ModelState, StateStore, WindowedStats, class_slots, count, number
 
 log = logging.getLogger("xentd.persist")
 
@@ -59,7 +58,12 @@ class Image:
     counters: dict[str, Any]
     rejected: dict[str, int]
     recent: list[tuple[str, str]]
+    # Per model: (name, scalars, arrays). A component's arrays are named "<component>.<array>"
+    # and its scalars sit under scalars["parts"][component]; the loss component's sit at the
+    # top level, unprefixed, as in every snapshot before components existed.
     models: list[tuple[str, dict[str, Any], dict[str, np.ndarray]]]
+    # The daemon-wide components (StateStore.components): name -> (scalars, arrays).
+    components: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = dataclasses.field(default_factory=dict)
 
 
 def _layout(store: StateStore) -> dict[str, Any]:
@@ -83,6 +87,16 @@ def capture(store: StateStore) -> Image:
     models = []
     for m in store.models.values():
         scalars, arrays = m.export()
+        parts: dict[str, Any] = {}
+        for part, component in m.components().items():
+            part_scalars, part_arrays = component.save()
+            if part:
+                parts[part] = part_scalars
+                arrays.update({f"{part}.{k}": v for k, v in part_arrays.items()})
+            else:
+                scalars.update(part_scalars)
+                arrays.update(part_arrays)
+        scalars["parts"] = parts
         models.append((m.name, scalars, arrays))
     return Image(
         taken=store.clock(),
@@ -91,7 +105,23 @@ def capture(store: StateStore) -> Image:
         rejected=dict(store.rejected),
         recent=store.recent.items(),
         models=models,
+        components={name: c.save() for name, c in store.components().items()},
     )
+
+
+def _split(
+    scalars: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """A saved model's (scalars, arrays) by component: the inverse of what :func:`capture` merged."""
+    parts: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {"": (scalars, {})}
+    for name, part_scalars in (scalars.get("parts") or {}).items():
+        parts[name] = (part_scalars, {})
+    for key, value in arrays.items():
+        part, _, array = key.rpartition(".")
+        if part not in parts:
+            raise SnapshotError(f"array {key!r} belongs to no component")
+        parts[part][1][array] = value
+    return parts
 
 
 def write(directory: Path, image: Image) -> int:
@@ -105,11 +135,15 @@ def write(directory: Path, image: Image) -> int:
         "rejected": image.rejected,
         "recent": image.recent,
         "models": [{"name": name, **scalars} for name, scalars, _ in image.models],
+        "components": {name: scalars for name, (scalars, _) in image.components.items()},
     }
     arrays: dict[str, np.ndarray] = {"manifest": np.frombuffer(json.dumps(manifest).encode("utf-8"), np.uint8)}
     for i, (_, _, model_arrays) in enumerate(image.models):
         for key, value in model_arrays.items():
             arrays[f"m{i}.{key}"] = value
+    for name, (_, component_arrays) in image.components.items():
+        for key, value in component_arrays.items():
+            arrays[f"c.{name}.{key}"] = value
     final = directory / FILENAME
     tmp = directory / f".{FILENAME}.{os.getpid()}.tmp"
     try:
@@ -170,6 +204,10 @@ def _from_npz(npz: Any) -> Image:
         arrays = {k[len(prefix) :]: npz[k] for k in npz.files if k.startswith(prefix)}
         scalars = {k: v for k, v in entry.items() if k != "name"}
         models.append((str(entry["name"]), scalars, arrays))
+    components = {}
+    for name, scalars in (manifest.get("components") or {}).items():
+        prefix = f"c.{name}."
+        components[str(name)] = (scalars, {k[len(prefix) :]: npz[k] for k in npz.files if k.startswith(prefix)})
     return Image(
         taken=float(manifest["taken"]),
         layout=manifest["layout"],
@@ -177,67 +215,29 @@ def _from_npz(npz: Any) -> Image:
         rejected={str(k): int(v) for k, v in manifest["rejected"].items()},
         recent=[(str(m), str(b)) for m, b in manifest["recent"]],
         models=models,
+        components=components,
     )
-
-
-# Each model array: the dtype kinds it may have, and whether every value must be >= 0.
-# Scores and weights are >= 0 and nothing is ever subtracted, so every sum is too.
-_ARRAYS: dict[str, tuple[str, bool]] = {
-    "lifetime": ("f", True),
-    "hist": ("iu", True),
-    "ewma": ("f", True),
-    "ring": ("f", True),
-    "ring_cls": ("iu", True),
-    "blocks": ("f", True),
-    "tw_epochs": ("iu", False),  # bucket numbers; the initial ones are far below 0
-    "tw_buckets": ("f", True),
-}
-_MODEL_COUNTS = ("num_classes", "batches", "unnormalized_rows", "unnormalized_targets", "count_total")
-_MODEL_TIMES = ("last_batch_time", "clock", "ewma_time")
-
-
-def _count(value: object, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise SnapshotError(f"{where} is {value!r}; expected a count (an integer >= 0)")
-    return value
-
-
-def _number(value: object, where: str, *, non_negative: bool) -> None:
-    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not ok or (non_negative and value < 0):  # type: ignore[operator]
-        raise SnapshotError(f"{where} is {value!r}; expected a finite number{' >= 0' if non_negative else ''}")
-
-
-def _array(a: np.ndarray, where: str, kinds: str, non_negative: bool) -> None:
-    if a.dtype.kind not in kinds:
-        raise SnapshotError(f"{where} has dtype {a.dtype}; expected {'a float' if kinds == 'f' else 'an integer'} type")
-    if kinds == "f" and not np.isfinite(a).all():
-        bad = np.argwhere(~np.isfinite(a))[0]
-        raise SnapshotError(f"{where}{bad.tolist()} is {a[tuple(bad)]}; expected finite values")
-    if non_negative and a.size and a.min() < 0:
-        bad = np.argwhere(a < 0)[0]
-        raise SnapshotError(f"{where}{bad.tolist()} is {a[tuple(bad)]}; expected values >= 0")
 
 
 def check(image: Image) -> None:
     """Raise :class:`SnapshotError` unless every value in ``image`` is one a run can produce.
 
-    Shapes against the current configuration are :meth:`ModelState.restore`'s
-    check; this one needs only the image: counts are integers >= 0, sums finite
-    and >= 0, times finite, arrays of their kind, ring classes inside the class
-    slots, and the ring long enough for the samples it claims to hold.
+    Shapes against the current configuration are each component's ``load`` check; this
+    one needs only the image: counts are integers >= 0, sums finite and >= 0, times
+    finite, arrays of their kind, ring classes inside the class slots, and the ring long
+    enough for the samples it claims to hold. Each component checks its own values.
     """
     try:
-        _number(image.taken, "taken", non_negative=False)
+        number(image.taken, "taken", non_negative=False)
         counters = image.counters
         for key in Counters.PERSISTED:
             if key != "limit_hits" and key in counters:  # a counter newer than the file is absent: 0
-                _count(counters[key], f"counters.{key}")
+                count(counters[key], f"counters.{key}")
         for key, n in counters["limit_hits"].items():
-            _count(n, f"counters.limit_hits.{key}")
+            count(n, f"counters.limit_hits.{key}")
         for reason, n in image.rejected.items():
-            _count(n, f"rejected.{reason}")
-        class_limit = _count(image.layout["class_limit"], "layout.class_limit")
+            count(n, f"rejected.{reason}")
+        class_limit = count(image.layout["class_limit"], "layout.class_limit")
         largest_count_window = max((int(k) for k in image.layout["windows"]["count"]), default=0)
         seen: set[str] = set()
         for name, scalars, arrays in image.models:
@@ -245,35 +245,19 @@ def check(image: Image) -> None:
             if name in seen:
                 raise SnapshotError(f"{where} appears twice")
             seen.add(name)
-            for key in _MODEL_COUNTS:
-                _count(scalars.get(key, 0), f"{where} {key}")
-            if scalars["num_classes"] < 1:
-                raise SnapshotError(f"{where} num_classes is {scalars['num_classes']}; expected at least 1")
-            _number(scalars["loss_sum"], f"{where} loss_sum", non_negative=True)
-            for key in _MODEL_TIMES:
-                _number(scalars[key], f"{where} {key}", non_negative=False)
-            if scalars["last_event_time"] is not None:
-                _number(scalars["last_event_time"], f"{where} last_event_time", non_negative=False)
-            rejected = scalars.get("rejected") or {}
-            if not isinstance(rejected, dict):
-                raise SnapshotError(f"{where} rejected is {rejected!r}; expected reason: count")
-            for reason, n in rejected.items():
-                _count(n, f"{where} rejected.{reason}")
-            for key, a in arrays.items():
-                if key in _ARRAYS:
-                    _array(a, f"{where} {key}", *_ARRAYS[key])
-            ring, ring_cls = arrays["ring"], arrays["ring_cls"]
-            slots = class_slots(scalars["num_classes"], class_limit)
-            if ring_cls.size and ring_cls.max() >= slots:
-                # The fold kernels index per-class sums with these, unchecked.
-                raise SnapshotError(f"{where} ring_cls holds class slot {ring_cls.max()}; the model has {slots}")
-            if ring.shape[0] < min(scalars["count_total"], largest_count_window):
-                raise SnapshotError(
-                    f"{where} count_total {scalars['count_total']} but the ring holds {ring.shape[0]} samples"
+            ModelState.check_saved(scalars, where, class_limit)
+            slots = {"": class_slots(scalars["num_classes"], class_limit), "predictions": 1}
+            for part, (part_scalars, part_arrays) in _split(scalars, arrays).items():
+                if part not in slots:
+                    raise SnapshotError(f"{where} unknown component {part!r}")
+                WindowedStats.check(
+                    part_scalars, part_arrays, f"{where}{' ' + part if part else ''}", slots[part], largest_count_window
                 )
     except SnapshotError:
         raise
-    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+    except ValueError as exc:
+        raise SnapshotError(str(exc)) from None
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
         raise SnapshotError(f"inconsistent contents: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
@@ -304,7 +288,10 @@ def restore(store: StateStore, image: Image) -> Restored:
                     dropped.append(name)
                     continue
                 state = store.add_model(name, int(scalars["num_classes"]))
-                state.restore(scalars, arrays, windows=windows)
+                state.restore(scalars)
+                components = state.components()
+                for part, (part_scalars, part_arrays) in _split(scalars, arrays).items():
+                    components[part].load(part_scalars, part_arrays, windows=windows)
             counters = image.counters
             store.counters = dataclasses.replace(
                 store.counters,
@@ -319,7 +306,14 @@ def restore(store: StateStore, image: Image) -> Restored:
                 if reason in store.rejected:
                     store.rejected[reason] = n
             store.recent.restore(image.recent)
+            for name, component in store.components().items():
+                if name in image.components:  # absent from snapshots older than the component
+                    component.load(*image.components[name], set(store.models))
             store.counters.restored_models = len(store.models)
+    except SnapshotError:
+        with store.lock:
+            store.models.clear()
+        raise
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         with store.lock:
             store.models.clear()

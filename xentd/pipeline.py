@@ -15,24 +15,40 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from xentd import wire
 from xentd.config import Config
 from xentd.errors import DecodeError, Reason, RejectedBatch
+from xentd.jit import kernel_array
+from xentd.joins import PoolKey
 from xentd.kernels import Backend, SampleScores, ScoringParams
+from xentd.names import MODEL_NAME_RE
+from xentd.predstats import row_stats
 from xentd.state import ModelState, StateStore
 from xentd.validate import (
     DATATYPE_EPS,
     Batch,
     FastLayout,
+    InputKind,
+    LabelBatch,
     LayoutKey,
+    MessageKind,
+    PendingBatch,
     Scratch,
     Segments,
+    TargetKind,
     check_many,
     concatenate,
     fast_layout,
+    label_targets,
     layout,
+    message_kind,
     validate,
+    validate_labels,
+    validate_predictions,
 )
+from xentd.wire import bf16_to_float32
 
 log = logging.getLogger("xentd")
 
@@ -73,10 +89,11 @@ class _Group:
 class _Entry:
     """One message of a drain, from its arrival until it is folded or counted."""
 
-    __slots__ = ("unpacked", "fast", "producer", "seq", "refused", "batch", "layout", "segment")
+    __slots__ = ("unpacked", "fast", "kind", "producer", "seq", "refused", "batch", "layout", "segment")
 
     def __init__(self) -> None:
         self.unpacked: wire.Unpacked | None = None
+        self.kind = MessageKind.FULL
         self.fast: FastLayout | None = None
         self.producer: str | None = None
         self.seq: int | None = None
@@ -129,6 +146,8 @@ class Pipeline:
         self.backend_choice = config.model_backends()
         self._scratch = Scratch()
         self._log_rejection = _RejectionLog(config.log.rejection_interval_seconds)
+        self._eviction_logged = -math.inf
+        self._evicted_unlogged: dict[str, int] = {}
         self._limits = {
             "max_message_bytes": config.ingest.max_message_bytes,
             "max_header_bytes": config.ingest.max_header_bytes,
@@ -149,9 +168,19 @@ class Pipeline:
         are judged in arrival order, as if one message at a time.
         """
         chunk: list[_Entry] = []
+        joins: list[_Entry] = []
         limit = self.config.engine.group_max_elements
         for frames in messages:
             entry = self._unpack(frames)
+            if entry.refused is None and entry.kind is not MessageKind.FULL:
+                # Predictions-only and labels-only messages, in order among themselves (xentd.joins).
+                self._run(chunk)
+                chunk = []
+                joins.append(entry)
+                continue
+            if joins:
+                self._run_joins(joins)
+                joins = []
             if entry.refused is None and _elements(entry) > limit:
                 # A large batch is validated into the scratch buffer and scored at once.
                 self._run(chunk)
@@ -160,6 +189,7 @@ class Pipeline:
             else:
                 chunk.append(entry)
         self._run(chunk)
+        self._run_joins(joins)
 
     # --- a drain of small messages ------------------------------------------------
 
@@ -171,6 +201,8 @@ class Pipeline:
             # Before validation: a message that arrived but is refused is not a gap.
             entry.producer, entry.seq = unpacked.producer, unpacked.seq
             entry.fast = fast_layout(unpacked.header)
+            if entry.fast is None:
+                entry.kind = message_kind(unpacked.header)
         except DecodeError as exc:
             # Refused while decoding: the header may still have named its model and stream position.
             entry.producer, entry.seq = exc.producer, exc.seq
@@ -269,7 +301,7 @@ class Pipeline:
             tolerance = self.config.scoring_for(model).normalization_tolerance
             entry.batch = validate(entry.unpacked.message(), None, tolerance)
         except RejectedBatch as exc:
-            entry.refused = (exc.reason, exc.detail, model if wire.MODEL_NAME_RE.fullmatch(model) else None)
+            entry.refused = (exc.reason, exc.detail, model if MODEL_NAME_RE.fullmatch(model) else None)
         except Exception:
             log.exception("internal error while validating a batch for model %r", model)
             entry.refused = (Reason.INTERNAL_ERROR, "internal error", model)
@@ -360,6 +392,7 @@ class Pipeline:
         try:
             batch = segs.batch(first.model, _merge(ranges))
             scores = self.backend.score(batch, first.params)
+            entropy, confidence = row_stats(batch.predictions, batch.kind)
         except Exception:
             log.exception(
                 "internal error while scoring %d batch(es) of %d model(s)",
@@ -400,6 +433,12 @@ class Pipeline:
                         unnormalized_targets=sum([segs.unnormalized[e.segment] for e in unit.entries]),
                     ):
                         self.state.counters.limit_hits["class_limit"] += 1
+                    unit.state.fold_predictions(
+                        entropy[part],
+                        confidence[part],
+                        None if batch.weights is None else batch.weights[part],
+                        self.clock(),
+                    )
                     self.state.counters.messages += count
                 except RejectedBatch as exc:
                     if count == 1:
@@ -421,6 +460,182 @@ class Pipeline:
                     unit.model, [(start, end)], entry.unpacked.header.ts, segs.unnormalized[entry.segment]
                 )
                 self._score(_Group(unit.state, (), [single]))
+
+    # --- delayed labels: predictions-only and labels-only messages ----------------
+
+    def _run_joins(self, entries: list[_Entry]) -> None:
+        """Handle join messages in arrival order, consecutive ones of one model and kind together."""
+        start = 0
+        while start < len(entries):
+            first = entries[start]
+            assert first.unpacked is not None
+            model, kind = first.unpacked.header.model, first.kind
+            end = start + 1
+            while end < len(entries):
+                nxt = entries[end].unpacked
+                assert nxt is not None
+                if entries[end].kind is not kind or nxt.header.model != model:
+                    break
+                end += 1
+            run = entries[start:end]
+            try:
+                if kind is MessageKind.PREDICTIONS:
+                    self._predictions_only(run)
+                else:
+                    self._labels_only(run)
+            except Exception:
+                log.exception("internal error while joining %d message(s) for model %r", len(run), model)
+                for _ in run:
+                    self._rejected(Reason.INTERNAL_ERROR, "internal error", model)
+            start = end
+
+    def _validated(self, entry: _Entry, check: Callable[[wire.Message], Any]) -> Any:
+        """``check(message)``, or None with the rejection counted."""
+        assert entry.unpacked is not None
+        model = entry.unpacked.header.model
+        if entry.producer is not None and entry.seq is not None:
+            self._observe_seq(entry.producer, entry.seq)
+        try:
+            return check(entry.unpacked.message())
+        except RejectedBatch as exc:
+            self._rejected(exc.reason, exc.detail, model if MODEL_NAME_RE.fullmatch(model) else None)
+        return None
+
+    def _predictions_only(self, run: list[_Entry]) -> None:
+        """Rows that wait for labels: counted in the label-free statistics, then stored by id."""
+        accepted: list[PendingBatch] = []
+        for entry in run:
+            batch = self._validated(entry, validate_predictions)
+            if batch is not None:
+                accepted.append(batch)
+        if not accepted:
+            return
+        now = self.clock()
+        stats = [row_stats(b.predictions, b.kind) for b in accepted]
+        logs: list[tuple[Reason, str, str | None]] = []
+        evicted: dict[str, int] = {}
+        with self.state.lock:
+            for batch, (entropy, confidence) in zip(accepted, stats, strict=True):
+                if not self._admit_join_locked(batch.model, batch.batch_id, batch.size):
+                    continue
+                try:
+                    state = self.state.model(batch.model, batch.num_classes)
+                    state.fold_predictions(entropy, confidence, batch.weights, now)
+                except RejectedBatch as exc:
+                    self._count_rejection((exc.reason, exc.detail, batch.model), logs)
+                    continue
+                if batch.batch_id is not None:
+                    self.state.recent.add((batch.model, batch.batch_id))
+                key = PoolKey(
+                    int(batch.kind),
+                    batch.prediction_datatype,
+                    0 if batch.wire.ndim == 1 else batch.num_classes,
+                    batch.weights is not None,
+                )
+                result = self.state.joins.put(batch.model, key, batch.ids, batch.wire, batch.weights, now)
+                for evicted_model, n in result.evicted.items():
+                    evicted[evicted_model] = evicted.get(evicted_model, 0) + n
+                self.state.counters.messages += 1
+        for reason, detail, name in logs:
+            self._log_rejection(reason, detail, name)
+        if evicted:
+            self._log_eviction(evicted)
+
+    def _admit_join_locked(self, model: str, batch_id: str | None, size: int) -> bool:
+        if size == 0:
+            self._count_empty_locked()
+            return False
+        return not self._duplicate_locked(model, batch_id)
+
+    def _log_eviction(self, evicted: dict[str, int]) -> None:
+        """A warning at most once per ``log.rejection_interval``, with what it leaves out."""
+        for model, n in evicted.items():
+            self._evicted_unlogged[model] = self._evicted_unlogged.get(model, 0) + n
+        now = time.monotonic()
+        if now - self._eviction_logged < self.config.log.rejection_interval_seconds:
+            return
+        self._eviction_logged = now
+        pending, self._evicted_unlogged = self._evicted_unlogged, {}
+        models = ", ".join(f"{m} ({n})" for m, n in sorted(pending.items(), key=lambda x: -x[1])[:5])
+        log.warning(
+            "the join store reached labels.max_pending_bytes=%d: evicted the %d oldest waiting prediction(s) "
+            "since the last report, of %s%s; raise the budget or lower labels.ttl",
+            self.state.joins.max_bytes,
+            sum(pending.values()),
+            models,
+            " ..." if len(pending) > 5 else "",
+        )
+
+    def _labels_only(self, run: list[_Entry]) -> None:
+        """Labels joined to their waiting predictions; each joined pair is scored as if sent together."""
+        model = run[0].unpacked.header.model  # type: ignore[union-attr]
+        labels: list[LabelBatch] = []
+        for entry in run:
+            batch = self._validated(entry, validate_labels)
+            if batch is not None:
+                labels.append(batch)
+        if not labels:
+            return
+        with self.state.lock:
+            state = self.state.models.get(model)
+            binaries = {k.columns == 0 for k in self.state.joins.pools.get(model, {})}
+        if state is None:
+            for _ in labels:
+                self._rejected(
+                    Reason.UNKNOWN_MODEL,
+                    f"labels for model {model!r}, which has sent no predictions since xentd started",
+                    None,
+                )
+            return
+        # Targets are checked against the model's class count, as the binary or multiclass
+        # predictions that wait for them need (both, for a 2-class model that sends both).
+        tolerance = self.config.scoring_for(model).normalization_tolerance
+        wanted = sorted(binaries) or [state.num_classes == 2]
+        checked: list[tuple[LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]] = []
+        for batch in labels:
+            forms: dict[bool, tuple[np.ndarray, TargetKind, int]] = {}
+            try:
+                for binary in wanted:
+                    forms[binary] = label_targets(batch, state.num_classes, binary, tolerance)
+            except RejectedBatch as exc:
+                self._rejected(exc.reason, exc.detail, model)
+                continue
+            checked.append((batch, forms))
+        now = self.clock()
+        with self.state.lock:
+            admitted = [(b, forms) for b, forms in checked if self._admit_join_locked(model, b.batch_id, b.size)]
+            for b, forms in admitted:
+                if b.batch_id is not None:
+                    self.state.recent.add((model, b.batch_id))
+                state.unnormalized_targets += next(iter(forms.values()))[2]
+            if not admitted:
+                return
+            ids = np.concatenate([b.ids for b, _ in admitted])
+            result = self.state.joins.take(model, ids, now)
+        ts = next((b.ts for b, _ in reversed(admitted) if b.ts is not None), None)
+        scored = 0
+        for joined in result.joined:
+            binary = joined.key.columns == 0
+            targets = np.concatenate([forms[binary][0] for _, forms in admitted])
+            target_kind = admitted[0][1][binary][1]
+            batch = Batch(
+                model=model,
+                kind=InputKind(joined.key.kind),
+                predictions=_widened(joined.predictions, joined.key.datatype),
+                targets=kernel_array(targets[joined.label_rows]),
+                target_kind=target_kind,
+                weights=None if joined.weights is None else kernel_array(joined.weights),
+                num_classes=state.num_classes,
+                prediction_datatype=joined.key.datatype,
+                batch_id=None,
+                ts=ts,
+            )
+            # The labels messages count as received once, with the first joined group.
+            self._score(_Group(state, (), [batch]), joined=True, messages=len(admitted) if scored == 0 else 0)
+            scored += 1
+        if not scored:
+            with self.state.lock:
+                self.state.counters.messages += len(admitted)
 
     # --- one message at a time (large batches) ------------------------------------
 
@@ -452,7 +667,7 @@ class Pipeline:
                     self.state.recent.add((batch.model, batch.batch_id))
             return batch, state
         except RejectedBatch as exc:
-            self._rejected(exc.reason, exc.detail, model if wire.MODEL_NAME_RE.fullmatch(model) else None)
+            self._rejected(exc.reason, exc.detail, model if MODEL_NAME_RE.fullmatch(model) else None)
         except Exception:
             log.exception("internal error while validating a batch for model %r", model)
             self._rejected(Reason.INTERNAL_ERROR, "internal error", model)
@@ -477,24 +692,30 @@ class Pipeline:
         with self.state.lock:
             self.state.counters.sequence_gaps += self.state.sequences.observe(producer, seq)
 
-    def _score(self, group: _Group) -> None:
+    def _score(self, group: _Group, *, joined: bool = False, messages: int | None = None) -> None:
+        """Score and fold a group. ``joined``: pairs of the join store, whose predictions were
+        counted in the label-free statistics when they arrived; ``messages``: how many
+        messages this counts as received (default: one per batch)."""
         count = len(group.batches)
         model = group.batches[0].model
         try:
             batch = concatenate(group.batches)
             assert self.backend is not None
             scores = self.backend.score(batch, self._params_for(batch.model, batch.prediction_datatype))
+            stats = None if joined else row_stats(batch.predictions, batch.kind)
             with self.state.lock:
                 if group.state.fold(
                     scores,
                     batch.weights,
                     self.clock(),
                     batch.ts,
-                    batches=count,
+                    batches=count if messages is None else messages,
                     unnormalized_targets=batch.unnormalized_targets,
                 ):
                     self.state.counters.limit_hits["class_limit"] += 1
-                self.state.counters.messages += count
+                if stats is not None:
+                    group.state.fold_predictions(*stats, batch.weights, self.clock())
+                self.state.counters.messages += count if messages is None else messages
         except RejectedBatch as exc:
             if count == 1:
                 self._rejected(exc.reason, exc.detail, model)
@@ -559,3 +780,13 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((start, end))
     return out
+
+
+def _widened(rows: np.ndarray, datatype: str) -> np.ndarray:
+    """Joined prediction rows (wire datatype) as :class:`Batch` holds them: FP16 and BF16
+    widened to float32, exactly, as :func:`xentd.validate.validate` does."""
+    if datatype == "FP16":
+        return kernel_array(rows.astype(np.float32))
+    if datatype == "BF16":
+        return kernel_array(bf16_to_float32(rows))
+    return kernel_array(rows.astype(rows.dtype.newbyteorder("="), copy=False))

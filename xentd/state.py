@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from xentd import accumulate as acc
-from xentd.config import LimitsConfig, WindowsConfig
+from xentd.config import LabelsConfig, LimitsConfig, WindowsConfig
 from xentd.delivery import RecentBatches, SequenceTracker
 from xentd.errors import Reason, ValidationError
+from xentd.joins import OUTCOMES, JoinStore
 from xentd.kernels import SampleScores
 
 _NO_WEIGHTS = np.empty(0, np.float64)
@@ -82,31 +85,42 @@ class _TimeWindow:
         return int(now // self.width)
 
 
-class ModelState:
-    """All rolling state of one model. Mutated only by :class:`StateStore`."""
+class WindowedStats:
+    """Stat vectors over every window: lifetime totals, a histogram of the per-sample value,
+    time windows, exact count windows and the EWMA (see the module doc).
+
+    One class serves each statistic a model keeps: its scored losses (with class slots)
+    and the label-free entropy of its predictions. It saves and restores its own arrays
+    (:meth:`save`, :meth:`load`, :meth:`check`), so :mod:`xentd.persist` walks components
+    without knowing what they hold.
+    """
+
+    # Each array: the dtype kinds it may have, and whether every value must be >= 0.
+    # Scores and weights are >= 0 and nothing is ever subtracted, so every sum is too.
+    ARRAYS: dict[str, tuple[str, bool]] = {
+        "lifetime": ("f", True),
+        "hist": ("iu", True),
+        "ewma": ("f", True),
+        "ring": ("f", True),
+        "ring_cls": ("iu", True),
+        "blocks": ("f", True),
+        "tw_epochs": ("iu", False),  # bucket numbers; the initial ones are far below 0
+        "tw_buckets": ("f", True),
+    }
+    COUNTS = ("count_total",)
+    TIMES = ("ewma_time",)
 
     def __init__(
-        self, name: str, num_classes: int, windows: WindowsConfig, limits: LimitsConfig, created: float
+        self, slots: int, class_limit: int, bounds: tuple[float, ...], windows: WindowsConfig, created: float
     ) -> None:
-        self.name = name
-        self.num_classes = num_classes
-        self.class_limit = limits.class_limit
-        self.slots = class_slots(num_classes, limits.class_limit)
-        size = acc.vector_size(self.slots)
+        self.slots = slots
+        self.class_limit = class_limit
+        size = acc.vector_size(slots)
         self.lifetime = np.zeros(size)
-        self.bounds = np.asarray(limits.loss_buckets, np.float64)
-        self.hist = np.zeros(len(limits.loss_buckets) + 1, np.int64)
+        self.bounds = np.asarray(bounds, np.float64)
+        self.hist = np.zeros(len(bounds) + 1, np.int64)
         self.hist_scratch = np.zeros_like(self.hist)
-        self.loss_sum = 0.0
-        self.batches = 0
-        self.unnormalized_rows = 0
-        # Target rows scored as sent although they are not a distribution (soft rows off 1, multi-hot rows).
-        self.unnormalized_targets = 0
-        # Rejected batches of this model, by reason value; only models with state get these.
-        self.rejected: dict[str, int] = {}
-        self.last_batch_time = created
-        self.last_event_time: float | None = None
-        self.clock = created  # never goes backwards, so buckets stay monotone
+        self.value_sum = 0.0  # the unweighted sum of the per-sample value (a histogram's _sum)
         self.time_windows = [_TimeWindow(w.label, w.seconds, windows.buckets, size) for w in windows.time]
         self.count_sizes = tuple(windows.count)
         # The row labels of window_matrix, in its order.
@@ -125,24 +139,13 @@ class ModelState:
 
     # --- persistence (the file format is xentd.persist's) -------------------------
 
-    _SCALARS = (
-        "num_classes",
-        "loss_sum",
-        "batches",
-        "unnormalized_rows",
-        "unnormalized_targets",
-        "rejected",
-        "last_batch_time",
-        "last_event_time",
-        "clock",
-        "count_total",
-        "ewma_time",
-    )
-
-    def export(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
-        """Copies of everything needed to rebuild this state: (scalars, arrays)."""
-        scalars = {k: getattr(self, k) for k in self._SCALARS}
-        scalars["rejected"] = dict(self.rejected)
+    def save(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+        """Copies of everything needed to rebuild this component: (scalars, arrays)."""
+        scalars: dict[str, object] = {
+            "loss_sum": self.value_sum,
+            "count_total": self.count_total,
+            "ewma_time": self.ewma_time,
+        }
         arrays: dict[str, np.ndarray] = {
             "lifetime": self.lifetime.copy(),
             "hist": self.hist.copy(),
@@ -156,8 +159,30 @@ class ModelState:
             arrays["tw_buckets"] = np.stack([tw.buckets for tw in self.time_windows])
         return scalars, arrays
 
-    def restore(self, scalars: dict[str, object], arrays: dict[str, np.ndarray], *, windows: bool) -> None:
-        """Load what :meth:`export` produced. With ``windows=False`` (the window
+    @classmethod
+    def check(
+        cls, scalars: dict[str, object], arrays: dict[str, np.ndarray], where: str, slots: int, largest_window: int
+    ) -> None:
+        """Raise ValueError unless the saved values are ones a run can produce (their shapes
+        against the configuration are :meth:`load`'s check)."""
+        for key in cls.COUNTS:
+            count(scalars.get(key, 0), f"{where} {key}")
+        number(scalars["loss_sum"], f"{where} loss_sum", non_negative=True)
+        for key in cls.TIMES:
+            number(scalars[key], f"{where} {key}", non_negative=False)
+        for key, a in arrays.items():
+            if key in cls.ARRAYS:
+                check_array(a, f"{where} {key}", *cls.ARRAYS[key])
+        ring, ring_cls = arrays["ring"], arrays["ring_cls"]
+        if ring_cls.size and ring_cls.max() >= slots:
+            # The fold kernels index per-class sums with these, unchecked.
+            raise ValueError(f"{where} ring_cls holds class slot {ring_cls.max()}; the model has {slots}")
+        total = scalars.get("count_total", 0)
+        if ring.shape[0] < min(total, largest_window):  # type: ignore[call-overload]
+            raise ValueError(f"{where} count_total {total} but the ring holds {ring.shape[0]} samples")
+
+    def load(self, scalars: dict[str, object], arrays: dict[str, np.ndarray], *, windows: bool) -> None:
+        """Load what :meth:`save` produced. With ``windows=False`` (the window
         configuration changed) only the lifetime totals come back."""
 
         def shaped(name: str, like: np.ndarray) -> np.ndarray:
@@ -168,16 +193,7 @@ class ModelState:
 
         self.lifetime = shaped("lifetime", self.lifetime)
         self.hist = shaped("hist", self.hist)
-        for k in ("loss_sum", "last_batch_time", "clock"):
-            setattr(self, k, float(scalars[k]))  # type: ignore[arg-type]
-        self.batches = int(scalars["batches"])  # type: ignore[call-overload]
-        self.unnormalized_rows = int(scalars["unnormalized_rows"])  # type: ignore[call-overload]
-        # Absent from snapshots written before these counters existed.
-        self.unnormalized_targets = int(scalars.get("unnormalized_targets", 0))  # type: ignore[call-overload]
-        rejected = scalars.get("rejected") or {}
-        self.rejected = {str(k): int(v) for k, v in rejected.items()}  # type: ignore[attr-defined]
-        event = scalars["last_event_time"]
-        self.last_event_time = None if event is None else float(event)  # type: ignore[arg-type]
+        self.value_sum = float(scalars["loss_sum"])  # type: ignore[arg-type]
         if not windows:
             return
         self.ewma = shaped("ewma", self.ewma)
@@ -199,6 +215,8 @@ class ModelState:
             for i, tw in enumerate(self.time_windows):
                 tw.epochs, tw.buckets = epochs[i].copy(), buckets[i].copy()
 
+    # --- folding --------------------------------------------------------------------
+
     def _grow_ring(self, incoming: int) -> None:
         needed = min(self.count_cap_max, self.count_total + incoming)
         cap = self.ring.shape[0]
@@ -211,6 +229,182 @@ class ModelState:
         ring[:cap] = self.ring
         ring_cls[:cap] = self.ring_cls
         self.ring, self.ring_cls = ring, ring_cls
+
+    def fold(
+        self,
+        value: np.ndarray,
+        focal: np.ndarray,
+        correct: np.ndarray,
+        true_class: np.ndarray,
+        weights: np.ndarray | None,
+        now: float,
+        what: str,
+    ) -> None:
+        """Add per-sample values at time ``now`` (never earlier than the last fold's).
+
+        Raises ValidationError(NON_FINITE), changing nothing, when the sums would overflow;
+        ``what`` names the statistic in that message.
+        """
+        weighted = weights is not None
+        w = weights if weights is not None else _NO_WEIGHTS
+        vec = self.scratch
+        vec[:] = 0.0
+        hist = self.hist_scratch
+        hist[:] = 0
+        value_sum = self.value_sum + acc.fold_batch(
+            value, focal, correct, true_class, w, weighted, self.class_limit, self.slots, self.bounds, vec, hist
+        )
+        with np.errstate(over="ignore", invalid="ignore"):
+            lifetime = self.lifetime + vec
+        # Finite inputs can still overflow float64 (FP64 logits near 1e308, weights
+        # near 1e308). Scores and weights are >= 0, so every window and class sum is
+        # at most its lifetime total: if those stay finite, everything does.
+        if not (np.isfinite(lifetime[: acc.HEAD]).all() and np.isfinite(value_sum)):
+            raise ValidationError(
+                Reason.NON_FINITE, f"the batch's weighted {what} overflow float64 (the totals would become infinite)"
+            )
+        self.value_sum = value_sum
+        self.hist += hist
+        self.lifetime = lifetime
+        for tw in self.time_windows:
+            acc.time_add(tw.epochs, tw.buckets, tw.index(now), vec)
+        decay = 2.0 ** (-(now - self.ewma_time) / self.half_life)
+        self.ewma *= decay
+        self.ewma += vec
+        self.ewma_time = now
+        if self.count_cap_max:
+            self._grow_ring(value.shape[0])
+            self.count_total = acc.count_push(
+                value,
+                focal,
+                correct,
+                true_class,
+                w,
+                weighted,
+                self.class_limit,
+                self.slots,
+                self.ring,
+                self.ring_cls,
+                self.blocks,
+                self.block,
+                self.count_total,
+            )
+
+    def window_matrix(self, now: float) -> np.ndarray:
+        """Every window's stat vector, one row each, in :attr:`window_labels` order.
+
+        Cheap (a few Numba calls), so it can run under the state lock; deriving
+        means from it can then happen outside. The ewma row's sample count is
+        decayed to ``now``; its other entries are ratios' numerators and
+        denominators, which decay alike.
+        """
+        out = np.empty((len(self.time_windows) + len(self.count_sizes) + 1, self.lifetime.shape[0]))
+        for i, tw in enumerate(self.time_windows):
+            acc.time_read(tw.epochs, tw.buckets, tw.index(now), out[i])
+        base = len(self.time_windows)
+        for k, size in enumerate(self.count_sizes):
+            acc.count_read(
+                self.ring, self.ring_cls, self.blocks, self.block, self.count_total, size, self.slots, out[base + k]
+            )
+        out[-1] = self.ewma
+        out[-1, acc.N] = float(self.ewma[acc.N]) * 2.0 ** (-(now - self.ewma_time) / self.half_life)
+        return out
+
+
+# The label-free statistics of predictions reuse the loss layout with one class slot:
+# "loss" is the row's entropy and "focal" its confidence (acc.SWL and acc.SWF).
+_ONE_SLOT = 1
+
+
+class ModelState:
+    """All rolling state of one model. Mutated only by :class:`StateStore`.
+
+    Its components: ``loss`` (the scored samples' losses, by class) and ``predictions``
+    (the entropy and confidence of every prediction row received, labelled or not).
+    """
+
+    def __init__(
+        self, name: str, num_classes: int, windows: WindowsConfig, limits: LimitsConfig, created: float
+    ) -> None:
+        self.name = name
+        self.num_classes = num_classes
+        self.class_limit = limits.class_limit
+        self.slots = class_slots(num_classes, limits.class_limit)
+        self.loss = WindowedStats(self.slots, limits.class_limit, limits.loss_buckets, windows, created)
+        self.predictions = WindowedStats(_ONE_SLOT, _ONE_SLOT, limits.loss_buckets, windows, created)
+        self.batches = 0
+        self.unnormalized_rows = 0
+        # Target rows scored as sent although they are not a distribution (soft rows off 1, multi-hot rows).
+        self.unnormalized_targets = 0
+        # Rejected batches of this model, by reason value; only models with state get these.
+        self.rejected: dict[str, int] = {}
+        self.last_batch_time = created
+        self.last_event_time: float | None = None
+        self.clock = created  # never goes backwards, so buckets stay monotone
+
+    def components(self) -> dict[str, WindowedStats]:
+        """The parts that save and restore themselves, by the name they are saved under
+        (``""``: at the top level of the model's entry, as snapshots have always had it)."""
+        return {"": self.loss, "predictions": self.predictions}
+
+    @property
+    def window_labels(self) -> tuple[str, ...]:
+        return self.loss.window_labels
+
+    # --- persistence (the file format is xentd.persist's) -------------------------
+
+    _SCALARS = (
+        "num_classes",
+        "batches",
+        "unnormalized_rows",
+        "unnormalized_targets",
+        "rejected",
+        "last_batch_time",
+        "last_event_time",
+        "clock",
+    )
+    COUNTS = ("num_classes", "batches", "unnormalized_rows", "unnormalized_targets")
+    TIMES = ("last_batch_time", "clock")
+
+    def export(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+        """The model's own scalars: (scalars, no arrays). Its components save themselves."""
+        scalars = {k: getattr(self, k) for k in self._SCALARS}
+        scalars["rejected"] = dict(self.rejected)
+        return scalars, {}
+
+    @classmethod
+    def check_saved(cls, scalars: dict[str, Any], where: str, class_limit: int) -> None:
+        """Raise ValueError unless the model's own saved scalars are ones a run can produce."""
+        for key in cls.COUNTS:
+            count(scalars.get(key, 0), f"{where} {key}")
+        if scalars["num_classes"] < 1:
+            raise ValueError(f"{where} num_classes is {scalars['num_classes']}; expected at least 1")
+        for key in cls.TIMES:
+            number(scalars[key], f"{where} {key}", non_negative=False)
+        if scalars["last_event_time"] is not None:
+            number(scalars["last_event_time"], f"{where} last_event_time", non_negative=False)
+        rejected = scalars.get("rejected") or {}
+        if not isinstance(rejected, dict):
+            raise ValueError(f"{where} rejected is {rejected!r}; expected reason: count")
+        for reason, n in rejected.items():
+            count(n, f"{where} rejected.{reason}")
+
+    def restore(self, scalars: dict[str, object]) -> None:
+        """Load the scalars :meth:`export` produced."""
+        for k in ("last_batch_time", "clock"):
+            setattr(self, k, float(scalars[k]))  # type: ignore[arg-type]
+        self.batches = int(scalars["batches"])  # type: ignore[call-overload]
+        self.unnormalized_rows = int(scalars["unnormalized_rows"])  # type: ignore[call-overload]
+        # Absent from snapshots written before these counters existed.
+        self.unnormalized_targets = int(scalars.get("unnormalized_targets", 0))  # type: ignore[call-overload]
+        rejected = scalars.get("rejected") or {}
+        self.rejected = {str(k): int(v) for k, v in rejected.items()}  # type: ignore[attr-defined]
+        event = scalars["last_event_time"]
+        self.last_event_time = None if event is None else float(event)  # type: ignore[arg-type]
+
+    def _advance(self, now: float) -> float:
+        self.clock = max(self.clock, now)
+        return self.clock
 
     def fold(
         self,
@@ -228,67 +422,16 @@ class ModelState:
 
         Returns whether any sample's class was past the class limit (folded into "other").
         """
-        weighted = weights is not None
-        w = weights if weights is not None else _NO_WEIGHTS
-        vec = self.scratch
-        vec[:] = 0.0
-        hist = self.hist_scratch
-        hist[:] = 0
-        loss_sum = self.loss_sum + acc.fold_batch(
-            scores.loss,
-            scores.focal,
-            scores.correct,
-            scores.true_class,
-            w,
-            weighted,
-            self.class_limit,
-            self.slots,
-            self.bounds,
-            vec,
-            hist,
-        )
-        with np.errstate(over="ignore", invalid="ignore"):
-            lifetime = self.lifetime + vec
-        # Finite inputs can still overflow float64 (FP64 logits near 1e308, weights
-        # near 1e308). Scores and weights are >= 0, so every window and class sum is
-        # at most its lifetime total: if those stay finite, everything does.
-        if not (np.isfinite(lifetime[: acc.HEAD]).all() and np.isfinite(loss_sum)):
-            raise ValidationError(
-                Reason.NON_FINITE,
-                f"the batch's weighted losses overflow float64 (model {self.name!r} totals would become infinite)",
+        try:
+            self.loss.fold(
+                scores.loss, scores.focal, scores.correct, scores.true_class, weights, self._advance(now), "losses"
             )
-        self.clock = max(self.clock, now)
-        now = self.clock
-        self.loss_sum = loss_sum
-        self.hist += hist
-        self.lifetime = lifetime
-        for tw in self.time_windows:
-            acc.time_add(tw.epochs, tw.buckets, tw.index(now), vec)
-        decay = 2.0 ** (-(now - self.ewma_time) / self.half_life)
-        self.ewma *= decay
-        self.ewma += vec
-        self.ewma_time = now
-        if self.count_cap_max:
-            self._grow_ring(scores.loss.shape[0])
-            self.count_total = acc.count_push(
-                scores.loss,
-                scores.focal,
-                scores.correct,
-                scores.true_class,
-                w,
-                weighted,
-                self.class_limit,
-                self.slots,
-                self.ring,
-                self.ring_cls,
-                self.blocks,
-                self.block,
-                self.count_total,
-            )
+        except ValidationError as exc:
+            raise ValidationError(exc.reason, f"{exc.detail} (model {self.name!r})") from None
         self.batches += batches
         self.unnormalized_rows += scores.unnormalized_rows
         self.unnormalized_targets += unnormalized_targets
-        self.last_batch_time = now
+        self.last_batch_time = self.clock
         if event_time is not None:
             self.last_event_time = event_time
         return (
@@ -297,29 +440,58 @@ class ModelState:
             and int(scores.true_class.max()) >= self.class_limit
         )
 
-    def window_matrix(self, now: float) -> np.ndarray:
-        """Every window's stat vector, one row each, in :attr:`window_labels` order.
-
-        Cheap (a few Numba calls), so it can run under the state lock; deriving
-        means from it can then happen outside. The ewma row's sample count is
-        decayed to ``now``; its other entries are ratios' numerators and
-        denominators, which decay alike.
-        """
-        now = max(now, self.clock)
-        out = np.empty((len(self.time_windows) + len(self.count_sizes) + 1, self.lifetime.shape[0]))
-        for i, tw in enumerate(self.time_windows):
-            acc.time_read(tw.epochs, tw.buckets, tw.index(now), out[i])
-        base = len(self.time_windows)
-        for k, size in enumerate(self.count_sizes):
-            acc.count_read(
-                self.ring, self.ring_cls, self.blocks, self.block, self.count_total, size, self.slots, out[base + k]
+    def fold_predictions(
+        self, entropy: np.ndarray, confidence: np.ndarray, weights: np.ndarray | None, now: float
+    ) -> None:
+        """Add the label-free statistics of prediction rows (:mod:`xentd.predstats`)."""
+        n = entropy.shape[0]
+        try:
+            self.predictions.fold(
+                entropy, confidence, _zeros_u8(n), _zeros_i64(n), weights, self._advance(now), "entropies"
             )
-        out[-1] = self.ewma
-        out[-1, acc.N] = float(self.ewma[acc.N]) * 2.0 ** (-(now - self.ewma_time) / self.half_life)
-        return out
+        except ValidationError as exc:
+            raise ValidationError(exc.reason, f"{exc.detail} (model {self.name!r})") from None
+        self.last_batch_time = self.clock  # keeps a model that only sends predictions from going idle
+
+    def window_matrix(self, now: float) -> np.ndarray:
+        return self.loss.window_matrix(max(now, self.clock))
 
     def windows(self, now: float) -> list[tuple[str, WindowStats]]:
         return list(zip(self.window_labels, derive_all(self.window_matrix(now), self.slots), strict=True))
+
+
+def _zeros_u8(n: int) -> np.ndarray:
+    return np.zeros(n, np.uint8)
+
+
+def _zeros_i64(n: int) -> np.ndarray:
+    return np.zeros(n, np.int64)
+
+
+# --- checks of saved values, shared by every component ----------------------------------
+
+
+def count(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{where} is {value!r}; expected a count (an integer >= 0)")
+    return value
+
+
+def number(value: object, where: str, *, non_negative: bool) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not ok or (non_negative and value < 0):  # type: ignore[operator]
+        raise ValueError(f"{where} is {value!r}; expected a finite number{' >= 0' if non_negative else ''}")
+
+
+def check_array(a: np.ndarray, where: str, kinds: str, non_negative: bool) -> None:
+    if a.dtype.kind not in kinds:
+        raise ValueError(f"{where} has dtype {a.dtype}; expected {'a float' if kinds == 'f' else 'an integer'} type")
+    if kinds == "f" and not np.isfinite(a).all():
+        bad = np.argwhere(~np.isfinite(a))[0]
+        raise ValueError(f"{where}{bad.tolist()} is {a[tuple(bad)]}; expected finite values")
+    if non_negative and a.size and a.min() < 0:
+        bad = np.argwhere(a < 0)[0]
+        raise ValueError(f"{where}{bad.tolist()} is {a[tuple(bad)]}; expected values >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +514,30 @@ class ModelSnapshot:
     hist_counts: np.ndarray  # per bucket, not cumulative; last is +Inf
     loss_sum: float
     windows: list[tuple[str, WindowStats]]
+    predictions: PredictionSummary
+    joins: JoinSummary | None  # None until the model sends a predictions-only or labels-only message
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionSummary:
+    """Label-free statistics of every prediction row a model sent (xentd.predstats)."""
+
+    rows: float
+    weight: float
+    entropy_weighted_sum: float
+    confidence_weighted_sum: float
+    window_entropy: list[tuple[str, float]]  # (window label, mean entropy; NaN when empty)
+
+
+@dataclass(frozen=True, slots=True)
+class JoinSummary:
+    """A model's delayed-label joins (xentd.joins)."""
+
+    outcomes: dict[str, int]
+    pending: int
+    delay_bounds: np.ndarray
+    delay_counts: np.ndarray  # per bucket, not cumulative; last is +Inf
+    delay_sum: float
 
 
 LIMITS = ("max_models", "allowed_models", "class_limit")
@@ -379,13 +575,25 @@ class Snapshot:
     models: list[ModelSnapshot]
     rejected: dict[str, int]
     counters: Counters
+    pending_bytes: int = 0  # what the join store holds (xentd.joins)
+    pending_bytes_limit: int = 0  # labels.max_pending_bytes
+
+
+# Models copied per hold of the state lock by StateStore.snapshot.
+SNAPSHOT_CHUNK = 256
 
 
 class StateStore:
     """Every model's state plus the daemon-wide counters, behind one lock."""
 
     def __init__(
-        self, windows: WindowsConfig, limits: LimitsConfig, clock: Callable[[], float], *, dedup_window: int = 0
+        self,
+        windows: WindowsConfig,
+        limits: LimitsConfig,
+        clock: Callable[[], float],
+        *,
+        dedup_window: int = 0,
+        labels: LabelsConfig | None = None,
     ) -> None:
         self.windows_cfg = windows
         self.limits = limits
@@ -396,6 +604,12 @@ class StateStore:
         self.counters = Counters()
         self.recent = RecentBatches(dedup_window)
         self.sequences = SequenceTracker()
+        labels = labels or LabelsConfig()
+        self.joins = JoinStore(labels.max_pending_bytes, labels.ttl_seconds, labels.delay_buckets, epoch=clock())
+
+    def components(self) -> dict[str, JoinStore]:
+        """The daemon-wide parts that save and restore themselves (xentd.persist), by name."""
+        return {"joins": self.joins}
 
     def model(self, name: str, num_classes: int) -> ModelState:
         """The model's state, created on first sight. Call with the lock held."""
@@ -433,6 +647,7 @@ class StateStore:
         idle = [name for name, m in self.models.items() if now - m.last_batch_time > ttl]
         for name in idle:
             del self.models[name]
+            self.joins.drop_model(name)
         self.counters.models_evicted += len(idle)
         return idle
 
@@ -461,73 +676,113 @@ class StateStore:
             state.rejected[reason.value] = state.rejected.get(reason.value, 0) + 1
 
     def snapshot(self) -> Snapshot:
-        """A consistent copy of all state. The lock is held only to copy raw sums;
-        means and labels are derived after it is released, so scrapes of many
-        models do not stall ingestion."""
+        """A copy of all state, consistent per model. The lock is held only to copy raw sums,
+        and released every :data:`SNAPSHOT_CHUNK` models, so that a scrape of 10,000 models
+        never stalls ingestion for long; means and labels are derived outside it. Each
+        model's figures are copied whole, so a scrape never sees half a batch."""
         with self.lock:
-            now = self.clock()
-            raw = [
-                (
-                    m.name,
-                    m.num_classes,
-                    m.class_limit,
-                    m.slots,
-                    m.lifetime.copy(),
-                    m.hist.copy(),
-                    m.bounds,
-                    m.loss_sum,
-                    m.batches,
-                    m.unnormalized_rows,
-                    m.unnormalized_targets,
-                    dict(m.rejected),
-                    m.last_batch_time,
-                    m.last_event_time,
-                    m.window_labels,
-                    m.window_matrix(now),
-                )
-                for m in self.models.values()
-            ]
+            names = list(self.models)
             rejected = dict(self.rejected)
             counters = self.counters.copy()
-        models = []
-        for (
-            name,
-            num_classes,
-            class_limit,
-            s,
-            life,
-            hist,
-            bounds,
-            loss_sum,
-            batches,
-            unnorm,
-            unnorm_targets,
-            model_rejected,
-            last_batch,
-            last_event,
-            labels,
-            matrix,
-        ) in raw:
-            models.append(
-                ModelSnapshot(
-                    name=name,
-                    samples=float(life[acc.N]),
-                    weight=float(life[acc.SW]),
-                    loss_weighted_sum=float(life[acc.SWL]),
-                    correct_weighted_sum=float(life[acc.SWC]),
-                    batches=batches,
-                    unnormalized_rows=unnorm,
-                    unnormalized_targets=unnorm_targets,
-                    rejected=model_rejected,
-                    last_batch_time=last_batch,
-                    last_event_time=last_event,
-                    class_labels=class_labels(num_classes, class_limit),
-                    class_weight=life[acc.HEAD : acc.HEAD + s],
-                    class_loss_weighted_sum=life[acc.HEAD + s : acc.HEAD + 2 * s],
-                    hist_bounds=bounds,
-                    hist_counts=hist,
-                    loss_sum=loss_sum,
-                    windows=list(zip(labels, derive_all(matrix, s), strict=True)),
-                )
+            pending_bytes = self.joins.nbytes
+        raw = []
+        for start in range(0, len(names), SNAPSHOT_CHUNK):
+            with self.lock:
+                now = self.clock()
+                for name in names[start : start + SNAPSHOT_CHUNK]:
+                    m = self.models.get(name)
+                    if m is not None:  # evicted since the list was taken
+                        raw.append(self._copy_model(m, now))
+        models = [self._derive(*r) for r in raw]
+        return Snapshot(
+            models=models,
+            rejected=rejected,
+            counters=counters,
+            pending_bytes=pending_bytes,
+            pending_bytes_limit=self.joins.max_bytes,
+        )
+
+    def _copy_model(self, m: ModelState, now: float) -> tuple[Any, ...]:
+        """What a snapshot needs of one model, copied (call with the lock held)."""
+        join = None
+        if m.name in self.joins.stats:
+            st = self.joins.stats[m.name]
+            join = (st.outcomes.copy(), self.joins.pending(m.name), st.delay_counts.copy(), st.delay_sum)
+        now = max(now, m.clock)
+        return (
+            m,
+            m.num_classes,
+            m.loss.lifetime.copy(),
+            m.loss.hist.copy(),
+            m.loss.value_sum,
+            m.batches,
+            m.unnormalized_rows,
+            m.unnormalized_targets,
+            dict(m.rejected),
+            m.last_batch_time,
+            m.last_event_time,
+            m.loss.window_matrix(now),
+            m.predictions.lifetime.copy(),
+            m.predictions.window_matrix(now),
+            join,
+        )
+
+    def _derive(
+        self,
+        m: ModelState,
+        num_classes: int,
+        life: np.ndarray,
+        hist: np.ndarray,
+        loss_sum: float,
+        batches: int,
+        unnorm: int,
+        unnorm_targets: int,
+        model_rejected: dict[str, int],
+        last_batch: float,
+        last_event: float | None,
+        matrix: np.ndarray,
+        pred_life: np.ndarray,
+        pred_matrix: np.ndarray,
+        join: tuple[np.ndarray, int, np.ndarray, float] | None,
+    ) -> ModelSnapshot:
+        s = m.slots
+        with np.errstate(invalid="ignore", divide="ignore"):
+            entropy = pred_matrix[:, acc.SWL] / pred_matrix[:, acc.SW]
+        joins = None
+        if join is not None:
+            outcomes, pending, delay_counts, delay_sum = join
+            joins = JoinSummary(
+                outcomes=dict(zip(OUTCOMES, outcomes.tolist(), strict=True)),
+                pending=pending,
+                delay_bounds=self.joins.delay_bounds,
+                delay_counts=delay_counts,
+                delay_sum=delay_sum,
             )
-        return Snapshot(models=models, rejected=rejected, counters=counters)
+        return ModelSnapshot(
+            name=m.name,
+            samples=float(life[acc.N]),
+            weight=float(life[acc.SW]),
+            loss_weighted_sum=float(life[acc.SWL]),
+            correct_weighted_sum=float(life[acc.SWC]),
+            batches=batches,
+            unnormalized_rows=unnorm,
+            unnormalized_targets=unnorm_targets,
+            rejected=model_rejected,
+            last_batch_time=last_batch,
+            last_event_time=last_event,
+            class_labels=class_labels(num_classes, m.class_limit),
+            class_weight=life[acc.HEAD : acc.HEAD + s],
+            class_loss_weighted_sum=life[acc.HEAD + s : acc.HEAD + 2 * s],
+            hist_bounds=m.loss.bounds,
+            hist_counts=hist,
+            loss_sum=loss_sum,
+            windows=list(zip(m.window_labels, derive_all(matrix, s), strict=True)),
+            predictions=PredictionSummary(
+                rows=float(pred_life[acc.N]),
+                weight=float(pred_life[acc.SW]),
+                entropy_weighted_sum=float(pred_life[acc.SWL]),
+                confidence_weighted_sum=float(pred_life[acc.SWF]),
+                window_entropy=list(zip(m.window_labels, entropy.tolist(), strict=True)),
+            ),
+            joins=joins,
+        )

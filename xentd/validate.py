@@ -22,12 +22,12 @@ import numpy as np
 from xentd import segments
 from xentd.errors import Reason, ValidationError
 from xentd.jit import kernel_array
+from xentd.names import MODEL_NAME_RE
 from xentd.scan import scan, widen
 from xentd.wire import (
     DATATYPES,
     FLOAT_DATATYPES,
     ID_DATATYPES,
-    MODEL_NAME_RE,
     Header,
     Message,
     Tensor,
@@ -177,6 +177,8 @@ def _model_name(msg: Message) -> None:
 def _input_kind(msg: Message) -> InputKind:
     """The model name's and the input kind's checks, which come first."""
     _model_name(msg)
+    if msg.input is None:
+        raise _reject(Reason.BAD_HEADER, "header.input is required (probs, logits or log_probs) with predictions")
     try:
         return InputKind[msg.input.upper()]
     except KeyError:
@@ -469,7 +471,7 @@ def fast_layout(header: Header) -> FastLayout | None:
             t = i
         elif spec.name == "weights":
             w = i
-    kind = _KINDS.get(header.input)
+    kind = _KINDS.get(header.input or "")
     if p < 0 or t < 0 or kind is None or not well_formed_name(header.model):
         return None
     if header.tensors[t].datatype == "UINT64" or (w >= 0 and header.tensors[w].datatype == "UINT64"):

@@ -80,12 +80,12 @@ class TensorSpec(msgspec.Struct, frozen=True, gc=False):
     shape: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)]], msgspec.Meta(max_length=MAX_RANK)]
 
 
-class Header(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+class Header(msgspec.Struct, frozen=True, gc=False, omit_defaults=True, kw_only=True):
     """The header frame. Unknown keys are ignored; ``None`` stands for an absent key."""
 
     v: int
     model: str
-    input: str
+    input: str | None = None  # required with predictions (xentd.validate); a labels-only message may omit it
     tensors: Annotated[list[TensorSpec], msgspec.Meta(min_length=1, max_length=len(TENSOR_NAMES))]
     batch_id: Annotated[str, msgspec.Meta(max_length=MAX_BATCH_ID_CHARS)] | None = None
     ts: Annotated[float, msgspec.Meta(ge=0.0, le=MAX_TS)] | None = None
@@ -115,7 +115,7 @@ class Message:
     """A decoded, not yet validated, batch."""
 
     model: str
-    input: str
+    input: str | None
     tensors: Mapping[str, Tensor]
     batch_id: str | None
     ts: float | None
@@ -251,7 +251,7 @@ def encode(
     header = Header(
         v=VERSION,
         model=model,
-        input=input,
+        input=input if predictions is not None else None,
         tensors=specs,
         batch_id=batch_id or None,  # "" means no batch id
         ts=None if ts is None else float(ts),
@@ -386,7 +386,7 @@ def _keys_surely_unique(raw: bytes, h: Header) -> bool:
         return True
     if b"\\" in raw:
         return False
-    colons = h.model.count(":") + h.input.count(":") + sum(t.datatype.count(":") for t in h.tensors)
+    colons = h.model.count(":") + (h.input or "").count(":") + sum(t.datatype.count(":") for t in h.tensors)
     colons += (h.batch_id or "").count(":") + (h.producer or "").count(":")
     return extra == colons
 
