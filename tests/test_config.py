@@ -227,3 +227,14 @@ def test_an_address_without_a_transport_gets_a_hint(tmp_path: Path) -> None:
     run = _xentd("run", "--ingest", "127.0.0.1:5557")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("xentd: error: --ingest: ") and "did you mean `tcp://127.0.0.1:5557`?" in run.stderr
+
+
+def test_reading_config_loads_neither_the_codec_nor_numpy() -> None:
+    # The CLI parses and checks config before the heavy imports; config must stay light.
+    code = (
+        "import sys, xentd.config\n"
+        "heavy = [m for m in ('numpy', 'numba', 'zmq', 'xentd.wire') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

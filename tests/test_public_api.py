@@ -36,6 +36,7 @@ def test_all_is_complete_and_importable() -> None:
         "delivery",
         "top",
         "replay",
+        "names",
     }
     assert public <= set(xentd.__all__)
     for name in xentd.__all__:

@@ -350,3 +350,30 @@ def test_a_topic_mismatch_still_tells_the_stream_position() -> None:
         "p",
         3,
     )
+
+
+def test_ids_round_trip_uint64_above_2_63_and_int64() -> None:
+    ids = np.array([0, 2**63, 2**64 - 1], np.uint64)
+    frames = wire.encode("m", np.array([0.1, 0.5, 0.9]), ids=ids, input="probs")
+    msg = wire.decode(frames, max_message_bytes=1 << 20, max_header_bytes=1 << 16)
+    assert set(msg.tensors) == {"predictions", "ids"}
+    assert msg.tensors["ids"].datatype == "UINT64"
+    assert msg.tensors["ids"].array.tolist() == ids.tolist()
+    labels = wire.encode("m", targets=np.array([1, 0, 1]), ids=np.array([-1, 5, 7], np.int64))
+    msg = wire.decode(labels, max_message_bytes=1 << 20, max_header_bytes=1 << 16)
+    assert set(msg.tensors) == {"targets", "ids"} and msg.tensors["ids"].datatype == "INT64"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, "needs predictions, targets, or both"),
+        ({"predictions": np.ones(2) / 2}, ValueError, "need ids"),
+        ({"targets": np.ones(2, np.int64), "ids": np.arange(2), "weights": np.ones(2)}, ValueError, "no weights"),
+        ({"predictions": np.ones(2) / 2, "ids": np.arange(2.0)}, TypeError, "int64 or uint64"),
+        ({"predictions": np.ones(2) / 2, "targets": np.ones(2, np.uint64)}, TypeError, "ids only"),
+    ],
+)
+def test_encode_refuses_incomplete_join_messages(kwargs: dict[str, object], error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        wire.encode("m", **kwargs)  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ from types import MappingProxyType
 from typing import Any, Literal, TypeVar, cast
 
 from xentd.errors import ConfigError
-from xentd.wire import MODEL_NAME_RE
+from xentd.names import MODEL_NAME_RE
 
 T = TypeVar("T")
 

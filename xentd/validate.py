@@ -26,6 +26,7 @@ from xentd.scan import scan, widen
 from xentd.wire import (
     DATATYPES,
     FLOAT_DATATYPES,
+    ID_DATATYPES,
     MODEL_NAME_RE,
     Header,
     Message,
@@ -141,40 +142,15 @@ def validate(msg: Message, scratch: Scratch | None = None, target_tolerance: flo
     counted in ``Batch.unnormalized_targets``; None: the square root of the targets'
     datatype epsilon, as for prediction rows.
     """
-    if not MODEL_NAME_RE.fullmatch(msg.model):
-        raise _reject(
-            Reason.BAD_MODEL_NAME, f"model name {msg.model[:64]!r} must be 1-128 characters of A-Z a-z 0-9 _ . : -"
-        )
-    try:
-        kind = InputKind[msg.input.upper()]
-    except KeyError:
-        raise _reject(Reason.BAD_INPUT_KIND, f"input {msg.input[:32]!r} must be probs, logits or log_probs") from None
+    kind = _input_kind(msg)
     for required in ("predictions", "targets"):
         if required not in msg.tensors:
             raise _reject(Reason.MISSING_TENSOR, f"tensor {required!r} is required")
-
-    pred_t = msg.tensors["predictions"]
-    if pred_t.datatype not in FLOAT_DATATYPES:
-        raise _reject(Reason.BAD_DATATYPE, f"predictions must be FP16, BF16, FP32 or FP64, got {pred_t.datatype}")
-    shape = pred_t.array.shape
-    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] < 2):
-        raise _reject(
-            Reason.SHAPE_MISMATCH, f"predictions must be [N] (binary) or [N, C] with C >= 2, got {list(shape)}"
-        )
-    pred, lo, hi = _floats("predictions", pred_t, scratch)
+    pred_t, pred, num_classes = _predictions(msg, scratch, kind)
     n = pred.shape[0]
-    binary = pred.ndim == 1
-    num_classes = 2 if binary else int(pred.shape[1])
-    if pred.size:
-        if kind is InputKind.PROBS and (lo < 0.0 or hi > 1.0):
-            raise _reject(
-                Reason.PROBABILITY_OUT_OF_RANGE,
-                f"probabilities must lie in [0, 1], found values in [{lo:.6g}, {hi:.6g}]",
-            )
-        if kind is InputKind.LOG_PROBS and hi > 0.0:
-            raise _reject(Reason.PROBABILITY_OUT_OF_RANGE, f"log-probabilities must be <= 0, found {hi:.6g}")
-
-    targets, target_kind, unnormalized = _targets(msg.tensors["targets"], n, num_classes, binary, target_tolerance)
+    targets, target_kind, unnormalized = _targets(
+        msg.tensors["targets"], n, num_classes, pred.ndim == 1, target_tolerance
+    )
     weights = _weights(msg.tensors.get("weights"), n)
     return Batch(
         model=msg.model,
@@ -191,10 +167,169 @@ def validate(msg: Message, scratch: Scratch | None = None, target_tolerance: flo
     )
 
 
+def _model_name(msg: Message) -> None:
+    if not MODEL_NAME_RE.fullmatch(msg.model):
+        raise _reject(
+            Reason.BAD_MODEL_NAME, f"model name {msg.model[:64]!r} must be 1-128 characters of A-Z a-z 0-9 _ . : -"
+        )
+
+
+def _input_kind(msg: Message) -> InputKind:
+    """The model name's and the input kind's checks, which come first."""
+    _model_name(msg)
+    try:
+        return InputKind[msg.input.upper()]
+    except KeyError:
+        raise _reject(Reason.BAD_INPUT_KIND, f"input {msg.input[:32]!r} must be probs, logits or log_probs") from None
+
+
+def _predictions(msg: Message, scratch: Scratch | None, kind: InputKind) -> tuple[Tensor, np.ndarray, int]:
+    """The checks of a predictions tensor: (the wire tensor, its values as float32/64, C)."""
+    pred_t = msg.tensors["predictions"]
+    if pred_t.datatype not in FLOAT_DATATYPES:
+        raise _reject(Reason.BAD_DATATYPE, f"predictions must be FP16, BF16, FP32 or FP64, got {pred_t.datatype}")
+    shape = pred_t.array.shape
+    if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] < 2):
+        raise _reject(
+            Reason.SHAPE_MISMATCH, f"predictions must be [N] (binary) or [N, C] with C >= 2, got {list(shape)}"
+        )
+    pred, lo, hi = _floats("predictions", pred_t, scratch)
+    binary = pred.ndim == 1
+    num_classes = 2 if binary else int(pred.shape[1])
+    if pred.size:
+        if kind is InputKind.PROBS and (lo < 0.0 or hi > 1.0):
+            raise _reject(
+                Reason.PROBABILITY_OUT_OF_RANGE,
+                f"probabilities must lie in [0, 1], found values in [{lo:.6g}, {hi:.6g}]",
+            )
+        if kind is InputKind.LOG_PROBS and hi > 0.0:
+            raise _reject(Reason.PROBABILITY_OUT_OF_RANGE, f"log-probabilities must be <= 0, found {hi:.6g}")
+    return pred_t, pred, num_classes
+
+
+# --- delayed labels: predictions now, labels later, joined by id (xentd.joins) ----------
+
+
+class MessageKind(IntEnum):
+    """What a message carries, by its tensors (docs/protocol.md, "Delayed labels")."""
+
+    FULL = 0  # predictions and targets: scored at once (ids, if any, are ignored)
+    PREDICTIONS = 1  # predictions and ids: each row waits for its label
+    LABELS = 2  # targets and ids: labels for rows that wait
+
+
+def message_kind(header: Header) -> MessageKind:
+    """The kind a header declares. A message that is none of them is judged FULL, so that
+    :func:`validate` names the missing tensor."""
+    names = {spec.name for spec in header.tensors}
+    if "ids" in names:
+        if "predictions" not in names and "targets" in names:
+            return MessageKind.LABELS
+        if "targets" not in names and "predictions" in names:
+            return MessageKind.PREDICTIONS
+    return MessageKind.FULL
+
+
+@dataclass(frozen=True, slots=True)
+class PendingBatch:
+    """A checked predictions-only message: rows that wait for their labels.
+
+    ``wire`` is the predictions tensor as it arrived (its wire datatype, ``[N]`` or
+    ``[N, C]``): what the join store keeps, so that a joined pair is scored exactly as
+    if it had been sent together. ``predictions`` is the same widened for the kernels
+    (:class:`Batch`); ``ids`` is uint64 (an INT64 id is read as its 64 bits).
+    """
+
+    model: str
+    kind: InputKind
+    wire: np.ndarray
+    predictions: np.ndarray
+    prediction_datatype: str
+    num_classes: int
+    weights: np.ndarray | None
+    ids: np.ndarray
+    batch_id: str | None
+    ts: float | None
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class LabelBatch:
+    """A labels-only message, checked as far as it can be without the model's class count
+    (:func:`label_targets` does the rest)."""
+
+    model: str
+    targets: Tensor
+    ids: np.ndarray
+    batch_id: str | None
+    ts: float | None
+
+    @property
+    def size(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def _ids(msg: Message, n: int) -> np.ndarray:
+    t = msg.tensors["ids"]
+    if t.datatype not in ID_DATATYPES:
+        raise _reject(Reason.BAD_DATATYPE, f"ids must be INT64 or UINT64, got {t.datatype}")
+    if list(t.array.shape) != [n]:
+        raise _reject(Reason.SHAPE_MISMATCH, f"ids {list(t.array.shape)} must be [N] with N={n}")
+    return t.array.view(np.uint64) if t.array.dtype.isnative else t.array.astype(np.uint64)
+
+
+def validate_predictions(msg: Message, scratch: Scratch | None = None) -> PendingBatch:
+    """Check a predictions-only message: the predictions and weights as for a full batch, and the ids."""
+    kind = _input_kind(msg)
+    pred_t, pred, num_classes = _predictions(msg, scratch, kind)
+    n = pred.shape[0]
+    ids = _ids(msg, n)
+    weights = _weights(msg.tensors.get("weights"), n)
+    return PendingBatch(
+        model=msg.model,
+        kind=kind,
+        wire=np.ascontiguousarray(pred_t.array),
+        predictions=kernel_array(pred),
+        prediction_datatype=pred_t.datatype,
+        num_classes=num_classes,
+        weights=None if weights is None else kernel_array(weights),
+        ids=ids,
+        batch_id=msg.batch_id,
+        ts=msg.ts,
+    )
+
+
+def validate_labels(msg: Message) -> LabelBatch:
+    """Check a labels-only message as far as it can be without the model (:func:`label_targets`)."""
+    _model_name(msg)
+    if "weights" in msg.tensors:
+        raise _reject(
+            Reason.SHAPE_MISMATCH, "a labels-only message carries no weights: the waiting prediction's weight is used"
+        )
+    t = msg.tensors["targets"]
+    if t.array.ndim not in (1, 2):
+        raise _reject(Reason.SHAPE_MISMATCH, f"targets must be [N] or [N, C], got {list(t.array.shape)}")
+    ids = _ids(msg, int(t.array.shape[0]))
+    return LabelBatch(model=msg.model, targets=t, ids=ids, batch_id=msg.batch_id, ts=msg.ts)
+
+
+def label_targets(
+    labels: LabelBatch, num_classes: int, binary: bool, tolerance: float | None
+) -> tuple[np.ndarray, TargetKind, int]:
+    """The labels' targets checked against the model's class count, typed as :class:`Batch` types them."""
+    targets, kind, unnormalized = _targets(labels.targets, labels.size, num_classes, binary, tolerance)
+    return kernel_array(targets), kind, unnormalized
+
+
 def _targets(
     t: Tensor, n: int, num_classes: int, binary: bool, tolerance: float | None
 ) -> tuple[np.ndarray, TargetKind, int]:
     shape = list(t.array.shape)
+    if t.datatype == "UINT64":
+        raise _reject(Reason.BAD_DATATYPE, "targets cannot be UINT64 (it is for ids only); send class indices as INT64")
     is_float = t.datatype in FLOAT_DATATYPES
     if t.array.ndim == 1 and not (is_float and not binary):
         if shape[0] != n:
@@ -256,6 +391,8 @@ def _check_soft_labels(lo: float, hi: float, size: int, what: str) -> None:
 def _weights(t: Tensor | None, n: int) -> np.ndarray | None:
     if t is None:
         return None
+    if t.datatype == "UINT64":
+        raise _reject(Reason.BAD_DATATYPE, "weights cannot be UINT64 (it is for ids only)")
     if list(t.array.shape) != [n]:
         raise _reject(Reason.SHAPE_MISMATCH, f"weights {list(t.array.shape)} must be [N] with N={n}")
     w, lo, _ = _floats("weights", t)
@@ -330,11 +467,13 @@ def fast_layout(header: Header) -> FastLayout | None:
             p = i
         elif spec.name == "targets":
             t = i
-        else:
+        elif spec.name == "weights":
             w = i
     kind = _KINDS.get(header.input)
     if p < 0 or t < 0 or kind is None or not well_formed_name(header.model):
         return None
+    if header.tensors[t].datatype == "UINT64" or (w >= 0 and header.tensors[w].datatype == "UINT64"):
+        return None  # validate() names the reason
     pred, tgt = header.tensors[p], header.tensors[t]
     shape = pred.shape
     if pred.datatype not in FLOAT_DATATYPES or not shape or shape[0] == 0:

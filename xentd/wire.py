@@ -29,11 +29,11 @@ import msgspec
 import numpy as np
 
 from xentd.errors import DecodeError, Reason
+from xentd.names import MODEL_NAME_RE
 
 VERSION: Final = 1
-MODEL_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")  # always fullmatch
 INPUT_KINDS: Final = ("probs", "logits", "log_probs")
-TENSOR_NAMES: Final = ("predictions", "targets", "weights")
+TENSOR_NAMES: Final = ("predictions", "targets", "weights", "ids")
 MAX_BATCH_ID_CHARS: Final = 256
 MAX_SEQ: Final = (1 << 63) - 1
 MAX_RANK: Final = 2
@@ -58,7 +58,10 @@ DATATYPES: Final[Mapping[str, np.dtype[Any]]] = {
     "UINT8": np.dtype("u1"),
     "UINT16": np.dtype("<u2"),
     "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),  # ids only (xentd.validate says so for any other tensor)
 }
+# The datatypes an ``ids`` tensor may have; an INT64 id and a UINT64 id with the same 64 bits are one id.
+ID_DATATYPES: Final = frozenset({"INT64", "UINT64"})
 FLOAT_DATATYPES: Final = frozenset({"FP16", "BF16", "FP32", "FP64"})
 
 
@@ -72,7 +75,7 @@ FLOAT_DATATYPES: Final = frozenset({"FP16", "BF16", "FP32", "FP64"})
 class TensorSpec(msgspec.Struct, frozen=True, gc=False):
     """One entry of ``header.tensors``: the next data frame's name, datatype and shape."""
 
-    name: Literal["predictions", "targets", "weights"]
+    name: Literal["predictions", "targets", "weights", "ids"]
     datatype: str
     shape: Annotated[list[Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)]], msgspec.Meta(max_length=MAX_RANK)]
 
@@ -135,6 +138,7 @@ _NUMPY_TO_DATATYPE: Final = {
     np.dtype("uint8"): "UINT8",
     np.dtype("uint16"): "UINT16",
     np.dtype("uint32"): "UINT32",
+    np.dtype("uint64"): "UINT64",
 }
 
 
@@ -189,17 +193,23 @@ def _as_wire_array(value: Any, name: str) -> tuple[str, np.ndarray]:
 
 def encode(
     model: str,
-    predictions: Any,
-    targets: Any,
+    predictions: Any = None,
+    targets: Any = None,
     *,
     input: str = "probs",
     weights: Any = None,
+    ids: Any = None,
     batch_id: str | None = None,
     ts: float | None = None,
     producer: str | None = None,
     seq: int | None = None,
 ) -> list[bytes | memoryview]:
-    """Encode one batch into frames (header first). Raises ValueError/TypeError on misuse."""
+    """Encode one batch into frames (header first). Raises ValueError/TypeError on misuse.
+
+    A full batch has ``predictions`` and ``targets``. With ``ids`` (int64 or uint64, one per
+    sample) either may be left out: predictions alone wait in the daemon for their labels,
+    and targets alone are labels for predictions sent earlier (docs/protocol.md, "Delayed labels").
+    """
     if not isinstance(model, str) or not MODEL_NAME_RE.fullmatch(model):
         raise ValueError(f"model name {model!r} must be 1-128 characters of A-Z a-z 0-9 _ . : -")
     if input not in INPUT_KINDS:
@@ -214,13 +224,26 @@ def encode(
         raise ValueError(f"seq must be an integer in [0, 2^63), got {seq!r}")
     if ts is not None and not (math.isfinite(ts) and 0.0 <= ts <= MAX_TS):
         raise ValueError(f"ts must be Unix seconds in [0, {MAX_TS:.0f}] (year 9999), got {ts!r}")
-    named = [("predictions", predictions), ("targets", targets)]
+    if predictions is None or targets is None:
+        if predictions is None and targets is None:
+            raise ValueError("a batch needs predictions, targets, or both")
+        if ids is None:
+            raise ValueError("predictions without targets (or targets without predictions) need ids to be joined by")
+        if predictions is None and weights is not None:
+            raise ValueError("a labels-only batch carries no weights: the prediction's weight is used")
+    named = [(name, value) for name, value in (("predictions", predictions), ("targets", targets)) if value is not None]
     if weights is not None:
         named.append(("weights", weights))
+    if ids is not None:
+        named.append(("ids", ids))
     specs: list[TensorSpec] = []
     frames: list[bytes | memoryview] = []
     for name, value in named:
         datatype, arr = _as_wire_array(value, name)
+        if name == "ids" and datatype not in ID_DATATYPES:
+            raise TypeError(f"ids: dtype {arr.dtype} is not an id type; use int64 or uint64")
+        if name != "ids" and datatype == "UINT64":
+            raise TypeError(f"{name}: uint64 is for ids only; use int64")
         if arr.ndim > MAX_RANK:
             raise ValueError(f"{name}: rank {arr.ndim} is not supported (at most {MAX_RANK})")
         specs.append(TensorSpec(name, datatype, [int(d) for d in arr.shape]))  # type: ignore[arg-type]
