@@ -577,6 +577,9 @@ def _wire_arrays(named: list[tuple[str, Any]]) -> tuple[list[tuple[str, tuple[in
             arr = value
         else:
             datatype, arr = wire._as_wire_array(value, name)
+        if datatype == "UINT64":
+            # As wire.encode would, but now: a coalesced row must not fail at flush.
+            raise TypeError(f"{name}: uint64 is for ids only; use int64")
         if arr.ndim > wire.MAX_RANK:
             raise ValueError(f"{name}: rank {arr.ndim} is not supported (at most {wire.MAX_RANK})")
         parts.append((datatype, arr.shape[1:]))

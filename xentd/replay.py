@@ -127,7 +127,8 @@ def _load_npz(path: Path) -> Dataset:
             )
     scalars = [name for name, a in arrays.items() if a.ndim == 0]
     if scalars:
-        raise XentdError(f"{path}: {', '.join(scalars)} is a scalar; every array has one row per sample")
+        what = "is a scalar" if len(scalars) == 1 else "are scalars"
+        raise XentdError(f"{path}: {', '.join(scalars)} {what}; every array has one row per sample")
     rows = {name: int(a.shape[0]) for name, a in arrays.items()}
     if len(set(rows.values())) > 1:
         counts = ", ".join(f"{name} {n}" for name, n in rows.items())

@@ -95,7 +95,12 @@ def scrape(url: str, *, auth: str | None = None, cafile: str | None = None, time
     status, text = _get(url, auth=auth, cafile=cafile, timeout=timeout)
     if status != 200:
         raise XentdError(f"cannot read {url}: HTTP {status}: {text.strip()[:200]}")
-    out = Scrape(at=time.monotonic())
+    return parse(text, at=time.monotonic())
+
+
+def parse(text: str, *, at: float) -> Scrape:
+    """A /metrics page (Prometheus text format), read at ``at`` (``time.monotonic()`` seconds)."""
+    out = Scrape(at=at)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             out.samples[(s.name, frozenset(s.labels.items()))] = s.value
