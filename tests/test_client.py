@@ -361,3 +361,105 @@ def test_linger_zero_sends_each_send_at_once(ctx: zmq.Context[zmq.Socket[bytes]]
         assert pub.pending_rows == 0
         assert [_rows_of(m, "targets") for m in _received(pull, 1)] == [[1]]
     pull.close(linger=0)
+
+
+# --- delayed labels: send_predictions / send_labels ------------------------------------------
+
+
+def test_predictions_and_labels_decode_as_sent_in_the_model_seq_stream(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull, address = _pull(ctx)
+    p = np.array([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]], dtype=np.float32)
+    big = np.array([2**64 - 1, 2**63, 7], dtype=np.uint64)  # above 2^63: only UINT64 holds them
+    with Publisher(address, producer="p", connect_timeout=30) as pub:
+        pub.send("m", p, np.array([1, 0, 1]))
+        pub.send_predictions("m", p, big, input="probs", weights=np.array([1.0, 2.0, 0.5]), batch_id="b1", ts=5.0)
+        pub.send_labels("m", np.array([1, 0]), np.array([-1, 7], dtype=">i8"))  # big-endian ids: their values
+        pub.send_predictions("other", np.array([0.25]), [3])  # a list of ints: int64
+    got = _received(pull, 4)
+    pull.close(linger=0)
+    assert [(m.model, m.producer, m.seq) for m in got] == [
+        ("m", "p:m", 0),
+        ("m", "p:m", 1),
+        ("m", "p:m", 2),
+        ("other", "p:other", 0),
+    ]
+    full, preds, labels, other = got
+    assert set(full.tensors) == {"predictions", "targets"}  # send() carries no ids
+    assert set(preds.tensors) == {"predictions", "weights", "ids"}
+    assert preds.tensors["ids"].datatype == "UINT64" and _rows_of(preds, "ids") == [2**64 - 1, 2**63, 7]
+    assert np.array_equal(preds.tensors["predictions"].array, p) and preds.tensors["predictions"].datatype == "FP32"
+    assert _rows_of(preds, "weights") == [1.0, 2.0, 0.5]
+    assert (preds.batch_id, preds.ts, preds.input) == ("b1", 5.0, "probs")
+    assert set(labels.tensors) == {"targets", "ids"}
+    assert labels.tensors["ids"].datatype == "INT64" and _rows_of(labels, "ids") == [-1, 7]
+    assert _rows_of(labels, "targets") == [1, 0] and labels.batch_id is None
+    assert other.tensors["ids"].datatype == "INT64" and _rows_of(other, "ids") == [3]
+
+
+@pytest.mark.parametrize(
+    "method, args, kwargs, error, message",
+    [
+        ("send_predictions", ([[0.5, 0.5]], np.array([1.0])), {}, TypeError, "ids: dtype float64 is not an id type"),
+        (
+            "send_predictions",
+            ([[0.5, 0.5]], np.array([1], np.int32)),
+            {},
+            TypeError,
+            "ids: dtype int32 .*int64 or uint64",
+        ),
+        ("send_predictions", ([[0.5, 0.5]], np.array([True])), {}, TypeError, "ids: dtype bool"),
+        ("send_predictions", ([[0.5, 0.5]], [2**65]), {}, TypeError, "ids: dtype object"),
+        ("send_predictions", ([[0.5, 0.5]], np.array([[1]])), {}, ValueError, r"ids: shape \[1, 1\]; .*\[N\]"),
+        ("send_predictions", ([[0.5, 0.5]], np.array(1)), {}, ValueError, r"ids: shape \[\]"),
+        ("send_predictions", ([[0.5, 0.5]], np.array([1, 2])), {}, ValueError, "ids: 2 rows for 1 predictions"),
+        ("send_predictions", ([0.5, 0.5], np.array([1, 2])), {"weights": [1.0]}, ValueError, "weights: 1 rows for 2"),
+        ("send_predictions", (np.array(0.5), np.array([1])), {}, ValueError, "predictions: a scalar has no rows"),
+        ("send_predictions", ([[0.5, 0.5]], np.array([1])), {"input": "odds"}, ValueError, "input must be one of"),
+        ("send_predictions", ([[0.5, 0.5]], np.array([1])), {"ts": 1.7e12}, ValueError, "ts must be Unix seconds"),
+        ("send_labels", (np.array([1, 0]), np.array([1])), {}, ValueError, "ids: 1 rows for 2 targets"),
+        ("send_labels", (np.array([1]), np.array([1], np.uint32)), {}, TypeError, "ids: dtype uint32"),
+        ("send_labels", (np.array([1], np.uint64), np.array([1])), {}, TypeError, "targets: uint64 is for ids only"),
+        ("send_labels", (np.array(1), np.array([1])), {}, ValueError, "targets: a scalar has no rows"),
+    ],
+)
+def test_join_sends_are_checked_before_sending(
+    method: str, args: tuple[object, ...], kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with Publisher(_nothing_listens(), linger_ms=0) as pub:
+        with pytest.raises(error, match=message):
+            getattr(pub, method)("m", *args, **kwargs)
+        with pytest.raises(ValueError, match="model name"):
+            getattr(pub, method)("bad name", *args[:1], np.array([1] * len(np.atleast_1d(args[0]))), **kwargs)
+        assert pub._streams == {}  # nothing was sent: no seq was taken
+
+
+def test_join_sends_are_refused_by_a_round_robin_publisher() -> None:
+    # A label sent to another instance than its prediction could never join it.
+    with Publisher(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], linger_ms=0) as pub:
+        with pytest.raises(ValueError, match="round-robining over several PUSH addresses"):
+            pub.send_predictions("m", np.array([0.5]), np.array([1]))
+        with pytest.raises(ValueError, match="docs/scaling.md"):
+            pub.send_labels("m", np.array([1]), np.array([1]))
+
+
+def test_join_sends_are_never_coalesced_and_keep_the_model_order(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    pull, address = _pull(ctx)
+    with Publisher(address, producer="p", connect_timeout=30, batch_rows=100) as pub:
+        pub.send("m", _probs(1), np.array([1]))
+        pub.send("other", _probs(2), np.array([0]))
+        pub.send_predictions("m", _probs(3), np.array([30]))  # m's held row goes first, then this at once
+        assert pub.pending_rows == 1  # other's row is still held
+        pub.send_labels("m", np.array([1]), np.array([30]))
+        assert pub.pending_rows == 1
+    got = _received(pull, 4)
+    pull.close(linger=0)
+    m = [(msg.seq, sorted(msg.tensors)) for msg in got if msg.model == "m"]
+    assert m == [(0, ["predictions", "targets"]), (1, ["ids", "predictions"]), (2, ["ids", "targets"])]
+    assert [msg.model for msg in got] == ["m", "m", "m", "other"]
+
+
+def test_coalescing_refuses_uint64_targets_at_send() -> None:
+    with Publisher(_nothing_listens(), linger_ms=0, batch_rows=10) as pub:
+        with pytest.raises(TypeError, match="targets: uint64 is for ids only"):
+            pub.send("m", np.array([0.5]), np.array([1], np.uint64))
+        assert pub.pending_rows == 0

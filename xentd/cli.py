@@ -33,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("path", type=Path)
 
-    send = sub.add_parser("send", help="publish a dataset file (.npz or .csv, as for replay) as one batch")
+    send = sub.add_parser(
+        "send",
+        help="publish a dataset file (.npz or .csv, as for replay) as one batch; an .npz with ids and only "
+        "predictions or only targets is one side of a delayed-label join",
+    )
     send.add_argument("file", type=Path)
     send.add_argument("--model", required=True)
     send.add_argument("--to", required=True, metavar="ADDR", help="daemon ingest endpoint")
@@ -54,7 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     top.add_argument("--auth", metavar="USER:PASSWORD", help="basic auth for /metrics")
     top.add_argument("--cafile", help="CA certificate for an https URL")
 
-    replay = sub.add_parser("replay", help="stream a dataset (.npz or .csv) to a daemon at a chosen rate")
+    replay = sub.add_parser(
+        "replay",
+        help="stream a dataset (.npz or .csv) to a daemon at a chosen rate; an .npz with ids and only "
+        "predictions or only targets is one side of a delayed-label join",
+    )
     replay.add_argument("file", type=Path)
     replay.add_argument("--model", required=True)
     replay.add_argument("--to", required=True, metavar="ADDR", help="daemon ingest endpoint")
@@ -144,18 +152,16 @@ def _send(args: argparse.Namespace) -> int:
         linger_ms=timeout_ms,
     ) as pub:
         try:
-            pub.send(
-                args.model, ds.predictions, ds.targets, input=args.input, weights=ds.weights, batch_id=args.batch_id
-            )
+            ds.send(pub, args.model, slice(None), input=args.input, batch_id=args.batch_id)
         except (TypeError, ValueError) as exc:
             raise XentdError(str(exc)) from None
         except zmq.Again:
             raise XentdError(f"{args.to}: the daemon took no batch for {args.timeout:g} s (send queue full)") from None
-    print(f"sent {len(ds)} samples for model {args.model!r} to {args.to}", flush=True)
+    print(f"sent {len(ds)} {ds.rows_named} for model {args.model!r} to {args.to}", flush=True)
     if watch is None or before is None:
         return 0
     return replay.report(
-        replay.await_outcome(watch, before, model=args.model, sent=1, timeout=args.timeout), sys.stdout
+        replay.await_outcome(watch, before, model=args.model, sent=1, timeout=args.timeout, kind=ds.kind), sys.stdout
     )
 
 

@@ -35,6 +35,13 @@ once ``batch_rows`` rows are pending, once the first pending row is ``linger``
 seconds old (checked on every send; there is no background thread, so a producer
 that goes quiet calls :meth:`Publisher.flush`), on :meth:`Publisher.flush` and on
 close. See :class:`Publisher` for what can be joined.
+
+Delayed labels (docs/protocol.md, "Delayed labels"): :meth:`Publisher.send_predictions`
+sends predictions with one id per row, which wait in the daemon; :meth:`Publisher.send_labels`
+sends the targets later, with the same ids, and the daemon joins and scores the pairs.
+Both kinds go to the model's own ``seq`` stream and are sent at once, never held for
+coalescing. The predictions and the labels of a model must reach the same daemon
+(docs/scaling.md): a publisher given several PUSH addresses refuses them.
 """
 
 from __future__ import annotations
@@ -261,6 +268,78 @@ class Publisher:
         if full or self._linger == 0:  # linger=0, as Kafka's linger.ms=0: no waiting at all
             self._flush_model(model)
 
+    def send_predictions(
+        self,
+        model: str,
+        predictions: Any,
+        ids: Any,
+        *,
+        input: str = "probs",
+        weights: Any = None,
+        batch_id: str | None = None,
+        ts: float | None = None,
+    ) -> None:
+        """Send predictions whose labels come later: a predictions-only message.
+
+        ``ids`` is one id per row (``[N]``, int64 or uint64; an int64 and a uint64 id
+        with the same 64 bits are the same id), chosen by the producer and scoped per
+        model. Each row waits in the daemon under (model, id) until :meth:`send_labels`
+        brings its label, or ``labels.ttl`` passes (docs/protocol.md, "Delayed labels").
+
+        Sent at once, in the model's ``seq`` stream, and never held for coalescing: the
+        model's rows held by :meth:`send` go first, so the model's messages keep their
+        order (a label must not overtake its prediction). Arrays are checked here, with
+        errors naming the array, before anything is sent.
+        """
+        arrays = _join_arrays(model, input, ts, [("predictions", predictions), ("weights", weights)], ids)
+        self._send_join(model, arrays[0], None, input, arrays[1], arrays[2], batch_id, ts)
+
+    def send_labels(
+        self,
+        model: str,
+        targets: Any,
+        ids: Any,
+        *,
+        batch_id: str | None = None,
+        ts: float | None = None,
+    ) -> None:
+        """Send the labels of predictions sent earlier by :meth:`send_predictions`: a labels-only message.
+
+        ``targets`` takes the forms it takes in :meth:`send` (class indices ``[N]``,
+        binary or soft ``[N]``, soft ``[N, C]``); ``ids`` (``[N]``, int64 or uint64) name
+        the waiting predictions, row by row. A label whose id is waiting joins it and
+        the pair is scored; any other counts as ``unmatched`` in
+        ``xentd_label_joins_total``. There are no weights: a joined pair takes its
+        prediction's.
+
+        Sent at once, in the model's ``seq`` stream, never held for coalescing (the
+        model's rows held by :meth:`send` go first), as :meth:`send_predictions`.
+        """
+        arrays = _join_arrays(model, "probs", ts, [("targets", targets)], ids)
+        self._send_join(model, None, arrays[0], "probs", None, arrays[1], batch_id, ts)
+
+    def _send_join(
+        self,
+        model: str,
+        predictions: Any,
+        targets: Any,
+        input: str,
+        weights: Any,
+        ids: np.ndarray,
+        batch_id: str | None,
+        ts: float | None,
+    ) -> None:
+        if not self._numbered:
+            # Round-robin would send a label to another instance than its prediction.
+            raise ValueError(
+                "delayed labels need the predictions and the labels of a model on one daemon; a publisher "
+                "round-robining over several PUSH addresses cannot send them (docs/scaling.md)"
+            )
+        if self._coalesce:
+            self._flush_expired(time.monotonic())
+            self._flush_model(model)
+        self._send_now(model, predictions, targets, input, weights, batch_id, ts, ids=ids)
+
     @property
     def pending_rows(self) -> int:
         """Rows held for coalescing, not yet sent (all models)."""
@@ -295,6 +374,8 @@ class Publisher:
         weights: Any,
         batch_id: str | None,
         ts: float | None,
+        *,
+        ids: Any = None,
     ) -> None:
         """Encode and send one message now, with the model's next seq."""
         stream = self._streams.get(model)
@@ -310,6 +391,7 @@ class Publisher:
             targets,
             input=input,
             weights=weights,
+            ids=ids,
             batch_id=batch_id,
             ts=ts,
             producer=stream_id if self._numbered else None,
@@ -473,21 +555,18 @@ def _stream_id(producer: str, model: str) -> str:
 _Layout = tuple[str, tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...]], tuple[str, tuple[int, ...]] | None]
 
 
-def _rows(
-    model: str, predictions: Any, targets: Any, input: str, weights: Any, ts: float | None
-) -> tuple[_Layout | None, list[np.ndarray]]:
-    """Check one send as :func:`xentd.wire.encode` would, so that a bad row raises now and
-    not at flush; return its layout and copies of its arrays (the caller may reuse its
-    buffers once send returns). Layout None: rank-0 predictions, which have no rows to join."""
+def _check_header_fields(model: str, input: str, ts: float | None) -> None:
+    """The header fields :func:`xentd.wire.encode` would refuse, checked before anything is held or sent."""
     if not wire.well_formed_name(model):
         raise ValueError(f"model name {model!r} must be 1-128 characters of A-Z a-z 0-9 _ . : -")
     if input not in wire.INPUT_KINDS:
         raise ValueError(f"input must be one of {', '.join(wire.INPUT_KINDS)}, got {input!r}")
     if ts is not None and not (math.isfinite(ts) and 0.0 <= ts <= wire.MAX_TS):
         raise ValueError(f"ts must be Unix seconds in [0, {wire.MAX_TS:.0f}] (year 9999), got {ts!r}")
-    named = [("predictions", predictions), ("targets", targets)]
-    if weights is not None:
-        named.append(("weights", weights))
+
+
+def _wire_arrays(named: list[tuple[str, Any]]) -> tuple[list[tuple[str, tuple[int, ...]]], list[np.ndarray]]:
+    """Each array as it goes on the wire, with its (datatype, row shape); rank checked."""
     parts: list[tuple[str, tuple[int, ...]]] = []
     arrays: list[np.ndarray] = []
     for name, value in named:
@@ -498,19 +577,73 @@ def _rows(
             arr = value
         else:
             datatype, arr = wire._as_wire_array(value, name)
+        if datatype == "UINT64":
+            # As wire.encode would, but now: a coalesced row must not fail at flush.
+            raise TypeError(f"{name}: uint64 is for ids only; use int64")
         if arr.ndim > wire.MAX_RANK:
             raise ValueError(f"{name}: rank {arr.ndim} is not supported (at most {wire.MAX_RANK})")
         parts.append((datatype, arr.shape[1:]))
         arrays.append(arr)
+    return parts, arrays
+
+
+def _check_rows(named: list[tuple[str, Any]], arrays: list[np.ndarray]) -> None:
+    """Every array has the first one's N rows; the first is not a scalar."""
     if arrays[0].ndim == 0:
-        return None, arrays
+        raise ValueError(f"{named[0][0]}: a scalar has no rows; send [N] or [N, C]")
     n = arrays[0].shape[0]
     for (name, _), arr in zip(named[1:], arrays[1:], strict=True):
         if arr.ndim == 0 or arr.shape[0] != n:
-            # Joined, the rows of the two arrays would no longer line up.
-            raise ValueError(f"{name}: {arr.shape[0] if arr.ndim else 'no'} rows for {n} predictions")
+            raise ValueError(f"{name}: {arr.shape[0] if arr.ndim else 'no'} rows for {n} {named[0][0]}")
+
+
+def _rows(
+    model: str, predictions: Any, targets: Any, input: str, weights: Any, ts: float | None
+) -> tuple[_Layout | None, list[np.ndarray]]:
+    """Check one send as :func:`xentd.wire.encode` would, so that a bad row raises now and
+    not at flush; return its layout and copies of its arrays (the caller may reuse its
+    buffers once send returns). Layout None: rank-0 predictions, which have no rows to join."""
+    _check_header_fields(model, input, ts)
+    named = [("predictions", predictions), ("targets", targets)]
+    if weights is not None:
+        named.append(("weights", weights))
+    parts, arrays = _wire_arrays(named)
+    if arrays[0].ndim == 0:
+        return None, arrays
+    # Joined, the rows of the arrays would no longer line up.
+    _check_rows(named, arrays)
     layout: _Layout = (input, parts[0], parts[1], parts[2] if weights is not None else None)
     return layout, [a.copy() for a in arrays]  # C-ordered copies: the wire's layout
+
+
+def _ids(ids: Any) -> np.ndarray:
+    """``ids`` as a [N] int64 or uint64 array, or a ValueError/TypeError that says what is wrong."""
+    try:
+        arr = np.asarray(ids)
+    except (OverflowError, ValueError) as exc:  # Python ints past both int64 and uint64
+        raise ValueError(f"ids: not 64-bit integers ({exc})") from None
+    if arr.dtype.kind not in "iu" or arr.dtype.itemsize != 8:
+        raise TypeError(
+            f"ids: dtype {arr.dtype} is not an id type; ids are int64 or uint64 "
+            "(hash string ids to 64 bits, and widen smaller integers with .astype(np.int64))"
+        )
+    if arr.ndim != 1:
+        raise ValueError(f"ids: shape {list(arr.shape)}; ids are one per row, shape [N]")
+    return arr
+
+
+def _join_arrays(model: str, input: str, ts: float | None, named: list[tuple[str, Any]], ids: Any) -> list[Any]:
+    """Check a predictions-only or labels-only send: the arrays of ``named`` (None kept as None),
+    then the ids, each as it goes on the wire. Raises before anything is sent."""
+    _check_header_fields(model, input, ts)
+    given = [(name, value) for name, value in named if value is not None]
+    _, arrays = _wire_arrays(given)
+    if arrays[0].ndim == 0:
+        raise ValueError(f"{given[0][0]}: a scalar has no rows to join; send [N] or [N, C] with ids [N]")
+    id_array = _ids(ids)
+    _check_rows([*given, ("ids", ids)], [*arrays, id_array])
+    by_name = dict(zip([name for name, _ in given], arrays, strict=True))
+    return [by_name.get(name) for name, _ in named] + [id_array]
 
 
 # Native-order dtypes that go on the wire as they are (bool and bfloat16 are converted).

@@ -4,13 +4,20 @@ Two file layouts:
 
 - ``.npz`` with arrays ``predictions`` ([N] or [N, C]), ``targets`` ([N]
   class indices or 0/1, or [N, C] soft labels) and optionally ``weights`` ([N]).
+  With ``ids`` ([N], int64 or uint64) a file may hold one side of a delayed-label
+  join (docs/protocol.md): ``ids`` and ``predictions`` (and ``weights``) without
+  ``targets`` is sent predictions-only; ``ids`` and ``targets`` without
+  ``predictions`` is sent labels-only. In a file with both, ``ids`` are not sent
+  (the daemon would ignore them: the pairs are scored at once).
 - ``.csv`` with a header row. Columns: ``target`` (a class index, or 0/1 for
   binary), optionally ``weight``, and the predictions: ``pred`` alone for
   binary (the positive class), or ``pred_0`` ... ``pred_{C-1}`` for C classes.
   Other columns are ignored; column order does not matter.
 
 Batches go out in file order, each ``batch_size`` rows, with ``batch_id``
-``<file stem>:<first row>-<end row>``, so replaying a file twice with the same
+``<file stem>:<first row>-<end row>`` (``<file stem>:predictions:<first row>-<end row>``
+and ``<file stem>:labels:...`` for the two join kinds, so that the labels of a
+file never share the batch ids of its predictions), so replaying a file twice with the same
 batch size into a daemon that still remembers the ids counts it once.
 
 With a metrics URL (``--wait``), ``send`` and ``replay`` then wait until the
@@ -27,9 +34,9 @@ import csv
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 
 import numpy as np
 import zmq
@@ -37,15 +44,63 @@ import zmq
 from xentd.errors import XentdError
 from xentd.top import Scrape, health, metrics_url, scrape
 
+if TYPE_CHECKING:
+    from xentd.client import Publisher
+
+
+# What a dataset file sends: a full batch (scored at once), or one side of a delayed-label join.
+Kind = Literal["full", "predictions", "labels"]
+
 
 @dataclass(frozen=True)
 class Dataset:
-    predictions: np.ndarray
-    targets: np.ndarray
+    """The arrays of a dataset file. ``predictions`` or ``targets`` is None in a file that
+    holds one side of a join; ``ids`` is then set (see :attr:`kind`)."""
+
+    predictions: np.ndarray | None
+    targets: np.ndarray | None
     weights: np.ndarray | None
+    ids: np.ndarray | None = None
+
+    @property
+    def kind(self) -> Kind:
+        if self.predictions is None:
+            return "labels"
+        return "predictions" if self.targets is None else "full"
 
     def __len__(self) -> int:
-        return int(self.predictions.shape[0])
+        rows = self.predictions if self.predictions is not None else self.targets
+        assert rows is not None  # load() refuses a file with neither
+        return int(rows.shape[0])
+
+    @property
+    def rows_named(self) -> str:
+        """What a row of this file is, for "sent 100 ..." lines."""
+        return {"full": "samples", "predictions": "predictions (predictions-only)", "labels": "labels (labels-only)"}[
+            self.kind
+        ]
+
+    def batch_id(self, stem: str, rows: slice) -> str:
+        """The batch id of ``rows``: the join kinds name themselves, so that a labels file with the
+        stem of its predictions file does not repeat their ids (the daemon dedupes by (model, batch_id))."""
+        kind = "" if self.kind == "full" else f"{self.kind}:"
+        return f"{stem}:{kind}{rows.start}-{rows.stop}"
+
+    def send(self, publisher: Publisher, model: str, rows: slice, *, input: str, batch_id: str | None) -> None:
+        """Send ``rows`` of the file as its kind of message: full, predictions-only or labels-only."""
+        weights = None if self.weights is None else self.weights[rows]
+        if self.predictions is None:
+            assert self.targets is not None and self.ids is not None
+            publisher.send_labels(model, self.targets[rows], self.ids[rows], batch_id=batch_id)
+        elif self.targets is None:
+            assert self.ids is not None
+            publisher.send_predictions(
+                model, self.predictions[rows], self.ids[rows], input=input, weights=weights, batch_id=batch_id
+            )
+        else:
+            publisher.send(
+                model, self.predictions[rows], self.targets[rows], input=input, weights=weights, batch_id=batch_id
+            )
 
 
 def load(path: Path) -> Dataset:
@@ -60,15 +115,46 @@ def _load_npz(path: Path) -> Dataset:
     except (OSError, ValueError, EOFError) as exc:
         raise XentdError(f"{path}: cannot read as .npz: {exc}") from None
     with data:
-        missing = {"predictions", "targets"} - set(data.files)
-        if missing:
+        arrays = {name: data[name] for name in ("predictions", "targets", "weights", "ids") if name in data.files}
+        files = list(data.files)
+    _check_npz_layout(path, arrays, files)
+    ds = Dataset(arrays.get("predictions"), arrays.get("targets"), arrays.get("weights"), arrays.get("ids"))
+    if ds.ids is not None:
+        if ds.ids.dtype.kind not in "iu" or ds.ids.dtype.itemsize != 8 or ds.ids.ndim != 1:
             raise XentdError(
-                f"{path}: missing array(s) {', '.join(sorted(missing))}; it has {', '.join(data.files) or 'none'}"
+                f"{path}: 'ids' must be int64 or uint64 of shape [N], one per row; it is {ds.ids.dtype} "
+                f"of shape {list(ds.ids.shape)}"
             )
-        ds = Dataset(data["predictions"], data["targets"], data["weights"] if "weights" in data.files else None)
-    if len(ds.targets) != len(ds) or (ds.weights is not None and len(ds.weights) != len(ds)):
-        raise XentdError(f"{path}: predictions, targets and weights must have the same number of rows")
+    scalars = [name for name, a in arrays.items() if a.ndim == 0]
+    if scalars:
+        what = "is a scalar" if len(scalars) == 1 else "are scalars"
+        raise XentdError(f"{path}: {', '.join(scalars)} {what}; every array has one row per sample")
+    rows = {name: int(a.shape[0]) for name, a in arrays.items()}
+    if len(set(rows.values())) > 1:
+        counts = ", ".join(f"{name} {n}" for name, n in rows.items())
+        raise XentdError(f"{path}: every array must have the same number of rows; it has {counts}")
     return ds
+
+
+def _check_npz_layout(path: Path, arrays: dict[str, np.ndarray], files: list[str]) -> None:
+    """Refuse a file that is no kind of message, saying what it would need."""
+    has = set(arrays)
+    listed = ", ".join(files) or "none"
+    if "predictions" in has and "targets" in has:
+        return  # full: scored at once (ids, if any, are not sent)
+    if not has & {"predictions", "targets"}:
+        raise XentdError(f"{path}: missing array(s) predictions, targets; it has {listed}")
+    if "ids" not in has:
+        present, absent = ("predictions", "targets") if "predictions" in has else ("targets", "predictions")
+        raise XentdError(
+            f"{path}: has {present} but no {absent}; add {absent} to score it at once, or 'ids' to send "
+            f"{present}-only (one side of a delayed-label join); it has {listed}"
+        )
+    if "targets" in has and "weights" in has:
+        raise XentdError(
+            f"{path}: a labels-only file (ids and targets) cannot carry weights: a joined pair takes its "
+            "prediction's weight, so weights go in the predictions file"
+        )
 
 
 def _load_csv(path: Path) -> Dataset:
@@ -153,7 +239,7 @@ def replay(
             if delay > 0:
                 time.sleep(delay)
         rows = slice(start, min(start + batch_size, len(dataset)))
-        send(rows, f"{stem}:{rows.start}-{rows.stop}")
+        send(rows, dataset.batch_id(stem, rows))
         if progress is not None:
             progress.update(k + 1, rows.stop)
     return len(starts)
@@ -189,6 +275,11 @@ class Outcome:
     duplicate: int
     rejected: dict[str, int]  # reason -> batches
     empty: int = 0  # accepted with zero rows: nothing to score
+    kind: Kind = "full"
+    # The model's xentd_label_joins_total growth by outcome, and the growth of its
+    # xentd_pending_predictions (negative when more left the store than came in).
+    joins: dict[str, int] = field(default_factory=dict)
+    pending: int = 0
 
     @property
     def other_traffic(self) -> bool:
@@ -196,12 +287,20 @@ class Outcome:
 
     @property
     def settled(self) -> int:
-        """Batches whose fate the counters show: scored, duplicate, rejected or empty."""
+        """Batches whose fate the counters show: scored, duplicate, rejected or empty.
+
+        A predictions-only or labels-only message has no per-message counter of its own
+        (its rows are counted by outcome, in xentd_label_joins_total), so for those the
+        count of messages the daemon finished with is their account."""
+        if self.kind != "full":
+            return self.accounted
         return self.scored + self.duplicate + self.empty + sum(self.rejected.values())
 
     def lines(self) -> list[str]:
         out = [f"the daemon accounted for {self.sent} batch(es) sent as model {self.model!r}:"]
-        if self.scored:
+        if self.kind != "full":
+            out.extend(self._join_lines())
+        elif self.scored:
             out.append(f"  {self.scored} scored ({self.samples:,} samples)")
         if self.duplicate:
             out.append(f"  {self.duplicate} duplicate (already scored: batch ids seen before)")
@@ -217,6 +316,15 @@ class Outcome:
             )
         return out
 
+    def _join_lines(self) -> list[str]:
+        """The join counters' growth: what became of the rows of predictions-only or labels-only batches."""
+        order = ("matched", "unmatched", "duplicate", "expired", "evicted")
+        counts = ", ".join(f"{o} {self.joins[o]:,}" for o in order if self.joins.get(o))
+        if self.kind == "predictions":
+            line = f"  predictions waiting for their labels: {self.pending:+,}"
+            return [line + (f"; join outcomes meanwhile: {counts}" if counts else "")]
+        return [f"  labels: {counts or 'no join outcome counted'}"]
+
 
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
     return {k: round(v - before.get(k, 0.0)) for k, v in after.items() if round(v - before.get(k, 0.0)) > 0}
@@ -230,8 +338,16 @@ def _model_rejections(s: Scrape, model: str) -> dict[str, float]:
     }
 
 
-def outcome(before: Scrape, after: Scrape, *, model: str, sent: int) -> Outcome:
-    """The counter deltas between two scrapes, read as the fate of ``sent`` batches."""
+def _model_joins(s: Scrape, model: str) -> dict[str, float]:
+    return {
+        dict(labels).get("outcome", ""): v
+        for (name, labels), v in s.samples.items()
+        if name == "xentd_label_joins_total" and dict(labels).get("model") == model
+    }
+
+
+def outcome(before: Scrape, after: Scrape, *, model: str, sent: int, kind: Kind = "full") -> Outcome:
+    """The counter deltas between two scrapes, read as the fate of ``sent`` batches of ``kind``."""
 
     def grew(name: str, per_model: bool = False) -> int:
         def get(s: Scrape) -> float:
@@ -254,6 +370,9 @@ def outcome(before: Scrape, after: Scrape, *, model: str, sent: int) -> Outcome:
         duplicate=grew("xentd_duplicate_batches_total"),
         empty=grew("xentd_empty_batches_total"),
         rejected=rejected,
+        kind=kind,
+        joins=_delta(_model_joins(after, model), _model_joins(before, model)),
+        pending=grew("xentd_pending_predictions", per_model=True),
     )
 
 
@@ -261,7 +380,9 @@ def outcome(before: Scrape, after: Scrape, *, model: str, sent: int) -> Outcome:
 WAIT_POLL_SECONDS = 0.1
 
 
-def await_outcome(watch: Watch, before: Scrape, *, model: str, sent: int, timeout: float) -> Outcome:
+def await_outcome(
+    watch: Watch, before: Scrape, *, model: str, sent: int, timeout: float, kind: Kind = "full"
+) -> Outcome:
     """Poll /metrics until the daemon has accounted for ``sent`` more messages.
 
     Gives up with a :class:`XentdError` when the count has not moved for ``timeout``
@@ -272,7 +393,7 @@ def await_outcome(watch: Watch, before: Scrape, *, model: str, sent: int, timeou
     last, deadline = -1, time.monotonic() + timeout
     said_starting = False
     while True:
-        got = outcome(before, watch.scrape(), model=model, sent=sent)
+        got = outcome(before, watch.scrape(), model=model, sent=sent, kind=kind)
         # Both: the message count (every outcome) and the outcomes themselves have grown.
         done = min(got.accounted, got.settled)
         if done >= sent:
@@ -335,14 +456,7 @@ def run(
 
         def send(rows: slice, batch_id: str) -> None:
             nonlocal sent
-            publisher.send(
-                model,
-                ds.predictions[rows],
-                ds.targets[rows],
-                input=input,
-                weights=None if ds.weights is None else ds.weights[rows],
-                batch_id=batch_id,
-            )
+            ds.send(publisher, model, rows, input=input, batch_id=batch_id)
             sent += 1
 
         try:
@@ -360,7 +474,7 @@ def run(
             raise XentdError(
                 f"{to}: the daemon took no batch for {timeout:g} s (send queue full); stopped after {sent} batch(es)"
             ) from None
-    out.write(f"replayed {len(ds)} samples in {batches} batches to {to} as model {model!r}\n")
+    out.write(f"replayed {len(ds)} {ds.rows_named} in {batches} batches to {to} as model {model!r}\n")
     if wait is None or before is None:
         return 0
-    return report(await_outcome(wait, before, model=model, sent=batches, timeout=timeout), result_out)
+    return report(await_outcome(wait, before, model=model, sent=batches, timeout=timeout, kind=ds.kind), result_out)

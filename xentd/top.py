@@ -4,7 +4,11 @@ Rates come from the difference between two scrapes; the loss, perplexity,
 accuracy and balanced cross-entropy columns are the daemon's own window gauges
 for the chosen window, and the worst class is the true class with the highest
 mean loss since the daemon started (``xentd_class_cross_entropy_nats``).
-A model whose window holds no samples shows ``-`` there. It reads only /metrics,
+A model whose window holds no samples shows ``-`` there. For delayed labels
+(docs/protocol.md), ``PENDING`` is the model's predictions waiting for a label
+and ``COVERAGE`` the share of its waiting predictions that found their label
+since the daemon started: matched / (matched + expired + evicted), ``-`` while
+none has left the store; both are blank for a model with no join traffic. It reads only /metrics,
 so it works against any instance Prometheus can scrape. On a terminal, ``q``
 quits.
 """
@@ -91,7 +95,12 @@ def scrape(url: str, *, auth: str | None = None, cafile: str | None = None, time
     status, text = _get(url, auth=auth, cafile=cafile, timeout=timeout)
     if status != 200:
         raise XentdError(f"cannot read {url}: HTTP {status}: {text.strip()[:200]}")
-    out = Scrape(at=time.monotonic())
+    return parse(text, at=time.monotonic())
+
+
+def parse(text: str, *, at: float) -> Scrape:
+    """A /metrics page (Prometheus text format), read at ``at`` (``time.monotonic()`` seconds)."""
+    out = Scrape(at=at)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             out.samples[(s.name, frozenset(s.labels.items()))] = s.value
@@ -110,6 +119,27 @@ class Row:
     balanced_cross_entropy: float = math.nan
     worst_class: str | None = None  # the true class with the highest mean loss since start
     worst_class_loss: float = math.nan
+    # Delayed labels; None: the model has no join traffic (no xentd_label_joins_total series).
+    pending: float | None = None
+    coverage: float | None = None  # nan: no prediction has left the store yet
+
+
+# The outcomes of a waiting prediction that leave the store; coverage is the matched share.
+_LEFT_STORE = ("matched", "expired", "evicted")
+
+
+def join_coverage(s: Scrape) -> dict[str, float]:
+    """Per model with join traffic: matched / (matched + expired + evicted) since start (nan: 0 / 0)."""
+    left: dict[str, dict[str, float]] = {}
+    for (name, labels), v in s.samples.items():
+        lbl = dict(labels)
+        if name == "xentd_label_joins_total" and "model" in lbl:
+            left.setdefault(lbl["model"], {})[lbl.get("outcome", "")] = v
+    out = {}
+    for model, by_outcome in left.items():
+        total = sum(by_outcome.get(o, 0.0) for o in _LEFT_STORE)
+        out[model] = by_outcome.get("matched", 0.0) / total if total > 0 else math.nan
+    return out
 
 
 def windows(s: Scrape) -> list[str]:
@@ -155,14 +185,17 @@ def rows(before: Scrape, after: Scrape, window: str) -> list[Row]:
     balanced = after.by_model("xentd_window_balanced_cross_entropy_nats", window=window)
     n = after.by_model("xentd_window_samples", window=window)
     worst = _worst_classes(after)
+    coverage = join_coverage(after)
+    pending = after.by_model("xentd_pending_predictions")
     out = []
-    for model in sorted(samples1):
+    # A model whose predictions all wait for labels has scored nothing yet, but is shown.
+    for model in sorted(set(samples1) | set(coverage) | set(pending)):
         loss = ce.get(model, math.nan)
         worst_class, worst_loss = worst.get(model, (None, math.nan))
         out.append(
             Row(
                 model=model,
-                samples_per_s=max(0.0, samples1[model] - samples0.get(model, samples1[model])) / dt,
+                samples_per_s=max(0.0, samples1.get(model, 0.0) - samples0.get(model, samples1.get(model, 0.0))) / dt,
                 batches_per_s=max(0.0, batches1.get(model, 0.0) - batches0.get(model, batches1.get(model, 0.0))) / dt,
                 cross_entropy=loss,
                 perplexity=_perplexity(loss),
@@ -171,6 +204,8 @@ def rows(before: Scrape, after: Scrape, window: str) -> list[Row]:
                 balanced_cross_entropy=balanced.get(model, math.nan),
                 worst_class=worst_class,
                 worst_class_loss=worst_loss,
+                pending=pending.get(model),
+                coverage=coverage.get(model),
             )
         )
     return out
@@ -203,16 +238,18 @@ def render(before: Scrape, after: Scrape, *, url: str, window: str, sort: str = 
         :100
     ]
     backend = next((dict(k).get("backend") for (n, k) in after.samples if n == "xentd_build_info"), "?")
+    store = _pending_store(after)
     lines = [
         f"xentd top - {url}   window {window}   {len(table)} model(s)   "
         f"{(received - received0) / dt:,.1f} msg/s in   "
         f"rejected {sum(rejected.values()):,.0f} total ({sum(reject_rates.values()):,.1f}/s"
         f"{': ' + top_reasons if top_reasons else ''})",
         f"duplicates {after.total('xentd_duplicate_batches_total').get('', 0):,.0f}   "
-        f"sequence gaps {after.total('xentd_sequence_gaps_total').get('', 0):,.0f}   backend {backend}",
+        f"sequence gaps {after.total('xentd_sequence_gaps_total').get('', 0):,.0f}   backend {backend}{store}",
         "",
         f"{'MODEL':32s} {'SAMPLES/S':>11s} {'BATCHES/S':>10s} {'XENT (nats)':>12s} {'PERPLEXITY':>11s} "
-        f"{'ACCURACY':>9s} {'IN WINDOW':>10s} {'BALANCED':>9s} {'WORST CLASS (since start)':>25s}",
+        f"{'ACCURACY':>9s} {'IN WINDOW':>10s} {'BALANCED':>9s} {'WORST CLASS (since start)':>25s} "
+        f"{'PENDING':>9s} {'COVERAGE':>8s}",
     ]
     for r in table[:limit]:
         worst = "-" if r.worst_class is None else f"{r.worst_class[:12]} {r.worst_class_loss:.4f}"
@@ -220,11 +257,35 @@ def render(before: Scrape, after: Scrape, *, url: str, window: str, sort: str = 
             f"{r.model[:32]:32s} {r.samples_per_s:11,.1f} {r.batches_per_s:10,.1f} "
             f"{_num(r.cross_entropy, '12.4f')} {_num(r.perplexity, '11.3f')} "
             f"{_num(r.accuracy * 100, '8.2f')}{' ' if math.isnan(r.accuracy) else '%'} {r.window_samples:10,.0f} "
-            f"{_num(r.balanced_cross_entropy, '9.4f')} {worst:>25s}"
+            f"{_num(r.balanced_cross_entropy, '9.4f')} {worst:>25s} {_join_columns(r)}".rstrip()
         )
     if len(table) > limit:
         lines.append(f"... and {len(table) - limit} more (--limit)")
     return "\n".join(lines) + "\n"
+
+
+def _join_columns(r: Row) -> str:
+    """PENDING and COVERAGE: blank for a model without join traffic, ``-`` for a coverage of 0 / 0."""
+    pending = " " * 9 if r.pending is None else f"{r.pending:9,.0f}"
+    coverage = (
+        " " * 8 if r.coverage is None else _num(r.coverage * 100, "7.2f") + (" " if math.isnan(r.coverage) else "%")
+    )
+    return f"{pending} {coverage}"
+
+
+def _pending_store(s: Scrape) -> str:
+    """The header's "join store 1.2 MiB of 256.0 MiB (0.5%)": the bytes of the predictions waiting for
+    labels against ``labels.max_pending_bytes``; "" for a daemon that exports no join store."""
+    used = s.total("xentd_pending_bytes").get("")
+    limit = s.total("xentd_pending_bytes_limit").get("")
+    if used is None or limit is None:
+        return ""
+    share = f" ({used / limit * 100:.1f}%)" if limit > 0 else ""
+    return f"   join store {_mib(used)} of {_mib(limit)}{share}"
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
 
 
 def _num(value: float, spec: str) -> str:

@@ -19,22 +19,28 @@ from xentd.client import Publisher
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "xentd.json"
 # What Grafana substitutes before a query reaches Prometheus.
-VARIABLES = {"$model": ".*", "$window": "5m", "$__rate_interval": "1m"}
+VARIABLES = {"$model": ".*", "$window": "5m", "$__rate_interval": "1m", "$__range": "1h"}
 
 
 def _dashboard() -> dict[str, Any]:
     return json.loads(DASHBOARD.read_text())  # type: ignore[no-any-return]
 
 
-def _queries() -> list[tuple[str, str]]:
+def _queries(variables: dict[str, str] = VARIABLES) -> list[tuple[str, str]]:
     out = []
     for panel in _dashboard()["panels"]:
         for target in panel.get("targets", []):
             expr = target["expr"]
-            for name, value in VARIABLES.items():
+            for name, value in variables.items():
                 expr = expr.replace(name, value)
             out.append((panel["title"], expr))
     return out
+
+
+def _panel_queries(title_part: str, variables: dict[str, str] = VARIABLES) -> list[str]:
+    found = [expr for title, expr in _queries(variables) if title_part in title.lower()]
+    assert found, f"no panel titled like {title_part!r}"
+    return found
 
 
 def test_dashboard_structure() -> None:
@@ -50,6 +56,8 @@ def test_dashboard_structure() -> None:
     assert len(ids) == len(set(ids))
     titles = " | ".join(p["title"].lower() for p in panels)
     for wanted in ("cross-entropy by model", "perplexity", "by true class", "accuracy", "rejected", "ingest", "up"):
+        assert wanted in titles, wanted
+    for wanted in ("join coverage", "label delay", "join store", "entropy", "confidence", "waiting for labels"):
         assert wanted in titles, wanted
     assert any(p["type"] == "heatmap" and "xentd_sample_loss_nats_bucket" in p["targets"][0]["expr"] for p in panels)
 
@@ -76,7 +84,12 @@ def test_every_metric_in_the_dashboard_is_exported(start_daemon: Callable[..., D
     with Publisher(d.ingest) as pub:
         p = rng.dirichlet(np.ones(4), 100)
         pub.send("m", p, rng.integers(0, 4, 100), batch_id="b1")
-    d.wait_for("xentd_batches_total", 1.0, model="m")
+        # Delayed labels too, so that the join families (the delay histogram: one matched join) exist.
+        ids = np.arange(10, dtype=np.int64)
+        pub.send_predictions("m", p[:10], ids)
+        pub.send_labels("m", rng.integers(0, 4, 10), ids)
+    d.wait_for_at_least("xentd_batches_total", 1.0, model="m")
+    d.wait_for("xentd_label_joins_total", 10.0, model="m", outcome="matched")
     d.wait_for_at_least("xentd_snapshots_written_total", 1.0)
     _, text = d.get("/metrics")
     request = urllib.request.Request(d.http + "/metrics", headers={"Accept": "application/openmetrics-text"})
@@ -96,3 +109,95 @@ def test_every_metric_in_the_dashboard_is_exported(start_daemon: Callable[..., D
         }
         missing = sorted(name for name in referenced | rules if name not in exported and name not in recorded)
         assert not missing, missing
+
+
+def test_delayed_label_panels_query_what_they_say() -> None:
+    (coverage,) = _panel_queries("join coverage: matched")
+    numerator, denominator = coverage.split(" / ")
+    assert 'outcome="matched"' in numerator and "rate(xentd_label_joins_total" in numerator
+    assert 'outcome=~"matched|expired|evicted"' in denominator
+    (over_range,) = _panel_queries("join coverage over the range", {**VARIABLES, "$__range": "RANGE"})
+    assert over_range.count("[RANGE]") == 2
+    delay = _panel_queries("label delay")
+    assert all(q.startswith("histogram_quantile(") and "xentd_label_delay_seconds_bucket" in q for q in delay)
+    store = " ".join(_panel_queries("join store"))
+    assert "xentd_pending_bytes{" in store and "xentd_pending_bytes_limit{" in store
+    entropy = _panel_queries("prediction entropy")
+    assert any("xentd_prediction_entropy_nats_sum" in q and "xentd_prediction_entropy_nats_count" in q for q in entropy)
+    assert any("xentd_cross_entropy_nats_sum" in q for q in entropy)  # beside the loss
+    confidence = _panel_queries("prediction confidence")
+    assert any("xentd_prediction_confidence_sum" in q and "xentd_prediction_confidence_count" in q for q in confidence)
+
+
+@needs_prometheus
+def test_delayed_label_panels_compute_against_synthetic_series(tmp_path: Path) -> None:
+    """Evaluate the panels' queries (promtool test rules) on counters whose answers are worked out here."""
+    per_minute = {"matched": 30, "unmatched": 7, "duplicate": 2, "expired": 6, "evicted": 4}
+    # Label delays, per minute: 10 of 0.5 s, 20 of 3 s, 10 of 100 s (cumulative buckets).
+    buckets = {"1": 10, "5": 30, "300": 40, "+Inf": 40}
+    series = [
+        (f'xentd_label_joins_total{{job="xentd",instance="a",model="m",outcome="{o}"}}', f"0+{n}x20")
+        for o, n in per_minute.items()
+    ]
+    series += [
+        (f'xentd_label_delay_seconds_bucket{{job="xentd",instance="a",model="m",le="{le}"}}', f"0+{n}x20")
+        for le, n in buckets.items()
+    ]
+    series += [
+        ('xentd_prediction_entropy_nats_sum{job="xentd",instance="a",model="m"}', "0+12x20"),
+        ('xentd_prediction_entropy_nats_count{job="xentd",instance="a",model="m"}', "0+40x20"),
+        ('xentd_prediction_entropy_nats_sum{job="xentd",instance="b",model="m"}', "0+2x20"),
+        ('xentd_prediction_entropy_nats_count{job="xentd",instance="b",model="m"}', "0+10x20"),
+        ('xentd_prediction_confidence_sum{job="xentd",instance="a",model="m"}', "0+36x20"),
+        ('xentd_prediction_confidence_count{job="xentd",instance="a",model="m"}', "0+40x20"),
+        ('xentd_pending_bytes{job="xentd",instance="a"}', "700x20"),
+        ('xentd_pending_bytes_limit{job="xentd",instance="a"}', "1000x20"),
+        ('xentd_pending_predictions{job="xentd",instance="a",model="m"}', "25x20"),
+    ]
+    variables = {**VARIABLES, "$__rate_interval": "5m", "$__range": "10m"}
+    (coverage,) = _panel_queries("join coverage: matched", variables)
+    (over_range,) = _panel_queries("join coverage over the range", variables)
+    p50, p90, p99 = _panel_queries("label delay", variables)
+    entropy = next(q for q in _panel_queries("prediction entropy", variables) if "entropy_nats_sum" in q)
+    confidence = next(q for q in _panel_queries("prediction confidence", variables) if "confidence_sum" in q)
+    (waiting,) = _panel_queries("waiting for labels", variables)
+    m = {"model": "m"}
+    expected = [
+        (coverage, m, 30 / (30 + 6 + 4)),  # unmatched and duplicate are not predictions leaving the store
+        (over_range, m, 30 / (30 + 6 + 4)),
+        (p50, m, 1 + (5 - 1) * (20 - 10) / 20),  # linear within the bucket, as histogram_quantile does
+        (p90, m, 5 + (300 - 5) * (36 - 30) / 10),
+        (p99, m, 5 + (300 - 5) * (39.6 - 30) / 10),
+        (entropy, m, (12 + 2) / (40 + 10)),  # merged: sums over sums, not a mean of the two means
+        (confidence, m, 36 / 40),
+        (waiting, m, 25.0),
+    ]
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": name, "values": values} for name, values in series],
+                # 1 where the panel's value is within 1e-9 of the one worked out here, else 0.
+                "promql_expr_test": [
+                    {
+                        "expr": f"abs(({expr}) - {value!r}) < bool 1e-9",
+                        "eval_time": "15m",
+                        "exp_samples": [{"labels": _labels(labels), "value": 1}],
+                    }
+                    for expr, labels, value in expected
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "panels.test.json"  # YAML is a superset of JSON
+    path.write_text(json.dumps(tests))
+    out = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    store = dict(_panel_queries("join store", variables)[i].split("{", 1) for i in range(2))
+    assert set(store) == {"xentd_pending_bytes", "xentd_pending_bytes_limit"}
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return "{" + ", ".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
