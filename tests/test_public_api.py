@@ -37,6 +37,8 @@ def test_all_is_complete_and_importable() -> None:
         "top",
         "replay",
         "names",
+        "joins",
+        "predstats",
     }
     assert public <= set(xentd.__all__)
     for name in xentd.__all__:

@@ -637,12 +637,14 @@ def _join_arrays(model: str, input: str, ts: float | None, named: list[tuple[str
     then the ids, each as it goes on the wire. Raises before anything is sent."""
     _check_header_fields(model, input, ts)
     given = [(name, value) for name, value in named if value is not None]
-    _, arrays = _wire_arrays(given)
+    parts, arrays = _wire_arrays(given)
     if arrays[0].ndim == 0:
         raise ValueError(f"{given[0][0]}: a scalar has no rows to join; send [N] or [N, C] with ids [N]")
     id_array = _ids(ids)
     _check_rows([*given, ("ids", ids)], [*arrays, id_array])
-    by_name = dict(zip([name for name, _ in given], arrays, strict=True))
+    # bfloat16 travels as its bits: mark them again, or they would go out as UINT16.
+    marked = [wire.BF16(a) if part[0] == "BF16" else a for part, a in zip(parts, arrays, strict=True)]
+    by_name = dict(zip([name for name, _ in given], marked, strict=True))
     return [by_name.get(name) for name, _ in named] + [id_array]
 
 

@@ -666,3 +666,16 @@ class JoinStore:
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def warmup() -> None:
+    """Compile every table kernel through the real code paths, on a throwaway store."""
+    store = JoinStore(4096, 1.0, (1.0,), epoch=0.0)
+    for weighted in (False, True):
+        key = PoolKey(0, "FP32", 0, weighted)
+        ids = np.arange(300, dtype=np.uint64)
+        weights = np.ones(300) if weighted else None
+        store.put("w", key, ids, np.full(300, 0.5, np.float32), weights, 10.0)  # grows, then evicts
+        store.take("w", ids[-5:], 10.5)
+        store.load(*store.save(), {"w"})
+        store.expire(20.0)

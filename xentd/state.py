@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from xentd import accumulate as acc
+from xentd import joins, predstats
 from xentd.config import LabelsConfig, LimitsConfig, WindowsConfig
 from xentd.delivery import RecentBatches, SequenceTracker
 from xentd.errors import Reason, ValidationError
@@ -665,7 +666,10 @@ class StateStore:
         for w in (None, weights):
             scratch = ModelState("warmup", 2, self.windows_cfg, self.limits, self.clock())
             scratch.fold(scores, w, self.clock(), None)
+            scratch.fold_predictions(scores.loss, scores.focal, w, self.clock())
             scratch.windows(self.clock())
+        joins.warmup()
+        predstats.warmup()
 
     def reject(self, reason: Reason, model: str | None = None) -> None:
         """Count a rejected batch. Call with the lock held. Only a model that already
