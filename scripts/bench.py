@@ -5,6 +5,7 @@
     python scripts/bench.py e2e     [--quick] [--json PATH]
     python scripts/bench.py scale   [--quick] [--json PATH]
     python scripts/bench.py snapshot [--quick] [--json PATH]
+    python scripts/bench.py labels  [--quick] [--json PATH]
     python scripts/bench.py cuda    [--quick] [--json PATH]   (needs a GPU)
     python scripts/bench.py all     [--json PATH]
 
@@ -809,7 +810,197 @@ def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# --- delayed labels (xentd.joins) --------------------------------------------------
+
+
+def _join_store_figures(quick: bool) -> dict[str, Any]:
+    """In process: labels joined per second, and what a waiting prediction costs at a full store."""
+    from xentd import joins
+    from xentd.joins import JoinStore, PoolKey
+
+    joins.warmup()  # compiled (or loaded from the cache) before anything is timed
+    out: dict[str, Any] = {}
+    waiting = 200_000 if quick else 2_000_000
+    rng = np.random.default_rng(1)
+    for label, key, row in (
+        ("10 classes FP32", PoolKey(1, "FP32", 10, False), np.ones((waiting, 10), np.float32)),
+        ("binary FP32", PoolKey(1, "FP32", 0, False), np.ones(waiting, np.float32)),
+    ):
+        ids = rng.permutation(np.arange(waiting, dtype=np.uint64) * np.uint64(2654435761))
+        put_s = math.inf
+        for _ in range(2):  # the first round also pages in the memory; the best of two is reported
+            store = JoinStore(1 << 40, 3600.0, (1.0,), epoch=0.0)
+            t = time.perf_counter()
+            for start in range(0, waiting, 65536):
+                store.put("m", key, ids[start : start + 65536], row[start : start + 65536], None, 1.0)
+            put_s = min(put_s, time.perf_counter() - t)
+        order = rng.permutation(waiting)
+        rates = {}
+        for batch in (64, 65536):
+            part = order[: waiting // 2] if batch == 64 else order[waiting // 2 :]
+            chunks = [ids[part[i : i + batch]] for i in range(0, len(part), batch)]
+            t = time.perf_counter()
+            matched = 0
+            for chunk in chunks:
+                for j in store.take("m", chunk, 2.0).joined:
+                    matched += len(j.label_rows)
+            rates[batch] = matched / (time.perf_counter() - t)
+        out[label] = {
+            "waiting": waiting,
+            "puts_per_s": waiting / put_s,
+            "joins_per_s_batches_of_64": rates[64],
+            "joins_per_s_batches_of_65536": rates[65536],
+        }
+        print(
+            f"{label:<16} put {waiting / put_s / 1e6:6.2f} M rows/s   join {rates[64] / 1e6:6.2f} M labels/s "
+            f"(64 per call)  {rates[65536] / 1e6:6.2f} M labels/s (65536 per call)"
+        )
+    # A full store: the bytes each waiting prediction costs, all overheads included.
+    budget = (16 if quick else 256) * MB
+    for label, key, cols, weights in (
+        ("10 classes FP32", PoolKey(1, "FP32", 10, False), 10, False),
+        ("10 classes FP32 weighted", PoolKey(1, "FP32", 10, True), 10, True),
+        ("binary FP32", PoolKey(1, "FP32", 0, False), 0, False),
+        ("1000 classes FP16", PoolKey(1, "FP16", 1000, False), 1000, False),
+    ):
+        store = JoinStore(budget, 3600.0, (1.0,), epoch=0.0)
+        dtype = np.float16 if key.datatype == "FP16" else np.float32
+        n = 4096
+        rows = np.ones((n, cols) if cols else n, dtype)
+        w = np.ones(n) if weights else None
+        sent = 0
+        while store.stats_for("m").count("evicted") == 0 or sent < 4 * budget // (rows.nbytes // n + 12):
+            store.put("m", key, np.arange(sent, sent + n, dtype=np.uint64), rows, w, 1.0 + sent * 1e-6)
+            sent += n
+        row_bytes = rows.nbytes // n + (8 if weights else 0)
+        cost = store.nbytes / store.pending("m")
+        out[f"full store, {label}"] = {
+            "budget": budget,
+            "store_bytes": store.nbytes,
+            "pending": store.pending("m"),
+            "bytes_per_waiting": cost,
+            "row_bytes": row_bytes,
+            "ratio_to_row_plus_16": cost / (row_bytes + 16),
+        }
+        print(
+            f"full {budget // MB} MiB store, {label:<26} {cost:7.1f} B per waiting prediction "
+            f"= {cost / (row_bytes + 16):.2f} x (row {row_bytes} B + 16)"
+        )
+    return out
+
+
+def _label_producer(address: str, model: str, count: int, first_id: int, start: Any) -> None:
+    """Labels-only messages of 64 ids each, ids first_id, first_id + 1, ... (each joins one waiting row)."""
+    import zmq
+
+    targets = np.random.default_rng(2).integers(0, 10, 64)
+    header, *_ = wire.encode(model, targets=targets, ids=np.zeros(64, np.int64))
+    target_frame = targets.astype("<i8").tobytes()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 10_000)
+    sock.setsockopt(zmq.LINGER, -1)
+    sock.connect(address)
+    base = np.arange(64, dtype=np.int64)
+    start.wait()
+    for i in range(count):
+        sock.send_multipart([header, target_frame, (base + (first_id + 64 * i)).tobytes()])
+    sock.close()
+    ctx.term()
+
+
+def _labels_rate(address: str, model: str, total: int, producers: int, after: Callable[[], bool] | None) -> float:
+    import multiprocessing as mp
+
+    start = mp.Event()
+    procs = []
+    share = total // producers
+    for k in range(producers):
+        p = mp.Process(target=_label_producer, args=(address, model, share, k * share * 64, start))
+        p.start()
+        procs.append(p)
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    start.set()
+    for p in procs:
+        p.join()
+    if after is not None:
+        while not after():
+            time.sleep(0.01)
+    return producers * share / (time.perf_counter() - t0)
+
+
+def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
+    """Delayed labels: in-process joins, bytes per waiting prediction, and labels-only messages
+    of 64 ids end to end against a raw pyzmq receive loop and against 64x10 full messages."""
+    import multiprocessing as mp
+
+    out: dict[str, Any] = {"in_process": _join_store_figures(args.quick)}
+    producers = 2
+    total = 10_000 if args.quick else 60_000  # labels-only messages of 64 ids
+    total -= total % producers
+    daemon = _Daemon("[limits]\nmax_models = 10\n")
+    try:
+        # Predictions first: total * 64 rows of 10-class FP32 logits waiting under ids 0, 1, ...
+        import zmq
+
+        sock = zmq.Context.instance().socket(zmq.PUSH)
+        sock.connect(daemon.ingest)
+        x = np.random.default_rng(3).standard_normal((64 * 1024, 10), dtype=np.float32)
+        for start in range(0, total * 64, 64 * 1024):
+            n = min(64 * 1024, total * 64 - start)
+            sock.send_multipart(wire.encode("labels", x[:n], ids=np.arange(start, start + n), input="logits"))
+        sock.close(linger=-1)
+        while daemon.value("xentd_pending_predictions", "labels") < total * 64:
+            time.sleep(0.05)
+        # Raw pyzmq receive of the same frames, then xentd, then 64x10 full messages: side by side.
+        address = _free_tcp()
+        ready, result = mp.Event(), mp.Queue()
+        rx = mp.Process(target=_raw_receiver, args=(address, total, ready, result))
+        rx.start()
+        ready.wait()
+        t0 = time.perf_counter()
+        raw = _labels_rate(address, "labels", total, producers, None)
+        t_end, _ = result.get()
+        rx.join()
+        raw = total / (t_end - t0 - 0.5)
+
+        def joined() -> bool:
+            return daemon.value("xentd_samples_total", "labels") >= total * 64
+
+        xentd = _labels_rate(daemon.ingest, "labels", total, producers, joined)
+        body, _ = daemon.scrape()
+        matched = [
+            line for line in body.splitlines() if line.startswith("xentd_label_joins_total") and "matched" in line
+        ]
+        frames = _e2e_frames(64, 10, "FP32", "full-64x10")
+        raw_full, _ = _raw_rate(frames, total, producers)
+        full, _, _ = _xentd_rate(daemon, "full-64x10", frames, total, 64, producers)
+        rss = daemon.rss_bytes()
+    finally:
+        daemon.close()
+    out["e2e"] = {
+        "messages": total,
+        "raw_labels_msgs_per_s": raw,
+        "xentd_labels_msgs_per_s": xentd,
+        "labels_ratio": xentd / raw,
+        "raw_full_msgs_per_s": raw_full,
+        "xentd_full_msgs_per_s": full,
+        "full_ratio": full / raw_full,
+        "daemon_rss_bytes": rss,
+        "join_outcomes": matched,
+    }
+    print("\n".join(matched))
+    print(
+        f"labels-only, 64 ids: raw {raw:,.0f} msg/s, xentd {xentd:,.0f} msg/s, ratio {xentd / raw:.2f}   |   "
+        f"64x10 full: raw {raw_full:,.0f}, xentd {full:,.0f}, ratio {full / raw_full:.2f}   "
+        f"(daemon RSS {rss / MB:.0f} MiB with {total * 64:,} predictions joined)"
+    )
+    return out
+
+
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "labels": bench_labels,
     "kernels": bench_kernels,
     "e2e": bench_e2e,
     "scale": bench_scale,

@@ -39,9 +39,9 @@ from xentd.errors import SnapshotError
 from xentd.wire import DATATYPES, FLOAT_DATATYPES
 
 TICK = 0.01  # seconds per stamp tick: label delays resolve to 10 ms
-MAX_LOAD = 0.9  # a pool grows before it is fuller than this ...
-GROW_LOAD = 0.72  # ... to this load, and shrinks back to it when a sweep leaves it below MIN_LOAD
-MIN_LOAD = 0.25
+MAX_LOAD = 0.92  # a pool grows before it is fuller than this ...
+GROW_LOAD = 0.8  # ... to this load, and shrinks back to it when a sweep leaves it below MIN_LOAD
+MIN_LOAD = 0.5
 MIN_CAPACITY = 16
 # Stamps are uint32 ticks: 497 days. The epoch moves forward long before they run out.
 _REBASE_AT = 3_500_000_000
