@@ -93,7 +93,8 @@ class WindowedStats:
     One class serves each statistic a model keeps: its scored losses (with class slots)
     and the label-free entropy of its predictions. It saves and restores its own arrays
     (:meth:`save`, :meth:`load`, :meth:`check`), so :mod:`xentd.persist` walks components
-    without knowing what they hold.
+    without knowing what they hold. ``count_windows=False`` leaves out the count windows,
+    whose sample ring is most of a model's memory.
     """
 
     # Each array: the dtype kinds it may have, and whether every value must be >= 0.
@@ -112,7 +113,14 @@ class WindowedStats:
     TIMES = ("ewma_time",)
 
     def __init__(
-        self, slots: int, class_limit: int, bounds: tuple[float, ...], windows: WindowsConfig, created: float
+        self,
+        slots: int,
+        class_limit: int,
+        bounds: tuple[float, ...],
+        windows: WindowsConfig,
+        created: float,
+        *,
+        count_windows: bool = True,
     ) -> None:
         self.slots = slots
         self.class_limit = class_limit
@@ -123,11 +131,12 @@ class WindowedStats:
         self.hist_scratch = np.zeros_like(self.hist)
         self.value_sum = 0.0  # the unweighted sum of the per-sample value (a histogram's _sum)
         self.time_windows = [_TimeWindow(w.label, w.seconds, windows.buckets, size) for w in windows.time]
-        self.count_sizes = tuple(windows.count)
+        # Count windows keep a ring of per-sample values: the bulk of a model's memory.
+        self.count_sizes = tuple(windows.count) if count_windows else ()
         # The row labels of window_matrix, in its order.
-        self.window_labels = (*(w.label for w in windows.time), *(f"last_{k}" for k in windows.count), "ewma")
+        self.window_labels = (*(w.label for w in windows.time), *(f"last_{k}" for k in self.count_sizes), "ewma")
         self.count_total = 0
-        self.count_cap_max = max(windows.count, default=0)
+        self.count_cap_max = max(self.count_sizes, default=0)
         self.block = acc.block_size(self.count_cap_max)
         # The current, partial block plus enough complete ones to cover the largest window.
         self.blocks = np.zeros((self.count_cap_max // self.block + 2, size))
@@ -332,7 +341,10 @@ class ModelState:
         self.class_limit = limits.class_limit
         self.slots = class_slots(num_classes, limits.class_limit)
         self.loss = WindowedStats(self.slots, limits.class_limit, limits.loss_buckets, windows, created)
-        self.predictions = WindowedStats(_ONE_SLOT, _ONE_SLOT, limits.loss_buckets, windows, created)
+        # Time windows and the EWMA only: count windows would double the model's memory.
+        self.predictions = WindowedStats(
+            _ONE_SLOT, _ONE_SLOT, limits.loss_buckets, windows, created, count_windows=False
+        )
         self.batches = 0
         self.unnormalized_rows = 0
         # Target rows scored as sent although they are not a distribution (soft rows off 1, multi-hot rows).
@@ -786,7 +798,7 @@ class StateStore:
                 weight=float(pred_life[acc.SW]),
                 entropy_weighted_sum=float(pred_life[acc.SWL]),
                 confidence_weighted_sum=float(pred_life[acc.SWF]),
-                window_entropy=list(zip(m.window_labels, entropy.tolist(), strict=True)),
+                window_entropy=list(zip(m.predictions.window_labels, entropy.tolist(), strict=True)),
             ),
             joins=joins,
         )

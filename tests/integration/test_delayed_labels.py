@@ -163,7 +163,7 @@ def test_entropy_and_confidence_of_prediction_only_traffic_equal_scipy(daemon: D
     assert daemon.value("xentd_prediction_entropy_nats_sum", model="ent") == pytest.approx(float(w @ h), rel=1e-9)
     assert daemon.value("xentd_prediction_entropy_nats_count", model="ent") == pytest.approx(float(w.sum()), rel=1e-12)
     assert daemon.value("xentd_prediction_confidence_sum", model="ent") == pytest.approx(float(w @ conf), rel=1e-9)
-    window = daemon.value("xentd_window_prediction_entropy_nats", model="ent", window="last_1000")
+    window = daemon.value("xentd_window_prediction_entropy_nats", model="ent", window="1h")
     assert window == pytest.approx(float(w @ h / w.sum()), rel=1e-9)
     hb = entr(pb) + entr(1 - pb)
     assert daemon.value("xentd_prediction_entropy_nats_sum", model="ent-b") == pytest.approx(float(hb.sum()), rel=1e-9)
