@@ -137,6 +137,16 @@ def _window(name: str, help: str, attr: str) -> Family:
     return Family(name, "gauge", ("model", "window"), help, per_model=samples)
 
 
+def _label_free(name: str, help: str, attr: str) -> Family:
+    """A summary over every prediction row a model sent (:class:`xentd.state.PredictionSummary`)."""
+
+    def samples(m: ModelSnapshot) -> list[Sample]:
+        p = m.predictions
+        return [((), (p.weight, getattr(p, attr)))] if p.rows else []
+
+    return Family(name, "summary", ("model",), help, per_model=samples)
+
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         "xentd_build_info",
@@ -354,23 +364,15 @@ FAMILIES: tuple[Family, ...] = (
         ),
         series=lambda m: 0 if m.joins is None else len(m.joins.delay_counts) + 2,
     ),
-    Family(
+    _label_free(
         "xentd_prediction_entropy_nats",
-        "summary",
-        ("model",),
         "Entropy of every predicted distribution received, labelled or not: _sum is sum(w*H), _count sum(w).",
-        per_model=lambda m: (
-            [] if not m.predictions.rows else [((), (m.predictions.weight, m.predictions.entropy_weighted_sum))]
-        ),
+        "entropy_weighted_sum",
     ),
-    Family(
+    _label_free(
         "xentd_prediction_confidence",
-        "summary",
-        ("model",),
         "Top-class probability of every prediction received: _sum is sum(w*max p), _count sum(w).",
-        per_model=lambda m: (
-            [] if not m.predictions.rows else [((), (m.predictions.weight, m.predictions.confidence_weighted_sum))]
-        ),
+        "confidence_weighted_sum",
     ),
     Family(
         "xentd_window_prediction_entropy_nats",
