@@ -10,9 +10,11 @@ class count, weighted or not). A pool is an open-addressing hash table with
 linear probing, stored column-wise: ``ids`` (uint64), ``stamps`` (uint32 arrival
 ticks of :data:`TICK` seconds since the store's epoch; 0 marks a free slot), the
 row bytes and, for weighted pools, the float64 weight. No Python object exists
-per row. Deletion shifts the following entries back (no tombstones), so probe
-lengths depend only on the load, which stays between :data:`MIN_LOAD` and
-:data:`MAX_LOAD`: a waiting row costs (row bytes + 12, + 8 with a weight) / load.
+per row. A row that leaves marks its slot as a tombstone (:data:`TOMB`), which
+probes pass over and inserts reuse; rows and tombstones together stay under
+:data:`MAX_LOAD`, past which the table is rebuilt (larger only when the rows need
+it). The load stays between :data:`MIN_LOAD` and :data:`MAX_LOAD`: a waiting row
+costs (row bytes + 12, + 8 with a weight) / load.
 
 Outcomes. A label whose id waits is ``matched`` (the row leaves the store); one
 whose id does not wait is ``unmatched``; a second prediction for a waiting id is a
@@ -45,6 +47,8 @@ MIN_LOAD = 0.5
 MIN_CAPACITY = 16
 # Stamps are uint32 ticks: 497 days. The epoch moves forward long before they run out.
 _REBASE_AT = 3_500_000_000
+# The stamp of a slot whose row left (a tombstone): probes pass over it, inserts reuse it.
+TOMB = np.uint32(0xFFFFFFFF)
 
 # Per-row outcomes written by the kernels.
 NOT_FOUND, MATCHED, EXPIRED, WAITING, DUPLICATE = 0, 1, 2, 3, 4
@@ -69,7 +73,7 @@ def _find(ids, stamps, key):  # type: ignore[no-untyped-def]
     cap = ids.shape[0]
     i = _home(key, cap)
     while stamps[i] != 0:
-        if ids[i] == key:
+        if ids[i] == key and stamps[i] != TOMB:
             return i
         i += 1
         if i == cap:
@@ -78,58 +82,38 @@ def _find(ids, stamps, key):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _delete(ids, stamps, rows, weights, weighted, i):  # type: ignore[no-untyped-def]
-    """Free slot ``i`` and shift the entries after it back, so no probe chain is broken."""
-    cap = ids.shape[0]
-    j = i
-    while True:
-        stamps[i] = 0
-        while True:
-            j += 1
-            if j == cap:
-                j = 0
-            if stamps[j] == 0:
-                return
-            k = _home(ids[j], cap)
-            # The entry at j may fill the hole at i unless its home lies cyclically in (i, j].
-            if i <= j:
-                if k <= i or k > j:
-                    break
-            elif k <= i and k > j:
-                break
-        ids[i] = ids[j]
-        stamps[i] = stamps[j]
-        rows[i, :] = rows[j, :]
-        if weighted:
-            weights[i] = weights[j]
-        i = j
-
-
-@njit(cache=True)
 def _put_many(ids, stamps, rows, weights, weighted, new_ids, new_rows, new_weights, new_stamps, status):  # type: ignore[no-untyped-def]
-    """Insert rows in order; a key already present keeps its first row. Returns how many were inserted.
-    The caller has made room: the table never fills."""
+    """Insert rows in order; a key already present keeps its first row. Returns (inserted,
+    tombstones reused). The caller has made room: free slots never run out."""
     cap = ids.shape[0]
     added = 0
+    reused = 0
     for r in range(new_ids.shape[0]):
         key = new_ids[r]
         i = _home(key, cap)
+        free = -1
         status[r] = WAITING
-        while stamps[i] != 0:
-            if ids[i] == key:
+        while stamps[i] != 0:  # the whole run: the key may sit past a tombstone
+            if stamps[i] == TOMB:
+                if free < 0:
+                    free = i
+            elif ids[i] == key:
                 status[r] = DUPLICATE
                 break
             i += 1
             if i == cap:
                 i = 0
         if status[r] == WAITING:
+            if free >= 0:
+                i = free
+                reused += 1
             ids[i] = key
             stamps[i] = new_stamps[r]
             rows[i, :] = new_rows[r, :]
             if weighted:
                 weights[i] = new_weights[r]
             added += 1
-    return added
+    return added, reused
 
 
 @njit(cache=True)
@@ -145,8 +129,9 @@ def _take_many(  # type: ignore[no-untyped-def]
 ):
     """For each key still ``pending`` (status NOT_FOUND): take its row out (MATCHED, copied to the
     outputs in key order) or drop it as EXPIRED when it arrived before ``expire_before``.
-    Returns the number matched."""
+    Returns (matched, removed); a removed row leaves a tombstone."""
     m = 0
+    removed = 0
     for r in range(keys.shape[0]):
         if not pending[r] or status[r] != NOT_FOUND:
             continue
@@ -162,23 +147,24 @@ def _take_many(  # type: ignore[no-untyped-def]
                 out_weights[m] = weights[i]
             out_stamps[m] = stamps[i]
             m += 1
-        _delete(ids, stamps, rows, weights, weighted, i)
-    return m
+        stamps[i] = TOMB
+        removed += 1
+    return m, removed
 
 
 @njit(cache=True)
-def _sweep(ids, stamps, rows, weights, weighted, before):  # type: ignore[no-untyped-def]
-    """Remove every entry stamped before ``before``; return (removed, the oldest stamp left or 0)."""
+def _sweep(stamps, before):  # type: ignore[no-untyped-def]
+    """Remove every row stamped before ``before``; return (removed, the oldest stamp left or 0)."""
     removed = 0
-    for i in range(ids.shape[0]):
-        # A deletion can shift a later entry into slot i: look at it again.
-        while stamps[i] != 0 and stamps[i] < before:
-            _delete(ids, stamps, rows, weights, weighted, i)
-            removed += 1
     oldest = np.uint32(0)
-    for i in range(ids.shape[0]):
+    for i in range(stamps.shape[0]):
         s = stamps[i]
-        if s != 0 and (oldest == 0 or s < oldest):
+        if s == 0 or s == TOMB:
+            continue
+        if s < before:
+            stamps[i] = TOMB
+            removed += 1
+        elif oldest == 0 or s < oldest:
             oldest = s
     return removed, oldest
 
@@ -187,7 +173,7 @@ def _sweep(ids, stamps, rows, weights, weighted, before):  # type: ignore[no-unt
 def _rehash(ids, stamps, rows, weights, weighted, new_ids, new_stamps, new_rows, new_weights):  # type: ignore[no-untyped-def]
     cap = new_ids.shape[0]
     for i in range(ids.shape[0]):
-        if stamps[i] == 0:
+        if stamps[i] == 0 or stamps[i] == TOMB:
             continue
         j = _home(ids[i], cap)
         while new_stamps[j] != 0:
@@ -207,7 +193,7 @@ def _stamp_bytes(stamps, first, width, slot_bytes, out):  # type: ignore[no-unty
     last = out.shape[0] - 1
     for i in range(stamps.shape[0]):
         s = stamps[i]
-        if s != 0:
+        if s != 0 and s != TOMB:
             b = (np.int64(s) - first) // width
             out[min(max(b, 0), last)] += slot_bytes
 
@@ -216,7 +202,7 @@ def _stamp_bytes(stamps, first, width, slot_bytes, out):  # type: ignore[no-unty
 def _compact(ids, stamps, rows, weights, weighted, out_ids, out_stamps, out_rows, out_weights):  # type: ignore[no-untyped-def]
     m = 0
     for i in range(ids.shape[0]):
-        if stamps[i] != 0:
+        if stamps[i] != 0 and stamps[i] != TOMB:
             out_ids[m] = ids[i]
             out_stamps[m] = stamps[i]
             out_rows[m, :] = rows[i, :]
@@ -229,7 +215,7 @@ def _compact(ids, stamps, rows, weights, weighted, out_ids, out_stamps, out_rows
 def _rebase(stamps, delta):  # type: ignore[no-untyped-def]
     for i in range(stamps.shape[0]):
         s = stamps[i]
-        if s != 0:
+        if s != 0 and s != TOMB:
             stamps[i] = s - delta if s > delta else 1
 
 
@@ -248,7 +234,19 @@ class PoolKey(NamedTuple):
 class Pool:
     """One model's waiting rows of one layout (see the module doc)."""
 
-    __slots__ = ("key", "dtype", "row_bytes", "slot_bytes", "ids", "stamps", "rows", "weights", "count", "oldest")
+    __slots__ = (
+        "key",
+        "dtype",
+        "row_bytes",
+        "slot_bytes",
+        "ids",
+        "stamps",
+        "rows",
+        "weights",
+        "count",
+        "tombs",
+        "oldest",
+    )
 
     def __init__(self, key: PoolKey, dtype: np.dtype[Any], capacity: int = 0) -> None:
         self.key = key
@@ -257,6 +255,7 @@ class Pool:
         # What one slot costs: the row, its id, its stamp and (weighted) its weight.
         self.slot_bytes = self.row_bytes + 12 + (8 if key.weighted else 0)
         self.count = 0
+        self.tombs = 0  # slots whose row left: probes pass over them until the next rebuild
         self.oldest = 0  # a lower bound of the oldest stamp (0: none waiting)
         self._allocate(capacity)
 
@@ -279,6 +278,7 @@ class Pool:
         self._allocate(capacity)
         if self.count:
             _rehash(*old[:3], old[3], self.key.weighted, self.ids, self.stamps, self.rows, self.weights)
+        self.tombs = 0
 
     def fitted_capacity(self, count: int) -> int:
         """The capacity that holds ``count`` rows at :data:`GROW_LOAD` (0 for none)."""
@@ -396,7 +396,7 @@ class JoinStore:
         fresh = ~waits_elsewhere
         incoming = int(fresh.sum())
         evicted: dict[str, int] = {}
-        if pool.count + incoming > pool.capacity * MAX_LOAD:
+        if pool.count + pool.tombs + incoming > pool.capacity * MAX_LOAD:
             evicted = self._grow(pool, incoming)
             room = max(0, int(pool.capacity * MAX_LOAD) - pool.count)
             if room < incoming:
@@ -408,8 +408,9 @@ class JoinStore:
         status = np.empty(len(sel), np.uint8)
         stamps = np.full(len(sel), self.stamp(now), np.uint32)
         w = np.empty(0) if weights is None else weights[sel]
-        added = int(_put_many(*pool.table(), keys[sel], raw[sel], w, stamps, status))
-        pool.count += added
+        added, reused = _put_many(*pool.table(), keys[sel], raw[sel], w, stamps, status)
+        pool.count += int(added)
+        pool.tombs -= int(reused)
         if added and not pool.oldest:
             pool.oldest = int(stamps[0])
         duplicate = int(waits_elsewhere.sum()) + int(np.count_nonzero(status == DUPLICATE))
@@ -423,8 +424,11 @@ class JoinStore:
         evicted: dict[str, int] = {}
         for _ in range(8):
             need = pool.count + incoming
-            if need <= pool.capacity * MAX_LOAD:
+            if need + pool.tombs <= pool.capacity * MAX_LOAD:
                 return evicted  # evicting its own old rows made the room
+            if need <= pool.capacity * GROW_LOAD:
+                self._resize(pool, pool.capacity)  # the tombstones fill it: rebuild it without them
+                return evicted
             target = pool.fitted_capacity(need)
             extra = target * pool.slot_bytes - pool.nbytes
             if self.nbytes + extra <= self.max_bytes:
@@ -455,7 +459,7 @@ class JoinStore:
         keep = GROW_LOAD * (self.max_bytes - extra - self.max_bytes // 16)
         free = max(1.0, live - keep)
         first = min(p.oldest or 1 for _, p in pools)
-        last = max(int(p.stamps.max()) for _, p in pools)
+        last = max(int(p.stamps[p.stamps != TOMB].max()) for _, p in pools)
         buckets = 4096
         width = max(1, (last - first + buckets) // buckets)
         by_age = np.zeros(buckets, np.float64)
@@ -470,8 +474,9 @@ class JoinStore:
         return True
 
     def _sweep_pool(self, pool: Pool, before: int, shrink_below: float = MIN_LOAD) -> int:
-        removed, oldest = _sweep(*pool.table(), np.uint32(min(max(before, 0), 0xFFFFFFFF)))
+        removed, oldest = _sweep(pool.stamps, np.uint32(min(max(before, 0), 0xFFFFFFFE)))
         pool.count -= int(removed)
+        pool.tombs += int(removed)
         pool.oldest = int(oldest)
         self._shrink(pool, shrink_below)
         return int(removed)
@@ -500,9 +505,10 @@ class JoinStore:
             out_w = np.empty(n if key.weighted else 0, np.float64)
             out_stamps = np.empty(n, np.uint32)
             before = status.copy()
-            m = _take_many(*pool.table(), keys, pending, expire_before, out_rows, out_w, out_stamps, status)
+            m, removed = _take_many(*pool.table(), keys, pending, expire_before, out_rows, out_w, out_stamps, status)
             changed = status != before
-            pool.count -= int(np.count_nonzero(changed))
+            pool.count -= int(removed)
+            pool.tombs += int(removed)
             if m:
                 label_rows = np.flatnonzero(changed & (status == MATCHED))
                 shape = (m, key.columns) if key.columns else (m,)
@@ -639,8 +645,8 @@ class JoinStore:
                 if a.shape != shape or a.dtype != dtype:
                     got, want = f"{a.dtype}{list(a.shape)}", f"{np.dtype(dtype)}{list(shape)}"
                     raise SnapshotError(f"{where} {name} is {got}; expected {want}")
-            if n and stamps.min() == 0:
-                raise SnapshotError(f"{where} a waiting row has stamp 0")
+            if n and (stamps.min() == 0 or stamps.max() >= TOMB):
+                raise SnapshotError(f"{where} a waiting row has stamp {stamps.min() or stamps.max()}")
             if key.weighted and n and not (np.isfinite(weights).all() and weights.min() >= 0):
                 raise SnapshotError(f"{where} a weight is negative or not finite")
             if len(np.unique(ids)) != n:
@@ -656,7 +662,7 @@ class JoinStore:
             self.stats_for(model)
             self._resize(pool, pool.fitted_capacity(len(ids)))
             status = np.empty(len(ids), np.uint8)
-            pool.count = int(_put_many(*pool.table(), ids, rows, weights, stamps, status))
+            pool.count = int(_put_many(*pool.table(), ids, rows, weights, stamps, status)[0])
             pool.oldest = int(stamps.min())
         if self.nbytes > self.max_bytes:
             evicted: dict[str, int] = {}
