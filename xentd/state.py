@@ -73,19 +73,6 @@ def derive_all(matrix: np.ndarray, slots: int) -> list[WindowStats]:
     return [WindowStats(*row) for row in out.tolist()]
 
 
-class _TimeWindow:
-    __slots__ = ("label", "width", "epochs", "buckets")
-
-    def __init__(self, label: str, seconds: float, buckets: int, size: int) -> None:
-        self.label = label
-        self.width = seconds / buckets
-        self.epochs = np.full(buckets, -(1 << 62), np.int64)
-        self.buckets = np.zeros((buckets, size), np.float64)
-
-    def index(self, now: float) -> int:
-        return int(now // self.width)
-
-
 class WindowedStats:
     """Stat vectors over every window: lifetime totals, a histogram of the per-sample value,
     time windows, exact count windows and the EWMA (see the module doc).
@@ -130,7 +117,11 @@ class WindowedStats:
         self.hist = np.zeros(len(bounds) + 1, np.int64)
         self.hist_scratch = np.zeros_like(self.hist)
         self.value_sum = 0.0  # the unweighted sum of the per-sample value (a histogram's _sum)
-        self.time_windows = [_TimeWindow(w.label, w.seconds, windows.buckets, size) for w in windows.time]
+        # Time windows, stacked: window t's ring of buckets is tw_buckets[t], the bucket
+        # numbers they hold tw_epochs[t], each bucket tw_widths[t] seconds wide.
+        self.tw_widths = np.array([w.seconds / windows.buckets for w in windows.time], np.float64)
+        self.tw_epochs = np.full((len(windows.time), windows.buckets), -(1 << 62), np.int64)
+        self.tw_buckets = np.zeros((len(windows.time), windows.buckets, size))
         # Count windows keep a ring of per-sample values: the bulk of a model's memory.
         self.count_sizes = tuple(windows.count) if count_windows else ()
         # The row labels of window_matrix, in its order.
@@ -164,9 +155,9 @@ class WindowedStats:
             "ring_cls": self.ring_cls.copy(),
             "blocks": self.blocks.copy(),
         }
-        if self.time_windows:
-            arrays["tw_epochs"] = np.stack([tw.epochs for tw in self.time_windows])
-            arrays["tw_buckets"] = np.stack([tw.buckets for tw in self.time_windows])
+        if self.tw_widths.size:
+            arrays["tw_epochs"] = self.tw_epochs.copy()
+            arrays["tw_buckets"] = self.tw_buckets.copy()
         return scalars, arrays
 
     @classmethod
@@ -219,11 +210,9 @@ class WindowedStats:
             raise ValueError(f"ring: shape {ring.shape}, classes {ring_cls.shape}")
         self.ring, self.ring_cls = ring.astype(np.float64), ring_cls.astype(np.int32)
         self.count_total = int(scalars["count_total"])  # type: ignore[call-overload]
-        if self.time_windows:
-            epochs = shaped("tw_epochs", np.stack([tw.epochs for tw in self.time_windows]))
-            buckets = shaped("tw_buckets", np.stack([tw.buckets for tw in self.time_windows]))
-            for i, tw in enumerate(self.time_windows):
-                tw.epochs, tw.buckets = epochs[i].copy(), buckets[i].copy()
+        if self.tw_widths.size:
+            self.tw_epochs = shaped("tw_epochs", self.tw_epochs)
+            self.tw_buckets = shaped("tw_buckets", self.tw_buckets)
 
     # --- folding --------------------------------------------------------------------
 
@@ -257,48 +246,44 @@ class WindowedStats:
         """
         weighted = weights is not None
         w = weights if weights is not None else _NO_WEIGHTS
-        vec = self.scratch
-        vec[:] = 0.0
-        hist = self.hist_scratch
-        hist[:] = 0
-        value_sum = self.value_sum + acc.fold_batch(
-            value, focal, correct, true_class, w, weighted, self.class_limit, self.slots, self.bounds, vec, hist
+        if self.count_cap_max:
+            self._grow_ring(value.shape[0])
+        committed, self.value_sum, self.count_total = acc.fold_all(
+            value,
+            focal,
+            correct,
+            true_class,
+            w,
+            weighted,
+            self.class_limit,
+            self.slots,
+            self.bounds,
+            self.lifetime,
+            self.hist,
+            self.scratch,
+            self.hist_scratch,
+            self.value_sum,
+            self.tw_epochs,
+            self.tw_buckets,
+            self._bucket_numbers(now),
+            self.ewma,
+            2.0 ** (-(now - self.ewma_time) / self.half_life),
+            self.ring,
+            self.ring_cls,
+            self.blocks,
+            self.block,
+            self.count_total,
+            self.count_cap_max > 0,
         )
-        with np.errstate(over="ignore", invalid="ignore"):
-            lifetime = self.lifetime + vec
-        # Finite inputs can still overflow float64 (FP64 logits near 1e308, weights
-        # near 1e308). Scores and weights are >= 0, so every window and class sum is
-        # at most its lifetime total: if those stay finite, everything does.
-        if not (np.isfinite(lifetime[: acc.HEAD]).all() and np.isfinite(value_sum)):
+        if not committed:
             raise ValidationError(
                 Reason.NON_FINITE, f"the batch's weighted {what} overflow float64 (the totals would become infinite)"
             )
-        self.value_sum = value_sum
-        self.hist += hist
-        self.lifetime = lifetime
-        for tw in self.time_windows:
-            acc.time_add(tw.epochs, tw.buckets, tw.index(now), vec)
-        decay = 2.0 ** (-(now - self.ewma_time) / self.half_life)
-        self.ewma *= decay
-        self.ewma += vec
         self.ewma_time = now
-        if self.count_cap_max:
-            self._grow_ring(value.shape[0])
-            self.count_total = acc.count_push(
-                value,
-                focal,
-                correct,
-                true_class,
-                w,
-                weighted,
-                self.class_limit,
-                self.slots,
-                self.ring,
-                self.ring_cls,
-                self.blocks,
-                self.block,
-                self.count_total,
-            )
+
+    def _bucket_numbers(self, now: float) -> np.ndarray:
+        """Each time window's bucket number at ``now``: Python's floor division, as always."""
+        return np.floor_divide(now, self.tw_widths).astype(np.int64)
 
     def window_matrix(self, now: float) -> np.ndarray:
         """Every window's stat vector, one row each, in :attr:`window_labels` order.
@@ -308,10 +293,11 @@ class WindowedStats:
         decayed to ``now``; its other entries are ratios' numerators and
         denominators, which decay alike.
         """
-        out = np.empty((len(self.time_windows) + len(self.count_sizes) + 1, self.lifetime.shape[0]))
-        for i, tw in enumerate(self.time_windows):
-            acc.time_read(tw.epochs, tw.buckets, tw.index(now), out[i])
-        base = len(self.time_windows)
+        times = self.tw_widths.shape[0]
+        out = np.empty((times + len(self.count_sizes) + 1, self.lifetime.shape[0]))
+        for i, index in enumerate(self._bucket_numbers(now).tolist()):
+            acc.time_read(self.tw_epochs[i], self.tw_buckets[i], index, out[i])
+        base = times
         for k, size in enumerate(self.count_sizes):
             acc.count_read(
                 self.ring, self.ring_cls, self.blocks, self.block, self.count_total, size, self.slots, out[base + k]
