@@ -6,6 +6,7 @@
     python scripts/bench.py scale   [--quick] [--json PATH]
     python scripts/bench.py snapshot [--quick] [--json PATH]
     python scripts/bench.py labels  [--quick] [--json PATH]
+    python scripts/bench.py fold    [--quick] [--json PATH]
     python scripts/bench.py cuda    [--quick] [--json PATH]   (needs a GPU)
     python scripts/bench.py all     [--json PATH]
 
@@ -999,8 +1000,44 @@ def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def bench_fold(args: argparse.Namespace) -> dict[str, Any]:
+    """In process: microseconds to fold one batch into a model's state (every window), and the
+    label-free fold of its predictions, for 64 samples of 10 classes, the small-message case."""
+    from xentd.config import LimitsConfig, WindowsConfig
+    from xentd.kernels import SampleScores
+    from xentd.state import ModelState
+
+    model = ModelState("m", 10, WindowsConfig(), LimitsConfig(), 1e9)
+    n, repeats = 64, (5_000 if args.quick else 50_000)
+    rng = np.random.default_rng(0)
+    scores = SampleScores(
+        loss=rng.uniform(0, 3, n),
+        focal=rng.uniform(0, 1, n),
+        correct=rng.integers(0, 2, n).astype(np.uint8),
+        true_class=rng.integers(0, 10, n),
+        unnormalized_rows=0,
+    )
+    out: dict[str, Any] = {}
+    for name, fold in (
+        ("fold", lambda t: model.fold(scores, None, t, None)),
+        ("fold_predictions", lambda t: model.fold_predictions(scores.loss, scores.focal, None, t)),
+    ):
+        for i in range(100):
+            fold(1e9 + i)
+        best = math.inf
+        for r in range(5):
+            t0 = time.perf_counter()
+            for i in range(repeats):
+                fold(1e9 + 100 + r * repeats + i * 1e-3)
+            best = min(best, (time.perf_counter() - t0) / repeats)
+        out[name + "_us"] = best * 1e6
+        print(f"{name:<18} {best * 1e6:6.2f} us per 64-sample batch (best of 5 x {repeats})")
+    return out
+
+
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "labels": bench_labels,
+    "fold": bench_fold,
     "kernels": bench_kernels,
     "e2e": bench_e2e,
     "scale": bench_scale,
