@@ -196,3 +196,23 @@ def test_each_familys_series_count_matches_its_samples() -> None:
             samples = list(family.per_model(m))
             expected = sum(2 if family.type == "summary" else len(v[1]) + 2 for _, v in samples)
             assert family.series(m) == expected, (family.name, m.name)
+
+
+def test_the_quick_series_bound_is_never_below_the_exact_count() -> None:
+    # Under the budget a scrape counts series by a bound instead of building every sample; a bound
+    # below the truth would let a scrape past max_series.
+    from xentd.errors import Reason
+    from xentd.exporter import _cost, _upper_bound
+    from xentd.joins import PoolKey
+
+    s = _store({"a": 2, "b": 5, "c": 30})
+    s.reject(Reason.NON_FINITE, "b")
+    s.reject(Reason.TARGET_OUT_OF_RANGE, "b")
+    s.joins.put(
+        "c", PoolKey(0, "FP32", 30, False), np.arange(3, dtype=np.uint64), np.ones((3, 30), np.float32), None, 1.0
+    )
+    s.model("c", 30).fold_predictions(np.ones(3), np.ones(3), None, 1_700_000_000.0)
+    models = tuple(s.snapshot().models)
+    for wanted in (frozenset(), frozenset({"a", "b"}), frozenset({"a", "b", "c"})):
+        exact = sum(_cost(m, per_class=False) + (_cost(m, per_class=True) if m.name in wanted else 0) for m in models)
+        assert exact <= _upper_bound(models, wanted) <= exact + 20 * len(models)

@@ -49,6 +49,7 @@ from prometheus_client.registry import Collector
 
 from xentd.config import BasicAuthConfig, ExportConfig, HttpLimits, TlsConfig
 from xentd.errors import StartupError
+from xentd.joins import OUTCOMES
 from xentd.state import Counters, ModelSnapshot, Snapshot
 
 log = logging.getLogger("xentd.exporter")
@@ -411,6 +412,37 @@ def _cost(m: ModelSnapshot, per_class: bool) -> int:
     return sum(_family_series(f, m) for f in FAMILIES if f.per_model is not None and f.per_class == per_class)
 
 
+def _upper_bound(models: tuple[ModelSnapshot, ...], wanted: frozenset[str]) -> int:
+    """At least as many per-model series as the scrape would carry, counted without building a
+    sample: a family with one series per model counts 1 (2 for a summary), one per window counts
+    the windows, one per reason the reasons, and the others say theirs through ``series``.
+    Exact counting builds every sample of every model; under the budget, this is enough."""
+    fixed = per_window = 0
+    outcome = reasons = 0
+    counted: list[Family] = []
+    for f in FAMILIES:
+        if f.per_model is None:
+            continue
+        if f.series is not None:
+            counted.append(f)
+        elif f.labels == ("model",):
+            fixed += 2 if f.type == "summary" else 1
+        elif f.labels == ("model", "window"):
+            per_window += 1
+        elif f.labels == ("model", "outcome"):
+            outcome += 1
+        elif f.labels == ("model", "reason"):
+            reasons += 1
+        else:
+            raise AssertionError(f"no series bound for {f.name}")  # a new family shape: teach this function
+    total = 0
+    for m in models:
+        total += fixed + per_window * len(m.windows) + reasons * len(m.rejected)
+        total += outcome * len(OUTCOMES) if m.joins is not None else 0
+        total += sum(f.series(m) for f in counted if not f.per_class or m.name in wanted)  # type: ignore[misc]
+    return total
+
+
 def _plan(snap: Snapshot, export: ExportConfig) -> tuple[tuple[ModelSnapshot, ...], frozenset[str], int]:
     """(models exported, models whose per-class series are exported, per-model series left out).
 
@@ -425,7 +457,7 @@ def _plan(snap: Snapshot, export: ExportConfig) -> tuple[tuple[ModelSnapshot, ..
         or (export.per_class == "auto" and len(m.class_labels) <= export.per_class_max_classes)
     )
     models = tuple(snap.models)
-    if export.max_series == 0:
+    if export.max_series == 0 or _upper_bound(models, wanted) <= export.max_series:
         return models, wanted, 0
     ordered = sorted(models, key=lambda m: m.name)
     base = {m.name: _cost(m, per_class=False) for m in ordered}
