@@ -587,18 +587,23 @@ class Pipeline:
                     None,
                 )
             return
-        # Targets are checked against the model's class count, as the binary or multiclass
-        # predictions that wait for them need (both, for a 2-class model that sends both).
+        # Targets are checked against the model's class count, in the form the waiting
+        # predictions need: binary or multiclass (both, for a 2-class model that sends both).
+        # With nothing waiting, any form the model's class count allows will do.
         tolerance = self.config.scoring_for(model).normalization_tolerance
-        wanted = sorted(binaries) or [state.num_classes == 2]
+        required = sorted(binaries)
+        candidates = required or ([True, False] if state.num_classes == 2 else [False])
         checked: list[tuple[LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]] = []
         for batch in labels:
             forms: dict[bool, tuple[np.ndarray, TargetKind, int]] = {}
-            try:
-                for binary in wanted:
+            error: RejectedBatch | None = None
+            for binary in candidates:
+                try:
                     forms[binary] = label_targets(batch, state.num_classes, binary, tolerance)
-            except RejectedBatch as exc:
-                self._rejected(exc.reason, exc.detail, model)
+                except RejectedBatch as exc:
+                    error = error or exc
+            if error is not None and (required or not forms):
+                self._rejected(error.reason, error.detail, model)
                 continue
             checked.append((batch, forms))
         now = self.clock()
