@@ -142,6 +142,11 @@ def validate(msg: Message, scratch: Scratch | None = None, target_tolerance: flo
     counted in ``Batch.unnormalized_targets``; None: the square root of the targets'
     datatype epsilon, as for prediction rows.
     """
+    if msg.input is None and "predictions" not in msg.tensors:
+        _model_name(msg)
+        raise _reject(
+            Reason.MISSING_TENSOR, "tensor 'predictions' is required (labels sent alone need an 'ids' tensor)"
+        )
     kind = _input_kind(msg)
     for required in ("predictions", "targets"):
         if required not in msg.tensors:

@@ -1,0 +1,129 @@
+"""Predictions-only and labels-only messages through the pipeline, in process: each bad one
+rejected alone with its reason, order kept against full messages in the same drain, retries
+and sequence numbers judged as for any message, and the totals equal a NumPy oracle."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests import naive
+from xentd import wire
+from xentd.config import Config, IngestConfig, LimitsConfig
+from xentd.daemon import Daemon
+
+NOW = 1_700_000_000.0
+
+
+def _daemon() -> Daemon:
+    d = Daemon(Config(ingest=IngestConfig(dedup_window=100), limits=LimitsConfig(max_models=20)), clock=lambda: NOW)
+    d._init_backend()
+    return d
+
+
+def _msg(model: str, **kw: object) -> list[bytes]:
+    return [bytes(f) for f in wire.encode(model, **kw)]  # type: ignore[arg-type]
+
+
+def _edit(frames: list[bytes], **header: object) -> list[bytes]:
+    h = json.loads(frames[0])
+    for key, value in header.items():
+        if key == "tensors":
+            h["tensors"] = value(h["tensors"])  # type: ignore[operator]
+        else:
+            h[key] = value
+    return [json.dumps(h).encode(), *frames[1:]]
+
+
+def _rejected(d: Daemon) -> dict[str, int]:
+    return {r: n for r, n in d.state.snapshot().rejected.items() if n}
+
+
+def _joins(d: Daemon, model: str) -> dict[str, int]:
+    m = next(m for m in d.state.snapshot().models if m.name == model)
+    assert m.joins is not None
+    return {k: v for k, v in m.joins.outcomes.items() if v}
+
+
+P = np.full((2, 3), 1 / 3)
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        # ids of a float type, of the wrong length, or two-dimensional (and a good message: no rejection)
+        (lambda: _msg("m", predictions=P, ids=np.array([0, 1], np.uint64)), None),
+        (lambda: _edit(_msg("m", predictions=P, ids=np.arange(2)), tensors=_retype("ids", "FP64")), "bad_datatype"),
+        (lambda: _msg("m", predictions=P, ids=np.arange(3)), "shape_mismatch"),
+        (lambda: _edit(_msg("m", predictions=P, ids=np.arange(2)), tensors=_reshape("ids", [1, 2])), "shape_mismatch"),
+        # UINT64 anywhere but ids
+        (
+            lambda: _edit(_msg("m", targets=np.arange(2), ids=np.arange(2)), tensors=_retype("targets", "UINT64")),
+            "bad_datatype",
+        ),
+        # a labels-only message with weights; predictions-only without input; labels alone without ids
+        (lambda: _weights_on_labels(), "shape_mismatch"),
+        (lambda: _edit(_msg("m", predictions=P, ids=np.arange(2)), input=None), "bad_header"),
+        (lambda: _edit(_msg("m", targets=np.arange(2), ids=np.arange(2)), tensors=_drop("ids"))[:2], "missing_tensor"),
+        # probabilities out of range wait nowhere
+        (lambda: _msg("m", predictions=P * 4, ids=np.arange(2)), "probability_out_of_range"),
+    ],
+)
+def test_each_bad_join_message_is_rejected_alone_with_its_reason(frames: object, reason: str | None) -> None:
+    d = _daemon()
+    good = _msg("m", predictions=P, ids=np.array([10, 11]))
+    d.handle_many([good, frames(), _msg("m", targets=np.array([0, 2]), ids=np.array([10, 11]))])  # type: ignore[operator]
+    assert _rejected(d) == ({} if reason is None else {reason: 1})
+    assert _joins(d, "m").get("matched") == 2  # the neighbours joined
+    assert d.state.counters.messages == 3
+
+
+def _retype(name: str, datatype: str) -> object:
+    return lambda ts: [{**t, "datatype": datatype} if t["name"] == name else t for t in ts]
+
+
+def _reshape(name: str, shape: list[int]) -> object:
+    return lambda ts: [{**t, "shape": shape} if t["name"] == name else t for t in ts]
+
+
+def _drop(name: str) -> object:
+    return lambda ts: [t for t in ts if t["name"] != name]
+
+
+def _weights_on_labels() -> list[bytes]:
+    full = _msg("m", predictions=P, targets=np.arange(2), weights=np.ones(2), ids=np.arange(2))
+    h = json.loads(full[0])
+    keep = [i for i, t in enumerate(h["tensors"]) if t["name"] != "predictions"]
+    h["tensors"] = [h["tensors"][i] for i in keep]
+    h.pop("input")
+    return [json.dumps(h).encode(), *[full[1 + i] for i in keep]]
+
+
+def test_order_within_a_drain_is_kept_across_kinds_and_retries_and_gaps_are_judged() -> None:
+    rng = np.random.default_rng(4)
+    d = _daemon()
+    z = rng.normal(0, 2, (6, 4))
+    y = rng.integers(0, 4, 6)
+    ids = np.arange(6)
+    drain = [
+        _msg("o", targets=y[:2], ids=ids[:2], producer="p", seq=0),  # before any prediction: unknown_model
+        _msg("o", predictions=z, ids=ids, input="logits", producer="p", seq=1, batch_id="b1"),
+        _msg("o", predictions=z, ids=ids, input="logits", producer="p", seq=2, batch_id="b1"),  # a retry
+        _msg("o", predictions=z[:1], targets=y[:1], input="logits", producer="p", seq=3),  # full, in between
+        _msg("o", targets=y[2:], ids=ids[2:], producer="p", seq=5),  # seq 4 never came
+        _msg("o", targets=y[2:3], ids=ids[2:3], producer="p", seq=6),  # joined already: unmatched
+    ]
+    d.handle_many(drain)
+    assert _joins(d, "o") == {"matched": 4, "unmatched": 1}
+    assert _rejected(d) == {"unknown_model": 1}
+    assert d.state.counters.duplicate_batches == 1 and d.state.counters.sequence_gaps == 1
+    assert d.state.counters.messages == 6
+    m = next(m for m in d.state.snapshot().models if m.name == "o")
+    rows = [0, 2, 3, 4, 5]  # the full message's sample, then the four joined
+    want = -naive.log_softmax(z)[rows, y[rows]].sum()
+    assert m.loss_weighted_sum == pytest.approx(want, rel=1e-6)  # FP64 logits; the oracle is float64 too
+    assert m.samples == 5
+    # Label-free statistics count each prediction row once, when it arrives (the retry not at all).
+    assert m.predictions.rows == 7
