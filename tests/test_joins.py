@@ -214,3 +214,52 @@ def test_churn_leaves_no_lost_rows_and_bounded_tables() -> None:
     assert store.pending("m") == len(waiting) == 5000
     assert max(sizes[50:]) <= 2 * min(sizes[50:])
     assert store.take("m", np.array(sorted(waiting), np.uint64), 2_002.0).unmatched == 0
+
+
+def test_a_full_budget_with_tombstones_never_runs_out_of_free_slots() -> None:
+    # A small pool of tombstones, a budget that older rows of other models fill: the pool must be
+    # rebuilt without its tombstones, or probes (which stop only at a free slot) would never end.
+    key = PoolKey(0, "FP64", 0, False)  # 20 bytes a slot
+    store = JoinStore(9 * 16 * 20, 3600.0, BUCKETS, epoch=0.0)
+    t = 10.0
+    for r in range(3):
+        for m in range(8):
+            t += 0.05
+            store.put(f"o{m}", key, np.array([1000 * m + r], np.uint64), np.array([0.5]), None, t)
+    ids = np.arange(12, dtype=np.uint64)
+    store.put("t", key, ids, np.full(12, 0.5), None, t + 1)
+    store.take("t", ids[:11], t + 1.1)
+    store.put("t", key, np.arange(100, 113, dtype=np.uint64), np.full(13, 0.5), None, t + 1.2)
+    pool = store.pools["t"][key]
+    assert np.count_nonzero(pool.stamps == 0) >= 1 and store.nbytes <= store.max_bytes
+    assert store.take("t", np.array([999_999], np.uint64), t + 1.3).unmatched == 1
+
+
+def test_stamps_survive_a_jump_of_years_and_expire() -> None:
+    # A snapshot restored after a long shutdown, or a wall clock jump: past 2**32 ticks.
+    store = JoinStore(1 << 20, 3600.0, BUCKETS, epoch=1_000.0)
+    store.put("m", KEYB, np.array([1], np.uint64), np.array([0.5]), None, 2_000.0)
+    later = 2_000.0 + 600 * 86_400
+    assert store.expire(later) == {"m": 1}
+    store.put("m", KEYB, np.array([2], np.uint64), np.array([0.5]), None, later)
+    assert store.take("m", np.array([2], np.uint64), later + 5).joined[0].delays.tolist() == pytest.approx([5.0])
+
+
+def test_a_clock_set_back_makes_no_negative_delay() -> None:
+    store = _store()
+    store.put("m", KEYB, np.array([1], np.uint64), np.array([0.5]), None, 3_000.0)
+    got = store.take("m", np.array([1], np.uint64), 2_000.0)
+    assert got.joined[0].delays.tolist() == [0.0] and store.stats["m"].delay_sum == 0.0
+    store.load(*store.save(), {"m"})  # and the snapshot stays loadable
+
+
+def test_eviction_sizes_its_age_buckets_from_the_rows_that_wait() -> None:
+    # A row joined long ago must not stretch the age buckets until one eviction empties the store.
+    store = JoinStore(64 * 1024, 7 * 86_400.0, BUCKETS, epoch=0.0)
+    store.put("m", KEYB, np.array([10**9], np.uint64), np.array([0.5]), None, 1.0)
+    store.take("m", np.array([10**9], np.uint64), 2.0)
+    now, sent = 6 * 86_400.0, 0
+    while store.stats_for("m").count("evicted") == 0:
+        store.put("m", KEYB, np.arange(sent, sent + 100, dtype=np.uint64), np.full(100, 0.5), None, now)
+        sent, now = sent + 100, now + 1.0
+    assert store.pending("m") > 0.5 * (sent - 100)

@@ -127,3 +127,71 @@ def test_order_within_a_drain_is_kept_across_kinds_and_retries_and_gaps_are_judg
     assert m.samples == 5
     # Label-free statistics count each prediction row once, when it arrives (the retry not at all).
     assert m.predictions.rows == 7
+
+
+def test_a_run_of_labels_in_mixed_forms_retries_and_overflows_scores_each_pair_once() -> None:
+    d = _daemon()
+    ids = np.arange(6)
+    p = np.full((6, 3), 1 / 3, np.float32)
+    d.handle_many([_msg("m", predictions=p, ids=ids)])
+    index = _msg("m", targets=np.array([0, 1]), ids=ids[:2], batch_id="L1")
+    soft = _msg("m", targets=np.eye(3, dtype=np.float32)[[2, 0]], ids=ids[2:4])
+    bad = _msg("m", targets=np.array([7]), ids=ids[4:5])
+    d.handle_many([index, index, soft, bad])  # a retry, another form, a bad class
+    assert _joins(d, "m") == {"matched": 4}
+    assert d.state.counters.duplicate_batches == 1 and _rejected(d) == {"target_out_of_range": 1}
+    assert d.state.counters.messages == 5  # the predictions and the four labels messages, each once
+    m = next(m for m in d.state.snapshot().models if m.name == "m")
+    assert m.samples == 4 and m.loss_weighted_sum == pytest.approx(4 * np.log(3), rel=1e-6)
+
+
+def test_an_overflowing_pair_is_rejected_alone_and_a_full_batch_folds_both_or_neither() -> None:
+    d = _daemon()
+    d.handle_many([_msg("o", predictions=np.array([1e-300, 0.5]), ids=np.arange(2), weights=np.array([1e308, 1.0]))])
+    d.handle_many(
+        [_msg("o", targets=np.array([1.0]), ids=np.arange(1)), _msg("o", targets=np.array([1.0]), ids=np.array([1]))]
+    )
+    assert _rejected(d) == {"non_finite": 1} and d.state.counters.messages == 3
+    m = next(m for m in d.state.snapshot().models if m.name == "o")
+    assert m.samples == 1
+    # An entropy sum that overflows where the losses do not (H = 1.79 nats, loss = log 2): rejected whole.
+    row = np.array([[0.5] + [0.5 / 9] * 9])
+    d.handle_many([_msg("f", predictions=row, targets=np.array([0]), weights=np.array([1.5e308]))])
+    assert _rejected(d) == {"non_finite": 2}
+    f = [m for m in d.state.snapshot().models if m.name == "f"]
+    assert not f or (f[0].samples == 0 and f[0].predictions.rows == 0)
+
+
+def test_a_model_with_waiting_predictions_is_not_dropped_as_idle() -> None:
+    from xentd.config import LabelsConfig
+
+    clock = [NOW]
+    cfg = Config(limits=LimitsConfig(model_ttl_seconds=3600.0), labels=LabelsConfig(ttl_seconds=7 * 86_400.0))
+    d = Daemon(cfg, clock=lambda: clock[0])
+    d._init_backend()
+    d.handle_many([_msg("m", predictions=np.full((5, 3), 1 / 3), ids=np.arange(5))])
+    clock[0] += 25 * 3600  # past limits.model_ttl, within labels.ttl
+    d.housekeeping(force=True)
+    d.handle_many([_msg("m", targets=np.array([0, 1, 2, 0, 1]), ids=np.arange(5))])
+    assert _joins(d, "m") == {"matched": 5} and not _rejected(d)
+
+
+def test_a_snapshot_refused_halfway_leaves_nothing_behind() -> None:
+    from xentd import persist
+    from xentd.errors import SnapshotError
+
+    d = _daemon()
+    d.handle_many([_msg("m", predictions=P, targets=np.array([0, 1]), batch_id="B1")])
+    d.handle_many([_msg("m", predictions=P, ids=np.arange(2))])
+    image = persist.capture(d.state)
+    scalars, arrays = image.components["joins"]
+    damaged = {**arrays, "0.stamps": np.zeros_like(arrays["0.stamps"])}  # a waiting row with stamp 0
+    fresh = _daemon()
+    with pytest.raises(SnapshotError, match="stamp 0"):
+        persist.restore(fresh.state, persist.Image(**{**image.__dict__, "components": {"joins": (scalars, damaged)}}))
+    assert not fresh.state.models and fresh.state.counters.messages == 0 and ("m", "B1") not in fresh.state.recent
+    overflowing = {**scalars, "pools": [{**scalars["pools"][0], "columns": float("inf")}]}
+    with pytest.raises(SnapshotError, match="OverflowError"):
+        persist.restore(
+            fresh.state, persist.Image(**{**image.__dict__, "components": {"joins": (overflowing, arrays)}})
+        )

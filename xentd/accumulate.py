@@ -179,12 +179,14 @@ def fold_all(  # type: ignore[no-untyped-def]
     block,
     total,
     counting,
+    commit,
 ):
     """One batch into every window at once: lifetime, histogram, time windows, EWMA and count
     windows, in one call instead of one per window (the call overhead was most of a small fold).
 
-    Returns (committed, new value sum, new count total). Nothing changes when the batch
-    would overflow a lifetime sum (finite inputs can: FP64 logits or weights near 1e308);
+    Returns (committed, new value sum, new count total). Nothing changes with ``commit``
+    false (a check only), nor when the batch would overflow a lifetime sum (finite inputs
+    can: FP64 logits or weights near 1e308);
     scores and weights are >= 0, so every window and class sum is at most its lifetime
     total, and if those stay finite everything does.
     """
@@ -198,6 +200,8 @@ def fold_all(  # type: ignore[no-untyped-def]
     for k in range(HEAD):
         if not math.isfinite(lifetime[k] + vec[k]):
             return False, value_sum, total
+    if not commit:
+        return True, value_sum, total
     lifetime += vec
     hist += hist_scratch
     for t in range(tw_index.shape[0]):

@@ -188,6 +188,21 @@ def _rehash(ids, stamps, rows, weights, weighted, new_ids, new_stamps, new_rows,
 
 
 @njit(cache=True)
+def _live_range(stamps):  # type: ignore[no-untyped-def]
+    """(oldest, newest) live stamp, or (0, 0) when none is live."""
+    lo = np.uint32(0)
+    hi = np.uint32(0)
+    for i in range(stamps.shape[0]):
+        s = stamps[i]
+        if s != 0 and s != TOMB:
+            if lo == 0 or s < lo:
+                lo = s
+            if s > hi:
+                hi = s
+    return lo, hi
+
+
+@njit(cache=True)
 def _stamp_bytes(stamps, first, width, slot_bytes, out):  # type: ignore[no-untyped-def]
     """Add ``slot_bytes`` per entry to its age bucket: bucket b holds stamps in [first + b*width, +width)."""
     last = out.shape[0] - 1
@@ -213,10 +228,13 @@ def _compact(ids, stamps, rows, weights, weighted, out_ids, out_stamps, out_rows
 
 @njit(cache=True)
 def _rebase(stamps, delta):  # type: ignore[no-untyped-def]
+    """Move live stamps ``delta`` (int64, may exceed 32 bits) ticks back; older ones become 1
+    (they are past the TTL, and the next sweep expires them)."""
     for i in range(stamps.shape[0]):
         s = stamps[i]
         if s != 0 and s != TOMB:
-            stamps[i] = s - delta if s > delta else 1
+            moved = np.int64(s) - delta
+            stamps[i] = moved if moved > 1 else 1
 
 
 # --- pools ------------------------------------------------------------------------------
@@ -359,15 +377,16 @@ class JoinStore:
         """Ticks since the epoch, at least 1 (a clock set back never makes a stamp 0 or negative)."""
         ticks = int((now - self.epoch) / TICK) + 1
         if ticks > _REBASE_AT:
-            self._rebase(ticks - self.ttl_ticks - 2)
+            # Rows older than the TTL land on stamp 1, well before the new TTL edge, and expire.
+            self._rebase(ticks - self.ttl_ticks - 1000)
             ticks = int((now - self.epoch) / TICK) + 1
         return max(1, ticks)
 
     def _rebase(self, delta: int) -> None:
-        self.epoch += delta * TICK
         for pool in self._all_pools():
-            _rebase(pool.stamps, np.uint32(delta))
+            _rebase(pool.stamps, np.int64(delta))
             pool.oldest = max(1, pool.oldest - delta) if pool.oldest else 0
+        self.epoch += delta * TICK
 
     # --- predictions in ---------------------------------------------------------------
 
@@ -398,7 +417,7 @@ class JoinStore:
         evicted: dict[str, int] = {}
         if pool.count + pool.tombs + incoming > pool.capacity * MAX_LOAD:
             evicted = self._grow(pool, incoming)
-            room = max(0, int(pool.capacity * MAX_LOAD) - pool.count)
+            room = max(0, int(pool.capacity * MAX_LOAD) - pool.count - pool.tombs)
             if room < incoming:
                 # More rows than the whole budget holds: the newest that fit stay, the older are evicted.
                 idx = np.flatnonzero(fresh)
@@ -436,10 +455,11 @@ class JoinStore:
                 return evicted
             if not self._evict(extra, evicted):
                 break
-        # Nothing older is left: the pool gets what the budget allows.
+        # Nothing older is left: the pool gets what the budget allows, rebuilt without its
+        # tombstones (free slots must never run out: probes stop only at one).
         room = (self.max_bytes - self.nbytes + pool.nbytes) // pool.slot_bytes
-        if room > pool.capacity:
-            self._resize(pool, int(room))
+        if room > pool.capacity or pool.tombs:
+            self._resize(pool, max(int(room), pool.capacity))
         return evicted
 
     def _resize(self, pool: Pool, capacity: int) -> None:
@@ -458,8 +478,11 @@ class JoinStore:
         # Shrunk to GROW_LOAD, the rows left must fit in the budget less the room wanted.
         keep = GROW_LOAD * (self.max_bytes - extra - self.max_bytes // 16)
         free = max(1.0, live - keep)
-        first = min(p.oldest or 1 for _, p in pools)
-        last = max(int(p.stamps[p.stamps != TOMB].max()) for _, p in pools)
+        # The true range, not pool.oldest (a lower bound that joins never raise): a stale bound
+        # would widen the age buckets until one eviction emptied most of the store.
+        ranges = [_live_range(p.stamps) for _, p in pools]
+        first = min(int(lo) for lo, _ in ranges)
+        last = max(int(hi) for _, hi in ranges)
         buckets = 4096
         width = max(1, (last - first + buckets) // buckets)
         by_age = np.zeros(buckets, np.float64)
@@ -518,7 +541,8 @@ class JoinStore:
                         label_rows=label_rows,
                         predictions=out_rows[:m].view(pool.dtype).reshape(shape),
                         weights=out_w[:m] if key.weighted else None,
-                        delays=(stamp - out_stamps[:m].astype(np.float64)) * TICK,
+                        # A wall clock set back between the two arrivals makes no negative delay.
+                        delays=np.maximum(stamp - out_stamps[:m].astype(np.float64), 0.0) * TICK,
                     )
                 )
             self._shrink(pool, MIN_LOAD)

@@ -281,43 +281,43 @@ def restore(store: StateStore, image: Image) -> Restored:
     check(image)
     windows = image.layout.get("windows") == layout["windows"]
     dropped = []
+    # Everything is loaded into an empty store of the same configuration first, and moved into
+    # ``store`` only once all of it loaded: a file refused halfway leaves nothing behind.
+    fresh = store.empty_like()
     try:
-        with store.lock:
-            for name, scalars, arrays in image.models:
-                if not store.limits.admits(name) or len(store.models) >= store.limits.max_models:
-                    dropped.append(name)
-                    continue
-                state = store.add_model(name, int(scalars["num_classes"]))
-                state.restore(scalars)
-                components = state.components()
-                for part, (part_scalars, part_arrays) in _split(scalars, arrays).items():
-                    components[part].load(part_scalars, part_arrays, windows=windows)
-            counters = image.counters
-            store.counters = dataclasses.replace(
-                store.counters,
-                messages=int(counters["messages"]),
-                duplicate_batches=int(counters["duplicate_batches"]),
-                empty_batches=int(counters.get("empty_batches", 0)),
-                sequence_gaps=int(counters["sequence_gaps"]),
-                models_evicted=int(counters["models_evicted"]),
-                limit_hits={k: int(counters["limit_hits"].get(k, 0)) for k in store.counters.limit_hits},
-            )
-            for reason, n in image.rejected.items():
-                if reason in store.rejected:
-                    store.rejected[reason] = n
-            store.recent.restore(image.recent)
-            for name, component in store.components().items():
-                if name in image.components:  # absent from snapshots older than the component
-                    component.load(*image.components[name], set(store.models))
-            store.counters.restored_models = len(store.models)
+        for name, scalars, arrays in image.models:
+            if not fresh.limits.admits(name) or len(fresh.models) >= fresh.limits.max_models:
+                dropped.append(name)
+                continue
+            state = fresh.add_model(name, int(scalars["num_classes"]))
+            state.restore(scalars)
+            components = state.components()
+            for part, (part_scalars, part_arrays) in _split(scalars, arrays).items():
+                components[part].load(part_scalars, part_arrays, windows=windows)
+        counters = image.counters
+        fresh.counters = dataclasses.replace(
+            fresh.counters,
+            messages=int(counters["messages"]),
+            duplicate_batches=int(counters["duplicate_batches"]),
+            empty_batches=int(counters.get("empty_batches", 0)),
+            sequence_gaps=int(counters["sequence_gaps"]),
+            models_evicted=int(counters["models_evicted"]),
+            limit_hits={k: int(counters["limit_hits"].get(k, 0)) for k in fresh.counters.limit_hits},
+        )
+        for reason, n in image.rejected.items():
+            if reason in fresh.rejected:
+                fresh.rejected[reason] = n
+        fresh.recent.restore(image.recent)
+        for name, component in fresh.components().items():
+            if name in image.components:  # absent from snapshots older than the component
+                component.load(*image.components[name], set(fresh.models))
+        fresh.counters.restored_models = len(fresh.models)
     except SnapshotError:
-        with store.lock:
-            store.models.clear()
         raise
-    except (KeyError, ValueError, TypeError, AttributeError) as exc:
-        with store.lock:
-            store.models.clear()
+    except (KeyError, ValueError, TypeError, AttributeError, OverflowError, IndexError) as exc:
         raise SnapshotError(f"inconsistent contents: {type(exc).__name__}: {str(exc)[:200]}") from None
+    with store.lock:
+        store.adopt(fresh)
     return Restored(models=len(store.models), windows=windows, dropped=dropped)
 
 

@@ -21,7 +21,7 @@ from xentd import wire
 from xentd.config import Config
 from xentd.errors import DecodeError, Reason, RejectedBatch
 from xentd.jit import kernel_array
-from xentd.joins import PoolKey
+from xentd.joins import Joined, PoolKey
 from xentd.kernels import Backend, SampleScores, ScoringParams
 from xentd.names import MODEL_NAME_RE
 from xentd.predstats import row_stats
@@ -89,7 +89,7 @@ class _Group:
 class _Entry:
     """One message of a drain, from its arrival until it is folded or counted."""
 
-    __slots__ = ("unpacked", "fast", "kind", "producer", "seq", "refused", "batch", "layout", "segment")
+    __slots__ = ("unpacked", "fast", "kind", "producer", "seq", "refused", "batch", "layout", "segment", "counted")
 
     def __init__(self) -> None:
         self.unpacked: wire.Unpacked | None = None
@@ -103,6 +103,9 @@ class _Entry:
         self.batch: Batch | None = None
         self.layout: _Layout | None = None
         self.segment = -1  # its rows in layout.segments
+        # Join messages: counted already (received, rejected, empty or a retry), so an internal
+        # error later in its run does not count it twice.
+        self.counted = False
 
 
 class _Layout:
@@ -418,6 +421,10 @@ class Pipeline:
                 offset += n
                 count = len(unit.entries)
                 try:
+                    unit_weights = None if batch.weights is None else batch.weights[part]
+                    unit.state.fold_predictions(  # both folds or neither
+                        entropy[part], confidence[part], unit_weights, self.clock(), check_only=True
+                    )
                     if unit.state.fold(
                         SampleScores(
                             loss=scores.loss[part],
@@ -433,12 +440,7 @@ class Pipeline:
                         unnormalized_targets=sum([segs.unnormalized[e.segment] for e in unit.entries]),
                     ):
                         self.state.counters.limit_hits["class_limit"] += 1
-                    unit.state.fold_predictions(
-                        entropy[part],
-                        confidence[part],
-                        None if batch.weights is None else batch.weights[part],
-                        self.clock(),
-                    )
+                    unit.state.fold_predictions(entropy[part], confidence[part], unit_weights, self.clock())
                     self.state.counters.messages += count
                 except RejectedBatch as exc:
                     if count == 1:
@@ -485,8 +487,9 @@ class Pipeline:
                     self._labels_only(run)
             except Exception:
                 log.exception("internal error while joining %d message(s) for model %r", len(run), model)
-                for _ in run:
-                    self._rejected(Reason.INTERNAL_ERROR, "internal error", model)
+                for entry in run:
+                    if not entry.counted:
+                        self._rejected(Reason.INTERNAL_ERROR, "internal error", model)
             start = end
 
     def _validated(self, entry: _Entry, check: Callable[[wire.Message], Any]) -> Any:
@@ -498,24 +501,26 @@ class Pipeline:
         try:
             return check(entry.unpacked.message())
         except RejectedBatch as exc:
+            entry.counted = True
             self._rejected(exc.reason, exc.detail, model if MODEL_NAME_RE.fullmatch(model) else None)
         return None
 
     def _predictions_only(self, run: list[_Entry]) -> None:
         """Rows that wait for labels: counted in the label-free statistics, then stored by id."""
-        accepted: list[PendingBatch] = []
+        accepted: list[tuple[_Entry, PendingBatch]] = []
         for entry in run:
             batch = self._validated(entry, validate_predictions)
             if batch is not None:
-                accepted.append(batch)
+                accepted.append((entry, batch))
         if not accepted:
             return
         now = self.clock()
-        stats = [row_stats(b.predictions, b.kind) for b in accepted]
+        stats = [row_stats(b.predictions, b.kind) for _, b in accepted]
         logs: list[tuple[Reason, str, str | None]] = []
         evicted: dict[str, int] = {}
         with self.state.lock:
-            for batch, (entropy, confidence) in zip(accepted, stats, strict=True):
+            for (entry, batch), (entropy, confidence) in zip(accepted, stats, strict=True):
+                entry.counted = True
                 if not self._admit_join_locked(batch.model, batch.batch_id, batch.size):
                     continue
                 try:
@@ -569,18 +574,19 @@ class Pipeline:
     def _labels_only(self, run: list[_Entry]) -> None:
         """Labels joined to their waiting predictions; each joined pair is scored as if sent together."""
         model = run[0].unpacked.header.model  # type: ignore[union-attr]
-        labels: list[LabelBatch] = []
+        labels: list[tuple[_Entry, LabelBatch]] = []
         for entry in run:
             batch = self._validated(entry, validate_labels)
             if batch is not None:
-                labels.append(batch)
+                labels.append((entry, batch))
         if not labels:
             return
         with self.state.lock:
             state = self.state.models.get(model)
-            binaries = {k.columns == 0 for k in self.state.joins.pools.get(model, {})}
+            binaries = {k.columns == 0 for k, p in self.state.joins.pools.get(model, {}).items() if p.count}
         if state is None:
-            for _ in labels:
+            for entry, _ in labels:
+                entry.counted = True
                 self._rejected(
                     Reason.UNKNOWN_MODEL,
                     f"labels for model {model!r}, which has sent no predictions since xentd started",
@@ -593,8 +599,8 @@ class Pipeline:
         tolerance = self.config.scoring_for(model).normalization_tolerance
         required = sorted(binaries)
         candidates = required or ([True, False] if state.num_classes == 2 else [False])
-        checked: list[tuple[LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]] = []
-        for batch in labels:
+        checked: list[tuple[_Entry, LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]] = []
+        for entry, batch in labels:
             forms: dict[bool, tuple[np.ndarray, TargetKind, int]] = {}
             error: RejectedBatch | None = None
             for binary in candidates:
@@ -603,44 +609,64 @@ class Pipeline:
                 except RejectedBatch as exc:
                     error = error or exc
             if error is not None and (required or not forms):
+                entry.counted = True
                 self._rejected(error.reason, error.detail, model)
                 continue
-            checked.append((batch, forms))
+            checked.append((entry, batch, forms))
         now = self.clock()
+        admitted: list[tuple[LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]] = []
         with self.state.lock:
-            admitted = [(b, forms) for b, forms in checked if self._admit_join_locked(model, b.batch_id, b.size)]
-            for b, forms in admitted:
-                if b.batch_id is not None:
-                    self.state.recent.add((model, b.batch_id))
+            for entry, batch, forms in checked:
+                entry.counted = True
+                # One at a time, so that a retry later in the same drain is judged a retry.
+                if not self._admit_join_locked(model, batch.batch_id, batch.size):
+                    continue
+                if batch.batch_id is not None:
+                    self.state.recent.add((model, batch.batch_id))
                 state.unnormalized_targets += next(iter(forms.values()))[2]
+                admitted.append((batch, forms))
+            # Received, whatever their pairs do next; a model that receives labels is not idle.
+            self.state.counters.messages += len(admitted)
+            state.last_batch_time = max(state.last_batch_time, now)
             if not admitted:
                 return
             ids = np.concatenate([b.ids for b, _ in admitted])
             result = self.state.joins.take(model, ids, now)
-        ts = next((b.ts for b, _ in reversed(admitted) if b.ts is not None), None)
-        scored = 0
+        starts = np.cumsum([0] + [b.size for b, _ in admitted])
         for joined in result.joined:
-            binary = joined.key.columns == 0
-            targets = np.concatenate([forms[binary][0] for _, forms in admitted])
-            target_kind = admitted[0][1][binary][1]
+            self._score_joined(state, joined, admitted, starts)
+
+    def _score_joined(
+        self,
+        state: ModelState,
+        joined: Joined,
+        admitted: list[tuple[LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]],
+        starts: np.ndarray,
+    ) -> None:
+        """Score the pairs of one pool: a batch per labels message, grouped by the form of its
+        targets (index or soft), so that one bad pair is found and rejected alone."""
+        binary = joined.key.columns == 0
+        message_of = np.searchsorted(starts, joined.label_rows, side="right") - 1
+        groups: dict[tuple[object, ...], list[Batch]] = {}
+        for k in np.unique(message_of).tolist():
+            sel = np.flatnonzero(message_of == k)
+            labels, forms = admitted[k]
+            targets, target_kind, _ = forms[binary]
             batch = Batch(
-                model=model,
+                model=state.name,
                 kind=InputKind(joined.key.kind),
-                predictions=_widened(joined.predictions, joined.key.datatype),
-                targets=kernel_array(targets[joined.label_rows]),
+                predictions=_widened(joined.predictions[sel], joined.key.datatype),
+                targets=kernel_array(targets[joined.label_rows[sel] - starts[k]]),
                 target_kind=target_kind,
-                weights=None if joined.weights is None else kernel_array(joined.weights),
+                weights=None if joined.weights is None else kernel_array(joined.weights[sel]),
                 num_classes=state.num_classes,
                 prediction_datatype=joined.key.datatype,
                 batch_id=None,
-                ts=ts,
+                ts=labels.ts,
             )
-            # The labels messages count as received once, with the first joined group.
-            self._score(_Group(state, (), [batch]), joined=True, messages=len(admitted) if scored == 0 else 0)
-            scored += 1
-        if not scored:
-            with self.state.lock:
-                self.state.counters.messages += len(admitted)
+            groups.setdefault(layout(batch), []).append(batch)
+        for batches in groups.values():
+            self._score(_Group(state, (), batches), joined=True)
 
     # --- one message at a time (large batches) ------------------------------------
 
@@ -697,10 +723,10 @@ class Pipeline:
         with self.state.lock:
             self.state.counters.sequence_gaps += self.state.sequences.observe(producer, seq)
 
-    def _score(self, group: _Group, *, joined: bool = False, messages: int | None = None) -> None:
+    def _score(self, group: _Group, *, joined: bool = False) -> None:
         """Score and fold a group. ``joined``: pairs of the join store, whose predictions were
-        counted in the label-free statistics when they arrived; ``messages``: how many
-        messages this counts as received (default: one per batch)."""
+        counted in the label-free statistics when they arrived and whose labels messages were
+        counted as received when they arrived."""
         count = len(group.batches)
         model = group.batches[0].model
         try:
@@ -709,34 +735,39 @@ class Pipeline:
             scores = self.backend.score(batch, self._params_for(batch.model, batch.prediction_datatype))
             stats = None if joined else row_stats(batch.predictions, batch.kind)
             with self.state.lock:
+                if stats is not None:  # both folds or neither
+                    group.state.fold_predictions(*stats, batch.weights, self.clock(), check_only=True)
                 if group.state.fold(
                     scores,
                     batch.weights,
                     self.clock(),
                     batch.ts,
-                    batches=count if messages is None else messages,
+                    batches=count,
                     unnormalized_targets=batch.unnormalized_targets,
                 ):
                     self.state.counters.limit_hits["class_limit"] += 1
                 if stats is not None:
                     group.state.fold_predictions(*stats, batch.weights, self.clock())
-                self.state.counters.messages += count if messages is None else messages
+                if not joined:
+                    self.state.counters.messages += count
         except RejectedBatch as exc:
             if count == 1:
-                self._rejected(exc.reason, exc.detail, model)
+                self._rejected(exc.reason, exc.detail, model, received=not joined)
             else:
                 # One message spoiled the group (its losses overflow); find it, keep the rest.
                 for b in group.batches:
-                    self._score(_Group(group.state, group.key, [b]))
+                    self._score(_Group(group.state, group.key, [b]), joined=joined)
         except Exception:
             log.exception("internal error while scoring %d batch(es) for model %r", count, model)
             for _ in range(count):
-                self._rejected(Reason.INTERNAL_ERROR, "internal error", model)
+                self._rejected(Reason.INTERNAL_ERROR, "internal error", model, received=not joined)
 
-    def _rejected(self, reason: Reason, detail: str, model: str | None) -> None:
+    def _rejected(self, reason: Reason, detail: str, model: str | None, *, received: bool = True) -> None:
+        """Count a rejection, and (unless it was counted already) the message as received."""
         with self.state.lock:
             self.state.reject(reason, model)
-            self.state.counters.messages += 1
+            if received:
+                self.state.counters.messages += 1
         self._log_rejection(reason, detail, model)
 
     def _params_for(self, model: str, datatype: str) -> ScoringParams:

@@ -84,7 +84,7 @@ def _binary(pred, kind, entropy, confidence):  # type: ignore[no-untyped-def]
                 # log(1 - p) without cancellation near p = 1.
                 lq = math.log(-math.expm1(x)) if x > -0.6931471805599453 else math.log1p(-p)
                 h = -(p * x if p > 0.0 else 0.0)
-                q = 1.0 - p
+                q = -math.expm1(x)  # 1 - p without cancellation near p = 1
                 h -= q * lq if q > 0.0 else 0.0
             else:
                 p = x

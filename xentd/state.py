@@ -238,15 +238,18 @@ class WindowedStats:
         weights: np.ndarray | None,
         now: float,
         what: str,
+        *,
+        check_only: bool = False,
     ) -> None:
         """Add per-sample values at time ``now`` (never earlier than the last fold's).
 
         Raises ValidationError(NON_FINITE), changing nothing, when the sums would overflow;
-        ``what`` names the statistic in that message.
+        ``what`` names the statistic in that message. ``check_only``: raise or not, and
+        change nothing either way.
         """
         weighted = weights is not None
         w = weights if weights is not None else _NO_WEIGHTS
-        if self.count_cap_max:
+        if self.count_cap_max and not check_only:
             self._grow_ring(value.shape[0])
         committed, self.value_sum, self.count_total = acc.fold_all(
             value,
@@ -274,12 +277,14 @@ class WindowedStats:
             self.block,
             self.count_total,
             self.count_cap_max > 0,
+            not check_only,
         )
         if not committed:
             raise ValidationError(
                 Reason.NON_FINITE, f"the batch's weighted {what} overflow float64 (the totals would become infinite)"
             )
-        self.ewma_time = now
+        if not check_only:
+            self.ewma_time = now
 
     def _bucket_numbers(self, now: float) -> np.ndarray:
         """Each time window's bucket number at ``now``: Python's floor division, as always."""
@@ -440,17 +445,33 @@ class ModelState:
         )
 
     def fold_predictions(
-        self, entropy: np.ndarray, confidence: np.ndarray, weights: np.ndarray | None, now: float
+        self,
+        entropy: np.ndarray,
+        confidence: np.ndarray,
+        weights: np.ndarray | None,
+        now: float,
+        *,
+        check_only: bool = False,
     ) -> None:
-        """Add the label-free statistics of prediction rows (:mod:`xentd.predstats`)."""
+        """Add the label-free statistics of prediction rows (:mod:`xentd.predstats`).
+        ``check_only``: raise if they would overflow, and change nothing (so that a full
+        batch is folded into both or neither)."""
         n = entropy.shape[0]
         try:
             self.predictions.fold(
-                entropy, confidence, _zeros_u8(n), _zeros_i64(n), weights, self._advance(now), "entropies"
+                entropy,
+                confidence,
+                _zeros_u8(n),
+                _zeros_i64(n),
+                weights,
+                max(now, self.clock) if check_only else self._advance(now),
+                "entropies",
+                check_only=check_only,
             )
         except ValidationError as exc:
             raise ValidationError(exc.reason, f"{exc.detail} (model {self.name!r})") from None
-        self.last_batch_time = self.clock  # keeps a model that only sends predictions from going idle
+        if not check_only:
+            self.last_batch_time = self.clock  # keeps a model that only sends predictions from going idle
 
     def window_matrix(self, now: float) -> np.ndarray:
         return self.loss.window_matrix(max(now, self.clock))
@@ -603,8 +624,27 @@ class StateStore:
         self.counters = Counters()
         self.recent = RecentBatches(dedup_window)
         self.sequences = SequenceTracker()
-        labels = labels or LabelsConfig()
-        self.joins = JoinStore(labels.max_pending_bytes, labels.ttl_seconds, labels.delay_buckets, epoch=clock())
+        self.labels_cfg = labels or LabelsConfig()
+        self.joins = JoinStore(
+            self.labels_cfg.max_pending_bytes,
+            self.labels_cfg.ttl_seconds,
+            self.labels_cfg.delay_buckets,
+            epoch=clock(),
+        )
+
+    def empty_like(self) -> StateStore:
+        """An empty store of the same configuration (a restore loads into one, then :meth:`adopt`)."""
+        return StateStore(
+            self.windows_cfg, self.limits, self.clock, dedup_window=self.recent.capacity, labels=self.labels_cfg
+        )
+
+    def adopt(self, other: StateStore) -> None:
+        """Take ``other``'s state: its models, counts, retry window and components (lock held)."""
+        self.models = other.models
+        self.rejected = other.rejected
+        self.counters = other.counters
+        self.recent = other.recent
+        self.joins = other.joins
 
     def components(self) -> dict[str, JoinStore]:
         """The daemon-wide parts that save and restore themselves (xentd.persist), by name."""
@@ -643,7 +683,10 @@ class StateStore:
         ttl = self.limits.model_ttl_seconds
         if ttl is None:
             return []
-        idle = [name for name, m in self.models.items() if now - m.last_batch_time > ttl]
+        # A model whose predictions still wait for labels is not idle: they leave by labels.ttl.
+        idle = [
+            name for name, m in self.models.items() if now - m.last_batch_time > ttl and not self.joins.pending(name)
+        ]
         for name in idle:
             del self.models[name]
             self.joins.drop_model(name)
