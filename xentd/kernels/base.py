@@ -3,7 +3,7 @@ scratch, and the batch layouts it compiles at warm-up. Backends differ only in
 their kernels and in where their memory lives.
 
 Every kernel, CPU or CUDA, is called as ``kernel(predictions, targets, kind,
-*params.kernel_args(), *outputs)``: the two records spread into positional
+*params.kernel_args, *outputs)``: the two records spread into positional
 arguments in field order. Not as two tuples: a parallel (``prange``) CPU build
 silently drops writes to arrays unpacked from a tuple argument (Numba 0.68),
 and Numba's dispatcher types a named tuple in Python, about 0.7 us a call.
@@ -17,7 +17,7 @@ backend, the kernels that write it. Allocation and transfers follow from the rec
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -33,10 +33,12 @@ class ScoringParams:
     eps: float
     focal_gamma: float
     normalization_tolerance: float
+    # The record as the kernels take it, their (eps, gamma, tol) arguments: built once
+    # here rather than on every call (callers keep one record per model).
+    kernel_args: tuple[float, float, float] = field(init=False, repr=False, compare=False)
 
-    def kernel_args(self) -> tuple[float, float, float]:
-        """The record as the kernels take it: their (eps, gamma, tol) arguments."""
-        return (self.eps, self.focal_gamma, self.normalization_tolerance)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernel_args", (self.eps, self.focal_gamma, self.normalization_tolerance))
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,13 +118,13 @@ class OutputBuffers:
 
     def scores(self, n: int) -> SampleScores:
         """The first ``n`` results (host arrays), as views that the next call overwrites."""
-        a = self.arrays
+        loss, focal, correct, true_class, unnormalized = self.arrays
         return SampleScores(
-            loss=a.loss[:n],
-            focal=a.focal[:n],
-            correct=a.correct[:n],
-            true_class=a.true_class[:n],
-            unnormalized_rows=int(np.count_nonzero(a.unnormalized[:n])),
+            loss=loss[:n],
+            focal=focal[:n],
+            correct=correct[:n],
+            true_class=true_class[:n],
+            unnormalized_rows=int(np.count_nonzero(unnormalized[:n])),
         )
 
 

@@ -30,7 +30,6 @@ docs/metrics.md gives every formula computed here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 from numba import prange
@@ -246,7 +245,7 @@ def _first_max(row):  # type: ignore[no-untyped-def]
     return best, arg
 
 
-# Every kernel takes (pred, tgt, kind, *ScoringParams.kernel_args(), *Outputs), as
+# Every kernel takes (pred, tgt, kind, *ScoringParams.kernel_args, *Outputs), as
 # positional arguments (xentd.kernels.base says why). The output arrays may be
 # longer than the batch: kernels write their first n elements.
 
@@ -586,15 +585,6 @@ KERNELS = {
 }
 
 
-def _family(batch: Batch) -> str:
-    """Which of KERNELS scores ``batch``."""
-    if batch.binary:
-        return "binary"
-    if batch.target_kind is TargetKind.INDEX:
-        return "index_f32" if batch.predictions.dtype == np.float32 else "index"
-    return "soft"
-
-
 class CpuBackend:
     """Scores batches with the Numba CPU kernels above."""
 
@@ -608,15 +598,21 @@ class CpuBackend:
         self._out = OutputBuffers()
 
     def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
-        serial, parallel = KERNELS[_family(batch)]
+        if batch.binary:
+            family = "binary"
+        elif batch.target_kind is TargetKind.INDEX:
+            family = "index_f32" if batch.predictions.dtype == np.float32 else "index"
+        else:
+            family = "soft"
+        serial, parallel = KERNELS[family]
         large = batch.predictions.size >= self.parallel_threshold
-        return self._run(parallel if large and self._parallel_ready else serial, batch, params)
-
-    def _run(self, kernel: Callable[..., None], batch: Batch, params: ScoringParams) -> SampleScores:
+        kernel = parallel if large and self._parallel_ready else serial
+        n = batch.size
         out = self._out
-        out.reserve(batch.size)
-        kernel(batch.predictions, batch.targets, int(batch.kind), *params.kernel_args(), *out.arrays)
-        return out.scores(batch.size)
+        if n > out.capacity:
+            out.reserve(n)
+        kernel(batch.predictions, batch.targets, int(batch.kind), *params.kernel_args, *out.arrays)
+        return out.scores(n)
 
     def warmup(self, *, parallel: bool = True) -> None:
         """Compile (or load from the on-disk cache) every signature ``score`` can use.
@@ -635,5 +631,9 @@ class CpuBackend:
         self._parallel_ready = True
 
     def _compile(self, build: int) -> None:
+        # Through a backend that takes only this build: the compiled kernels are
+        # shared (KERNELS), and this backend's own state is left alone, since
+        # warmup_parallel() runs while it scores.
+        only = CpuBackend(parallel_threshold=0 if build else 1 << 62)
         for batch in warmup_batches():
-            self._run(KERNELS[_family(batch)][build], batch, WARMUP_PARAMS)
+            only.score(batch, WARMUP_PARAMS)

@@ -357,7 +357,7 @@ class CudaBackend:
             else:
                 grid = min(self.blocks, stop - start)
             kernel[grid, self.threads, slot.stream](
-                d_pred, d_tgt, int(batch.kind), *params.kernel_args(), *slot.out.arrays
+                d_pred, d_tgt, int(batch.kind), *params.kernel_args, *slot.out.arrays
             )
             for d, host in zip(slot.out.arrays, self._out.arrays, strict=True):
                 d[: stop - start].copy_to_host(host[start:stop], stream=slot.stream)
