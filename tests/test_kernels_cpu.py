@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,88 +13,28 @@ from sklearn.metrics import log_loss
 
 from tests import naive
 from tests.conftest import default_params, make_batch, softmax
+from tests.kernel_cases import (
+    DATATYPES,
+    FAST_F32,
+    KINDS,
+    NP_DTYPE,
+    assert_scores,
+    cpu_tolerance,
+    predictions,
+    reference,
+    reference_case,
+    reference_cases,
+)
 from xentd.kernels import ScoringParams, cpu
 from xentd.kernels.cpu import CpuBackend
-from xentd.wire import BF16
-
-DATATYPES = ["FP16", "BF16", "FP32", "FP64"]
-KINDS = ["probs", "logits", "log_probs"]
-NP_DTYPE = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
 
 
-def _encode_dtype(x: np.ndarray, datatype: str) -> np.ndarray | BF16:
-    if datatype == "BF16":
-        return BF16.from_float32(x.astype(np.float32))
-    return x.astype(NP_DTYPE[datatype])
-
-
-def _predictions(rng: np.random.Generator, n: int, c: int | None, kind: str) -> np.ndarray:
-    """float64 predictions of the given kind; c=None means binary."""
-    if c is None:
-        logits = rng.normal(0.0, 3.0, n)
-        if kind == "logits":
-            return logits
-        p = 1.0 / (1.0 + np.exp(-logits))
-        return p if kind == "probs" else np.log(p)
-    logits = rng.normal(0.0, 3.0, (n, c))
-    if kind == "logits":
-        return logits
-    return softmax(logits) if kind == "probs" else naive.log_softmax(logits)
-
-
-def _reference(batch, kind: str, gamma: float = 2.0) -> naive.Ref:  # type: ignore[no-untyped-def]
-    eps = batch.dtype_eps
-    if batch.binary:
-        return naive.binary(batch.predictions, batch.targets, kind, eps=eps, gamma=gamma)
-    return naive.multiclass(batch.predictions, batch.targets, kind, eps=eps, gamma=gamma, tol=math.sqrt(eps))
-
-
-# FP64 predictions are scored in float64 and agree with the reference to rounding.
-# Float32 predictions (FP32, and FP16/BF16 widened) with class-index targets use
-# a float32 exp2 inside the log-sum-exp: documented bound, relative 5e-6 (the
-# atol only covers the naive reference's own float64 rounding on tiny losses).
-EXACT = {"rtol": 1e-12, "atol": 1e-13}
-FAST_F32 = {"rtol": 5e-6, "atol": 1e-12}
-
-
-def _tolerance(batch) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    fast = (
-        batch.predictions.dtype == np.float32 and not batch.binary and batch.targets.ndim == 1 and int(batch.kind) == 1
-    )
-    return FAST_F32 if fast else EXACT
-
-
-def _assert_scores(scores, ref: naive.Ref, tol: dict[str, float] = EXACT) -> None:  # type: ignore[no-untyped-def]
-    np.testing.assert_allclose(scores.loss, ref.loss, **tol)
-    np.testing.assert_allclose(scores.focal, ref.focal, **tol)
-    np.testing.assert_array_equal(scores.correct, ref.correct)
-    np.testing.assert_array_equal(scores.true_class, ref.true_class)
-    assert scores.unnormalized_rows == ref.unnormalized
-
-
-def reference_case(datatype: str, kind: str, classes: int | None, n: int, targets: str):  # type: ignore[no-untyped-def]
-    """A random batch for the reference comparisons (the CUDA tests use it too)."""
-    rng = np.random.default_rng(classes or 1)
-    x = _predictions(rng, n, classes, kind)
-    if classes is None:
-        y = rng.integers(0, 2, n) if targets == "index" else rng.random(n)
-    elif targets == "index":
-        y = rng.integers(0, classes, n)
-    else:
-        y = softmax(rng.normal(0, 2, (n, classes))).astype(np.float32)
-    return make_batch(_encode_dtype(x, datatype), y, kind)
-
-
-@pytest.mark.parametrize("datatype", DATATYPES)
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("classes,n", [(None, 400), (2, 300), (3, 300), (10, 200), (257, 40), (50_000, 4)])
-@pytest.mark.parametrize("targets", ["index", "soft"])
+@reference_cases(DATATYPES, [(None, 400), (2, 300), (3, 300), (10, 200), (257, 40), (50_000, 4)])
 def test_matches_float64_reference(
     any_backend: CpuBackend, datatype: str, kind: str, classes: int | None, n: int, targets: str
 ) -> None:
     batch = reference_case(datatype, kind, classes, n, targets)
-    scores = any_backend.score(batch, default_params(batch))
-    _assert_scores(scores, _reference(batch, kind), _tolerance(batch))
+    assert_scores(any_backend.score(batch, default_params(batch)), reference(batch, kind), cpu_tolerance(batch))
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 5.0])
@@ -142,7 +83,7 @@ def test_serial_and_parallel_builds_agree_bitwise() -> None:
 def test_weighted_mean_equals_sklearn_fp64(backend: CpuBackend, classes: int | None) -> None:
     rng = np.random.default_rng(11)
     n = 2000
-    p = _predictions(rng, n, classes, "probs")
+    p = predictions(rng, n, classes, "probs")
     y = rng.integers(0, classes or 2, n)
     w = rng.random(n) * 3
     batch = make_batch(p, y, "probs", weights=w)
@@ -164,7 +105,7 @@ def test_matches_sklearn_in_lower_precision(
     """
     rng = np.random.default_rng(5)
     n = 1000
-    p64 = _predictions(rng, n, classes, "probs")
+    p64 = predictions(rng, n, classes, "probs")
     y = rng.integers(0, classes or 2, n)
     p = p64.astype(NP_DTYPE[datatype])
     if classes is not None:
@@ -220,7 +161,7 @@ def test_extreme_logits(backend: CpuBackend, datatype: str) -> None:
     y = np.array([0, 1, 2])
     batch = make_batch(x, y, "logits")
     scores = backend.score(batch, default_params(batch))
-    np.testing.assert_allclose(scores.loss, [0.0, 2e4, math.log(3)], rtol=_tolerance(batch)["rtol"], atol=0)
+    np.testing.assert_allclose(scores.loss, [0.0, 2e4, math.log(3)], rtol=cpu_tolerance(batch)["rtol"], atol=0)
     assert np.isfinite(scores.focal).all()
     xb = np.array([1e4, -1e4, 1e4, -1e4], dtype=NP_DTYPE[datatype])
     yb = np.array([1, 0, 0, 1])
@@ -322,22 +263,20 @@ def _ulps(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(got - ref) / np.spacing(np.abs(ref))))
 
 
-@njit
-def _apply_exp(x: np.ndarray, out: np.ndarray) -> None:
-    for i in range(x.shape[0]):
-        out[i] = cpu.exp_nonpos64(x[i])
+def _elementwise(f: Any) -> Any:
+    """A jitted loop that writes f(x[i]) into out[i], for one of cpu's inlined scalar functions."""
+
+    @njit
+    def apply(x: np.ndarray, out: np.ndarray) -> None:
+        for i in range(x.shape[0]):
+            out[i] = f(x[i])
+
+    return apply
 
 
-@njit
-def _apply_log(x: np.ndarray, out: np.ndarray) -> None:
-    for i in range(x.shape[0]):
-        out[i] = cpu.log64(x[i])
-
-
-@njit
-def _apply_log1p(x: np.ndarray, out: np.ndarray) -> None:
-    for i in range(x.shape[0]):
-        out[i] = cpu.log1p64(x[i])
+_apply_exp = _elementwise(cpu.exp_nonpos64)
+_apply_log = _elementwise(cpu.log64)
+_apply_log1p = _elementwise(cpu.log1p64)
 
 
 def test_exp_nonpos64_within_an_ulp_of_numpy() -> None:
@@ -381,11 +320,11 @@ def test_binary_focal_gamma(any_backend: CpuBackend, kind: str, gamma: float) ->
     """gamma = 2 takes the vectorised loops (logits, probs), any other gamma and log_probs the libm loop:
     all agree with the reference."""
     rng = np.random.default_rng(8)
-    x = _predictions(rng, 3000, None, kind)
+    x = predictions(rng, 3000, None, kind)
     t = np.where(rng.random(3000) < 0.3, rng.random(3000), rng.integers(0, 2, 3000))
     batch = make_batch(x, t, kind)
     ref = naive.binary(batch.predictions, batch.targets, kind, eps=batch.dtype_eps, gamma=gamma)
-    _assert_scores(any_backend.score(batch, default_params(batch, gamma)), ref)
+    assert_scores(any_backend.score(batch, default_params(batch, gamma)), ref)
 
 
 # --- small-C rows: scored in transposed blocks ----------------------------------
@@ -406,15 +345,15 @@ def test_small_class_blocks_match_the_reference(any_backend: CpuBackend, classes
     """Several row blocks and a partial one, tied maxima (top-1 is the first), on both sides of cpu.SMALL_C."""
     rng = np.random.default_rng(classes)
     n = 2 * cpu.SMALL_ROWS + 37
-    x = _with_tied_maxima(_predictions(rng, n, classes, kind).astype(np.float32), rng)
+    x = _with_tied_maxima(predictions(rng, n, classes, kind).astype(np.float32), rng)
     # Targets: the first maximum, the tied second one, or anything.
     first = x.argmax(axis=1)
     last = classes - 1 - x[:, ::-1].argmax(axis=1)
     y = np.select([rng.random(n) < 0.3, rng.random(n) < 0.5], [first, last], rng.integers(0, classes, n))
     batch = make_batch(x, y, kind)
-    ref = _reference(batch, kind)
+    ref = reference(batch, kind)
     assert 0 < ref.correct.sum() < n
-    _assert_scores(any_backend.score(batch, default_params(batch)), ref, _tolerance(batch))
+    assert_scores(any_backend.score(batch, default_params(batch)), ref, cpu_tolerance(batch))
 
 
 def test_small_class_logits_keep_relative_accuracy_for_tiny_losses(backend: CpuBackend) -> None:

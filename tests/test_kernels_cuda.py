@@ -19,7 +19,7 @@ import pytest
 
 from tests import naive
 from tests.conftest import default_params, make_batch, softmax
-from tests.test_kernels_cpu import EXACT, KINDS, _assert_scores, _reference, reference_case
+from tests.kernel_cases import EXACT, assert_scores, reference, reference_case, reference_cases
 
 cuda_backend = pytest.importorskip("xentd.kernels.cuda")
 from xentd.kernels.cpu import CpuBackend  # noqa: E402
@@ -37,17 +37,13 @@ def gpu() -> CudaBackend:
     return CudaBackend(threads_per_block=8 if cuda_backend.SIMULATOR else 32, chunk_bytes=256, blocks=3)
 
 
-@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("classes,n", [(None, 300), (3, 4), (40, 4)])
-@pytest.mark.parametrize("targets", ["index", "soft"])
+@reference_cases(["FP32", "FP64"], [(None, 300), (3, 4), (40, 4)])
 def test_matches_float64_reference(
     gpu: CudaBackend, datatype: str, kind: str, classes: int | None, n: int, targets: str
 ) -> None:
     batch = reference_case(datatype, kind, classes, n, targets)
-    scores = gpu.score(batch, default_params(batch))
     # Every sum is float64 on the GPU, FP32 logits included: exact to rounding.
-    _assert_scores(scores, _reference(batch, kind), EXACT)
+    assert_scores(gpu.score(batch, default_params(batch)), reference(batch, kind), EXACT)
 
 
 @pytest.mark.parametrize("classes", [2, 100])

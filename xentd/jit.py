@@ -1,19 +1,50 @@
-"""How xentd builds its Numba kernels: a serial and a parallel build of one function.
+"""How xentd builds its Numba kernels, and the low-level helpers that kernels in more than one module inline.
 
-Small inputs go to the serial build, because starting the thread pool costs
-more than the work (~6 us against ~0.4 us for a plain call, measured on the
-dev machine); large ones go to the ``parallel=True`` build, whose ``prange``
-loops split across cores.
+Serial and parallel builds: small inputs go to the serial build, because
+starting the thread pool costs more than the work (~6 us against ~0.4 us for a
+plain call, measured on the dev machine); large ones go to the
+``parallel=True`` build, whose ``prange`` loops split across cores.
+
+Cache freshness: Numba keeps a cached kernel for as long as the kernel's own
+source file is unchanged (its modification time and size); code the kernel
+inlines from another module is not looked at. So every helper that kernels of
+more than one module inline lives here, and every build made through
+:func:`cached` (and :func:`serial_and_parallel`) also records a hash of this
+file in its cache index: changing a helper here recompiles every kernel that
+may have inlined it, instead of loading the stale build.
 """
 
 from __future__ import annotations
 
+import hashlib
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from llvmlite import ir
 from numba import njit
+from numba import types as nbtypes
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# What a cached build's freshness depends on besides its own source file: this file's text.
+HELPERS_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def cached(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``njit(cache=True, **options)``, whose cache entries are stale once this file changes (see the module doc)."""
+
+    def build(f: Callable[..., Any]) -> Any:
+        dispatcher = njit(cache=True, **options)(f)
+        # Numba compares this stamp, (mtime, size) of the function's file, with the one its
+        # cache index was written with, and ignores the index when they differ.
+        index = dispatcher._cache._cache_file
+        index._source_stamp = (index._source_stamp, HELPERS_HASH)
+        return dispatcher
+
+    return build
 
 
 def _twin(f: Callable[..., Any], suffix: str) -> Callable[..., Any]:
@@ -53,6 +84,92 @@ def serial_and_parallel(f: Callable[..., Any]) -> tuple[Any, Any]:
     inlined helpers compile under their caller's error model.
     """
     return (
-        njit(cache=True, error_model="numpy")(f),
-        njit(cache=True, parallel=True, error_model="numpy")(_twin(f, "__parallel")),
+        cached(error_model="numpy")(f),
+        cached(parallel=True, error_model="numpy")(_twin(f, "__parallel")),
     )
+
+
+# --- intrinsics ------------------------------------------------------------------
+#
+# What Numba does not express in a way the loop vectoriser accepts: bit
+# reinterpretation, and min/max as ``llvm.minnum``/``llvm.maxnum`` with fast-math
+# flags (a plain max loop is not recognised as a reduction, because Numba does
+# not mark functions no-nans-fp-math). Callers pass finite values only: under
+# fast-math a NaN or infinite operand is poison in LLVM.
+
+
+def _resize(builder: Any, value: Any, integer: Any, width: int) -> Any:
+    """The low ``width`` bits of ``value``, of Numba type ``integer`` (zero-extended when narrower)."""
+    if integer.bitwidth > width:
+        return builder.trunc(value, ir.IntType(width))
+    if integer.bitwidth < width:
+        return builder.zext(value, ir.IntType(width))
+    return value
+
+
+@intrinsic
+def bits_to_float32(typingctx, bits):  # type: ignore[no-untyped-def]
+    """Reinterpret the low 32 bits of an integer as a float32 (a free bitcast)."""
+    if not isinstance(bits, nbtypes.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(_resize(builder, args[0], bits, 32), ir.FloatType())
+
+    return nbtypes.float32(bits), codegen
+
+
+@intrinsic
+def half_bits_to_float32(typingctx, bits):  # type: ignore[no-untyped-def]
+    """IEEE half bit pattern -> float32, exactly (LLVM fpext; F16C's vcvtph2ps where available)."""
+    if not isinstance(bits, nbtypes.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        half = builder.bitcast(_resize(builder, args[0], bits, 16), ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return nbtypes.float32(bits), codegen
+
+
+def _minmax_intrinsic(name: str):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def impl(typingctx, a, b):  # type: ignore[no-untyped-def]
+        if a not in (nbtypes.float32, nbtypes.float64) or a != b:
+            return None
+        llty = ir.FloatType() if a == nbtypes.float32 else ir.DoubleType()
+        suffix = "f32" if a == nbtypes.float32 else "f64"
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            fnty = ir.FunctionType(llty, [llty, llty])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.{name}.{suffix}")  # type: ignore[no-untyped-call]
+            return builder.call(fn, args, fastmath=("fast",))
+
+        return a(a, b), codegen
+
+    return impl
+
+
+# max and min of two finite values of one float type, as vectorisable llvm.maxnum / llvm.minnum.
+fmax = _minmax_intrinsic("maxnum")
+fmin = _minmax_intrinsic("minnum")
+
+# The finite identities of the reductions below: fast-math min/max must never see an infinity.
+FINITE_MAX = 1.7976931348623157e308
+
+
+@cached(error_model="numpy", inline="always")
+def finite_range(x, a, b):  # type: ignore[no-untyped-def]
+    """(min, max, count of NaN/Inf) of a non-empty float x[a:b]; min and max skip the
+    non-finite values (they are masked to 0 first), so they mean something only when the count is 0."""
+    lo = FINITE_MAX
+    hi = -FINITE_MAX
+    bad = 0
+    for j in range(a, b):
+        v = np.float64(x[j])
+        finite = (v - v) == 0.0
+        bad += 0 if finite else 1
+        clean = v if finite else 0.0
+        lo = fmin(lo, clean)
+        hi = fmax(hi, clean)
+    return lo, hi, bad

@@ -16,74 +16,13 @@ vectorised, never see a NaN or an infinity.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import prange
-from numba import types as nbtypes
-from numba.core import cgutils
-from numba.extending import intrinsic
 
-from xentd.jit import kernel_array, serial_and_parallel
+from xentd.jit import FINITE_MAX, bits_to_float32, finite_range, half_bits_to_float32, kernel_array, serial_and_parallel
 
 # Arrays smaller than this are scanned on one thread: starting the pool costs more.
 PARALLEL_MIN = 1 << 16
 CHUNK = 1 << 14
-
-
-@intrinsic
-def bits_to_float32(typingctx, bits):  # type: ignore[no-untyped-def]
-    """Reinterpret the low 32 bits of an integer as a float32 (a free bitcast)."""
-    if not isinstance(bits, nbtypes.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        value = args[0]
-        if bits.bitwidth > 32:
-            value = builder.trunc(value, ir.IntType(32))
-        elif bits.bitwidth < 32:
-            value = builder.zext(value, ir.IntType(32))
-        return builder.bitcast(value, ir.FloatType())
-
-    return nbtypes.float32(bits), codegen
-
-
-def _minmax_intrinsic(name: str):  # type: ignore[no-untyped-def]
-    @intrinsic
-    def impl(typingctx, a, b):  # type: ignore[no-untyped-def]
-        if a not in (nbtypes.float32, nbtypes.float64) or a != b:
-            return None
-        llty = ir.FloatType() if a == nbtypes.float32 else ir.DoubleType()
-        suffix = "f32" if a == nbtypes.float32 else "f64"
-
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            fnty = ir.FunctionType(llty, [llty, llty])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, f"llvm.{name}.{suffix}")
-            return builder.call(fn, args, fastmath=("fast",))
-
-        return a(a, b), codegen
-
-    return impl
-
-
-fmax = _minmax_intrinsic("maxnum")
-fmin = _minmax_intrinsic("minnum")
-
-
-@intrinsic
-def half_bits_to_float32(typingctx, bits):  # type: ignore[no-untyped-def]
-    """IEEE half bit pattern -> float32, exactly (LLVM fpext; F16C's vcvtph2ps where available)."""
-    if not isinstance(bits, nbtypes.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        value = args[0]
-        if bits.bitwidth != 16:
-            value = builder.trunc(value, ir.IntType(16))
-        return builder.fpext(builder.bitcast(value, ir.HalfType()), ir.FloatType())
-
-    return nbtypes.float32(bits), codegen
-
-
-_BIG = 1.7976931348623157e308  # finite identities: fast-math min/max must never see an infinity
 
 
 def _scan(x):  # type: ignore[no-untyped-def]
@@ -98,21 +37,12 @@ def _scan(x):  # type: ignore[no-untyped-def]
     his = np.empty(chunks, np.float64)
     bads = np.empty(chunks, np.int64)
     for k in prange(chunks):
-        lo = _BIG
-        hi = -_BIG
-        bad = 0
-        for j in range(k * CHUNK, min(n, (k + 1) * CHUNK)):
-            v = np.float64(x[j])
-            finite = (v - v) == 0.0
-            bad += 0 if finite else 1
-            clean = v if finite else 0.0
-            lo = fmin(lo, clean)
-            hi = fmax(hi, clean)
+        lo, hi, bad = finite_range(x, k * CHUNK, min(n, (k + 1) * CHUNK))
         los[k] = lo
         his[k] = hi
         bads[k] = bad
-    lo = _BIG
-    hi = -_BIG
+    lo = FINITE_MAX
+    hi = -FINITE_MAX
     for k in range(chunks):
         lo = min(lo, los[k])
         hi = max(hi, his[k])

@@ -9,24 +9,21 @@ go on to be scored. The flag only says *that* a message breaks a rule;
 :func:`xentd.validate.validate` then says which rule, with the same words as
 for a message checked on its own.
 
-Min and max use the same masked, fast-math reductions as :mod:`xentd.scan`.
+Min and max use the same masked, fast-math reduction as :mod:`xentd.scan` (:func:`xentd.jit.finite_range`).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from xentd.jit import kernel_array
-from xentd.scan import fmax, fmin
+from xentd.jit import cached, finite_range, kernel_array
 
-_BIG = 1.7976931348623157e308  # finite identities: fast-math min/max must never see an infinity
 # InputKind values (xentd.validate imports this module, so they are repeated here).
 PROBS = 0
 LOG_PROBS = 2
 
 
-@njit(cache=True, error_model="numpy", inline="always")
+@cached(error_model="numpy", inline="always")
 def _nonfinite(x, a, b):  # type: ignore[no-untyped-def]
     """How many of x[a:b] are NaN or Inf, in the array's own type (v - v is NaN exactly for those)."""
     bad = 0
@@ -36,23 +33,7 @@ def _nonfinite(x, a, b):  # type: ignore[no-untyped-def]
     return bad
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _stats(x, a, b):  # type: ignore[no-untyped-def]
-    """(min, max, count of NaN/Inf) of a non-empty x[a:b]; min and max skip the non-finite values."""
-    lo = _BIG
-    hi = -_BIG
-    bad = 0
-    for j in range(a, b):
-        v = np.float64(x[j])
-        finite = (v - v) == 0.0
-        bad += 0 if finite else 1
-        clean = v if finite else 0.0
-        lo = fmin(lo, clean)
-        hi = fmax(hi, clean)
-    return lo, hi, bad
-
-
-@njit(cache=True, error_model="numpy", inline="always")
+@cached(error_model="numpy", inline="always")
 def _int_range(x, a, b):  # type: ignore[no-untyped-def]
     """(min, max) of a non-empty integer x[a:b], in its own type."""
     lo = x[a]
@@ -63,13 +44,13 @@ def _int_range(x, a, b):  # type: ignore[no-untyped-def]
     return lo, hi
 
 
-@njit(cache=True, error_model="numpy")
+@cached(error_model="numpy")
 def _check(pred, pred_cols, kind, tgt, tgt_cols, tgt_max, integer_targets, weights, has_weights, starts, bad):  # type: ignore[no-untyped-def]
     for s in range(bad.shape[0]):
         a = starts[s]
         b = starts[s + 1]
         if kind == PROBS or kind == LOG_PROBS:
-            lo, hi, nonfinite = _stats(pred, a * pred_cols, b * pred_cols)
+            lo, hi, nonfinite = finite_range(pred, a * pred_cols, b * pred_cols)
             flag = nonfinite > 0 or (kind == PROBS and (lo < 0.0 or hi > 1.0)) or (kind == LOG_PROBS and hi > 0.0)
         else:  # logits: any finite value will do
             flag = _nonfinite(pred, a * pred_cols, b * pred_cols) > 0
@@ -77,10 +58,10 @@ def _check(pred, pred_cols, kind, tgt, tgt_cols, tgt_max, integer_targets, weigh
             ilo, ihi = _int_range(tgt, a * tgt_cols, b * tgt_cols)
             flag = flag or ilo < 0 or ihi > tgt_max
         else:
-            lo, hi, nonfinite = _stats(tgt, a * tgt_cols, b * tgt_cols)
+            lo, hi, nonfinite = finite_range(tgt, a * tgt_cols, b * tgt_cols)
             flag = flag or nonfinite > 0 or lo < 0.0 or hi > tgt_max
         if has_weights:
-            lo, hi, nonfinite = _stats(weights, a, b)
+            lo, hi, nonfinite = finite_range(weights, a, b)
             flag = flag or nonfinite > 0 or lo < 0.0
         bad[s] = 1 if flag else 0
 

@@ -7,7 +7,8 @@ Accumulating those scores into rolling state is :mod:`xentd.state`'s job and doe
 not depend on the backend.
 
 Backends: ``cpu`` (:mod:`xentd.kernels.cpu`) and ``cuda``
-(:mod:`xentd.kernels.cuda`, with the optional ``numba-cuda`` package). A
+(:mod:`xentd.kernels.cuda`, with the optional ``numba-cuda`` package); what they
+share (records, output scratch, warm-up layouts) is :mod:`xentd.kernels.base`. A
 :class:`Router` picks one per batch: the model's ``backend`` setting, else
 ``engine.backend``; ``auto`` means CUDA for batches of at least
 ``engine.cuda_min_elements`` prediction values, when a device is present.
@@ -17,56 +18,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Protocol
-
-import numpy as np
 
 from xentd.errors import BackendUnavailable
+from xentd.kernels.base import Backend, SampleScores, ScoringParams
 from xentd.validate import Batch
 
-
-@dataclass(frozen=True, slots=True)
-class ScoringParams:
-    """Per-model constants, already resolved from config and the batch's datatype."""
-
-    eps: float
-    focal_gamma: float
-    normalization_tolerance: float
-
-
-@dataclass(frozen=True, slots=True)
-class SampleScores:
-    """Per-sample results. Arrays may be views of backend scratch memory:
-    they are valid until the backend's next ``score`` call.
-
-    - ``loss``: cross-entropy in nats (float64), not weighted.
-    - ``focal``: focal loss in nats (float64), not weighted.
-    - ``correct``: 1 where the top-1 prediction is the true class (uint8).
-    - ``true_class``: the true class; the argmax of soft targets (int64).
-    - ``unnormalized_rows``: rows of probs/log_probs whose mass is off 1 by more than the tolerance.
-    """
-
-    loss: np.ndarray
-    focal: np.ndarray
-    correct: np.ndarray
-    true_class: np.ndarray
-    unnormalized_rows: int
-
-
-class Backend(Protocol):
-    name: str
-
-    def warmup(self, *, parallel: bool = True) -> None:
-        """Compile every kernel signature the daemon can reach, before it reports ready.
-        ``parallel=False`` may leave out builds that only make large batches faster."""
-
-    def warmup_parallel(self) -> None:
-        """Compile what ``warmup(parallel=False)`` left out (in the background, once ready)."""
-
-    def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
-        """Score every sample of a validated batch."""
-
+__all__ = ["BACKEND_CHOICES", "Backend", "Router", "SampleScores", "ScoringParams", "create"]
 
 log = logging.getLogger("xentd.kernels")
 

@@ -32,31 +32,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange
-from numba import types as nbtypes
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import prange
 
-from xentd.jit import kernel_array, serial_and_parallel
-from xentd.kernels import SampleScores, ScoringParams
+from xentd.jit import bits_to_float32, cached, fmax, serial_and_parallel
+from xentd.kernels.base import WARMUP_PARAMS, OutputBuffers, SampleScores, ScoringParams, warmup_batches
 from xentd.validate import Batch, InputKind, TargetKind
 
 # --- vectorisable building blocks ----------------------------------------------
 #
-# Two things stop Numba loops from vectorising on their own:
-# - math.exp lowers to a libm call, one element at a time. exp2_neg is a
-#   float32 exp2 from a range reduction, a polynomial and an exponent built with
-#   an integer bitcast: plain arithmetic, which the loop vectoriser turns into
-#   8-wide AVX code.
-# - A max loop is not recognised as a reduction, because Numba does not mark
-#   functions no-nans-fp-math. fmax32 emits llvm.maxnum with fast-math flags,
-#   which the vectoriser does recognise.
-# Both assume finite inputs (validated upstream). Under fast-math an infinite
-# operand is poison in LLVM, so reductions start from LOWEST32, never -inf.
-# They live in this file on purpose, even where xentd/scan.py has a twin: Numba
-# invalidates a cached kernel only when the kernel's own source file changes,
-# not when an inlined helper or intrinsic from another module does.
+# math.exp lowers to a libm call, one element at a time. exp2_neg is a float32
+# exp2 from a range reduction, a polynomial and an exponent built with an
+# integer bitcast: plain arithmetic, which the loop vectoriser turns into 8-wide
+# AVX code. Max loops use xentd.jit.fmax, which the vectoriser recognises as a
+# reduction. Both assume finite inputs (validated upstream): under fast-math an
+# infinite operand is poison in LLVM, so reductions start from LOWEST32, never -inf.
 
 F32 = np.float32
 LOWEST32 = F32(np.finfo(np.float32).min)
@@ -73,37 +62,7 @@ _P5 = F32(0.0013399931626512306)
 _P6 = F32(0.00015345794996712958)
 
 
-@intrinsic
-def _bits_to_float32(typingctx, bits):  # type: ignore[no-untyped-def]
-    if not isinstance(bits, nbtypes.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        value = args[0]
-        if bits.bitwidth > 32:
-            value = builder.trunc(value, ir.IntType(32))
-        elif bits.bitwidth < 32:
-            value = builder.sext(value, ir.IntType(32))
-        return builder.bitcast(value, ir.FloatType())
-
-    return nbtypes.float32(bits), codegen
-
-
-@intrinsic
-def fmax32(typingctx, a, b):  # type: ignore[no-untyped-def]
-    """max of two finite float32 values, as a vectorisable ``llvm.maxnum``."""
-    if a != nbtypes.float32 or b != nbtypes.float32:
-        return None
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        fnty = ir.FunctionType(ir.FloatType(), [ir.FloatType(), ir.FloatType()])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.maxnum.f32")
-        return builder.call(fn, args, fastmath=("fast",))
-
-    return nbtypes.float32(a, b), codegen
-
-
-@njit(inline="always", fastmath=True, cache=True)
+@cached(inline="always", fastmath=True)
 def exp2_neg(t):  # type: ignore[no-untyped-def]
     """2**t for float32 t <= 0, and exactly 0 below 2**-126 (float32's smallest normal)."""
     underflow = t < F32(-126.0)
@@ -116,7 +75,7 @@ def exp2_neg(t):  # type: ignore[no-untyped-def]
     p = p * f + _P2
     p = p * f + _P1
     p = p * f + _P0
-    scaled = p * _bits_to_float32((np.int32(n) + np.int32(127)) << np.int32(23))
+    scaled = p * bits_to_float32((np.int32(n) + np.int32(127)) << np.int32(23))
     return F32(0.0) if underflow else scaled
 
 
@@ -150,7 +109,7 @@ _LG7 = 1.479819860511658591e-01
 _SQRT_HALF_HI = 0x3FE6A09E  # high word of sqrt(1/2): log64 reduces to [sqrt(1/2), sqrt(2))
 
 
-@njit(inline="always", cache=True, error_model="numpy")
+@cached(inline="always", error_model="numpy")
 def exp_nonpos64(x):  # type: ignore[no-untyped-def]
     """exp(x) for float64 x <= 0 (fdlibm's reduction and rational approximation)."""
     x = max(x, -746.0)  # exp(-746) rounds to 0; keeps k in range
@@ -169,7 +128,7 @@ def exp_nonpos64(x):  # type: ignore[no-untyped-def]
     return y * I64((ki + 1023) << 52).view(F64) * (2.0**-600 if tiny else 1.0)
 
 
-@njit(inline="always", cache=True, error_model="numpy")
+@cached(inline="always", error_model="numpy")
 def log64(x):  # type: ignore[no-untyped-def]
     """log(x) for finite, normal float64 x > 0 (fdlibm's reduction and polynomial)."""
     u = F64(x).view(I64) + I64((0x3FF00000 - _SQRT_HALF_HI) << 32)
@@ -184,7 +143,7 @@ def log64(x):  # type: ignore[no-untyped-def]
     return s * (hfsq + r) + k * _LN2_LO - hfsq + f + k * _LN2_HI
 
 
-@njit(inline="always", cache=True, error_model="numpy")
+@cached(inline="always", error_model="numpy")
 def log1p64(x):  # type: ignore[no-untyped-def]
     """log(1 + x) for float64 x > -1 with 1 + x normal: log64 of the rounded 1 + x,
     plus the first-order correction for that rounding (exact: x - (u - 1) is).
@@ -193,7 +152,7 @@ def log1p64(x):  # type: ignore[no-untyped-def]
     return log64(u) + (x - (u - 1.0)) * (1.0 / u)
 
 
-@njit(inline="always", cache=True)
+@cached(inline="always")
 def _focal_weight(q, gamma):  # type: ignore[no-untyped-def]
     """q ** gamma, by multiplication for small integer gamma (2 is the default): pow costs
     more than the rest of a 10-class row."""
@@ -216,7 +175,7 @@ LOG_HALF = math.log(0.5)
 # Numba invalidates a cached CPU kernel only when its own source file changes.
 
 
-@njit(inline="always", cache=True)
+@cached(inline="always")
 def _index_terms(kind, xt, m, s, mass, eps):  # type: ignore[no-untyped-def]
     """(log p_t, 1 - p_t, mass) of a class-index row from its reductions: the target's
     value ``xt``, the row maximum ``m``, for logits ``s`` = sum exp(x - m), and the
@@ -230,7 +189,7 @@ def _index_terms(kind, xt, m, s, mass, eps):  # type: ignore[no-untyped-def]
     return xt, -math.expm1(xt), mass
 
 
-@njit(inline="always", cache=True)
+@cached(inline="always")
 def _soft_terms(kind, x, lse, eps):  # type: ignore[no-untyped-def]
     """(log p_j, 1 - p_j) of one class of a soft-target row; ``lse`` is the row's log-sum-exp (logits)."""
     if kind == PROBS:
@@ -240,14 +199,14 @@ def _soft_terms(kind, x, lse, eps):  # type: ignore[no-untyped-def]
     return lp, -math.expm1(lp)
 
 
-@njit(inline="always", cache=True)
+@cached(inline="always")
 def _binary_prob_terms(x, p, lp, lq):  # type: ignore[no-untyped-def]
     """(log p, log(1 - p), p, 1 - p, predicted positive) of a probability ``x``, from
     p = x clipped to [eps, 1 - eps], lp = log(p) and lq = log1p(-p)."""
     return lp, lq, p, 1.0 - p, x > 0.5
 
 
-@njit(inline="always", cache=True)
+@cached(inline="always")
 def _binary_logit_terms(x, e, l1):  # type: ignore[no-untyped-def]
     """(log p, log(1 - p), p, 1 - p, predicted positive) of a logit ``x``, from
     e = exp(-|x|) and l1 = log1p(e): log sigmoid(x) = -l1 for x >= 0, and
@@ -258,7 +217,7 @@ def _binary_logit_terms(x, e, l1):  # type: ignore[no-untyped-def]
     return x - l1, -l1, e * d, d, x > 0.0
 
 
-@njit(inline="always", cache=True)
+@cached(inline="always")
 def _binary_terms(kind, x, eps, log_eps):  # type: ignore[no-untyped-def]
     """(log p, log(1 - p), p, 1 - p, predicted positive) of one binary prediction, with libm."""
     if kind == PROBS:
@@ -272,6 +231,11 @@ def _binary_terms(kind, x, eps, log_eps):  # type: ignore[no-untyped-def]
     q = max(-math.expm1(x), eps) if x < 0.0 else eps
     lq = math.log(q) if x < 0.0 else log_eps
     return x, lq, math.exp(x), q, x > LOG_HALF
+
+
+# Every kernel takes (pred, tgt, kind, *ScoringParams.kernel_args, *Outputs), as
+# positional arguments (xentd.kernels.base says why). The output arrays may be
+# longer than the batch: kernels write their first n elements.
 
 
 def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
@@ -319,16 +283,16 @@ BLOCK = 512
 # loads become scalar loads and inserts (measured 8x slower).
 
 
-@njit(fastmath=True, cache=True)
+@cached(fastmath=True)
 def _max_span(row, lo, hi):  # type: ignore[no-untyped-def]
     span = row[lo:hi]
     m = LOWEST32
     for j in range(span.shape[0]):
-        m = fmax32(m, span[j])
+        m = fmax(m, span[j])
     return m
 
 
-@njit(fastmath=True, cache=True)
+@cached(fastmath=True)
 def _sum_exp_span(row, hi, m):  # type: ignore[no-untyped-def]
     """(sum of exp(row[j] - m) over the j where row[j] != m, count of row[j] == m), in float64.
 
@@ -355,7 +319,7 @@ def _sum_exp_span(row, hi, m):  # type: ignore[no-untyped-def]
     return others, ties
 
 
-@njit(fastmath=True, cache=True)
+@cached(fastmath=True)
 def _sum_span(row, hi):  # type: ignore[no-untyped-def]
     s = 0.0
     for j in range(hi):
@@ -372,7 +336,7 @@ SMALL_C = 48
 SMALL_ROWS = 512
 
 
-@njit(inline="always", cache=True, error_model="numpy")
+@cached(inline="always", error_model="numpy")
 def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls):  # type: ignore[no-untyped-def]
     """Rows of a block (views) with class-index targets, float32 logits or
     probabilities: loss, 1 - p_t in ``focal`` (the caller applies the focal
@@ -444,7 +408,7 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls):  # typ
     return mass
 
 
-@njit(inline="always", cache=True)
+@cached(inline="always")
 def _apply_focal(focal, loss, gamma):  # type: ignore[no-untyped-def]
     """focal = w(1 - p_t) * loss, where ``focal`` holds 1 - p_t on entry and
     loss = -log p_t. Callers pass common gammas as constants (see _binary_span)."""
@@ -524,6 +488,8 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
 def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
     n, c = pred.shape
     for i in prange(n):
+        # Both first maxima in one pass over the two rows: two passes (one helper
+        # shared with _multiclass_index) measured up to 1.4x slower.
         best = pred[i, 0]
         arg = 0
         tbest = tgt[i, 0]
@@ -569,7 +535,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
 ROW_BLOCK = 2048
 
 
-@njit(inline="always", cache=True, error_model="numpy")
+@cached(inline="always", error_model="numpy")
 def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
     """One block of samples (views, so that indices are known non-negative and
     need no wraparound: a loop over ``range(lo, hi)`` with a runtime ``lo``
@@ -633,22 +599,9 @@ class CpuBackend:
         # False between warmup(parallel=False) and warmup_parallel(): large batches then take
         # the serial builds (the same results, on one core) instead of compiling on the hot path.
         self._parallel_ready = True
-        self._capacity = 0
-        self._alloc(1024)
-
-    def _alloc(self, n: int) -> None:
-        cap = max(n, 2 * self._capacity)
-        self._loss = np.empty(cap, np.float64)
-        self._focal = np.empty(cap, np.float64)
-        self._correct = np.empty(cap, np.uint8)
-        self._tcls = np.empty(cap, np.int64)
-        self._unnorm = np.empty(cap, np.uint8)
-        self._capacity = cap
+        self._out = OutputBuffers()
 
     def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
-        n = batch.size
-        if n > self._capacity:
-            self._alloc(n)
         if batch.binary:
             family = "binary"
         elif batch.target_kind is TargetKind.INDEX:
@@ -658,23 +611,12 @@ class CpuBackend:
         serial, parallel = KERNELS[family]
         large = batch.predictions.size >= self.parallel_threshold
         kernel = parallel if large and self._parallel_ready else serial
-        out = (self._loss[:n], self._focal[:n], self._correct[:n], self._tcls[:n], self._unnorm[:n])
-        kernel(
-            batch.predictions,
-            batch.targets,
-            int(batch.kind),
-            params.eps,
-            params.focal_gamma,
-            params.normalization_tolerance,
-            *out,
-        )
-        return SampleScores(
-            loss=out[0],
-            focal=out[1],
-            correct=out[2],
-            true_class=out[3],
-            unnormalized_rows=int(np.count_nonzero(out[4])),
-        )
+        n = batch.size
+        out = self._out
+        if n > out.capacity:
+            out.reserve(n)
+        kernel(batch.predictions, batch.targets, int(batch.kind), *params.kernel_args, *out.arrays)
+        return out.scores(n)
 
     def warmup(self, *, parallel: bool = True) -> None:
         """Compile (or load from the on-disk cache) every signature ``score`` can use.
@@ -683,26 +625,19 @@ class CpuBackend:
         about half the compile time; :meth:`warmup_parallel` adds the others later.
         """
         self._parallel_ready = False
-        self._compile((0,))
+        self._compile(0)
         if parallel:
             self.warmup_parallel()
 
     def warmup_parallel(self) -> None:
         """Compile the ``prange`` builds; large batches use them from then on."""
-        self._compile((1,))
+        self._compile(1)
         self._parallel_ready = True
 
-    def _compile(self, builds: tuple[int, ...]) -> None:
-        out = (np.empty(2), np.empty(2), np.empty(2, np.uint8), np.empty(2, np.int64), np.empty(2, np.uint8))
-        for dtype in (np.float32, np.float64):
-            pred1 = kernel_array(np.full(2, 0.5, dtype))
-            pred2 = kernel_array(np.full((2, 2), 0.5, dtype))
-            cases = [
-                ("binary", pred1, kernel_array(np.zeros(2))),
-                ("index_f32" if dtype == np.float32 else "index", pred2, kernel_array(np.zeros(2, np.int64))),
-                ("soft", pred2, kernel_array(np.zeros((2, 2), np.float32))),
-                ("soft", pred2, kernel_array(np.zeros((2, 2), np.float64))),
-            ]
-            for family, pred, tgt in cases:
-                for build in builds:
-                    KERNELS[family][build](pred, tgt, PROBS, 1e-7, 2.0, 1e-3, *out)
+    def _compile(self, build: int) -> None:
+        # Through a backend that takes only this build: the compiled kernels are
+        # shared (KERNELS), and this backend's own state is left alone, since
+        # warmup_parallel() runs while it scores.
+        only = CpuBackend(parallel_threshold=0 if build else 1 << 62)
+        for batch in warmup_batches():
+            only.score(batch, WARMUP_PARAMS)

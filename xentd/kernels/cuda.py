@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from xentd.errors import BackendUnavailable
-from xentd.kernels import SampleScores, ScoringParams, cpu
-from xentd.validate import Batch, InputKind, TargetKind
+from xentd.kernels import cpu
+from xentd.kernels.base import WARMUP_PARAMS, OutputBuffers, SampleScores, ScoringParams, warmup_batches
+from xentd.validate import Batch, TargetKind
 
 try:
     import numba
@@ -225,6 +226,8 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
     nt = cuda.blockDim.x
     n, c = pred.shape
     for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        # The first pass finds both rows' first maxima and the mass, each element loaded once:
+        # sharing _multiclass_index's pass would add a second one over the target row.
         best = NEG_INF
         arg = c
         tbest = NEG_INF
@@ -289,12 +292,12 @@ class _Slot:
     allocation is a synchronising driver call that costs more than a small batch.
     """
 
-    OUT_DTYPES = (np.float64, np.float64, np.uint8, np.int64, np.uint8)
-
     def __init__(self) -> None:
         self.stream = cuda.stream()
         self._host: dict[str, np.ndarray] = {}
         self._device: dict[str, object] = {}
+        # What the kernels write, on the device; copied back into the backend's pinned OutputBuffers.
+        self.out = OutputBuffers(cuda.device_array)
 
     def _buffers(self, key: str, size: int, dtype: np.dtype[Any]) -> tuple[np.ndarray, object]:
         host = self._host.get(key)
@@ -312,12 +315,6 @@ class _Slot:
         view = device[: chunk.size].reshape(chunk.shape)  # type: ignore[index]
         view.copy_to_device(staged, stream=self.stream)
         return view
-
-    def outputs(self, rows: int) -> list[object]:
-        return [
-            self._buffers(f"out{k}", rows, np.dtype(dt))[1][:rows]  # type: ignore[index]
-            for k, dt in enumerate(self.OUT_DTYPES)
-        ]
 
 
 class CudaBackend:
@@ -337,22 +334,11 @@ class CudaBackend:
         self.chunk_bytes = chunk_bytes
         self.blocks = blocks
         self._slots = [_Slot(), _Slot()]
-        self._capacity = 0
-        self._alloc(1024)
-
-    def _alloc(self, n: int) -> None:
-        cap = max(n, 2 * self._capacity)
-        self._loss = cuda.pinned_array(cap, np.float64)
-        self._focal = cuda.pinned_array(cap, np.float64)
-        self._correct = cuda.pinned_array(cap, np.uint8)
-        self._tcls = cuda.pinned_array(cap, np.int64)
-        self._unnorm = cuda.pinned_array(cap, np.uint8)
-        self._capacity = cap
+        self._out = OutputBuffers(cuda.pinned_array)
 
     def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
         n = batch.size
-        if n > self._capacity:
-            self._alloc(n)
+        self._out.reserve(n)
         if batch.binary:
             kernel = _binary
         elif batch.target_kind is TargetKind.INDEX:
@@ -361,61 +347,30 @@ class CudaBackend:
             kernel = _multiclass_soft
         row_bytes = max(1, batch.predictions[:1].nbytes + batch.targets[:1].nbytes)
         rows = max(1, self.chunk_bytes // row_bytes)
-        outs = (self._loss, self._focal, self._correct, self._tcls, self._unnorm)
         for k, start in enumerate(range(0, n, rows)):
             stop = min(n, start + rows)
             slot = self._slots[k % 2]
             slot.stream.synchronize()  # its buffers are free again
             d_pred = slot.upload("pred", batch.predictions[start:stop])
             d_tgt = slot.upload("tgt", batch.targets[start:stop])
-            d_out = slot.outputs(stop - start)
+            slot.out.reserve(stop - start)
             if batch.binary:
                 grid = min(self.blocks, (stop - start + self.threads - 1) // self.threads)
             else:
                 grid = min(self.blocks, stop - start)
             kernel[grid, self.threads, slot.stream](
-                d_pred, d_tgt, int(batch.kind), params.eps, params.focal_gamma, params.normalization_tolerance, *d_out
+                d_pred, d_tgt, int(batch.kind), *params.kernel_args, *slot.out.arrays
             )
-            for d, host in zip(d_out, outs, strict=True):
-                d.copy_to_host(host[start:stop], stream=slot.stream)
+            for d, host in zip(slot.out.arrays, self._out.arrays, strict=True):
+                d[: stop - start].copy_to_host(host[start:stop], stream=slot.stream)
         for slot in self._slots:
             slot.stream.synchronize()
-        return SampleScores(
-            loss=self._loss[:n],
-            focal=self._focal[:n],
-            correct=self._correct[:n],
-            true_class=self._tcls[:n],
-            unnormalized_rows=int(np.count_nonzero(self._unnorm[:n])),
-        )
+        return self._out.scores(n)
 
     def warmup_parallel(self) -> None:
         """Nothing to add: every CUDA kernel is compiled by :meth:`warmup`."""
 
     def warmup(self, *, parallel: bool = True) -> None:
         """Compile every kernel signature ``score`` can use, on tiny batches."""
-        from xentd.jit import kernel_array
-
-        params = ScoringParams(eps=1e-7, focal_gamma=2.0, normalization_tolerance=1e-3)
-        for dtype in (np.float32, np.float64):
-            pred1 = kernel_array(np.full(2, 0.5, dtype))
-            pred2 = kernel_array(np.full((2, 2), 0.5, dtype))
-            cases = [
-                (pred1, kernel_array(np.zeros(2)), TargetKind.SOFT),
-                (pred2, kernel_array(np.zeros(2, np.int64)), TargetKind.INDEX),
-                (pred2, kernel_array(np.zeros((2, 2), np.float32)), TargetKind.SOFT),
-                (pred2, kernel_array(np.zeros((2, 2), np.float64)), TargetKind.SOFT),
-            ]
-            for pred, tgt, target_kind in cases:
-                batch = Batch(
-                    model="warmup",
-                    kind=InputKind.PROBS,
-                    predictions=pred,
-                    targets=tgt,
-                    target_kind=target_kind,
-                    weights=None,
-                    num_classes=2,
-                    prediction_datatype="FP32" if dtype == np.float32 else "FP64",
-                    batch_id=None,
-                    ts=None,
-                )
-                self.score(batch, params)
+        for batch in warmup_batches():
+            self.score(batch, WARMUP_PARAMS)

@@ -1,0 +1,40 @@
+"""The output scratch every backend allocates through (xentd.kernels.base.OutputBuffers).
+
+That warm-up covers every layout is tests/test_warmup.py's."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xentd.kernels.base import OUTPUT_DTYPES, OutputBuffers, Outputs
+
+
+def test_output_buffers_only_grow_and_keep_every_dtype() -> None:
+    allocated: list[int] = []
+
+    def allocate(n: int, dtype: np.dtype) -> np.ndarray:  # type: ignore[type-arg]
+        allocated.append(n)
+        return np.empty(n, dtype)
+
+    out = OutputBuffers(allocate, capacity=4)
+    assert [a.dtype for a in out.arrays] == list(OUTPUT_DTYPES) and out.capacity == 4
+    first = out.arrays
+    out.reserve(4)
+    assert out.arrays is first  # big enough: nothing allocated
+    out.reserve(5)
+    assert out.capacity == 8  # at least doubling
+    out.reserve(100)
+    assert out.capacity == 100
+    assert allocated == [4] * 5 + [8] * 5 + [100] * 5
+
+
+def test_scores_are_views_of_the_first_n_results() -> None:
+    out = OutputBuffers(capacity=8)
+    for a in out.arrays:
+        a[:] = 1
+    out.arrays.unnormalized[3:] = 0
+    s = out.scores(5)
+    assert len(s.loss) == len(s.focal) == len(s.correct) == len(s.true_class) == 5
+    assert np.shares_memory(s.loss, out.arrays.loss)
+    assert s.unnormalized_rows == 3  # counted over the first 5 only
+    assert Outputs._fields[:4] == ("loss", "focal", "correct", "true_class")

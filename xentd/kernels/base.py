@@ -1,0 +1,165 @@
+"""What every kernel backend shares: the records it takes and returns, its output
+scratch, and the batch layouts it compiles at warm-up. Backends differ only in
+their kernels and in where their memory lives.
+
+Every kernel, CPU or CUDA, is called as ``kernel(predictions, targets, kind,
+*params.kernel_args, *outputs)``: the two records spread into positional
+arguments in field order. Not as two tuples: a parallel (``prange``) CPU build
+silently drops writes to arrays unpacked from a tuple argument (Numba 0.68),
+and Numba's dispatcher types a named tuple in Python (about 0.8 us more a call).
+
+Adding a per-sample output (say a confidence) takes: a field of
+:class:`Outputs` with its dtype in :data:`OUTPUT_DTYPES`, a field of
+:class:`SampleScores` filled in :meth:`OutputBuffers.scores`, and, in each
+backend, the kernels that write it. Allocation and transfers follow from the record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from xentd.jit import kernel_array
+from xentd.validate import Batch, InputKind, TargetKind
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringParams:
+    """Per-model constants, already resolved from config and the batch's datatype."""
+
+    eps: float
+    focal_gamma: float
+    normalization_tolerance: float
+    # The record as the kernels take it, their (eps, gamma, tol) arguments: built once
+    # here rather than on every call (callers keep one record per model).
+    kernel_args: tuple[float, float, float] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kernel_args", (self.eps, self.focal_gamma, self.normalization_tolerance))
+
+
+@dataclass(frozen=True, slots=True)
+class SampleScores:
+    """Per-sample results. Arrays may be views of backend scratch memory:
+    they are valid until the backend's next ``score`` call.
+
+    - ``loss``: cross-entropy in nats (float64), not weighted.
+    - ``focal``: focal loss in nats (float64), not weighted.
+    - ``correct``: 1 where the top-1 prediction is the true class (uint8).
+    - ``true_class``: the true class; the argmax of soft targets (int64).
+    - ``unnormalized_rows``: rows of probs/log_probs whose mass is off 1 by more than the tolerance.
+    """
+
+    loss: np.ndarray
+    focal: np.ndarray
+    correct: np.ndarray
+    true_class: np.ndarray
+    unnormalized_rows: int
+
+
+class Backend(Protocol):
+    name: str
+
+    def warmup(self, *, parallel: bool = True) -> None:
+        """Compile every kernel signature the daemon can reach, before it reports ready.
+        ``parallel=False`` may leave out builds that only make large batches faster."""
+
+    def warmup_parallel(self) -> None:
+        """Compile what ``warmup(parallel=False)`` left out (in the background, once ready)."""
+
+    def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
+        """Score every sample of a validated batch."""
+
+
+class Outputs(NamedTuple):
+    """The arrays a kernel writes, one element per sample, in the order of the kernels' arguments."""
+
+    loss: Any
+    focal: Any
+    correct: Any
+    true_class: Any
+    unnormalized: Any  # 1 where the row's mass is off 1 by more than the tolerance
+
+
+OUTPUT_DTYPES = Outputs(
+    loss=np.dtype(np.float64),
+    focal=np.dtype(np.float64),
+    correct=np.dtype(np.uint8),
+    true_class=np.dtype(np.int64),
+    unnormalized=np.dtype(np.uint8),
+)
+
+
+class OutputBuffers:
+    """A backend's output scratch: one array per :class:`Outputs` field, reused across calls.
+
+    The arrays only grow (at least doubling), so steady traffic allocates nothing.
+    Kernels get them whole, as :attr:`arrays` (built when they grow, not on every
+    call), and write their first n elements for n samples.
+    ``allocate`` makes one array: ``np.empty`` by default; the CUDA backend passes
+    pinned host memory, or device memory.
+    """
+
+    def __init__(self, allocate: Callable[[int, np.dtype[Any]], Any] = np.empty, capacity: int = 1024) -> None:
+        self._allocate = allocate
+        self._grow(capacity)
+
+    def reserve(self, n: int) -> None:
+        """Make every array hold at least ``n`` elements (what they held is then undefined)."""
+        if n > self.capacity:
+            self._grow(max(n, 2 * self.capacity))
+
+    def _grow(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.arrays = Outputs._make(self._allocate(capacity, dtype) for dtype in OUTPUT_DTYPES)
+
+    def scores(self, n: int) -> SampleScores:
+        """The first ``n`` results (host arrays), as views that the next call overwrites."""
+        loss, focal, correct, true_class, unnormalized = self.arrays
+        return SampleScores(
+            loss=loss[:n],
+            focal=focal[:n],
+            correct=correct[:n],
+            true_class=true_class[:n],
+            unnormalized_rows=int(np.count_nonzero(unnormalized[:n])),
+        )
+
+
+# The batch layouts a backend compiles at warm-up: every (prediction dtype, target
+# layout) pair validate can hand it. The values do not matter: kind and the
+# parameters are runtime arguments, one compiled signature serves them all.
+WARMUP_PARAMS = ScoringParams(eps=1e-7, focal_gamma=2.0, normalization_tolerance=1e-3)
+
+
+def warmup_batches() -> list[Batch]:
+    """One tiny batch of each layout: binary, class-index and soft (float32 and float64
+    targets) predictions, each in float32 and float64."""
+    batches = []
+    for dtype, datatype in ((np.float32, "FP32"), (np.float64, "FP64")):
+        pred1 = kernel_array(np.full(2, 0.5, dtype))
+        pred2 = kernel_array(np.full((2, 2), 0.5, dtype))
+        layouts = [
+            (pred1, kernel_array(np.zeros(2)), TargetKind.SOFT),
+            (pred2, kernel_array(np.zeros(2, np.int64)), TargetKind.INDEX),
+            (pred2, kernel_array(np.zeros((2, 2), np.float32)), TargetKind.SOFT),
+            (pred2, kernel_array(np.zeros((2, 2), np.float64)), TargetKind.SOFT),
+        ]
+        for pred, tgt, target_kind in layouts:
+            batches.append(
+                Batch(
+                    model="warmup",
+                    kind=InputKind.PROBS,
+                    predictions=pred,
+                    targets=tgt,
+                    target_kind=target_kind,
+                    weights=None,
+                    num_classes=2,
+                    prediction_datatype=datatype,
+                    batch_id=None,
+                    ts=None,
+                )
+            )
+    return batches
