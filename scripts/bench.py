@@ -7,6 +7,7 @@
     python scripts/bench.py snapshot [--quick] [--json PATH]
     python scripts/bench.py labels  [--quick] [--json PATH]
     python scripts/bench.py fold    [--quick] [--json PATH]
+    python scripts/bench.py lock    [--quick] [--json PATH]
     python scripts/bench.py cuda    [--quick] [--json PATH]   (needs a GPU)
     python scripts/bench.py all     [--json PATH]
 
@@ -694,6 +695,78 @@ def bench_snapshot(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+class _TimedLock:
+    """The state lock, recording how long each hold lasted."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self.holds: list[float] = []
+        self._t = 0.0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._t = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.holds.append(time.perf_counter() - self._t)
+        self._lock.release()
+
+
+def bench_lock(args: argparse.Namespace) -> dict[str, Any]:
+    """In process, 10,000 models of 10 classes with 640 samples each (the scale workload):
+    the longest single hold of the state lock by a scrape's snapshot, and by a persistence capture."""
+    from xentd import persist
+    from xentd.config import LimitsConfig, WindowsConfig
+    from xentd.kernels import SampleScores
+    from xentd.state import StateStore
+
+    models = 1_000 if args.quick else 10_000
+    clock = lambda: 1.7e9  # noqa: E731
+    store = StateStore(WindowsConfig(), LimitsConfig(max_models=models), clock)
+    rng = np.random.default_rng(0)
+    n = 64
+    scores = SampleScores(
+        loss=rng.random(n),
+        focal=rng.random(n),
+        correct=rng.integers(0, 2, n).astype(np.uint8),
+        true_class=rng.integers(0, 10, n),
+        unnormalized_rows=0,
+    )
+    for i in range(models):
+        m = store.model(f"model-{i:05d}", 10)
+        for _ in range(10):
+            m.fold(scores, None, clock(), None)
+            m.fold_predictions(scores.loss, scores.focal, None, clock())
+    lock = _TimedLock()
+    store.lock = lock  # type: ignore[assignment]
+    scrape_longest, scrape_total = [], []
+    for _ in range(3):
+        lock.holds.clear()
+        t = time.perf_counter()
+        store.snapshot()
+        scrape_total.append(time.perf_counter() - t)
+        scrape_longest.append(max(lock.holds))
+    capture = []
+    for _ in range(3):
+        lock.holds.clear()
+        with store.lock:
+            persist.capture(store)
+        capture.append(max(lock.holds))
+    result = {
+        "models": models,
+        "scrape_snapshot_longest_hold_s": min(scrape_longest),
+        "scrape_snapshot_total_s": min(scrape_total),
+        "persist_capture_hold_s": min(capture),
+    }
+    print(
+        f"{models} models: scrape snapshot {min(scrape_total) * 1e3:.0f} ms in all, longest lock hold "
+        f"{min(scrape_longest) * 1e3:.1f} ms; snapshot-file capture holds the lock {min(capture) * 1e3:.0f} ms"
+    )
+    return result
+
+
 def bench_cuda(args: argparse.Namespace) -> dict[str, Any]:
     """The CUDA backend on a real GPU: kernel bandwidth against the device's copy bandwidth,
     the auto threshold (where the GPU, transfers included, overtakes the CPU), and end to end."""
@@ -1038,6 +1111,7 @@ def bench_fold(args: argparse.Namespace) -> dict[str, Any]:
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "labels": bench_labels,
     "fold": bench_fold,
+    "lock": bench_lock,
     "kernels": bench_kernels,
     "e2e": bench_e2e,
     "scale": bench_scale,
