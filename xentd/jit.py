@@ -33,15 +33,19 @@ from numba.extending import intrinsic
 HELPERS_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
-def cached(**options: Any) -> Callable[[Callable[..., Any]], Any]:
-    """``njit(cache=True, **options)``, whose cache entries are stale once this file changes (see the module doc)."""
+def cached(*inlines: str, **options: Any) -> Callable[[Callable[..., Any]], Any]:
+    """``njit(cache=True, **options)``, whose cache entries are stale once this file changes (see the
+    module doc), or once any of the files ``inlines`` changes: the sources of other helpers it inlines."""
+    stamp = HELPERS_HASH
+    for path in inlines:
+        stamp += hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
     def build(f: Callable[..., Any]) -> Any:
         dispatcher = njit(cache=True, **options)(f)
         # Numba compares this stamp, (mtime, size) of the function's file, with the one its
         # cache index was written with, and ignores the index when they differ.
         index = dispatcher._cache._cache_file
-        index._source_stamp = (index._source_stamp, HELPERS_HASH)
+        index._source_stamp = (index._source_stamp, stamp)
         return dispatcher
 
     return build

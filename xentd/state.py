@@ -457,6 +457,8 @@ class ModelState:
         ``check_only``: raise if they would overflow, and change nothing (so that a full
         batch is folded into both or neither)."""
         n = entropy.shape[0]
+        if check_only and not _could_overflow(weights):
+            return
         try:
             self.predictions.fold(
                 entropy,
@@ -478,6 +480,15 @@ class ModelState:
 
     def windows(self, now: float) -> list[tuple[str, WindowStats]]:
         return list(zip(self.window_labels, derive_all(self.window_matrix(now), self.slots), strict=True))
+
+
+# Entropies are at most log(C) < 40 nats and confidences at most 1, so sums of them overflow
+# float64 only when the weights themselves come near its range.
+_HUGE_WEIGHT = 1e290
+
+
+def _could_overflow(weights: np.ndarray | None) -> bool:
+    return weights is not None and weights.size > 0 and float(weights.max()) > _HUGE_WEIGHT
 
 
 def _zeros_u8(n: int) -> np.ndarray:
