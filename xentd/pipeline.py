@@ -643,8 +643,41 @@ class Pipeline:
         admitted: list[tuple[LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]],
         starts: np.ndarray,
     ) -> None:
-        """Score the pairs of one pool: a batch per labels message, grouped by the form of its
-        targets (index or soft), so that one bad pair is found and rejected alone."""
+        """Score the pairs of one pool: in one batch when the labels messages share the form of
+        their targets (the usual case); else, or when that batch is refused, a batch per labels
+        message grouped by form (index or soft), so that one bad pair is found and rejected alone."""
+        binary = joined.key.columns == 0
+        forms = [f[binary] for _, f in admitted]
+        first = forms[0]
+        if all(f[1] == first[1] and f[0].dtype == first[0].dtype and f[0].ndim == first[0].ndim for f in forms):
+            targets = first[0] if len(forms) == 1 else np.concatenate([f[0] for f in forms])
+            batch = Batch(
+                model=state.name,
+                kind=InputKind(joined.key.kind),
+                predictions=_widened(joined.predictions, joined.key.datatype),
+                targets=kernel_array(targets[joined.label_rows]),
+                target_kind=first[1],
+                weights=None if joined.weights is None else kernel_array(joined.weights),
+                num_classes=state.num_classes,
+                prediction_datatype=joined.key.datatype,
+                batch_id=None,
+                ts=next((b.ts for b, _ in reversed(admitted) if b.ts is not None), None),
+            )
+            group = _Group(state, (), [batch])
+            if len(admitted) == 1:
+                self._score(group, joined=True)
+            else:
+                self._score(group, joined=True, split=lambda: self._score_per_message(state, joined, admitted, starts))
+            return
+        self._score_per_message(state, joined, admitted, starts)
+
+    def _score_per_message(
+        self,
+        state: ModelState,
+        joined: Joined,
+        admitted: list[tuple[LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]],
+        starts: np.ndarray,
+    ) -> None:
         binary = joined.key.columns == 0
         message_of = np.searchsorted(starts, joined.label_rows, side="right") - 1
         groups: dict[tuple[object, ...], list[Batch]] = {}
@@ -723,10 +756,11 @@ class Pipeline:
         with self.state.lock:
             self.state.counters.sequence_gaps += self.state.sequences.observe(producer, seq)
 
-    def _score(self, group: _Group, *, joined: bool = False) -> None:
+    def _score(self, group: _Group, *, joined: bool = False, split: Callable[[], None] | None = None) -> None:
         """Score and fold a group. ``joined``: pairs of the join store, whose predictions were
         counted in the label-free statistics when they arrived and whose labels messages were
-        counted as received when they arrived."""
+        counted as received when they arrived. ``split``: what to do instead of rejecting a
+        one-batch group that holds several messages' rows (score them apart)."""
         count = len(group.batches)
         model = group.batches[0].model
         try:
@@ -751,7 +785,9 @@ class Pipeline:
                 if not joined:
                     self.state.counters.messages += count
         except RejectedBatch as exc:
-            if count == 1:
+            if count == 1 and split is not None:
+                split()
+            elif count == 1:
                 self._rejected(exc.reason, exc.detail, model, received=not joined)
             else:
                 # One message spoiled the group (its losses overflow); find it, keep the rest.
