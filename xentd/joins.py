@@ -45,7 +45,6 @@ MAX_LOAD = 0.92  # a pool grows before it is fuller than this ...
 GROW_LOAD = 0.8  # ... to this load, and shrinks back to it when a sweep leaves it below MIN_LOAD
 MIN_LOAD = 0.5
 MIN_CAPACITY = 16
-TIDY_TOMBS = 0.25  # a table whose tombstones pass this share of its slots is rebuilt without them
 # Stamps are uint32 ticks: 497 days. The epoch moves forward long before they run out.
 _REBASE_AT = 3_500_000_000
 # The stamp of a slot whose row left (a tombstone): probes pass over it, inserts reuse it.
@@ -547,9 +546,6 @@ class JoinStore:
                     )
                 )
             self._shrink(pool, MIN_LOAD)
-            if pool.tombs > pool.capacity * TIDY_TOMBS:
-                # Rows left in a random order: tombstones lengthen every probe until a rebuild.
-                self._resize(pool, max(pool.fitted_capacity(pool.count), MIN_CAPACITY))
             pending &= status == NOT_FOUND
         expired = int(np.count_nonzero(status == EXPIRED))
         matched = int(np.count_nonzero(status == MATCHED))

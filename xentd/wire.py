@@ -379,7 +379,7 @@ def _keys_surely_unique(raw: bytes, h: Header) -> bool:
     Otherwise, with no escapes in the text, the colons inside the decoded strings can
     be added; anything else (unknown keys, nulls, escapes, a repeat) gets the exact check.
     """
-    keys = 4 + 3 * len(h.tensors)
+    keys = 3 + (h.input is not None) + 3 * len(h.tensors)  # v, model, tensors; input unless labels-only
     keys += (h.batch_id is not None) + (h.ts is not None) + (h.producer is not None) + (h.seq is not None)
     extra = raw.count(b":") - keys
     if extra == 0:
