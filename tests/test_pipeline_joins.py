@@ -195,3 +195,28 @@ def test_a_snapshot_refused_halfway_leaves_nothing_behind() -> None:
         persist.restore(
             fresh.state, persist.Image(**{**image.__dict__, "components": {"joins": (overflowing, arrays)}})
         )
+
+
+@pytest.mark.parametrize("spoil", [None, "out_of_range", "other_dtype"])
+def test_a_run_of_index_labels_checked_together_equals_each_checked_alone(spoil: str | None) -> None:
+    # Runs of class-index labels are checked in one pass; any message that does not fit sends the
+    # whole run through the message-by-message check. Both must give the same totals and counts.
+    rng = np.random.default_rng(8)
+    z, y = rng.normal(0, 2, (40, 5)), rng.integers(0, 5, 40)
+    d = _daemon()
+    d.handle_many([_msg("r", predictions=z, ids=np.arange(40), input="logits")])
+    drain = [
+        _msg("r", targets=y[k : k + 8], ids=np.arange(k, k + 8), producer="q", seq=k // 8) for k in range(0, 40, 8)
+    ]
+    drain.insert(2, drain[1])  # the same message again, without a batch_id: its ids no longer wait
+    if spoil == "out_of_range":
+        drain.append(_msg("r", targets=np.array([5]), ids=np.array([0]), producer="q", seq=5))
+    elif spoil == "other_dtype":
+        drain.append(_msg("r", targets=np.array([0], np.int32), ids=np.array([999]), producer="q", seq=5))
+    d.handle_many(drain)
+    assert _joins(d, "r") == {"matched": 40, "unmatched": 8 + (spoil == "other_dtype")}
+    assert _rejected(d) == ({"target_out_of_range": 1} if spoil == "out_of_range" else {})
+    m = next(m for m in d.state.snapshot().models if m.name == "r")
+    assert m.samples == 40
+    assert m.loss_weighted_sum == pytest.approx(-naive.log_softmax(z)[np.arange(40), y].sum(), rel=1e-6)
+    assert d.state.counters.messages == 1 + len(drain)

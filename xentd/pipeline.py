@@ -48,7 +48,7 @@ from xentd.validate import (
     validate_labels,
     validate_predictions,
 )
-from xentd.wire import bf16_to_float32
+from xentd.wire import DATATYPES, FLOAT_DATATYPES, ID_DATATYPES, bf16_to_float32
 
 log = logging.getLogger("xentd")
 
@@ -574,6 +574,16 @@ class Pipeline:
     def _labels_only(self, run: list[_Entry]) -> None:
         """Labels joined to their waiting predictions; each joined pair is scored as if sent together."""
         model = run[0].unpacked.header.model  # type: ignore[union-attr]
+        with self.state.lock:
+            state = self.state.models.get(model)
+            binaries = {k.columns == 0 for k, p in self.state.joins.pools.get(model, {}).items() if p.count}
+        required = sorted(binaries)
+        if state is not None and len(run) >= BATCH_MIN:
+            candidates = required or ([True, False] if state.num_classes == 2 else [False])
+            fast = self._labels_checked_together(run, state.num_classes, candidates)
+            if fast is not None:
+                self._join_labels(state, fast)
+                return
         labels: list[tuple[_Entry, LabelBatch]] = []
         for entry in run:
             batch = self._validated(entry, validate_labels)
@@ -581,9 +591,6 @@ class Pipeline:
                 labels.append((entry, batch))
         if not labels:
             return
-        with self.state.lock:
-            state = self.state.models.get(model)
-            binaries = {k.columns == 0 for k, p in self.state.joins.pools.get(model, {}).items() if p.count}
         if state is None:
             for entry, _ in labels:
                 entry.counted = True
@@ -597,7 +604,6 @@ class Pipeline:
         # predictions need: binary or multiclass (both, for a 2-class model that sends both).
         # With nothing waiting, any form the model's class count allows will do.
         tolerance = self.config.scoring_for(model).normalization_tolerance
-        required = sorted(binaries)
         candidates = required or ([True, False] if state.num_classes == 2 else [False])
         checked: list[tuple[_Entry, LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]] = []
         for entry, batch in labels:
@@ -613,6 +619,77 @@ class Pipeline:
                 self._rejected(error.reason, error.detail, model)
                 continue
             checked.append((entry, batch, forms))
+        self._join_labels(state, checked)
+
+    def _labels_checked_together(
+        self, run: list[_Entry], num_classes: int, candidates: list[bool]
+    ) -> list[tuple[_Entry, LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]] | None:
+        """The usual run, checked in one pass: every message class indices ``[N]`` of one integer
+        datatype, with ids, all in range. None when any message is otherwise (or out of range):
+        then each is checked on its own, for its exact reason."""
+        targets: list[memoryview] = []
+        ids: list[memoryview] = []
+        rows: list[int] = []
+        datatype = None
+        for entry in run:
+            unpacked = entry.unpacked
+            assert unpacked is not None
+            specs = unpacked.header.tensors
+            if len(specs) != 2:
+                return None
+            t, i = (0, 1) if specs[0].name == "targets" else (1, 0)
+            tspec, ispec = specs[t], specs[i]
+            if (
+                tspec.datatype in FLOAT_DATATYPES
+                or tspec.datatype not in DATATYPES
+                or tspec.datatype == "UINT64"
+                or ispec.datatype not in ID_DATATYPES
+                or len(tspec.shape) != 1
+                or tspec.shape != ispec.shape
+                or tspec.shape[0] == 0
+                or (datatype is not None and tspec.datatype != datatype)
+            ):
+                return None
+            datatype = tspec.datatype
+            targets.append(unpacked.buffers[t])
+            ids.append(unpacked.buffers[i])
+            rows.append(tspec.shape[0])
+        assert datatype is not None
+        values = np.frombuffer(b"".join(targets), DATATYPES[datatype])
+        if int(values.min()) < 0 or int(values.max()) >= num_classes:
+            return None
+        all_ids = np.frombuffer(b"".join(ids), "<u8")  # an INT64 id is its 64 bits
+        forms_all = {b: kernel_array(values.astype(np.float64 if b else np.int64)) for b in candidates}
+        with self.state.lock:
+            for entry in run:
+                if entry.producer is not None and entry.seq is not None:
+                    self.state.counters.sequence_gaps += self.state.sequences.observe(entry.producer, entry.seq)
+        out = []
+        start = 0
+        for entry, n in zip(run, rows, strict=True):
+            header = entry.unpacked.header  # type: ignore[union-attr]
+            batch = LabelBatch(
+                model=header.model,
+                targets=wire.Tensor(datatype, values[start : start + n]),
+                ids=all_ids[start : start + n],
+                batch_id=header.batch_id or None,
+                ts=header.ts,
+            )
+            kind = {True: TargetKind.SOFT, False: TargetKind.INDEX}
+            forms = {b: (a[start : start + n], kind[b], 0) for b, a in forms_all.items()}
+            out.append((entry, batch, forms))
+            start += n
+        return out
+
+    def _join_labels(
+        self,
+        state: ModelState,
+        checked: list[tuple[_Entry, LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]],
+    ) -> None:
+        """Admit checked labels messages (retries and empties counted), join them, score the pairs."""
+        if not checked:
+            return
+        model = state.name
         now = self.clock()
         admitted: list[tuple[LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]] = []
         with self.state.lock:
