@@ -7,6 +7,7 @@
     python scripts/bench.py snapshot [--quick] [--json PATH]
     python scripts/bench.py labels  [--quick] [--json PATH]
     python scripts/bench.py fold    [--quick] [--json PATH]
+    python scripts/bench.py entropy [--quick] [--json PATH]
     python scripts/bench.py lock    [--quick] [--json PATH]
     python scripts/bench.py cuda    [--quick] [--json PATH]   (needs a GPU)
     python scripts/bench.py all     [--json PATH]
@@ -1073,6 +1074,32 @@ def bench_labels(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def bench_entropy(args: argparse.Namespace) -> dict[str, Any]:
+    """In process: the label-free pass (entropy and confidence of every row, xentd.predstats)
+    on FP32 logits, next to the CPU scoring kernel on the same rows."""
+    from xentd.jit import kernel_array
+    from xentd.predstats import row_stats
+    from xentd.validate import Batch, InputKind, TargetKind
+
+    backend = CpuBackend(parallel_threshold=1 << 62)  # serial, as the entropy pass is
+    params = ScoringParams(eps=float(np.finfo(np.float32).eps), focal_gamma=2.0, normalization_tolerance=3e-4)
+    out: dict[str, Any] = {}
+    rng = np.random.default_rng(0)
+    for rows, classes in ((64, 10), (65_536, 10), (8, 32_000), (256, 1_000)):
+        x = kernel_array((rng.standard_normal((rows, classes)) * 2).astype(np.float32))
+        y = kernel_array(rng.integers(0, classes, rows))
+        batch = Batch("b", InputKind.LOGITS, x, y, TargetKind.INDEX, None, classes, "FP32", None, None)
+        repeats = max(3, (200_000 if args.quick else 2_000_000) // x.size)
+        entropy_s, _ = best_of(lambda x=x: row_stats(x, InputKind.LOGITS), repeats)
+        score_s, _ = best_of(lambda batch=batch: backend.score(batch, params), repeats)
+        out[f"{rows}x{classes}"] = {"entropy_s": entropy_s, "score_s": score_s, "ratio": entropy_s / score_s}
+        print(
+            f"{rows:>6} x {classes:<6} entropy {entropy_s * 1e6:9.1f} us ({entropy_s / x.size * 1e9:4.1f} ns a value)"
+            f"   scoring {score_s * 1e6:9.1f} us   entropy / scoring {entropy_s / score_s:5.2f}"
+        )
+    return out
+
+
 def bench_fold(args: argparse.Namespace) -> dict[str, Any]:
     """In process: microseconds to fold one batch into a model's state (every window), and the
     label-free fold of its predictions, for 64 samples of 10 classes, the small-message case."""
@@ -1111,6 +1138,7 @@ def bench_fold(args: argparse.Namespace) -> dict[str, Any]:
 BENCHES: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "labels": bench_labels,
     "fold": bench_fold,
+    "entropy": bench_entropy,
     "lock": bench_lock,
     "kernels": bench_kernels,
     "e2e": bench_e2e,

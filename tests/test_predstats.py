@@ -17,11 +17,12 @@ def _oracle(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return entr(p).sum(axis=1), p.max(axis=1)
 
 
+@pytest.mark.parametrize("classes", [7, 100])  # short rows (transposed blocks) and wide ones
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_multiclass_rows_equal_scipy(dtype: type) -> None:
+def test_multiclass_rows_equal_scipy(dtype: type, classes: int) -> None:
     rng = np.random.default_rng(3)
-    z = (rng.normal(size=(500, 7)) * rng.uniform(0.1, 30, (500, 1))).astype(dtype)
-    z[0] = 0.0  # uniform: H = log 7
+    z = (rng.normal(size=(500, classes)) * rng.uniform(0.1, 30, (500, 1))).astype(dtype)
+    z[0] = 0.0  # uniform: H = log C
     z[1, 0] = 1e4  # one-hot in the limit: H = 0
     z64 = z.astype(np.float64)
     probs = softmax(z64, axis=1)
@@ -33,10 +34,12 @@ def test_multiclass_rows_equal_scipy(dtype: type) -> None:
     for values, kind, p in cases:
         h, conf = row_stats(kernel_array(values), kind)
         want_h, want_conf = _oracle(p.astype(np.float64))
-        np.testing.assert_allclose(h, want_h, rtol=1e-9, atol=1e-12)
-        np.testing.assert_allclose(conf, want_conf, rtol=1e-12)
-    h, _ = row_stats(kernel_array(np.zeros((1, 7), dtype)), LOGITS)
-    assert h[0] == pytest.approx(np.log(7), rel=1e-12)
+        # Float32 logits take the scoring kernel's float32 exp (docs/metrics.md): relative 1e-5.
+        fast = kind == LOGITS and dtype == np.float32
+        np.testing.assert_allclose(h, want_h, rtol=1e-5 if fast else 1e-9, atol=1e-7 if fast else 1e-12)
+        np.testing.assert_allclose(conf, want_conf, rtol=1e-5 if fast else 1e-12)
+    h, _ = row_stats(kernel_array(np.zeros((1, classes), dtype)), LOGITS)
+    assert h[0] == pytest.approx(np.log(classes), rel=1e-6 if dtype == np.float32 else 1e-12)
 
 
 def test_binary_rows_equal_scipy_in_both_tails() -> None:

@@ -10,7 +10,8 @@ shows for a model whose labels come a day later (docs/metrics.md). Definitions, 
 - binary: the distribution (p, 1 - p); ``logits`` through the sigmoid, written in |z| so that
   neither tail loses precision.
 
-Computed in float64 whatever the wire datatype; one pass over the rows.
+Computed in float64, one pass over the rows; wide float32 logits rows (FP32, FP16, BF16 on
+the wire) use the scoring kernel's float32 exp, within a relative 1e-5, as their loss does.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import math
 
 import numpy as np
 
-from xentd.jit import cached, kernel_array
+from xentd.jit import cached, fmax, kernel_array
 from xentd.kernels import cpu
-from xentd.kernels.cpu import exp_nonpos64, log64
+from xentd.kernels.cpu import BLOCK, LOG2E32, SMALL_C, SMALL_ROWS, _max_span, exp2_neg, exp_nonpos64, log1p64, log64
 
 _CPU_SOURCE = cpu.__file__  # the exp and log these kernels inline live there
 
@@ -81,6 +82,91 @@ def _sums(a, b, r, c, sa, sab):  # type: ignore[no-untyped-def]
             y += ai[j] * bi[j]
         sa[i] = x
         sab[i] = y
+
+
+@cached(_CPU_SOURCE, fastmath=True)
+def _exp_moments32(row, m):  # type: ignore[no-untyped-def]
+    """(sum of e_j, sum of e_j * d_j) with d_j = row[j] - m and e_j = exp(d_j), for a float32
+    row: the scoring kernel's float32 exp2 (about 1 ulp), summed in float32 blocks of
+    BLOCK values and across blocks in float64, as the scoring kernel sums its rows."""
+    others = 0.0
+    ties = 0.0
+    t = 0.0
+    for j0 in range(0, row.shape[0], BLOCK):
+        span = row[j0 : j0 + BLOCK]
+        bs = np.float32(0.0)
+        bties = np.float32(0.0)
+        bt = np.float32(0.0)
+        for j in range(span.shape[0]):
+            d = span[j] - m  # exact near the maximum (Sterbenz)
+            e = exp2_neg(d * LOG2E32)
+            # Maxima are counted, not added, as in the scoring kernel: the sum of the other
+            # terms then keeps its relative accuracy, which a confident row's entropy needs.
+            is_max = d == np.float32(0.0)
+            bs += np.float32(0.0) if is_max else e
+            bties += np.float32(1.0) if is_max else np.float32(0.0)
+            bt += e * d
+        others += np.float64(bs)
+        ties += np.float64(bties)
+        t += np.float64(bt)
+    return others, ties, t
+
+
+@cached(_CPU_SOURCE, fastmath=True)
+def _small_moments32(pred, r0, rows, cols, m, s, ties, t):  # type: ignore[no-untyped-def]
+    """_exp_moments32 for ``rows`` short rows from row r0, transposed so that every loop runs
+    across rows (a row of 10 is too short to vectorise), as the scoring kernel's small-C path."""
+    c = pred.shape[1]
+    for r in range(rows):
+        for j in range(c):
+            cols[j, r] = pred[r0 + r, j]
+    for r in range(rows):
+        m[r] = cols[0, r]
+        s[r] = 0.0
+        ties[r] = 0.0
+        t[r] = 0.0
+    for j in range(1, c):
+        for r in range(rows):
+            m[r] = fmax(m[r], cols[j, r])
+    for j in range(c):
+        for r in range(rows):
+            d = cols[j, r] - m[r]
+            e = exp2_neg(d * LOG2E32)
+            is_max = d == np.float32(0.0)
+            s[r] += np.float32(0.0) if is_max else e
+            ties[r] += np.float32(1.0) if is_max else np.float32(0.0)
+            t[r] += e * d
+
+
+@cached(_CPU_SOURCE, error_model="numpy")
+def _logits32(pred, entropy, confidence):  # type: ignore[no-untyped-def]
+    """Float32 logits rows at the scoring kernel's float32 speed (relative 1e-5)."""
+    n, c = pred.shape
+    if c > SMALL_C:
+        for i in range(n):
+            row = pred[i]
+            m = _max_span(row, 0, c)
+            others, ties, t = _exp_moments32(row, m)
+            entropy[i], confidence[i] = _finish(others, ties, t)
+        return
+    cols = np.empty((c, SMALL_ROWS), np.float32)
+    m32 = np.empty(SMALL_ROWS, np.float32)
+    s32 = np.empty(SMALL_ROWS, np.float32)
+    ties32 = np.empty(SMALL_ROWS, np.float32)
+    t32 = np.empty(SMALL_ROWS, np.float32)
+    for r0 in range(0, n, SMALL_ROWS):
+        rows = min(SMALL_ROWS, n - r0)
+        _small_moments32(pred, r0, rows, cols, m32, s32, ties32, t32)
+        for r in range(rows):
+            entropy[r0 + r], confidence[r0 + r] = _finish(np.float64(s32[r]), np.float64(ties32[r]), np.float64(t32[r]))
+
+
+@cached(_CPU_SOURCE, inline="always", error_model="numpy")
+def _finish(others, ties, t):  # type: ignore[no-untyped-def]
+    """(H, max p) from sum exp(d) split into the maxima's count and the others' sum, and sum e*d:
+    H = log(ties + others) - t / s, with the log as log(ties) + log1p(others / ties)."""
+    s = ties + others
+    return log64(ties) + log1p64(others / ties) - t / s, 1.0 / s
 
 
 @cached(_CPU_SOURCE, error_model="numpy")
@@ -144,13 +230,15 @@ def row_stats(predictions: np.ndarray, kind: int) -> tuple[np.ndarray, np.ndarra
     confidence = np.empty(n)
     if predictions.ndim == 1:
         _binary(predictions, int(kind), entropy, confidence)
+    elif kind == LOGITS and predictions.dtype == np.float32:
+        _logits32(predictions, entropy, confidence)
     else:
         _multiclass(predictions, int(kind), entropy, confidence)
     return entropy, confidence
 
 
 def warmup() -> None:
-    """Compile every signature the daemon can reach (float32 and float64, [N] and [N, C])."""
+    """Compile every signature the daemon can reach (float32 and float64, [N] and [N, C], wide rows)."""
     for dtype in (np.float32, np.float64):
-        for shape in ((2,), (2, 3)):
-            row_stats(kernel_array(np.full(shape, 0.5, dtype)), PROBS)
+        for shape in ((2,), (2, 3), (2, SMALL_C + 1)):
+            row_stats(kernel_array(np.full(shape, 0.5, dtype)), LOGITS)
