@@ -918,8 +918,9 @@ def _join_store_figures(quick: bool) -> dict[str, Any]:
             t = time.perf_counter()
             matched = 0
             for chunk in chunks:
-                for j in store.take("m", chunk, 2.0).joined:
-                    matched += len(j.label_rows)
+                result = store.take("m", chunk, 2.0)
+                store.record("m", result)  # as the daemon does, with the fold
+                matched += sum(len(j.label_rows) for j in result.joined)
             rates[batch] = matched / (time.perf_counter() - t)
         out[label] = {
             "waiting": waiting,

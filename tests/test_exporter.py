@@ -40,7 +40,7 @@ def store() -> StateStore:
     m.fold_predictions(np.array([0.5, 1.0]), np.array([0.9, 0.6]), None, clock())
     rows = np.array([[0.2, 0.3, 0.5]] * 3, np.float32)
     s.joins.put("clf", PoolKey(0, "FP32", 3, False), np.arange(3, dtype=np.uint64), rows, None, clock())
-    s.joins.take("clf", np.array([0, 9], np.uint64), clock() + 2.0)
+    s.joins.record("clf", s.joins.take("clf", np.array([0, 9], np.uint64), clock() + 2.0))
     s.reject(Reason.NON_FINITE, "clf")
     s.counters.messages = 2
     return s

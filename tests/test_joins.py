@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 
 from xentd.errors import SnapshotError
-from xentd.joins import OUTCOMES, TICK, JoinStore, PoolKey
+from xentd.joins import OUTCOMES, TICK, JoinStore, PoolKey, TakeResult
 
 BUCKETS = (1.0, 10.0, 100.0)
 KEY10 = PoolKey(kind=1, datatype="FP32", columns=10, weighted=True)
 KEYB = PoolKey(kind=0, datatype="FP64", columns=0, weighted=False)
+
+
+def _take(store: JoinStore, model: str, ids: np.ndarray, now: float) -> TakeResult:
+    """A join as the daemon makes one: take the rows, then count the outcomes."""
+    result = store.take(model, ids, now)
+    store.record(model, result)
+    return result
 
 
 def _store(max_bytes: int = 1 << 30, ttl: float = 3600.0) -> JoinStore:
@@ -80,7 +87,7 @@ def test_rows_and_outcomes_equal_a_dict_oracle_across_random_traffic() -> None:
             store.put(model, KEY10, ids, rows, weights, now)
             oracle.put(model, ids, rows, weights, now)
         else:
-            got = store.take(model, ids, now)
+            got = _take(store, model, ids, now)
             want = oracle.take(model, ids, now)
             pairs = sorted(
                 (int(r), j.predictions[k].tobytes(), float(j.weights[k]), float(j.delays[k]))  # type: ignore[index]
@@ -105,7 +112,7 @@ def test_rows_and_outcomes_equal_a_dict_oracle_across_random_traffic() -> None:
 def test_int64_and_uint64_spellings_of_an_id_are_one_id() -> None:
     store = _store()
     store.put("m", KEYB, np.array([2**64 - 1], np.uint64), np.array([0.25]), None, 2_000.0)
-    got = store.take("m", np.array([-1], np.int64).view(np.uint64), 2_001.0)
+    got = _take(store, "m", np.array([-1], np.int64).view(np.uint64), 2_001.0)
     assert got.unmatched == 0 and got.joined[0].predictions.tolist() == [0.25]
     assert got.joined[0].weights is None and got.joined[0].delays.tolist() == pytest.approx([1.0])
 
@@ -151,7 +158,7 @@ def test_a_batch_larger_than_the_budget_keeps_its_newest_rows() -> None:
     result = store.put("m", KEYB, np.arange(1000, dtype=np.uint64), np.full(1000, 0.5), None, 2_000.0)
     assert 0 < result.waiting < 1000 and store.nbytes <= 4096
     assert store.stats["m"].count("evicted") == 1000 - result.waiting
-    assert store.take("m", np.array([999], np.uint64), 2_001.0).unmatched == 0
+    assert _take(store, "m", np.array([999], np.uint64), 2_001.0).unmatched == 0
 
 
 def test_expiry_counts_and_gives_memory_back() -> None:
@@ -161,24 +168,24 @@ def test_expiry_counts_and_gives_memory_back() -> None:
     assert store.expire(2_005.0) == {}
     assert store.expire(2_011.0) == {"m": 1000}
     assert store.pending("m") == 0 and store.nbytes < full
-    assert store.take("m", np.arange(3, dtype=np.uint64), 2_012.0).unmatched == 3
+    assert _take(store, "m", np.arange(3, dtype=np.uint64), 2_012.0).unmatched == 3
 
 
 def test_save_load_round_trip_keeps_rows_stamps_and_counts() -> None:
     store = _store(ttl=100.0)
     rows = np.arange(50, dtype=np.float32).reshape(5, 10)
     store.put("m", KEY10, np.arange(5, dtype=np.uint64), rows, np.arange(5.0), 2_000.0)
-    store.take("m", np.array([1, 77], np.uint64), 2_030.0)
+    _take(store, "m", np.array([1, 77], np.uint64), 2_030.0)
     scalars, arrays = store.save()
     again = _store(ttl=100.0)
     again.load(scalars, arrays, {"m"})
     assert again.pending("m") == 4 and again.stats["m"].count("unmatched") == 1
-    got = again.take("m", np.array([3], np.uint64), 2_050.0)
+    got = _take(again, "m", np.array([3], np.uint64), 2_050.0)
     assert got.joined[0].predictions.tolist() == [rows[3].tolist()]
     assert got.joined[0].weights.tolist() == [3.0]  # type: ignore[union-attr]
     assert got.joined[0].delays.tolist() == pytest.approx([50.0])
     # The TTL keeps counting from the original arrival.
-    assert again.take("m", np.array([0], np.uint64), 2_101.0).expired == 1
+    assert _take(again, "m", np.array([0], np.uint64), 2_101.0).expired == 1
 
 
 def test_load_refuses_damaged_contents_and_changes_nothing() -> None:
@@ -207,13 +214,13 @@ def test_churn_leaves_no_lost_rows_and_bounded_tables() -> None:
         store.put("m", KEYB, new, np.full(500, 0.5), None, 2_000.0)
         waiting.update(new.tolist())
         leave = rng.choice(sorted(waiting), 500, replace=False).astype(np.uint64)
-        got = store.take("m", leave, 2_001.0)
+        got = _take(store, "m", leave, 2_001.0)
         assert got.unmatched == 0 and sum(len(j.label_rows) for j in got.joined) == 500
         waiting.difference_update(leave.tolist())
         sizes.append(store.nbytes)
     assert store.pending("m") == len(waiting) == 5000
     assert max(sizes[50:]) <= 2 * min(sizes[50:])
-    assert store.take("m", np.array(sorted(waiting), np.uint64), 2_002.0).unmatched == 0
+    assert _take(store, "m", np.array(sorted(waiting), np.uint64), 2_002.0).unmatched == 0
 
 
 def test_a_full_budget_with_tombstones_never_runs_out_of_free_slots() -> None:
@@ -228,11 +235,11 @@ def test_a_full_budget_with_tombstones_never_runs_out_of_free_slots() -> None:
             store.put(f"o{m}", key, np.array([1000 * m + r], np.uint64), np.array([0.5]), None, t)
     ids = np.arange(12, dtype=np.uint64)
     store.put("t", key, ids, np.full(12, 0.5), None, t + 1)
-    store.take("t", ids[:11], t + 1.1)
+    _take(store, "t", ids[:11], t + 1.1)
     store.put("t", key, np.arange(100, 113, dtype=np.uint64), np.full(13, 0.5), None, t + 1.2)
     pool = store.pools["t"][key]
     assert np.count_nonzero(pool.stamps == 0) >= 1 and store.nbytes <= store.max_bytes
-    assert store.take("t", np.array([999_999], np.uint64), t + 1.3).unmatched == 1
+    assert _take(store, "t", np.array([999_999], np.uint64), t + 1.3).unmatched == 1
 
 
 def test_stamps_survive_a_jump_of_years_and_expire() -> None:
@@ -242,13 +249,13 @@ def test_stamps_survive_a_jump_of_years_and_expire() -> None:
     later = 2_000.0 + 600 * 86_400
     assert store.expire(later) == {"m": 1}
     store.put("m", KEYB, np.array([2], np.uint64), np.array([0.5]), None, later)
-    assert store.take("m", np.array([2], np.uint64), later + 5).joined[0].delays.tolist() == pytest.approx([5.0])
+    assert _take(store, "m", np.array([2], np.uint64), later + 5).joined[0].delays.tolist() == pytest.approx([5.0])
 
 
 def test_a_clock_set_back_makes_no_negative_delay() -> None:
     store = _store()
     store.put("m", KEYB, np.array([1], np.uint64), np.array([0.5]), None, 3_000.0)
-    got = store.take("m", np.array([1], np.uint64), 2_000.0)
+    got = _take(store, "m", np.array([1], np.uint64), 2_000.0)
     assert got.joined[0].delays.tolist() == [0.0] and store.stats["m"].delay_sum == 0.0
     store.load(*store.save(), {"m"})  # and the snapshot stays loadable
 
@@ -257,7 +264,7 @@ def test_eviction_sizes_its_age_buckets_from_the_rows_that_wait() -> None:
     # A row joined long ago must not stretch the age buckets until one eviction empties the store.
     store = JoinStore(64 * 1024, 7 * 86_400.0, BUCKETS, epoch=0.0)
     store.put("m", KEYB, np.array([10**9], np.uint64), np.array([0.5]), None, 1.0)
-    store.take("m", np.array([10**9], np.uint64), 2.0)
+    _take(store, "m", np.array([10**9], np.uint64), 2.0)
     now, sent = 6 * 86_400.0, 0
     while store.stats_for("m").count("evicted") == 0:
         store.put("m", KEYB, np.arange(sent, sent + 100, dtype=np.uint64), np.full(100, 0.5), None, now)

@@ -220,3 +220,25 @@ def test_a_run_of_index_labels_checked_together_equals_each_checked_alone(spoil:
     assert m.samples == 40
     assert m.loss_weighted_sum == pytest.approx(-naive.log_softmax(z)[np.arange(40), y].sum(), rel=1e-6)
     assert d.state.counters.messages == 1 + len(drain)
+
+
+def test_a_scrape_never_sees_labels_matched_before_their_pairs_are_scored() -> None:
+    # A scrape runs on another thread; one taken while the joined pairs are being scored (here:
+    # from inside the scoring call) must show neither the matches nor the samples yet.
+    d = _daemon()
+    d.handle_many([_msg("s", predictions=P, ids=np.arange(2))])
+    backend = d.pipeline.backend
+    seen: list[tuple[int, float]] = []
+
+    class Scraping:
+        name = "scraping"
+
+        def score(self, batch: object, params: object) -> object:
+            m = next(m for m in d.state.snapshot().models if m.name == "s")
+            seen.append((m.joins.outcomes["matched"] if m.joins else 0, m.samples))
+            return backend.score(batch, params)  # type: ignore[union-attr, arg-type]
+
+    d.pipeline.backend = Scraping()  # type: ignore[assignment]
+    d.handle_many([_msg("s", targets=np.array([0, 1]), ids=np.arange(2))])
+    assert seen == [(0, 0.0)]
+    assert _joins(d, "s") == {"matched": 2}

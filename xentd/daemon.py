@@ -203,8 +203,8 @@ class Daemon:
         pipeline. ``parallel=False`` leaves the multi-threaded scoring builds for later."""
         self._set_phase("compiling kernels")
         log.info(
-            "compiling kernels: the first start takes a while (20 s to a minute or two); later starts load them "
-            "from the Numba cache in %s",
+            "compiling kernels: loaded from the Numba cache in %s when it holds them (under a second), "
+            "else compiled, once: 20 s to a minute or two",
             numba_cache_location(),
         )
         started = time.monotonic()

@@ -513,7 +513,8 @@ class JoinStore:
     # --- labels in --------------------------------------------------------------------
 
     def take(self, model: str, ids: np.ndarray, now: float) -> TakeResult:
-        """Join labels to waiting rows: each id is matched, expired or unmatched, in order."""
+        """Join labels to waiting rows: each id is matched, expired or unmatched, in order.
+        The outcomes are counted by :meth:`record`."""
         n = int(ids.shape[0])
         keys = np.ascontiguousarray(ids, np.uint64)
         status = np.zeros(n, np.uint8)
@@ -549,14 +550,19 @@ class JoinStore:
             pending &= status == NOT_FOUND
         expired = int(np.count_nonzero(status == EXPIRED))
         matched = int(np.count_nonzero(status == MATCHED))
+        self.stats_for(model)  # the model's outcome series exist from here on
+        return TakeResult(joined=joined, unmatched=n - matched - expired, expired=expired)
+
+    def record(self, model: str, result: TakeResult) -> None:
+        """Count what :meth:`take` returned. The daemon calls it under the state lock in the same
+        hold that folds the joined pairs, so that no scrape sees labels matched but not scored."""
         stats = self.stats_for(model)
-        stats.add("matched", matched)
-        stats.add("expired", expired)
-        stats.add("unmatched", n - matched - expired)
-        for j in joined:
+        stats.add("matched", sum(len(j.label_rows) for j in result.joined))
+        stats.add("expired", result.expired)
+        stats.add("unmatched", result.unmatched)
+        for j in result.joined:
             np.add.at(stats.delay_counts, np.searchsorted(self.delay_bounds, j.delays), 1)
             stats.delay_sum += float(j.delays.sum())
-        return TakeResult(joined=joined, unmatched=n - matched - expired, expired=expired)
 
     # --- housekeeping -------------------------------------------------------------------
 
@@ -706,6 +712,6 @@ def warmup() -> None:
         ids = np.arange(300, dtype=np.uint64)
         weights = np.ones(300) if weighted else None
         store.put("w", key, ids, np.full(300, 0.5, np.float32), weights, 10.0)  # grows, then evicts
-        store.take("w", ids[-5:], 10.5)
+        store.record("w", store.take("w", ids[-5:], 10.5))
         store.load(*store.save(), {"w"})
         store.expire(20.0)

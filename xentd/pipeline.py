@@ -709,9 +709,26 @@ class Pipeline:
                 return
             ids = np.concatenate([b.ids for b, _ in admitted])
             result = self.state.joins.take(model, ids, now)
+            if not result.joined:
+                self.state.joins.record(model, result)
+                return
+        recorded = False
+
+        def record() -> None:  # called with the state lock held
+            nonlocal recorded
+            if not recorded:
+                self.state.joins.record(model, result)
+                recorded = True
+
         starts = np.cumsum([0] + [b.size for b, _ in admitted])
-        for joined in result.joined:
-            self._score_joined(state, joined, admitted, starts)
+        last = len(result.joined) - 1
+        for k, joined in enumerate(result.joined):
+            # The outcomes are counted with the last pool's fold: a scrape sees labels matched
+            # only together with their pairs scored.
+            self._score_joined(state, joined, admitted, starts, record if k == last else None)
+        if not recorded:  # a refused pair left the last fold undone
+            with self.state.lock:
+                record()
 
     def _score_joined(
         self,
@@ -719,6 +736,7 @@ class Pipeline:
         joined: Joined,
         admitted: list[tuple[LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]],
         starts: np.ndarray,
+        on_fold: Callable[[], None] | None = None,
     ) -> None:
         """Score the pairs of one pool: in one batch when the labels messages share the form of
         their targets (the usual case); else, or when that batch is refused, a batch per labels
@@ -742,9 +760,10 @@ class Pipeline:
             )
             group = _Group(state, (), [batch])
             if len(admitted) == 1:
-                self._score(group, joined=True)
+                self._score(group, joined=True, on_fold=on_fold)
             else:
-                self._score(group, joined=True, split=lambda: self._score_per_message(state, joined, admitted, starts))
+                split = lambda: self._score_per_message(state, joined, admitted, starts)  # noqa: E731
+                self._score(group, joined=True, split=split, on_fold=on_fold)
             return
         self._score_per_message(state, joined, admitted, starts)
 
@@ -833,11 +852,19 @@ class Pipeline:
         with self.state.lock:
             self.state.counters.sequence_gaps += self.state.sequences.observe(producer, seq)
 
-    def _score(self, group: _Group, *, joined: bool = False, split: Callable[[], None] | None = None) -> None:
+    def _score(
+        self,
+        group: _Group,
+        *,
+        joined: bool = False,
+        split: Callable[[], None] | None = None,
+        on_fold: Callable[[], None] | None = None,
+    ) -> None:
         """Score and fold a group. ``joined``: pairs of the join store, whose predictions were
         counted in the label-free statistics when they arrived and whose labels messages were
         counted as received when they arrived. ``split``: what to do instead of rejecting a
-        one-batch group that holds several messages' rows (score them apart)."""
+        one-batch group that holds several messages' rows (score them apart). ``on_fold``:
+        called under the state lock right after a successful fold."""
         count = len(group.batches)
         model = group.batches[0].model
         try:
@@ -861,6 +888,8 @@ class Pipeline:
                     group.state.fold_predictions(*stats, batch.weights, self.clock())
                 if not joined:
                     self.state.counters.messages += count
+                if on_fold is not None:
+                    on_fold()
         except RejectedBatch as exc:
             if count == 1 and split is not None:
                 split()

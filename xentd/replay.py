@@ -415,10 +415,18 @@ def await_outcome(
 
 
 def report(result: Outcome, out: TextIO) -> int:
-    """Print ``result``; the exit status: 1 when a batch was rejected, else 0."""
-    out.write("\n".join(result.lines()) + "\n")
+    """Print ``result``; the exit status: 1 when a batch was rejected, or when labels found no
+    waiting prediction (unmatched or expired: wrong ids, labels too late, another instance), else 0."""
+    lines = result.lines()
+    missed = result.joins.get("unmatched", 0) + result.joins.get("expired", 0) if result.kind == "labels" else 0
+    if missed:
+        lines.append(
+            f"  {missed:,} label(s) joined no prediction: their ids were not waiting (never sent, already "
+            "joined, past labels.ttl, or sent to another instance)"
+        )
+    out.write("\n".join(lines) + "\n")
     out.flush()
-    return 1 if result.rejected else 0
+    return 1 if result.rejected or missed else 0
 
 
 def run(

@@ -94,8 +94,10 @@ def test_send_predictions_then_labels_files_with_wait(joins: DaemonProcess, tmp_
     assert f"sent {n} predictions (predictions-only) for model 'cli-send'" in sent.stdout
     assert f"  predictions waiting for their labels: +{n}" in sent.stdout, sent.stdout
     got = _xentd("send", str(tmp_path / "labels.npz"), "--model", "cli-send", "--to", joins.ingest, "--wait", metrics)
-    assert got.returncode == 0, got.stderr
+    # A label that joined nothing makes --wait exit 1, saying why.
+    assert got.returncode == 1, got.stderr
     assert f"  labels: matched {n}, unmatched 1" in got.stdout, got.stdout
+    assert "1 label(s) joined no prediction" in got.stdout
     assert _joined(joins, "cli-send", "matched") == float(n)
     assert joins.value("xentd_cross_entropy_nats_sum", model="cli-send") == pytest.approx(_loss_sum(p, y), rel=1e-9)
 
