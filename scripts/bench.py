@@ -629,27 +629,32 @@ def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def bench_snapshot(args: argparse.Namespace) -> dict[str, Any]:
-    """State snapshots: how long the state lock is held, and the write against a raw write of the same bytes."""
-    import tempfile
-
-    from xentd import persist
-    from xentd.config import LimitsConfig, WindowsConfig
+def _random_scores(n: int, seed: int = 0) -> Any:
+    """Per-sample scores of a 10-class model, as a backend returns them."""
     from xentd.kernels import SampleScores
-    from xentd.state import StateStore
 
-    models = 100 if args.quick else 1_000
-    clock = lambda: 1.7e9  # noqa: E731
-    store = StateStore(WindowsConfig(), LimitsConfig(max_models=models), clock, dedup_window=65536)
-    rng = np.random.default_rng(0)
-    n = 10_000  # fills the default last_10000 window
-    scores = SampleScores(
+    rng = np.random.default_rng(seed)
+    return SampleScores(
         loss=rng.random(n),
         focal=rng.random(n),
         correct=rng.integers(0, 2, n).astype(np.uint8),
         true_class=rng.integers(0, 10, n),
         unnormalized_rows=0,
     )
+
+
+def bench_snapshot(args: argparse.Namespace) -> dict[str, Any]:
+    """State snapshots: how long the state lock is held, and the write against a raw write of the same bytes."""
+    import tempfile
+
+    from xentd import persist
+    from xentd.config import LimitsConfig, WindowsConfig
+    from xentd.state import StateStore
+
+    models = 100 if args.quick else 1_000
+    clock = lambda: 1.7e9  # noqa: E731
+    store = StateStore(WindowsConfig(), LimitsConfig(max_models=models), clock, dedup_window=65536)
+    scores = _random_scores(10_000)  # fills the default last_10000 window
     for i in range(models):
         store.model(f"model-{i}", 10).fold(scores, None, clock(), None)
     for i in range(65536):
@@ -720,21 +725,12 @@ def bench_lock(args: argparse.Namespace) -> dict[str, Any]:
     the longest single hold of the state lock by a scrape's snapshot, and by a persistence capture."""
     from xentd import persist
     from xentd.config import LimitsConfig, WindowsConfig
-    from xentd.kernels import SampleScores
     from xentd.state import StateStore
 
     models = 1_000 if args.quick else 10_000
     clock = lambda: 1.7e9  # noqa: E731
     store = StateStore(WindowsConfig(), LimitsConfig(max_models=models), clock)
-    rng = np.random.default_rng(0)
-    n = 64
-    scores = SampleScores(
-        loss=rng.random(n),
-        focal=rng.random(n),
-        correct=rng.integers(0, 2, n).astype(np.uint8),
-        true_class=rng.integers(0, 10, n),
-        unnormalized_rows=0,
-    )
+    scores = _random_scores(64)
     for i in range(models):
         m = store.model(f"model-{i:05d}", 10)
         for _ in range(10):
@@ -1105,19 +1101,11 @@ def bench_fold(args: argparse.Namespace) -> dict[str, Any]:
     """In process: microseconds to fold one batch into a model's state (every window), and the
     label-free fold of its predictions, for 64 samples of 10 classes, the small-message case."""
     from xentd.config import LimitsConfig, WindowsConfig
-    from xentd.kernels import SampleScores
     from xentd.state import ModelState
 
     model = ModelState("m", 10, WindowsConfig(), LimitsConfig(), 1e9)
-    n, repeats = 64, (5_000 if args.quick else 50_000)
-    rng = np.random.default_rng(0)
-    scores = SampleScores(
-        loss=rng.uniform(0, 3, n),
-        focal=rng.uniform(0, 1, n),
-        correct=rng.integers(0, 2, n).astype(np.uint8),
-        true_class=rng.integers(0, 10, n),
-        unnormalized_rows=0,
-    )
+    repeats = 5_000 if args.quick else 50_000
+    scores = _random_scores(64)  # the fold's cost does not depend on the values
     out: dict[str, Any] = {}
     for name, fold in (
         ("fold", lambda t: model.fold(scores, None, t, None)),
