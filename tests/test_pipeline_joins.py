@@ -8,6 +8,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests import naive
 from xentd import wire
@@ -242,3 +244,49 @@ def test_a_scrape_never_sees_labels_matched_before_their_pairs_are_scored() -> N
     d.handle_many([_msg("s", targets=np.array([0, 1]), ids=np.arange(2))])
     assert seen == [(0, 0.0)]
     assert _joins(d, "s") == {"matched": 2}
+
+
+_NAMES = ("predictions", "targets", "weights", "ids")
+
+
+@st.composite
+def _join_like(draw: st.DrawFn) -> list[bytes]:
+    """Messages around the join kinds: any subset of the four tensors, any datatype, shapes that
+    fit or nearly fit, values that may be out of range; a few models, some ids repeated."""
+    n = draw(st.integers(0, 4))
+    c = draw(st.sampled_from([0, 2, 3]))
+    tensors, frames = [], []
+    for name in draw(st.lists(st.sampled_from(_NAMES), min_size=1, max_size=4, unique=True)):
+        datatype = draw(st.sampled_from(sorted(wire.DATATYPES)))
+        shape = draw(st.sampled_from([[n], [n, c or 2], [n + 1], []]))
+        count = int(np.prod(shape)) if shape else 1
+        itemsize = wire.DATATYPES[datatype].itemsize
+        raw = draw(st.binary(min_size=count * itemsize, max_size=count * itemsize))
+        if datatype.startswith(("FP", "BF")) and draw(st.booleans()):
+            raw = np.full(count, 0.25, wire.DATATYPES[datatype] if datatype != "BF16" else "<f4").tobytes()
+            raw = raw if datatype != "BF16" else np.frombuffer(raw, "<u2")[1::2].tobytes()
+        if name == "ids" and draw(st.booleans()):
+            raw = np.arange(count, dtype="<i8").tobytes()[: count * itemsize]
+        tensors.append({"name": name, "datatype": datatype, "shape": shape})
+        frames.append(raw)
+    header: dict[str, object] = {"v": 1, "model": draw(st.sampled_from(["j1", "j2"])), "tensors": tensors}
+    kind = draw(st.sampled_from(["probs", "logits", None]))
+    if kind is not None:
+        header["input"] = kind
+    if draw(st.booleans()):
+        header["batch_id"] = draw(st.sampled_from(["a", "b"]))
+    return [json.dumps(header).encode(), *frames]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_join_like(), min_size=1, max_size=12))
+def test_any_mix_of_join_like_messages_is_accounted_for_and_never_an_internal_error(msgs: list[list[bytes]]) -> None:
+    d = _daemon()
+    seed = [_msg(m, predictions=np.full((4, 3), 1 / 3), ids=np.arange(4)) for m in ("j1", "j2")]
+    d.handle_many([*seed, *msgs])
+    assert d.state.counters.messages == len(msgs) + 2
+    assert d.state.rejected["internal_error"] == 0
+    for model in d.state.snapshot().models:
+        if model.joins is not None:
+            assert model.joins.pending <= 8 + 4 * len(msgs)
+            assert all(v >= 0 for v in model.joins.outcomes.values())
