@@ -713,5 +713,5 @@ def warmup() -> None:
         weights = np.ones(300) if weighted else None
         store.put("w", key, ids, np.full(300, 0.5, np.float32), weights, 10.0)  # grows, then evicts
         store.record("w", store.take("w", ids[-5:], 10.5))
-        store.load(*store.save(), {"w"})
+        JoinStore(4096, 1.0, (1.0,), epoch=0.0).load(*store.save(), {"w"})
         store.expire(20.0)

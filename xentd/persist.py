@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from xentd.errors import SnapshotError
-from xentd.state import Counters, ModelState, StateStore, WindowedStats, class_slots, count, number
+from xentd.state import Counters, ModelState, StateStore, WindowedStats, count, number
 
 log = logging.getLogger("xentd.persist")
 
@@ -246,7 +246,7 @@ def check(image: Image) -> None:
                 raise SnapshotError(f"{where} appears twice")
             seen.add(name)
             ModelState.check_saved(scalars, where, class_limit)
-            slots = {"": class_slots(scalars["num_classes"], class_limit), "predictions": 1}
+            slots = ModelState.component_slots(scalars["num_classes"], class_limit)
             for part, (part_scalars, part_arrays) in _split(scalars, arrays).items():
                 if part not in slots:
                     raise SnapshotError(f"{where} unknown component {part!r}")

@@ -47,8 +47,9 @@ from xentd.validate import (
     validate,
     validate_labels,
     validate_predictions,
+    widened,
 )
-from xentd.wire import DATATYPES, FLOAT_DATATYPES, ID_DATATYPES, bf16_to_float32
+from xentd.wire import DATATYPES, FLOAT_DATATYPES, ID_DATATYPES
 
 log = logging.getLogger("xentd")
 
@@ -316,13 +317,10 @@ class Pipeline:
         open_units: dict[str, _Unit] = {}
         logs: list[tuple[Reason, str, str | None]] = []
         state = self.state
-        counters = state.counters
         recent = state.recent
         with state.lock:
             for entry in chunk:
-                if entry.seq is not None:
-                    assert entry.producer is not None
-                    counters.sequence_gaps += state.sequences.observe(entry.producer, entry.seq)
+                self._observe_locked(entry.producer, entry.seq)
                 if entry.refused is not None:
                     self._count_rejection(entry.refused, logs)
                     continue
@@ -577,9 +575,12 @@ class Pipeline:
         with self.state.lock:
             state = self.state.models.get(model)
             binaries = {k.columns == 0 for k, p in self.state.joins.pools.get(model, {}).items() if p.count}
+        # Targets are checked against the model's class count, in the form the waiting
+        # predictions need: binary or multiclass (both, for a 2-class model that sends both).
+        # With nothing waiting, any form the model's class count allows will do.
         required = sorted(binaries)
+        candidates = required or ([True, False] if state is not None and state.num_classes == 2 else [False])
         if state is not None and len(run) >= BATCH_MIN:
-            candidates = required or ([True, False] if state.num_classes == 2 else [False])
             fast = self._labels_checked_together(run, state.num_classes, candidates)
             if fast is not None:
                 self._join_labels(state, fast)
@@ -600,11 +601,7 @@ class Pipeline:
                     None,
                 )
             return
-        # Targets are checked against the model's class count, in the form the waiting
-        # predictions need: binary or multiclass (both, for a 2-class model that sends both).
-        # With nothing waiting, any form the model's class count allows will do.
         tolerance = self.config.scoring_for(model).normalization_tolerance
-        candidates = required or ([True, False] if state.num_classes == 2 else [False])
         checked: list[tuple[_Entry, LabelBatch, dict[bool, tuple[np.ndarray, TargetKind, int]]]] = []
         for entry, batch in labels:
             forms: dict[bool, tuple[np.ndarray, TargetKind, int]] = {}
@@ -660,10 +657,10 @@ class Pipeline:
             return None
         all_ids = np.frombuffer(b"".join(ids), "<u8")  # an INT64 id is its 64 bits
         forms_all = {b: kernel_array(values.astype(np.float64 if b else np.int64)) for b in candidates}
+        kind = {True: TargetKind.SOFT, False: TargetKind.INDEX}
         with self.state.lock:
             for entry in run:
-                if entry.producer is not None and entry.seq is not None:
-                    self.state.counters.sequence_gaps += self.state.sequences.observe(entry.producer, entry.seq)
+                self._observe_locked(entry.producer, entry.seq)
         out = []
         start = 0
         for entry, n in zip(run, rows, strict=True):
@@ -675,7 +672,6 @@ class Pipeline:
                 batch_id=header.batch_id or None,
                 ts=header.ts,
             )
-            kind = {True: TargetKind.SOFT, False: TargetKind.INDEX}
             forms = {b: (a[start : start + n], kind[b], 0) for b, a in forms_all.items()}
             out.append((entry, batch, forms))
             start += n
@@ -746,18 +742,8 @@ class Pipeline:
         first = forms[0]
         if all(f[1] == first[1] and f[0].dtype == first[0].dtype and f[0].ndim == first[0].ndim for f in forms):
             targets = first[0] if len(forms) == 1 else np.concatenate([f[0] for f in forms])
-            batch = Batch(
-                model=state.name,
-                kind=InputKind(joined.key.kind),
-                predictions=_widened(joined.predictions, joined.key.datatype),
-                targets=kernel_array(targets[joined.label_rows]),
-                target_kind=first[1],
-                weights=None if joined.weights is None else kernel_array(joined.weights),
-                num_classes=state.num_classes,
-                prediction_datatype=joined.key.datatype,
-                batch_id=None,
-                ts=next((b.ts for b, _ in reversed(admitted) if b.ts is not None), None),
-            )
+            ts = next((b.ts for b, _ in reversed(admitted) if b.ts is not None), None)
+            batch = _pairs(state, joined, slice(None), targets[joined.label_rows], first[1], ts)
             group = _Group(state, (), [batch])
             if len(admitted) == 1:
                 self._score(group, joined=True, on_fold=on_fold)
@@ -781,18 +767,7 @@ class Pipeline:
             sel = np.flatnonzero(message_of == k)
             labels, forms = admitted[k]
             targets, target_kind, _ = forms[binary]
-            batch = Batch(
-                model=state.name,
-                kind=InputKind(joined.key.kind),
-                predictions=_widened(joined.predictions[sel], joined.key.datatype),
-                targets=kernel_array(targets[joined.label_rows[sel] - starts[k]]),
-                target_kind=target_kind,
-                weights=None if joined.weights is None else kernel_array(joined.weights[sel]),
-                num_classes=state.num_classes,
-                prediction_datatype=joined.key.datatype,
-                batch_id=None,
-                ts=labels.ts,
-            )
+            batch = _pairs(state, joined, sel, targets[joined.label_rows[sel] - starts[k]], target_kind, labels.ts)
             groups.setdefault(layout(batch), []).append(batch)
         for batches in groups.values():
             self._score(_Group(state, (), batches), joined=True)
@@ -850,6 +825,11 @@ class Pipeline:
 
     def _observe_seq(self, producer: str, seq: int) -> None:
         with self.state.lock:
+            self._observe_locked(producer, seq)
+
+    def _observe_locked(self, producer: str | None, seq: int | None) -> None:
+        """A message's place in its producer's stream, counting gaps (state lock held)."""
+        if producer is not None and seq is not None:
             self.state.counters.sequence_gaps += self.state.sequences.observe(producer, seq)
 
     def _score(
@@ -960,11 +940,25 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def _widened(rows: np.ndarray, datatype: str) -> np.ndarray:
-    """Joined prediction rows (wire datatype) as :class:`Batch` holds them: FP16 and BF16
-    widened to float32, exactly, as :func:`xentd.validate.validate` does."""
-    if datatype == "FP16":
-        return kernel_array(rows.astype(np.float32))
-    if datatype == "BF16":
-        return kernel_array(bf16_to_float32(rows))
-    return kernel_array(rows.astype(rows.dtype.newbyteorder("="), copy=False))
+def _pairs(
+    state: ModelState,
+    joined: Joined,
+    rows: slice | np.ndarray,
+    targets: np.ndarray,
+    target_kind: TargetKind,
+    ts: float | None,
+) -> Batch:
+    """The joined pairs ``rows`` of one pool, with their ``targets``, as the batch they would have
+    been sent as: the prediction's input kind, wire datatype (widened as on arrival) and weight."""
+    return Batch(
+        model=state.name,
+        kind=InputKind(joined.key.kind),
+        predictions=kernel_array(widened(joined.predictions[rows], joined.key.datatype)),
+        targets=kernel_array(targets),
+        target_kind=target_kind,
+        weights=None if joined.weights is None else kernel_array(joined.weights[rows]),
+        num_classes=state.num_classes,
+        prediction_datatype=joined.key.datatype,
+        batch_id=None,
+        ts=ts,
+    )

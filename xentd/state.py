@@ -330,11 +330,12 @@ class ModelState:
         self.name = name
         self.num_classes = num_classes
         self.class_limit = limits.class_limit
-        self.slots = class_slots(num_classes, limits.class_limit)
+        slots = self.component_slots(num_classes, limits.class_limit)
+        self.slots = slots[""]
         self.loss = WindowedStats(self.slots, limits.class_limit, limits.loss_buckets, windows, created)
         # Time windows and the EWMA only: count windows would double the model's memory.
         self.predictions = WindowedStats(
-            _ONE_SLOT, _ONE_SLOT, limits.loss_buckets, windows, created, count_windows=False
+            slots["predictions"], _ONE_SLOT, limits.loss_buckets, windows, created, count_windows=False
         )
         self.batches = 0
         self.unnormalized_rows = 0
@@ -345,6 +346,12 @@ class ModelState:
         self.last_batch_time = created
         self.last_event_time: float | None = None
         self.clock = created  # never goes backwards, so buckets stay monotone
+
+    @staticmethod
+    def component_slots(num_classes: int, class_limit: int) -> dict[str, int]:
+        """Each component's class slots, by the name :meth:`components` gives it (what a saved
+        file is checked against)."""
+        return {"": class_slots(num_classes, class_limit), "predictions": _ONE_SLOT}
 
     def components(self) -> dict[str, WindowedStats]:
         """The parts that save and restore themselves, by the name they are saved under
@@ -463,8 +470,8 @@ class ModelState:
             self.predictions.fold(
                 entropy,
                 confidence,
-                _zeros_u8(n),
-                _zeros_i64(n),
+                np.zeros(n, np.uint8),
+                np.zeros(n, np.int64),
                 weights,
                 max(now, self.clock) if check_only else self._advance(now),
                 "entropies",
@@ -489,14 +496,6 @@ _HUGE_WEIGHT = 1e290
 
 def _could_overflow(weights: np.ndarray | None) -> bool:
     return weights is not None and weights.size > 0 and float(weights.max()) > _HUGE_WEIGHT
-
-
-def _zeros_u8(n: int) -> np.ndarray:
-    return np.zeros(n, np.uint8)
-
-
-def _zeros_i64(n: int) -> np.ndarray:
-    return np.zeros(n, np.int64)
 
 
 # --- checks of saved values, shared by every component ----------------------------------

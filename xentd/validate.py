@@ -335,8 +335,7 @@ def _targets(
     t: Tensor, n: int, num_classes: int, binary: bool, tolerance: float | None
 ) -> tuple[np.ndarray, TargetKind, int]:
     shape = list(t.array.shape)
-    if t.datatype == "UINT64":
-        raise _reject(Reason.BAD_DATATYPE, "targets cannot be UINT64 (it is for ids only); send class indices as INT64")
+    _not_an_id_type("targets", t, "; send class indices as INT64")
     is_float = t.datatype in FLOAT_DATATYPES
     if t.array.ndim == 1 and not (is_float and not binary):
         if shape[0] != n:
@@ -363,6 +362,12 @@ def _targets(
         return values, TargetKind.SOFT, _unnormalized_rows(values, t.datatype, tolerance)
     expected = "[N] (0/1 or a probability)" if binary else f"[N] class indices or [N, {num_classes}] floats"
     raise _reject(Reason.SHAPE_MISMATCH, f"targets {shape} ({t.datatype}) do not fit predictions; expected {expected}")
+
+
+def _not_an_id_type(name: str, t: Tensor, hint: str = "") -> None:
+    """UINT64 is for ids only (docs/protocol.md, Datatypes)."""
+    if t.datatype == "UINT64":
+        raise _reject(Reason.BAD_DATATYPE, f"{name} cannot be UINT64 (it is for ids only){hint}")
 
 
 def _unnormalized_rows(values: np.ndarray, datatype: str, tolerance: float | None) -> int:
@@ -398,8 +403,7 @@ def _check_soft_labels(lo: float, hi: float, size: int, what: str) -> None:
 def _weights(t: Tensor | None, n: int) -> np.ndarray | None:
     if t is None:
         return None
-    if t.datatype == "UINT64":
-        raise _reject(Reason.BAD_DATATYPE, "weights cannot be UINT64 (it is for ids only)")
+    _not_an_id_type("weights", t)
     if list(t.array.shape) != [n]:
         raise _reject(Reason.SHAPE_MISMATCH, f"weights {list(t.array.shape)} must be [N] with N={n}")
     w, lo, _ = _floats("weights", t)
@@ -509,7 +513,12 @@ def fast_layout(header: Header) -> FastLayout | None:
 
 def _as_float(raw: bytes, datatype: str) -> np.ndarray:
     """A wire tensor's bytes as float32 (FP16, BF16, FP32) or float64 (FP64, integers)."""
-    values = np.frombuffer(raw, DATATYPES[datatype])
+    return widened(np.frombuffer(raw, DATATYPES[datatype]), datatype)
+
+
+def widened(values: np.ndarray, datatype: str) -> np.ndarray:
+    """Values in their wire datatype as the kernels take them: float32 (FP16, BF16, FP32) or
+    float64 (FP64, integers); FP16 and BF16 widened exactly."""
     if datatype == "FP16":
         return values.astype(np.float32)
     if datatype == "BF16":
