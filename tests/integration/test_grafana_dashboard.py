@@ -59,6 +59,11 @@ def test_dashboard_structure() -> None:
         assert wanted in titles, wanted
     for wanted in ("join coverage", "label delay", "join store", "entropy", "confidence", "waiting for labels"):
         assert wanted in titles, wanted
+    for wanted in ("reliability diagram", "ece and mce", "ece over the range", "brier score", "normalized entropy"):
+        assert wanted in titles, wanted
+    (diagram,) = (p for p in panels if "reliability diagram" in p["title"].lower())
+    assert diagram["repeat"] == "model" and diagram["options"]["xField"] == "bin"  # one diagram per model
+    assert all(t.get("instant") and t.get("format") == "table" for t in diagram["targets"])
     assert any(p["type"] == "heatmap" and "xentd_sample_loss_nats_bucket" in p["targets"][0]["expr"] for p in panels)
 
 
@@ -201,3 +206,90 @@ def test_delayed_label_panels_compute_against_synthetic_series(tmp_path: Path) -
 
 def _labels(labels: dict[str, str]) -> str:
     return "{" + ", ".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+
+# Calibration bins (upper edges 0.25, 0.5, 0.75, 1.0) of model m on two instances, per minute:
+# {bin: ((W, C, O) on instance a, (W, C, O) on instance b)}. The 0.5 bin never has weight.
+CALIBRATION = {
+    "0.25": ((10, 2, 1), (10, 1, 2)),
+    "0.5": ((0, 0, 0), (0, 0, 0)),
+    "0.75": ((20, 12, 16), (0, 0, 0)),
+    "1.0": ((10, 9, 6), (20, 18, 18)),
+}
+
+
+def test_calibration_panels_query_what_they_say() -> None:
+    observed, confidence, share = _panel_queries("reliability diagram")
+    assert "xentd_calibration_outcome_total" in observed and "xentd_calibration_confidence_total" in confidence
+    assert all(q.count("[1h]") == 2 and "sum by (bin)" in q for q in (observed, confidence, share))
+    (ece,) = _panel_queries("ece over the range", {**VARIABLES, "$__range": "RANGE"})
+    # Each bin summed over the instances inside the abs(), not |O - C| per instance.
+    assert ece.count("[RANGE]") == 3 and "abs(sum by (model, bin) (increase(" in ece
+    window = " ".join(_panel_queries("ece and mce"))
+    assert "xentd_window_calibration_error{" in window and "xentd_window_max_calibration_error{" in window
+    assert "model:xentd_calibration_error:increase1h" in window
+    (ne,) = _panel_queries("normalized entropy")
+    assert ne.startswith("xentd_window_normalized_entropy{")
+    brier = " ".join(_panel_queries("brier"))
+    for name in ("score", "reliability", "resolution", "uncertainty"):
+        assert f"xentd_window_brier_{name}{{" in brier, name
+    assert "xentd_brier_score_sum" in brier and "xentd_brier_score_count" in brier
+
+
+@needs_prometheus
+def test_calibration_panels_compute_against_synthetic_series(tmp_path: Path) -> None:
+    """The reliability diagram and ECE-over-the-range queries, on two instances' counters (promtool)."""
+    series = []
+    for bin_, per_instance in CALIBRATION.items():
+        for instance, sums in zip("ab", per_instance, strict=True):
+            for counter, per_minute in zip(("weight", "confidence", "outcome"), sums, strict=True):
+                name = f'xentd_calibration_{counter}_total{{job="xentd",instance="{instance}",model="m",bin="{bin_}"}}'
+                series.append((name, f"0+{per_minute}x20"))
+    series += [
+        ('xentd_brier_score_sum{job="xentd",instance="a",model="m"}', "0+6x20"),
+        ('xentd_brier_score_count{job="xentd",instance="a",model="m"}', "0+40x20"),
+        ('xentd_brier_score_sum{job="xentd",instance="b",model="m"}', "0+1x20"),
+        ('xentd_brier_score_count{job="xentd",instance="b",model="m"}', "0+30x20"),
+    ]
+    # The definitions (docs/metrics.md), on the bins merged across instances.
+    merged = {bin_: [a + b for a, b in zip(*sums, strict=True)] for bin_, sums in CALIBRATION.items()}
+    total = sum(w for w, _, _ in merged.values())
+    variables = {**VARIABLES, "$__rate_interval": "5m", "$__range": "10m"}
+    observed, confidence, share = _panel_queries("reliability diagram", variables)
+    (ece,) = _panel_queries("ece over the range", variables)
+    brier = next(q for q in _panel_queries("brier score", variables) if "brier_score_sum" in q)
+    expected: list[tuple[str, dict[str, str], float]] = [
+        (ece, {"model": "m"}, sum(abs(o - c) for _, c, o in merged.values()) / total),  # 7 / 70
+        (brier, {"model": "m"}, (6 + 1) / (40 + 30)),
+    ]
+    for bin_, (w, c, o) in merged.items():
+        one_bin = f' and on (bin) label_replace(vector(1), "bin", "{bin_}", "", "")'
+        expected.append((share + one_bin, {"bin": bin_}, w / total))
+        if w > 0:  # a bin without weight has no point in the diagram
+            expected += [(observed + one_bin, {"bin": bin_}, o / w), (confidence + one_bin, {"bin": bin_}, c / w)]
+    # 1 where the panel's value is within 1e-9 of the one worked out here, else 0.
+    checks = [
+        {
+            "expr": f"abs(({expr}) - {value!r}) < bool 1e-9",
+            "eval_time": "15m",
+            "exp_samples": [{"labels": _labels(labels), "value": 1}],
+        }
+        for expr, labels, value in expected
+    ]
+    # The diagram leaves out the bin without weight (three bars, not a fourth of 0 / 0).
+    checks.append({"expr": f"count({observed})", "eval_time": "15m", "exp_samples": [{"labels": "{}", "value": 3}]})
+    tests = {
+        "rule_files": [],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": name, "values": values} for name, values in series],
+                "promql_expr_test": checks,
+            }
+        ],
+    }
+    path = tmp_path / "calibration.test.json"  # YAML is a superset of JSON
+    path.write_text(json.dumps(tests))
+    out = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
