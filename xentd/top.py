@@ -1,10 +1,12 @@
 """``xentd top``: a live terminal view of the models in a running daemon, read from its /metrics.
 
 Rates come from the difference between two scrapes; the loss, perplexity,
-accuracy and balanced cross-entropy columns are the daemon's own window gauges
-for the chosen window, and the worst class is the true class with the highest
-mean loss since the daemon started (``xentd_class_cross_entropy_nats``).
-A model whose window holds no samples shows ``-`` there. For delayed labels
+accuracy, balanced cross-entropy, normalized entropy (``NE``) and expected
+calibration error (``ECE``) columns are the daemon's own window gauges for the
+chosen window, and the worst class is the true class with the highest mean
+loss since the daemon started (``xentd_class_cross_entropy_nats``).
+A model whose window holds no samples shows ``-`` there, and so does ``NE``
+while the window's targets are all of one class (the daemon exports no NE then). For delayed labels
 (docs/protocol.md), ``PENDING`` is the model's predictions waiting for a label
 and ``COVERAGE`` the share of its waiting predictions that found their label
 since the daemon started: matched / (matched + expired + evicted), ``-`` while
@@ -117,6 +119,8 @@ class Row:
     accuracy: float
     window_samples: float
     balanced_cross_entropy: float = math.nan
+    normalized_entropy: float = math.nan  # nan: absent (empty window, or all targets of one class)
+    calibration_error: float = math.nan
     worst_class: str | None = None  # the true class with the highest mean loss since start
     worst_class_loss: float = math.nan
     # Delayed labels; None: the model has no join traffic (no xentd_label_joins_total series).
@@ -183,6 +187,8 @@ def rows(before: Scrape, after: Scrape, window: str) -> list[Row]:
     ce = after.by_model("xentd_window_cross_entropy_nats", window=window)
     acc = after.by_model("xentd_window_accuracy_ratio", window=window)
     balanced = after.by_model("xentd_window_balanced_cross_entropy_nats", window=window)
+    ne = after.by_model("xentd_window_normalized_entropy", window=window)
+    ece = after.by_model("xentd_window_calibration_error", window=window)
     n = after.by_model("xentd_window_samples", window=window)
     worst = _worst_classes(after)
     coverage = join_coverage(after)
@@ -202,6 +208,8 @@ def rows(before: Scrape, after: Scrape, window: str) -> list[Row]:
                 accuracy=acc.get(model, math.nan),
                 window_samples=n.get(model, 0.0),
                 balanced_cross_entropy=balanced.get(model, math.nan),
+                normalized_entropy=ne.get(model, math.nan),
+                calibration_error=ece.get(model, math.nan),
                 worst_class=worst_class,
                 worst_class_loss=worst_loss,
                 pending=pending.get(model),
@@ -248,8 +256,8 @@ def render(before: Scrape, after: Scrape, *, url: str, window: str, sort: str = 
         f"sequence gaps {after.total('xentd_sequence_gaps_total').get('', 0):,.0f}   backend {backend}{store}",
         "",
         f"{'MODEL':32s} {'SAMPLES/S':>11s} {'BATCHES/S':>10s} {'XENT (nats)':>12s} {'PERPLEXITY':>11s} "
-        f"{'ACCURACY':>9s} {'IN WINDOW':>10s} {'BALANCED':>9s} {'WORST CLASS (since start)':>25s} "
-        f"{'PENDING':>9s} {'COVERAGE':>8s}",
+        f"{'ACCURACY':>9s} {'IN WINDOW':>10s} {'BALANCED':>9s} {'NE':>7s} {'ECE':>7s} "
+        f"{'WORST CLASS (since start)':>25s} {'PENDING':>9s} {'COVERAGE':>8s}",
     ]
     for r in table[:limit]:
         worst = "-" if r.worst_class is None else f"{r.worst_class[:12]} {r.worst_class_loss:.4f}"
@@ -257,7 +265,8 @@ def render(before: Scrape, after: Scrape, *, url: str, window: str, sort: str = 
             f"{r.model[:32]:32s} {r.samples_per_s:11,.1f} {r.batches_per_s:10,.1f} "
             f"{_num(r.cross_entropy, '12.4f')} {_num(r.perplexity, '11.3f')} "
             f"{_num(r.accuracy * 100, '8.2f')}{' ' if math.isnan(r.accuracy) else '%'} {r.window_samples:10,.0f} "
-            f"{_num(r.balanced_cross_entropy, '9.4f')} {worst:>25s} {_join_columns(r)}".rstrip()
+            f"{_num(r.balanced_cross_entropy, '9.4f')} {_num(r.normalized_entropy, '7.4f')} "
+            f"{_num(r.calibration_error, '7.4f')} {worst:>25s} {_join_columns(r)}".rstrip()
         )
     if len(table) > limit:
         lines.append(f"... and {len(table) - limit} more (--limit)")
