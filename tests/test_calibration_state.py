@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.metrics import brier_score_loss
 
 from xentd import calibration as cal
@@ -221,6 +223,26 @@ def test_every_window_matches_the_oracle(case: str, seed: int) -> None:
     for later in (0.0, 3.0, 9.5, 29.0, 31.0, 200.0):  # buckets expire as time passes
         _close(stats.window_matrix(now + later), oracle.windows(now + later), f"+{later}s")
     assert stats.window_labels == ("10s", "30s", "last_5", "last_17", "last_300", "ewma")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    stream=st.lists(st.tuples(st.floats(0.0, 12.0), st.integers(0, 40)), min_size=1, max_size=30),
+    seed=st.integers(0, 2**32 - 1),
+    case=st.sampled_from(CASES),
+    bins=st.sampled_from([1, 2, 10, 15]),
+    query_delay=st.floats(0.0, 40.0),
+)
+def test_windows_match_the_oracle_on_any_stream(
+    stream: list[tuple[float, int]], seed: int, case: str, bins: int, query_delay: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    stats, oracle = _new(case, bins=bins)
+    now = T0 + float(rng.random()) * 100
+    for dt, n in stream:
+        now += dt
+        _batch(case, stats, oracle, rng, n, now)
+    _close(stats.window_matrix(now + query_delay), oracle.windows(now + query_delay), "windows")
 
 
 @pytest.mark.parametrize("case", ["binary", "mixed"])
@@ -577,6 +599,18 @@ def test_load_rejects_shapes_of_another_configuration(key: str, bad: np.ndarray)
     stats, _ = _new("mixed")
     with pytest.raises(ValueError):
         stats.load(scalars, {**arrays, key: bad}, windows=True)
+
+
+def test_fold_refuses_inputs_of_other_lengths() -> None:
+    stats, _ = _new("binary")
+    n = 4
+    args = [np.full(n, 0.5), np.zeros(n), np.zeros(n, np.uint8), np.zeros(n, np.int64), np.zeros(n), np.ones(n)]
+    for k in range(len(args)):
+        bad = list(args)
+        bad[k] = bad[k][:-1]
+        with pytest.raises(ValueError, match="samples|shape"):
+            stats.fold(*bad, T0)
+    assert stats.count_total == 0 and stats.lifetime[cal.N] == 0
 
 
 def test_warmup_compiles_through_the_real_path() -> None:

@@ -666,11 +666,18 @@ class CalibrationStats:
         Raises ValidationError(NON_FINITE), changing nothing, when the sums would overflow.
         ``check_only``: raise or not, and change nothing either way.
         """
+        n = confidence.shape[0]
+        # The kernels index every input by sample, unchecked.
+        for name, a in (("brier", brier), ("correct", correct), ("true_class", true_class), ("targets", targets)):
+            if a is not None and a.shape[0] != n:
+                raise ValueError(f"{name} has {a.shape[0]} samples; confidence has {n}")
+        if weights is not None and weights.shape != (n,):
+            raise ValueError(f"weights have shape {weights.shape}; expected ({n},)")
         mode, t1, t2 = self._targets(targets)
         weighted = weights is not None
         w = kernel_array(weights) if weights is not None else _NO_WEIGHTS
         if not check_only:
-            self._grow(confidence.shape[0], mode == _SOFT)
+            self._grow(n, mode == _SOFT)
         committed, self.count_total, self.tw_used = _fold(
             confidence,
             brier,
