@@ -640,6 +640,8 @@ def _random_scores(n: int, seed: int = 0) -> Any:
         correct=rng.integers(0, 2, n).astype(np.uint8),
         true_class=rng.integers(0, 10, n),
         unnormalized_rows=0,
+        confidence=rng.random(n),
+        brier=rng.random(n),
     )
 
 

@@ -26,7 +26,9 @@ class Fake:
     def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
         self.scored.append(batch.model)
         n = batch.size
-        return SampleScores(np.zeros(n), np.zeros(n), np.zeros(n, np.uint8), np.zeros(n, np.int64), 0)
+        return SampleScores(
+            np.zeros(n), np.zeros(n), np.zeros(n, np.uint8), np.zeros(n, np.int64), 0, np.ones(n), np.zeros(n)
+        )
 
 
 def _batch(model: str, rows: int) -> Batch:

@@ -36,6 +36,8 @@ def _store(models: dict[str, int]) -> StateStore:
                 correct=(true_class % 2).astype(np.uint8),
                 true_class=true_class,
                 unnormalized_rows=0,
+                confidence=np.full(len(loss), 0.75),
+                brier=np.full(len(loss), 0.25),
             ),
             np.full(classes, 1.5),  # fractional weights: the OpenMetrics pairs must still parse
             now,
@@ -107,13 +109,13 @@ def test_per_class_modes(export: ExportConfig, expected: dict[str, int]) -> None
 def test_max_series_leaves_out_per_class_series_first_then_models_in_name_order(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    store = _store({"c": 3, "b": 30, "a": 3})
+    store = _store({"c": 3, "b": 100, "a": 3})
     # The reference: what every model has, counted from an unlimited scrape.
     full, _, dropped = _series(_exposition(store, ExportConfig(per_class="all", max_series=0)))
     assert dropped == 0
     base = {m: full[m, False] for m in "abc"}
     classes = {m: full[m, True] for m in "abc"}
-    assert classes == {"a": 6, "b": 60, "c": 6}
+    assert classes == {"a": 6, "b": 200, "c": 6}
     total = sum(full.values())
 
     # Everything fits exactly: nothing is left out.
@@ -191,10 +193,11 @@ def test_each_familys_series_count_matches_its_samples() -> None:
     for family in FAMILIES:
         if family.series is None:
             continue
-        assert family.per_model is not None and family.type in ("summary", "histogram")
+        assert family.per_model is not None
         for m in snap.models:
             samples = list(family.per_model(m))
-            expected = sum(2 if family.type == "summary" else len(v[1]) + 2 for _, v in samples)
+            per_sample = {"summary": lambda v: 2, "histogram": lambda v: len(v[1]) + 2}.get(family.type, lambda v: 1)
+            expected = sum(per_sample(v) for _, v in samples)
             assert family.series(m) == expected, (family.name, m.name)
 
 

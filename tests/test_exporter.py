@@ -31,6 +31,8 @@ def store() -> StateStore:
             correct=np.array([1, 0, 0, 1], np.uint8),
             true_class=np.array([0, 1, 2, 2]),
             unnormalized_rows=1,
+            confidence=np.full(len(loss), 0.75),
+            brier=np.full(len(loss), 0.25),
         ),
         np.array([1.0, 2.0, 1.0, 0.0]),
         clock(),
@@ -46,6 +48,29 @@ def store() -> StateStore:
     return s
 
 
+def _add_binary_model(s: StateStore) -> None:
+    """A binary model: its Brier score's decomposition exists (a multiclass model's does not)."""
+    ctr = s.model("ctr", 2)
+    p = np.array([0.9, 0.2, 0.55])
+    t = np.array([1.0, 0.0, 0.3])
+    ctr.fold(
+        SampleScores(
+            loss=-(t * np.log(p) + (1 - t) * np.log1p(-p)),
+            focal=np.zeros(3),
+            correct=np.array([1, 1, 0], np.uint8),
+            true_class=np.array([1, 0, 0]),
+            unnormalized_rows=0,
+            confidence=p,
+            brier=(p - t) ** 2,
+        ),
+        None,
+        s.clock(),
+        None,
+        targets=t,
+        binary=True,
+    )
+
+
 def test_metric_values(store: StateStore) -> None:
     reg = build_registry(store.snapshot, version="9.9.9", backend="cpu")
     g = reg.get_sample_value
@@ -56,6 +81,20 @@ def test_metric_values(store: StateStore) -> None:
     assert g("xentd_rejected_batches_total", {"reason": "non_finite"}) == 1.0
     assert g("xentd_rejected_batches_total", {"reason": "too_many_models"}) == 0.0  # every reason exists
     assert g("xentd_cross_entropy_nats_sum", m) == 0.5 + 3.0 + 50.0
+    # Calibration (15 bins, every bin present): confidence 0.75 falls in bin 11, (0.7333, 0.8].
+    edge = "0.8"
+    assert g("xentd_calibration_weight_total", {**m, "bin": edge}) == 4.0
+    assert g("xentd_calibration_confidence_total", {**m, "bin": edge}) == 3.0
+    assert g("xentd_calibration_outcome_total", {**m, "bin": edge}) == 1.0  # weight of the correct rows
+    assert g("xentd_calibration_weight_total", {**m, "bin": "1.0"}) == 0.0
+    assert g("xentd_brier_score_sum", m) == 0.25 * 4.0
+    assert g("xentd_brier_score_count", m) == 4.0
+    assert g("xentd_window_calibration_error", {**m, "window": "1m"}) == pytest.approx(abs(1.0 - 3.0) / 4.0)
+    _add_binary_model(store)
+    g = build_registry(store.snapshot, version="9.9.9", backend="cpu").get_sample_value
+    ctr = {"model": "ctr"}
+    assert g("xentd_calibration_outcome_total", {**ctr, "bin": "0.6"}) == pytest.approx(0.3)  # soft target of p 0.55
+    assert g("xentd_window_brier_uncertainty", {**ctr, "window": "1m"}) == pytest.approx(1.3 / 3 * (1 - 1.3 / 3))
     assert g("xentd_cross_entropy_nats_count", m) == 4.0
     assert g("xentd_samples_total", m) == 4.0
     assert g("xentd_correct_predictions_total", m) == 1.0
@@ -139,6 +178,8 @@ def test_direct_text_equals_the_collector(store: StateStore) -> None:
                 correct=np.array([1, 0], np.uint8),
                 true_class=np.array([0, 1]),
                 unnormalized_rows=0,
+                confidence=np.full(len(loss), 0.75),
+                brier=np.full(len(loss), 0.25),
             ),
             None,
             store.clock(),
@@ -193,6 +234,7 @@ def test_one_table_both_writers_render_the_same_families(store: StateStore) -> N
     store.counters.last_snapshot_time = 1.7e9  # every family has at least one sample
     store.counters.last_snapshot_seconds = 0.5
     store.counters.last_snapshot_bytes = 1234
+    _add_binary_model(store)
     expected = {f.name.removesuffix("_total") if f.type == "counter" else f.name: f.type for f in FAMILIES}
     assert len(expected) == len(FAMILIES)
     text = render_text(store.snapshot(), version="v", backend="cpu")

@@ -39,6 +39,7 @@ def test_all_is_complete_and_importable() -> None:
         "names",
         "joins",
         "predstats",
+        "calibration",
     }
     assert public <= set(xentd.__all__)
     for name in xentd.__all__:

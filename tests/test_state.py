@@ -95,6 +95,8 @@ def test_windows_match_brute_force(
             correct=(rng.random(n) < 0.6).astype(np.uint8),
             true_class=rng.integers(0, classes, n),
             unnormalized_rows=0,
+            confidence=np.full(len(loss), 0.75),
+            brier=np.full(len(loss), 0.25),
         )
         weights = rng.random(n) * 2 * (rng.random(n) < 0.9) if weighted else None
         model.fold(scores, weights, clock.t, None)
@@ -161,7 +163,12 @@ def test_count_windows_stay_exact_over_long_streams() -> None:
         n = int(rng.integers(1, 200))
         # Mixed magnitudes are what make add-and-subtract drift.
         loss = np.where(rng.random(n) < 0.01, 1e6, rng.random(n) * 1e-3)
-        model.fold(SampleScores(loss, loss, np.zeros(n, np.uint8), np.zeros(n, np.int64), 0), None, 0.0, None)
+        model.fold(
+            SampleScores(loss, loss, np.zeros(n, np.uint8), np.zeros(n, np.int64), 0, np.ones(n), np.zeros(n)),
+            None,
+            0.0,
+            None,
+        )
         all_loss.append(loss)
     loss = np.concatenate(all_loss)
     got = dict(model.windows(0.0))
@@ -173,7 +180,7 @@ def test_count_windows_stay_exact_over_long_streams() -> None:
 def test_clock_going_backwards_does_not_corrupt_windows() -> None:
     clock = FakeClock(1000.0)
     model = _store(100, clock).model("m", 2)
-    one = SampleScores(np.ones(1), np.ones(1), np.ones(1, np.uint8), np.zeros(1, np.int64), 0)
+    one = SampleScores(np.ones(1), np.ones(1), np.ones(1, np.uint8), np.zeros(1, np.int64), 0, np.ones(1), np.zeros(1))
     model.fold(one, None, 1000.0, None)
     model.fold(one, None, 900.0, None)  # NTP step back: counted as "now"
     got = dict(model.windows(1000.0))
@@ -196,7 +203,7 @@ def test_model_cap_and_class_count_are_enforced() -> None:
 def test_fold_counts_unnormalized_targets_and_the_snapshot_carries_them() -> None:
     store = _store(100, FakeClock(0.0))
     model = store.model("m", 2)
-    one = SampleScores(np.ones(2), np.ones(2), np.ones(2, np.uint8), np.zeros(2, np.int64), 1)
+    one = SampleScores(np.ones(2), np.ones(2), np.ones(2, np.uint8), np.zeros(2, np.int64), 1, np.ones(2), np.zeros(2))
     model.fold(one, None, 0.0, None, unnormalized_targets=2)
     model.fold(one, None, 0.0, None)
     (snap,) = store.snapshot().models

@@ -243,6 +243,18 @@ class LabelsConfig:
     delay_buckets: tuple[float, ...] = DEFAULT_DELAY_BUCKETS
 
 
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Reliability bins of every model (docs/metrics.md, "Calibration and normalized entropy")."""
+
+    # Equal-width confidence bins over [0, 1]; each costs a model 3 sums in every window bucket.
+    bins: int = 15
+
+
+# More bins than this is a series budget and a memory problem, not a finer diagram.
+MAX_CALIBRATION_BINS = 100
+
+
 # Stamps in the join store are 10 ms ticks in 32 bits: 497 days; a TTL must leave room.
 MAX_LABEL_TTL_SECONDS = 400 * 86400.0
 
@@ -260,6 +272,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def scoring_for(self, model: str) -> ScoringConfig:
         return self.models.get(model, self.scoring)
@@ -713,6 +726,16 @@ def _parse_labels(t: _Table) -> LabelsConfig:
     return cfg
 
 
+def _parse_calibration(t: _Table) -> CalibrationConfig:
+    d = CalibrationConfig()
+    bins = _positive_int(t, "bins", d.bins)
+    if bins > MAX_CALIBRATION_BINS:
+        t.error(f"{t.where('bins')}: at most {MAX_CALIBRATION_BINS}, got {bins}")
+        bins = d.bins
+    t.done(_field_names(CalibrationConfig))
+    return CalibrationConfig(bins=bins)
+
+
 _SECTIONS = [
     "ingest",
     "metrics",
@@ -725,6 +748,7 @@ _SECTIONS = [
     "state",
     "export",
     "labels",
+    "calibration",
 ]
 
 
@@ -758,6 +782,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
     state = section("state", _parse_state, StateConfig())
     export = section("export", _parse_export, ExportConfig())
     labels = section("labels", _parse_labels, LabelsConfig())
+    calibration = section("calibration", _parse_calibration, CalibrationConfig())
     root.done(_SECTIONS)
     root.raise_errors()
     return Config(
@@ -772,6 +797,7 @@ def from_mapping(data: Mapping[str, Any]) -> Config:
         state=state,
         export=export,
         labels=labels,
+        calibration=calibration,
     )
 
 

@@ -74,7 +74,12 @@ class Daemon:
         self.config = config
         self.clock = clock
         self.state = StateStore(
-            config.windows, config.limits, clock, dedup_window=config.ingest.dedup_window, labels=config.labels
+            config.windows,
+            config.limits,
+            clock,
+            dedup_window=config.ingest.dedup_window,
+            labels=config.labels,
+            calibration_cfg=config.calibration,
         )
         self.notifier = Notifier()
         self.snapshotter: persist.Snapshotter | None = None

@@ -148,6 +148,34 @@ def _label_free(name: str, help: str, attr: str) -> Family:
     return Family(name, "summary", ("model",), help, per_model=samples)
 
 
+def _calibration_bins(attr: str) -> Callable[[ModelSnapshot], list[Sample]]:
+    """One sample per reliability bin, labelled with the bin's upper edge."""
+
+    def samples(m: ModelSnapshot) -> list[Sample]:
+        c = m.calibration
+        return [((b,), v) for b, v in zip(c.bin_labels, getattr(c, attr).tolist(), strict=True)]
+
+    return samples
+
+
+def _calibration_window(name: str, help: str, attr: str) -> Family:
+    """A gauge per window from :class:`xentd.state.CalibrationWindow`; absent where it is NaN
+    (an empty window, a multiclass model's Brier decomposition, NE while the prior's entropy is 0)."""
+
+    def samples(m: ModelSnapshot) -> Iterator[Sample]:
+        for window, stats in m.calibration.windows:
+            value = getattr(stats, attr)
+            if not math.isnan(value):
+                yield (window,), value
+
+    def series(m: ModelSnapshot) -> int:
+        # Counted exactly: a multiclass model has no decomposition series, and counting
+        # one per window would overstate its cost under the series budget.
+        return sum(1 for _, stats in m.calibration.windows if not math.isnan(getattr(stats, attr)))
+
+    return Family(name, "gauge", ("model", "window"), help, per_model=samples, series=series)
+
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         "xentd_build_info",
@@ -381,6 +409,69 @@ FAMILIES: tuple[Family, ...] = (
         ("model", "window"),
         "Weighted mean entropy of the predictions received in the window, in nats.",
         per_model=lambda m: [((w,), h) for w, h in m.predictions.window_entropy if not math.isnan(h)],
+    ),
+    # --- calibration and normalized entropy (xentd.calibration) ---
+    Family(
+        "xentd_calibration_weight_total",
+        "counter",
+        ("model", "bin"),
+        "Reliability bins: sum of weights W_b of the samples whose confidence falls in the bin "
+        "(bin is its upper edge).",
+        per_model=_calibration_bins("weight"),
+        series=lambda m: len(m.calibration.bin_labels),
+    ),
+    Family(
+        "xentd_calibration_confidence_total",
+        "counter",
+        ("model", "bin"),
+        "Reliability bins: sum of w*confidence C_b. ECE = sum_b |O_b - C_b| / sum_b W_b.",
+        per_model=_calibration_bins("confidence"),
+        series=lambda m: len(m.calibration.bin_labels),
+    ),
+    Family(
+        "xentd_calibration_outcome_total",
+        "counter",
+        ("model", "bin"),
+        "Reliability bins: sum of w*outcome O_b (the target for binary models, top-1 right for multiclass).",
+        per_model=_calibration_bins("outcome"),
+        series=lambda m: len(m.calibration.bin_labels),
+    ),
+    Family(
+        "xentd_brier_score",
+        "summary",
+        ("model",),
+        "Brier score over all samples: _sum is sum(w*brier), _count sum(w).",
+        per_model=lambda m: [((), (m.calibration.brier_weight, m.calibration.brier_weighted_sum))],
+    ),
+    _calibration_window(
+        "xentd_window_calibration_error", "Expected calibration error (ECE) over the window.", "calibration_error"
+    ),
+    _calibration_window(
+        "xentd_window_max_calibration_error",
+        "Maximum calibration error (MCE) over the window: the largest |O_b - C_b| / W_b.",
+        "max_calibration_error",
+    ),
+    _calibration_window("xentd_window_brier_score", "Weighted mean Brier score over the window.", "brier_score"),
+    _calibration_window(
+        "xentd_window_brier_reliability",
+        "Reliability term of the Brier score's Murphy decomposition over the window (binary models).",
+        "brier_reliability",
+    ),
+    _calibration_window(
+        "xentd_window_brier_resolution",
+        "Resolution term of the Brier score's Murphy decomposition over the window (binary models).",
+        "brier_resolution",
+    ),
+    _calibration_window(
+        "xentd_window_brier_uncertainty",
+        "Uncertainty term of the Brier score's Murphy decomposition over the window (binary models).",
+        "brier_uncertainty",
+    ),
+    _calibration_window(
+        "xentd_window_normalized_entropy",
+        "Normalized entropy: the window's mean cross-entropy over the entropy of its target prior; "
+        "below 1 is better than predicting the prior. Absent while that entropy is 0.",
+        "normalized_entropy",
     ),
 )
 

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from xentd.errors import SnapshotError
-from xentd.state import Counters, ModelState, StateStore, WindowedStats, count, number
+from xentd.state import Counters, ModelState, StateStore, count, number
 
 log = logging.getLogger("xentd.persist")
 
@@ -71,6 +71,7 @@ def _layout(store: StateStore) -> dict[str, Any]:
     return {
         "class_limit": lim.class_limit,
         "loss_buckets": list(lim.loss_buckets),
+        "calibration_bins": store.calibration_cfg.bins,
         "windows": {
             "time": [[t.label, t.seconds] for t in w.time],
             "buckets": w.buckets,
@@ -250,7 +251,7 @@ def check(image: Image) -> None:
             for part, (part_scalars, part_arrays) in _split(scalars, arrays).items():
                 if part not in slots:
                     raise SnapshotError(f"{where} unknown component {part!r}")
-                WindowedStats.check(
+                ModelState.COMPONENT_TYPES[part].check(
                     part_scalars, part_arrays, f"{where}{' ' + part if part else ''}", slots[part], largest_count_window
                 )
     except SnapshotError:
@@ -275,9 +276,15 @@ def restore(store: StateStore, image: Image) -> Restored:
     :func:`check`. A changed window setup only empties the windows: the lifetime
     totals still come back."""
     layout = _layout(store)
-    for key in ("class_limit", "loss_buckets"):
-        if image.layout.get(key) != layout[key]:
-            raise SnapshotError(f"limits.{key} was {image.layout.get(key)!r} and is now {layout[key]!r}")
+    for key, setting in (
+        ("class_limit", "limits.class_limit"),
+        ("loss_buckets", "limits.loss_buckets"),
+        ("calibration_bins", "calibration.bins"),
+    ):
+        # Snapshots written before calibration existed have no bins to map: any number will do.
+        saved = image.layout.get(key, layout[key] if key == "calibration_bins" else None)
+        if saved != layout[key]:
+            raise SnapshotError(f"{setting} was {saved!r} and is now {layout[key]!r}")
     check(image)
     windows = image.layout.get("windows") == layout["windows"]
     dropped = []

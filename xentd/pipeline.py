@@ -430,12 +430,16 @@ class Pipeline:
                             correct=scores.correct[part],
                             true_class=scores.true_class[part],
                             unnormalized_rows=scores.unnormalized_rows if len(units) == 1 else 0,
+                            confidence=scores.confidence[part],
+                            brier=scores.brier[part],
                         ),
                         None if batch.weights is None else batch.weights[part],
                         self.clock(),
                         _last_ts(unit.entries),
                         batches=count,
                         unnormalized_targets=sum([segs.unnormalized[e.segment] for e in unit.entries]),
+                        targets=batch.targets[part],
+                        binary=batch.binary,
                     ):
                         self.state.counters.limit_hits["class_limit"] += 1
                     unit.state.fold_predictions(entropy[part], confidence[part], unit_weights, self.clock())
@@ -862,6 +866,8 @@ class Pipeline:
                     batch.ts,
                     batches=count,
                     unnormalized_targets=batch.unnormalized_targets,
+                    targets=batch.targets,
+                    binary=batch.binary,
                 ):
                     self.state.counters.limit_hits["class_limit"] += 1
                 if stats is not None:

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from xentd import accumulate as acc
-from xentd import joins, predstats
-from xentd.config import LabelsConfig, LimitsConfig, WindowsConfig
+from xentd import calibration, joins, predstats
+from xentd.calibration import CalibrationStats, CalibrationWindow
+from xentd.config import CalibrationConfig, LabelsConfig, LimitsConfig, WindowsConfig
 from xentd.delivery import RecentBatches, SequenceTracker
 from xentd.errors import Reason, ValidationError
 from xentd.joins import OUTCOMES, JoinStore
@@ -320,12 +321,19 @@ _ONE_SLOT = 1
 class ModelState:
     """All rolling state of one model. Mutated only by :class:`StateStore`.
 
-    Its components: ``loss`` (the scored samples' losses, by class) and ``predictions``
-    (the entropy and confidence of every prediction row received, labelled or not).
+    Its components: ``loss`` (the scored samples' losses, by class), ``predictions``
+    (the entropy and confidence of every prediction row received, labelled or not) and
+    ``calibration`` (the scored samples' reliability bins, Brier scores and target prior).
     """
 
     def __init__(
-        self, name: str, num_classes: int, windows: WindowsConfig, limits: LimitsConfig, created: float
+        self,
+        name: str,
+        num_classes: int,
+        windows: WindowsConfig,
+        limits: LimitsConfig,
+        created: float,
+        calibration_cfg: CalibrationConfig | None = None,
     ) -> None:
         self.name = name
         self.num_classes = num_classes
@@ -337,6 +345,15 @@ class ModelState:
         self.predictions = WindowedStats(
             slots["predictions"], _ONE_SLOT, limits.loss_buckets, windows, created, count_windows=False
         )
+        self._calibration_args = (
+            (calibration_cfg or CalibrationConfig()).bins,
+            slots["calibration"],
+            limits.class_limit,
+            windows,
+            created,
+        )
+        # Multiclass until the first scored sample says otherwise (see _calibration_for).
+        self.calibration = CalibrationStats(*self._calibration_args, binary=False)
         self.batches = 0
         self.unnormalized_rows = 0
         # Target rows scored as sent although they are not a distribution (soft rows off 1, multi-hot rows).
@@ -351,12 +368,20 @@ class ModelState:
     def component_slots(num_classes: int, class_limit: int) -> dict[str, int]:
         """Each component's class slots, by the name :meth:`components` gives it (what a saved
         file is checked against)."""
-        return {"": class_slots(num_classes, class_limit), "predictions": _ONE_SLOT}
+        slots = class_slots(num_classes, class_limit)
+        return {"": slots, "predictions": _ONE_SLOT, "calibration": slots}
 
-    def components(self) -> dict[str, WindowedStats]:
+    # Each component's class, by name: what checks a saved component (xentd.persist).
+    COMPONENT_TYPES: dict[str, type[WindowedStats] | type[CalibrationStats]] = {
+        "": WindowedStats,
+        "predictions": WindowedStats,
+        "calibration": CalibrationStats,
+    }
+
+    def components(self) -> dict[str, WindowedStats | CalibrationStats]:
         """The parts that save and restore themselves, by the name they are saved under
         (``""``: at the top level of the model's entry, as snapshots have always had it)."""
-        return {"": self.loss, "predictions": self.predictions}
+        return {"": self.loss, "predictions": self.predictions, "calibration": self.calibration}
 
     @property
     def window_labels(self) -> tuple[str, ...]:
@@ -366,6 +391,7 @@ class ModelState:
 
     _SCALARS = (
         "num_classes",
+        "binary",
         "batches",
         "unnormalized_rows",
         "unnormalized_targets",
@@ -400,8 +426,32 @@ class ModelState:
         for reason, n in rejected.items():
             count(n, f"{where} rejected.{reason}")
 
+    @property
+    def binary(self) -> bool:
+        """Whether the model's scored predictions are binary ([N] probabilities of the positive class)."""
+        return self.calibration.binary
+
+    def _calibration_for(self, binary: bool) -> None:
+        """Make the calibration component fit ``binary`` predictions. Its layout depends on it
+        (a binary sample's outcome is its target, a multiclass one's is top-1 correctness),
+        so it is set by the first scored sample; a model that has scored samples of one form
+        refuses the other (both are 2 classes, and their bins would mean different things)."""
+        if binary == self.calibration.binary:
+            return
+        if self.calibration.lifetime[calibration.N] == 0.0 and self.calibration.count_total == 0:
+            self.calibration = CalibrationStats(*self._calibration_args, binary=binary)
+            return
+        sent, has = ("[N] binary", "[N, 2] rows") if binary else ("[N, 2] rows", "[N] binary")
+        raise ValidationError(
+            Reason.CLASS_COUNT_CHANGED,
+            f"the model has scored {has} predictions and this batch has {sent} predictions; "
+            "their calibration bins mean different things, so send one form per model",
+        )
+
     def restore(self, scalars: dict[str, object]) -> None:
-        """Load the scalars :meth:`export` produced."""
+        """Load the scalars :meth:`export` produced (before the components load theirs)."""
+        # Absent from snapshots written before calibration existed: decided by the next batch.
+        self._calibration_for(bool(scalars.get("binary", False)))
         for k in ("last_batch_time", "clock"):
             setattr(self, k, float(scalars[k]))  # type: ignore[arg-type]
         self.batches = int(scalars["batches"])  # type: ignore[call-overload]
@@ -425,18 +475,35 @@ class ModelState:
         event_time: float | None,
         batches: int = 1,
         unnormalized_targets: int = 0,
+        targets: np.ndarray | None = None,
+        binary: bool = False,
     ) -> bool:
         """Add scored samples (``batches`` messages' worth, concatenated in arrival order).
 
         ``unnormalized_targets`` is the batches' count of target rows that are not a
-        distribution (see :attr:`xentd.validate.Batch.unnormalized_targets`).
+        distribution (see :attr:`xentd.validate.Batch.unnormalized_targets`). ``targets``
+        are the batch's targets and ``binary`` whether its predictions were binary: a binary
+        sample's outcome is its target, and soft targets make the calibration's target prior.
+        Without them, the outcome is top-1 correctness and the prior counts true classes.
 
         Returns whether any sample's class was past the class limit (folded into "other").
         """
+        if binary:
+            assert targets is not None
+            outcome_targets: np.ndarray | None = np.asarray(targets, np.float64)
+        else:
+            outcome_targets = targets if targets is not None and targets.ndim == 2 else None
+        calibration_args = (scores.confidence, scores.brier, scores.correct, scores.true_class, outcome_targets)
         try:
-            self.loss.fold(
-                scores.loss, scores.focal, scores.correct, scores.true_class, weights, self._advance(now), "losses"
-            )
+            self._calibration_for(binary)
+            now = self._advance(now)
+            # The calibration sums and the losses fold together or not at all. Calibration
+            # checks every sum it would change, so it goes first, as a check, only when
+            # the weights come near float64's range (what its sums are bounded by).
+            if _could_overflow(weights):
+                self.calibration.fold(*calibration_args, weights, now, check_only=True)
+            self.loss.fold(scores.loss, scores.focal, scores.correct, scores.true_class, weights, now, "losses")
+            self.calibration.fold(*calibration_args, weights, now)
         except ValidationError as exc:
             raise ValidationError(exc.reason, f"{exc.detail} (model {self.name!r})") from None
         self.batches += batches
@@ -546,6 +613,21 @@ class ModelSnapshot:
     windows: list[tuple[str, WindowStats]]
     predictions: PredictionSummary
     joins: JoinSummary | None  # None until the model sends a predictions-only or labels-only message
+    calibration: CalibrationSummary
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationSummary:
+    """A model's reliability bins over its lifetime, its Brier score, and the derived
+    calibration figures of every window (xentd.calibration)."""
+
+    bin_labels: tuple[str, ...]  # each bin's upper edge, as Prometheus writes le
+    weight: np.ndarray  # W_b
+    confidence: np.ndarray  # C_b
+    outcome: np.ndarray  # O_b
+    brier_weighted_sum: float
+    brier_weight: float
+    windows: list[tuple[str, CalibrationWindow]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,9 +706,11 @@ class StateStore:
         *,
         dedup_window: int = 0,
         labels: LabelsConfig | None = None,
+        calibration_cfg: CalibrationConfig | None = None,
     ) -> None:
         self.windows_cfg = windows
         self.limits = limits
+        self.calibration_cfg = calibration_cfg or CalibrationConfig()
         self.clock = clock
         self.lock = threading.Lock()
         self.models: dict[str, ModelState] = {}
@@ -645,7 +729,12 @@ class StateStore:
     def empty_like(self) -> StateStore:
         """An empty store of the same configuration (a restore loads into one, then :meth:`adopt`)."""
         return StateStore(
-            self.windows_cfg, self.limits, self.clock, dedup_window=self.recent.capacity, labels=self.labels_cfg
+            self.windows_cfg,
+            self.limits,
+            self.clock,
+            dedup_window=self.recent.capacity,
+            labels=self.labels_cfg,
+            calibration_cfg=self.calibration_cfg,
         )
 
     def adopt(self, other: StateStore) -> None:
@@ -684,7 +773,7 @@ class StateStore:
 
     def add_model(self, name: str, num_classes: int) -> ModelState:
         """A new, empty model, without the admission checks of :meth:`model` (restores use it)."""
-        state = ModelState(name, num_classes, self.windows_cfg, self.limits, self.clock())
+        state = ModelState(name, num_classes, self.windows_cfg, self.limits, self.clock(), self.calibration_cfg)
         self.models[name] = state
         return state
 
@@ -711,16 +800,19 @@ class StateStore:
             correct=np.ones(2, np.uint8),
             true_class=np.zeros(2, np.int64),
             unnormalized_rows=0,
+            confidence=np.ones(2),
+            brier=np.zeros(2),
         )
         weights = np.ones(2)
         weights.flags.writeable = False
         for w in (None, weights):
-            scratch = ModelState("warmup", 2, self.windows_cfg, self.limits, self.clock())
+            scratch = ModelState("warmup", 2, self.windows_cfg, self.limits, self.clock(), self.calibration_cfg)
             scratch.fold(scores, w, self.clock(), None)
             scratch.fold_predictions(scores.loss, scores.focal, w, self.clock())
             scratch.windows(self.clock())
         joins.warmup()
         predstats.warmup()
+        calibration.warmup()
 
     def reject(self, reason: Reason, model: str | None = None) -> None:
         """Count a rejected batch. Call with the lock held. Only a model that already
@@ -780,6 +872,8 @@ class StateStore:
             m.predictions.lifetime.copy(),
             m.predictions.window_matrix(now),
             join,
+            m.calibration.lifetime.copy(),
+            m.calibration.window_matrix(now),
         )
 
     def _derive(
@@ -799,6 +893,8 @@ class StateStore:
         pred_life: np.ndarray,
         pred_matrix: np.ndarray,
         join: tuple[np.ndarray, int, np.ndarray, float] | None,
+        cal_life: np.ndarray,
+        cal_matrix: np.ndarray,
     ) -> ModelSnapshot:
         s = m.slots
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -840,4 +936,29 @@ class StateStore:
                 window_entropy=list(zip(m.predictions.window_labels, entropy.tolist(), strict=True)),
             ),
             joins=joins,
+            calibration=self._calibration(m.calibration, cal_life, cal_matrix, matrix),
+        )
+
+    @staticmethod
+    def _calibration(
+        c: CalibrationStats, life: np.ndarray, matrix: np.ndarray, loss_matrix: np.ndarray
+    ) -> CalibrationSummary:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_loss = loss_matrix[:, acc.SWL] / loss_matrix[:, acc.SW]
+        weight, confidence, outcome = calibration.reliability_bins(life, c.bins)
+        brier_sum, brier_weight = calibration.brier_sums(life)
+        return CalibrationSummary(
+            bin_labels=calibration.bin_labels(c.bins),
+            weight=weight,
+            confidence=confidence,
+            outcome=outcome,
+            brier_weighted_sum=brier_sum,
+            brier_weight=brier_weight,
+            windows=list(
+                zip(
+                    c.window_labels,
+                    calibration.derive_calibration(matrix, c.bins, c.slots, c.binary, mean_loss),
+                    strict=True,
+                )
+            ),
         )

@@ -93,7 +93,10 @@ def test_every_metric_in_the_dashboard_is_exported(start_daemon: Callable[..., D
         ids = np.arange(10, dtype=np.int64)
         pub.send_predictions("m", p[:10], ids)
         pub.send_labels("m", rng.integers(0, 4, 10), ids)
+        # A binary model too, for the Brier score's decomposition (binary models only).
+        pub.send("ctr", rng.uniform(0.01, 0.99, 50), rng.integers(0, 2, 50).astype(np.float64))
     d.wait_for_at_least("xentd_batches_total", 1.0, model="m")
+    d.wait_for_at_least("xentd_batches_total", 1.0, model="ctr")
     d.wait_for("xentd_label_joins_total", 10.0, model="m", outcome="matched")
     d.wait_for_at_least("xentd_snapshots_written_total", 1.0)
     _, text = d.get("/metrics")

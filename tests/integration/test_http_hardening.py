@@ -42,6 +42,8 @@ def _store() -> StateStore:
                 correct=np.array([1, 0], np.uint8),
                 true_class=np.array([0, 1]),
                 unnormalized_rows=0,
+                confidence=np.full(len(loss), 0.75),
+                brier=np.full(len(loss), 0.25),
             ),
             None,
             1_700_000_000.0,

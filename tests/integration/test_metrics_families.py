@@ -40,6 +40,8 @@ def _store() -> StateStore:
                 correct=np.array([1, 0, 0], np.uint8),
                 true_class=np.array([0, 1, 1]),
                 unnormalized_rows=0,
+                confidence=np.full(len(loss), 0.75),
+                brier=np.full(len(loss), 0.25),
             ),
             np.array([0.5, 1.0, 0.25]),
             1_700_000_000.0,
@@ -183,8 +185,8 @@ def test_the_daemon_exports_the_new_families_in_both_formats(start_daemon: Calla
 def test_the_daemon_applies_the_export_section(start_daemon: Callable[..., DaemonProcess]) -> None:
     """[export] in the config file reaches the real daemon's /metrics: per-class series off, and a
     series budget too small for the second model leaves it out and says so."""
-    # A 3-class model is 62 series without its per-class ones: 80 holds the first model, not the second.
-    d = start_daemon('[export]\nper_class = "none"\nmax_series = 80\n')
+    # A 3-class model is 125 series without its per-class ones: 160 holds the first model, not the second.
+    d = start_daemon('[export]\nper_class = "none"\nmax_series = 160\n')
     rng = np.random.default_rng(9)
     with Publisher(d.ingest, connect_timeout=60) as pub:
         for model in ("a-first", "b-second"):

@@ -51,6 +51,9 @@ class SampleScores:
     - ``correct``: 1 where the top-1 prediction is the true class (uint8).
     - ``true_class``: the true class; the argmax of soft targets (int64).
     - ``unnormalized_rows``: rows of probs/log_probs whose mass is off 1 by more than the tolerance.
+    - ``confidence``: binary, the positive-class probability p; multiclass, the largest
+      class probability (float64). Probabilities as sent, unclipped (docs/metrics.md).
+    - ``brier``: the Brier score, (p - t)**2 or the sum over classes of (p_c - t_c)**2 (float64).
     """
 
     loss: np.ndarray
@@ -58,6 +61,8 @@ class SampleScores:
     correct: np.ndarray
     true_class: np.ndarray
     unnormalized_rows: int
+    confidence: np.ndarray
+    brier: np.ndarray
 
 
 class Backend(Protocol):
@@ -82,6 +87,8 @@ class Outputs(NamedTuple):
     correct: Any
     true_class: Any
     unnormalized: Any  # 1 where the row's mass is off 1 by more than the tolerance
+    confidence: Any
+    brier: Any
 
 
 OUTPUT_DTYPES = Outputs(
@@ -90,6 +97,8 @@ OUTPUT_DTYPES = Outputs(
     correct=np.dtype(np.uint8),
     true_class=np.dtype(np.int64),
     unnormalized=np.dtype(np.uint8),
+    confidence=np.dtype(np.float64),
+    brier=np.dtype(np.float64),
 )
 
 
@@ -118,13 +127,15 @@ class OutputBuffers:
 
     def scores(self, n: int) -> SampleScores:
         """The first ``n`` results (host arrays), as views that the next call overwrites."""
-        loss, focal, correct, true_class, unnormalized = self.arrays
+        loss, focal, correct, true_class, unnormalized, confidence, brier = self.arrays
         return SampleScores(
             loss=loss[:n],
             focal=focal[:n],
             correct=correct[:n],
             true_class=true_class[:n],
             unnormalized_rows=int(np.count_nonzero(unnormalized[:n])),
+            confidence=confidence[:n],
+            brier=brier[:n],
         )
 
 

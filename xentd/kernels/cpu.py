@@ -24,6 +24,13 @@ turns into AVX code, and small-C rows are transposed into blocks so that every
 loop runs across rows. The float64 multiclass, soft-target and binary
 log_probs paths keep libm's functions.
 
+Calibration: every kernel also writes each sample's confidence and Brier score
+(docs/metrics.md, "Calibration and normalized entropy") from the sums it
+already makes: the largest probability is 1 / sum exp(x - max) for logits, and
+the Brier score's squares are summed in the same loops as the exponentials. The
+classes other than the target are summed apart, never as a total minus the
+target's term, so that a confident row's score keeps its relative accuracy.
+
 docs/metrics.md gives every formula computed here.
 """
 
@@ -233,12 +240,24 @@ def _binary_terms(kind, x, eps, log_eps):  # type: ignore[no-untyped-def]
     return x, lq, math.exp(x), q, x > LOG_HALF
 
 
+@cached(inline="always")
+def _binary_brier(kind, x, p, q, t):  # type: ignore[no-untyped-def]
+    """(p - t)**2 for the unclipped positive-class probability: ``x`` itself for
+    probs; otherwise p and q = 1 - p, of which the smaller is the accurate one
+    (p - t = (1 - t) - q), so that a confident row's tiny score keeps its digits."""
+    if kind == PROBS:
+        d = x - t
+    else:
+        d = p - t if p < 0.5 else (1.0 - t) - q
+    return d * d
+
+
 # Every kernel takes (pred, tgt, kind, *ScoringParams.kernel_args, *Outputs), as
 # positional arguments (xentd.kernels.base says why). The output arrays may be
 # longer than the batch: kernels write their first n elements.
 
 
-def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
     n, c = pred.shape
     for i in prange(n):
         t = tgt[i]
@@ -251,16 +270,38 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
         m = np.float64(best)
         mass = 0.0
         s = 0.0
+        # Brier = sum over c != t of p_c**2, plus (1 - p_t)**2: the non-target
+        # squares are summed apart, so that a confident row's score does not
+        # come from 1 - 2 p_t + sum p_c**2, a cancellation.
+        sq = 0.0
+        rest = 0.0  # logits: the other classes' exponentials, so that 1 - p_t = rest / s exactly
         if kind == LOGITS:
             for j in range(c):
-                s += math.exp(np.float64(pred[i, j]) - m)
+                e = math.exp(np.float64(pred[i, j]) - m)
+                s += e
+                sq += 0.0 if j == t else e * e
+                rest += 0.0 if j == t else e
         elif kind == PROBS:
             for j in range(c):
-                mass += np.float64(pred[i, j])
+                x = np.float64(pred[i, j])
+                mass += x
+                sq += 0.0 if j == t else x * x
         else:
             for j in range(c):
-                mass += math.exp(np.float64(pred[i, j]))
-        lpt, q, mass = _index_terms(kind, np.float64(pred[i, t]), m, s, mass, eps)
+                e = math.exp(np.float64(pred[i, j]))
+                mass += e
+                sq += 0.0 if j == t else e * e
+        xt = np.float64(pred[i, t])
+        lpt, q, mass = _index_terms(kind, xt, m, s, mass, eps)
+        if kind == LOGITS:
+            conf[i] = 1.0 / s
+            brier[i] = (sq + rest * rest) / (s * s)
+        elif kind == PROBS:
+            conf[i] = m
+            brier[i] = sq + (1.0 - xt) * (1.0 - xt)
+        else:
+            conf[i] = math.exp(m)
+            brier[i] = sq + math.expm1(xt) * math.expm1(xt)
         loss[i] = -lpt
         focal[i] = -_focal_weight(q, gamma) * lpt
         correct[i] = 1 if arg == t else 0
@@ -294,7 +335,9 @@ def _max_span(row, lo, hi):  # type: ignore[no-untyped-def]
 
 @cached(fastmath=True)
 def _sum_exp_span(row, hi, m):  # type: ignore[no-untyped-def]
-    """(sum of exp(row[j] - m) over the j where row[j] != m, count of row[j] == m), in float64.
+    """(sum of exp(row[j] - m) over the j where row[j] != m, count of row[j] == m,
+    sum of the squares of those exponentials), in float64; the squares are the Brier
+    score's (a maximum's square is 1, so the count serves for those too).
 
     Every maximum contributes exactly exp2(0) = 1, so it is counted rather than
     added: the float32 block sums then hold only the other terms, and a loss
@@ -304,27 +347,36 @@ def _sum_exp_span(row, hi, m):  # type: ignore[no-untyped-def]
     """
     others = 0.0
     ties = 0.0
+    squares = 0.0
     for j0 in range(0, hi, BLOCK):
         block = F32(0.0)
         block_ties = F32(0.0)
+        block_squares = F32(0.0)
         span = row[j0 : min(j0 + BLOCK, hi)]
         for j in range(span.shape[0]):
             # A select, not "exp - is_max": reassociation would turn a subtraction
             # back into (sum of exp) - (sum of is_max) and cancel the small terms.
             is_max = span[j] == m
-            block += F32(0.0) if is_max else exp2_neg((span[j] - m) * LOG2E32)
+            e = F32(0.0) if is_max else exp2_neg((span[j] - m) * LOG2E32)
+            block += e
+            block_squares += e * e
             block_ties += F32(1.0) if is_max else F32(0.0)
         others += np.float64(block)
         ties += np.float64(block_ties)
-    return others, ties
+        squares += np.float64(block_squares)
+    return others, ties, squares
 
 
 @cached(fastmath=True)
 def _sum_span(row, hi):  # type: ignore[no-untyped-def]
+    """(sum, sum of squares) of row[:hi], in float64."""
     s = 0.0
+    squares = 0.0
     for j in range(hi):
-        s += np.float64(row[j])
-    return s
+        x = np.float64(row[j])
+        s += x
+        squares += x * x
+    return s, squares
 
 
 # Rows of at most SMALL_C classes are scored in blocks of SMALL_ROWS rows,
@@ -337,21 +389,24 @@ SMALL_ROWS = 512
 
 
 @cached(inline="always", error_model="numpy")
-def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls):  # type: ignore[no-untyped-def]
+def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, brier):  # type: ignore[no-untyped-def]
     """Rows of a block (views) with class-index targets, float32 logits or
     probabilities: loss, 1 - p_t in ``focal`` (the caller applies the focal
-    weight), top-1 and the true class. Returns the block's summed probability
-    mass per row in a float64 array (1 for logits), for the normalisation check."""
+    weight), top-1, the true class, confidence and Brier score. Returns the block's
+    summed probability mass per row in a float64 array (1 for logits), for the
+    normalisation check."""
     rows, c = pred.shape
     # Columns padded by a cache line: at a 2 KB stride (512 rows) the transposing
     # stores all fall into the same few L1 sets and evict each other.
     cols = np.empty((c, rows + 16), np.float32)
     targets = np.empty(rows, np.float32)
+    tcol = np.empty(rows, np.int32)
     for r in range(rows):
         for j in range(c):
             cols[j, r] = pred[r, j]
         # Gathered here: a gather in the last loop would keep it from vectorising.
         targets[r] = pred[r, tgt[r]]
+        tcol[r] = np.int32(tgt[r])
     # First maximum: a strict > keeps the lowest index of tied values.
     m = cols[0, :rows].copy()
     arg = np.zeros(rows, np.int32)
@@ -369,7 +424,11 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls):  # typ
         # terms) is summed in float32, as one of _sum_exp_span's blocks is.
         others = np.zeros(rows, np.float32)
         ties = np.zeros(rows, np.float32)
+        # The Brier score's squares of the classes other than the target (and other
+        # than the maxima, which are counted): summed apart, without a subtraction.
+        squares = np.zeros(rows, np.float32)
         for j in range(c):
+            jj = np.int32(j)
             for r in range(rows):
                 d = cols[j, r] - m[r]
                 # Computed before the select, not inside it: a call in a conditional
@@ -378,6 +437,7 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls):  # typ
                 is_max = d == F32(0.0)
                 others[r] += F32(0.0) if is_max else e
                 ties[r] += F32(1.0) if is_max else F32(0.0)
+                squares[r] += F32(0.0) if is_max or jj == tcol[r] else e * e
         for r in range(rows):
             t = tgt[r]
             xt = targets[r]
@@ -390,21 +450,32 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls):  # typ
             # 1 - p_t, as in _multiclass_index_f32.
             at_max = excess * inv_total
             away = 1.0 - np.float64(exp2_neg((xt - m[r]) * LOG2E32)) * inv_total
-            focal[r] = at_max if xt == m[r] else away
+            q = at_max if xt == m[r] else away
+            focal[r] = q
             correct[r] = 1 if arg[r] == t else 0
             tcls[r] = t
             mass[r] = 1.0
+            conf[r] = inv_total
+            other_ties = tr - 1.0 if xt == m[r] else tr
+            brier[r] = (np.float64(squares[r]) + other_ties) * inv_total * inv_total + q * q
     else:
+        squares64 = np.zeros(rows, np.float64)
         for j in range(c):
+            jj = np.int32(j)
             for r in range(rows):
-                mass[r] += np.float64(cols[j, r])  # float64, as _sum_span
+                x = np.float64(cols[j, r])
+                mass[r] += x  # float64, as _sum_span
+                squares64[r] += 0.0 if jj == tcol[r] else x * x
         for r in range(rows):
             t = tgt[r]
-            pt = max(np.float64(targets[r]), eps)
+            xt = np.float64(targets[r])
+            pt = max(xt, eps)
             loss[r] = -log64(pt)
             focal[r] = 1.0 - pt
             correct[r] = 1 if arg[r] == t else 0
             tcls[r] = t
+            conf[r] = np.float64(m[r])
+            brier[r] = squares64[r] + (1.0 - xt) * (1.0 - xt)
     return mass
 
 
@@ -416,7 +487,7 @@ def _apply_focal(focal, loss, gamma):  # type: ignore[no-untyped-def]
         focal[r] = _focal_weight(focal[r], gamma) * loss[r]
 
 
-def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
     """Class-index targets on float32 predictions: the high-throughput path.
 
     Three vectorised sweeps over each row (max, then exp-sum or sum); the
@@ -430,14 +501,14 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
         for b in prange((n + SMALL_ROWS - 1) // SMALL_ROWS):
             lo = b * SMALL_ROWS
             hi = min(lo + SMALL_ROWS, n)
-            lossb, focalb = loss[lo:hi], focal[lo:hi]
+            lossb, focalb, confb, brierb = loss[lo:hi], focal[lo:hi], conf[lo:hi], brier[lo:hi]
             if kind == LOGITS:
                 mass = _small_index_block(
-                    pred[lo:hi], tgt[lo:hi], LOGITS, eps, lossb, focalb, correct[lo:hi], tcls[lo:hi]
+                    pred[lo:hi], tgt[lo:hi], LOGITS, eps, lossb, focalb, correct[lo:hi], tcls[lo:hi], confb, brierb
                 )
             else:
                 mass = _small_index_block(
-                    pred[lo:hi], tgt[lo:hi], PROBS, eps, lossb, focalb, correct[lo:hi], tcls[lo:hi]
+                    pred[lo:hi], tgt[lo:hi], PROBS, eps, lossb, focalb, correct[lo:hi], tcls[lo:hi], confb, brierb
                 )
             if gamma == 2.0:
                 _apply_focal(focalb, lossb, 2.0)
@@ -456,8 +527,18 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
         m = max(before, _max_span(row, t, c))
         xt = np.float64(row[t])
         mass = 1.0
+        # The sums run over the classes before and after the target apart, so that
+        # the Brier score's sum of squares leaves the target out without a
+        # subtraction (which would cancel for a confident row).
+        head, tail = row[:t], row[t + 1 :]
         if kind == LOGITS:
-            others, ties = _sum_exp_span(row, c, m)
+            o1, t1, sq1 = _sum_exp_span(head, t, m)
+            o2, t2, sq2 = _sum_exp_span(tail, c - t - 1, m)
+            others, ties = o1 + o2, t1 + t2
+            if row[t] == m:
+                ties += 1.0
+            else:
+                others += np.float64(exp2_neg((row[t] - m) * LOG2E32))
             # log(sum of exp(row - m)) = log1p(others + ties - 1), without ever forming 1 + tiny.
             excess = others if ties == 1.0 else others + (ties - 1.0)
             lpt = (xt - np.float64(m)) - math.log1p(excess)
@@ -468,16 +549,26 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
                 q = excess / total
             else:
                 q = 1.0 - np.float64(exp2_neg((row[t] - m) * LOG2E32)) / total
+            conf[i] = 1.0 / total
+            brier[i] = (sq1 + sq2 + t1 + t2) / (total * total) + q * q
         elif kind == PROBS:
-            mass = _sum_span(row, c)
+            s1, sq1 = _sum_span(head, t)
+            s2, sq2 = _sum_span(tail, c - t - 1)
+            mass = s1 + s2 + xt
             pt = max(xt, eps)
             lpt = math.log(pt)
             q = 1.0 - pt
+            conf[i] = np.float64(m)
+            brier[i] = sq1 + sq2 + (1.0 - xt) * (1.0 - xt)
         else:
-            others, ties = _sum_exp_span(row, c, F32(0.0))
-            mass = others + ties
+            o1, t1, sq1 = _sum_exp_span(head, t, F32(0.0))
+            o2, t2, sq2 = _sum_exp_span(tail, c - t - 1, F32(0.0))
+            pt = math.exp(xt)
+            mass = o1 + o2 + t1 + t2 + pt
             lpt = xt
             q = -math.expm1(lpt)
+            conf[i] = math.exp(np.float64(m))
+            brier[i] = sq1 + sq2 + t1 + t2 + q * q
         loss[i] = -lpt
         focal[i] = -_focal_weight(q, gamma) * lpt
         correct[i] = 1 if row[t] == m and (t == 0 or row[t] > before) else 0
@@ -485,7 +576,7 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
         unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
 
 
-def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
     n, c = pred.shape
     for i in prange(n):
         # Both first maxima in one pass over the two rows: two passes (one helper
@@ -504,27 +595,35 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         m = np.float64(best)
         lse = 0.0
         mass = 0.0
+        s = 0.0
         if kind == LOGITS:
-            s = 0.0
             for j in range(c):
                 s += math.exp(np.float64(pred[i, j]) - m)
             lse = m + math.log(s)
             mass = 1.0
         total = 0.0
         ftotal = 0.0
+        sq = 0.0
         for j in range(c):
             x = np.float64(pred[i, j])
             if kind == PROBS:
+                pj = x
                 mass += x
             elif kind == LOG_PROBS:
-                mass += math.exp(x)
+                pj = math.exp(x)
+                mass += pj
+            else:
+                pj = math.exp(x - m) / s
             tj = np.float64(tgt[i, j])
+            sq += (pj - tj) * (pj - tj)
             if tj != 0.0:  # 0 * log(0) is 0, as in xlogy
                 lp, q = _soft_terms(kind, x, lse, eps)
                 total -= tj * lp
                 ftotal -= tj * _focal_weight(q, gamma) * lp
         loss[i] = total
         focal[i] = ftotal
+        conf[i] = 1.0 / s if kind == LOGITS else (m if kind == PROBS else math.exp(m))
+        brier[i] = sq
         correct[i] = 1 if arg == targ else 0
         tcls[i] = targ
         unnorm[i] = 1 if kind != LOGITS and abs(mass - 1.0) > tol else 0
@@ -536,7 +635,7 @@ ROW_BLOCK = 2048
 
 
 @cached(inline="always", error_model="numpy")
-def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
     """One block of samples (views, so that indices are known non-negative and
     need no wraparound: a loop over ``range(lo, hi)`` with a runtime ``lo``
     vectorised into gathers, 3x slower). With ``libm`` false, callers pass
@@ -547,6 +646,8 @@ def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correc
         x = np.float64(pred[i])
         if libm:
             lp, lq, p, q, positive = _binary_terms(kind, x, eps, log_eps)
+            if kind == LOG_PROBS:
+                q = -math.expm1(x)  # _binary_terms floors 1 - p at eps for the loss; calibration wants it as sent
         elif kind == LOGITS:
             e = exp_nonpos64(-abs(x))
             lp, lq, p, q, positive = _binary_logit_terms(x, e, log1p64(e))
@@ -554,6 +655,8 @@ def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correc
             pc = min(max(x, eps), 1.0 - eps)
             lp, lq, p, q, positive = _binary_prob_terms(x, pc, log64(pc), log1p64(-pc))
         t = tgt[i]
+        conf[i] = x if kind == PROBS else p
+        brier[i] = _binary_brier(kind, x, p, q, t)
         loss[i] = -(t * lp + (1.0 - t) * lq)
         focal[i] = -(t * _focal_weight(q, gamma) * lp + (1.0 - t) * _focal_weight(p, gamma) * lq)
         truth = t > 0.5
@@ -562,23 +665,23 @@ def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correc
         unnorm[i] = 0
 
 
-def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
     n = pred.shape[0]
     log_eps = math.log(eps)
     for b in prange((n + ROW_BLOCK - 1) // ROW_BLOCK):
         lo = b * ROW_BLOCK
         hi = min(lo + ROW_BLOCK, n)
         x, t = pred[lo:hi], tgt[lo:hi]
-        out = (loss[lo:hi], focal[lo:hi], correct[lo:hi], tcls[lo:hi], unnorm[lo:hi])
+        out = (loss[lo:hi], focal[lo:hi], correct[lo:hi], tcls[lo:hi], unnorm[lo:hi], conf[lo:hi], brier[lo:hi])
         # The default gamma gets loops of its own (see _binary_span); any other
         # gamma, and log_probs, share one loop with libm's functions. Each
         # specialised loop costs compile time (5 to 10 s per build).
         if kind == LOGITS and gamma == 2.0:
-            _binary_span(x, t, False, LOGITS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4])
+            _binary_span(x, t, False, LOGITS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4], out[5], out[6])
         elif kind == PROBS and gamma == 2.0:
-            _binary_span(x, t, False, PROBS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4])
+            _binary_span(x, t, False, PROBS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4], out[5], out[6])
         else:
-            _binary_span(x, t, True, kind, eps, log_eps, gamma, out[0], out[1], out[2], out[3], out[4])
+            _binary_span(x, t, True, kind, eps, log_eps, gamma, out[0], out[1], out[2], out[3], out[4], out[5], out[6])
 
 
 KERNELS = {
