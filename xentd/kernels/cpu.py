@@ -424,11 +424,10 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
         # terms) is summed in float32, as one of _sum_exp_span's blocks is.
         others = np.zeros(rows, np.float32)
         ties = np.zeros(rows, np.float32)
-        # The Brier score's squares of the classes other than the target (and other
-        # than the maxima, which are counted): summed apart, without a subtraction.
+        # The Brier score's squares of the classes other than the maxima (whose
+        # squares are 1, counted in ties); the target's is taken out below.
         squares = np.zeros(rows, np.float32)
         for j in range(c):
-            jj = np.int32(j)
             for r in range(rows):
                 d = cols[j, r] - m[r]
                 # Computed before the select, not inside it: a call in a conditional
@@ -437,7 +436,7 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
                 is_max = d == F32(0.0)
                 others[r] += F32(0.0) if is_max else e
                 ties[r] += F32(1.0) if is_max else F32(0.0)
-                squares[r] += F32(0.0) if is_max or jj == tcol[r] else e * e
+                squares[r] += F32(0.0) if is_max else e * e
         for r in range(rows):
             t = tgt[r]
             xt = targets[r]
@@ -449,15 +448,18 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
             loss[r] = log1p64(excess) - (np.float64(xt) - np.float64(m[r]))
             # 1 - p_t, as in _multiclass_index_f32.
             at_max = excess * inv_total
-            away = 1.0 - np.float64(exp2_neg((xt - m[r]) * LOG2E32)) * inv_total
+            et = np.float64(exp2_neg((xt - m[r]) * LOG2E32))
+            away = 1.0 - et * inv_total
             q = at_max if xt == m[r] else away
             focal[r] = q
             correct[r] = 1 if arg[r] == t else 0
             tcls[r] = t
             mass[r] = 1.0
             conf[r] = inv_total
-            other_ties = tr - 1.0 if xt == m[r] else tr
-            brier[r] = (np.float64(squares[r]) + other_ties) * inv_total * inv_total + q * q
+            # As in the wide path: when the target is not a maximum, the other classes'
+            # squares sum to at least 1, so taking the target's out cancels nothing.
+            others_squared = np.float64(squares[r]) + (tr - 1.0 if xt == m[r] else tr - et * et)
+            brier[r] = others_squared * inv_total * inv_total + q * q
     else:
         squares64 = np.zeros(rows, np.float64)
         for j in range(c):
@@ -527,33 +529,32 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
         m = max(before, _max_span(row, t, c))
         xt = np.float64(row[t])
         mass = 1.0
-        # The sums run over the classes before and after the target apart, so that
-        # the Brier score's sum of squares leaves the target out without a
-        # subtraction (which would cancel for a confident row).
-        head, tail = row[:t], row[t + 1 :]
         if kind == LOGITS:
-            o1, t1, sq1 = _sum_exp_span(head, t, m)
-            o2, t2, sq2 = _sum_exp_span(tail, c - t - 1, m)
-            others, ties = o1 + o2, t1 + t2
-            if row[t] == m:
-                ties += 1.0
-            else:
-                others += np.float64(exp2_neg((row[t] - m) * LOG2E32))
+            others, ties, squares = _sum_exp_span(row, c, m)
             # log(sum of exp(row - m)) = log1p(others + ties - 1), without ever forming 1 + tiny.
             excess = others if ties == 1.0 else others + (ties - 1.0)
             lpt = (xt - np.float64(m)) - math.log1p(excess)
             # 1 - p_t from the same sums, without expm1: exact when the target is
             # a maximum (p_t = 1/S), and free of cancellation otherwise (p_t <= 1/2).
             total = 1.0 + excess
+            # The Brier score's sum of squares over the classes other than the target:
+            # a maximum's square is 1 (counted in ties). When the target is not a
+            # maximum, another class is, so that sum is at least 1 and taking the
+            # target's square out of it cancels nothing.
             if row[t] == m:
                 q = excess / total
+                others_squared = squares + (ties - 1.0)
             else:
-                q = 1.0 - np.float64(exp2_neg((row[t] - m) * LOG2E32)) / total
+                et = np.float64(exp2_neg((row[t] - m) * LOG2E32))
+                q = 1.0 - et / total
+                others_squared = squares + ties - et * et
             conf[i] = 1.0 / total
-            brier[i] = (sq1 + sq2 + t1 + t2) / (total * total) + q * q
+            brier[i] = others_squared / (total * total) + q * q
         elif kind == PROBS:
-            s1, sq1 = _sum_span(head, t)
-            s2, sq2 = _sum_span(tail, c - t - 1)
+            # Probabilities are summed before and after the target apart: a confident
+            # row's other squares would vanish in (sum of squares) - p_t**2.
+            s1, sq1 = _sum_span(row[:t], t)
+            s2, sq2 = _sum_span(row[t + 1 :], c - t - 1)
             mass = s1 + s2 + xt
             pt = max(xt, eps)
             lpt = math.log(pt)
@@ -561,8 +562,9 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
             conf[i] = np.float64(m)
             brier[i] = sq1 + sq2 + (1.0 - xt) * (1.0 - xt)
         else:
-            o1, t1, sq1 = _sum_exp_span(head, t, F32(0.0))
-            o2, t2, sq2 = _sum_exp_span(tail, c - t - 1, F32(0.0))
+            # As for probabilities: the classes before and after the target apart.
+            o1, t1, sq1 = _sum_exp_span(row[:t], t, F32(0.0))
+            o2, t2, sq2 = _sum_exp_span(row[t + 1 :], c - t - 1, F32(0.0))
             pt = math.exp(xt)
             mass = o1 + o2 + t1 + t2 + pt
             lpt = xt
@@ -646,8 +648,6 @@ def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correc
         x = np.float64(pred[i])
         if libm:
             lp, lq, p, q, positive = _binary_terms(kind, x, eps, log_eps)
-            if kind == LOG_PROBS:
-                q = -math.expm1(x)  # _binary_terms floors 1 - p at eps for the loss; calibration wants it as sent
         elif kind == LOGITS:
             e = exp_nonpos64(-abs(x))
             lp, lq, p, q, positive = _binary_logit_terms(x, e, log1p64(e))
@@ -656,7 +656,8 @@ def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correc
             lp, lq, p, q, positive = _binary_prob_terms(x, pc, log64(pc), log1p64(-pc))
         t = tgt[i]
         conf[i] = x if kind == PROBS else p
-        brier[i] = _binary_brier(kind, x, p, q, t)
+        # _binary_terms floors a log-probability's 1 - p at eps for the loss; the Brier score takes it as sent.
+        brier[i] = _binary_brier(kind, x, p, -math.expm1(x) if kind == LOG_PROBS else q, t)
         loss[i] = -(t * lp + (1.0 - t) * lq)
         focal[i] = -(t * _focal_weight(q, gamma) * lp + (1.0 - t) * _focal_weight(p, gamma) * lq)
         truth = t > 0.5
