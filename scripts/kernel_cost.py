@@ -16,7 +16,10 @@ and noisy: only side-by-side medians mean anything.
   matters less.
 - ``state RSS``: the growth of the process's resident memory when 10,000 models
   of 10 classes each fold ten 64-sample batches (what ``bench.py scale`` sends),
-  with the default windows, through ``StateStore`` and ``ModelState.fold``.
+  with the default windows, through ``StateStore`` and ``ModelState.fold``;
+- ``steady KB``: the bytes each component of one 10-class model holds once it has
+  seen traffic for longer than every window (every time bucket used, the count
+  ring full): what a busy model costs, whatever the benchmark's load.
 """
 
 from __future__ import annotations
@@ -98,6 +101,18 @@ def _child(root: str) -> dict[str, Any]:
         for i in range(MODELS):
             store.model(f"model-{i}", 10).fold(scores, None, 1.7e9 + b, None)
     out["state RSS MiB"] = (_rss() - before) / 2**20
+
+    # One model at steady state: every time bucket used (4,000 s of traffic, past the 1 h
+    # window) and the count-window ring full (12,000 samples, past last_10000).
+    from xentd.state import ModelState
+
+    model = ModelState("steady", 10, WindowsConfig(), LimitsConfig(), 1.7e9)
+    three = SampleScores(**{k: (v[:3] if isinstance(v, np.ndarray) else v) for k, v in values.items() if k in fields})
+    for k in range(4_000):
+        model.fold(three, None, 1.7e9 + k, None)
+    for name, component in model.components().items():
+        arrays = component.save()[1]
+        out[f"steady KB {name or 'loss'}"] = sum(a.nbytes for a in arrays.values()) / 1024
     return out
 
 
@@ -124,12 +139,16 @@ def main() -> None:
             results[side].append(json.loads(done.stdout.splitlines()[-1]))
             print(f"run {run + 1}/{args.repeats} {side}: done", file=sys.stderr)
     print(f"median of {args.repeats} alternating runs; kernels in ms per call (serial build)")
-    print(f"{'measure':<18} {'before':>10} {'after':>10} {'after/before':>13}")
+    print(f"{'measure':<24} {'before':>10} {'after':>10} {'after/before':>13}")
     for key in results["after"][0]:
         b = statistics.median(r[key] for r in results["before"])
         a = statistics.median(r[key] for r in results["after"])
-        scale = 1 if "RSS" in key else 1e3
-        print(f"{key:<18} {b * scale:>10.3f} {a * scale:>10.3f} {a / b:>13.3f}")
+        if key not in results["before"][0]:
+            a = statistics.median(r[key] for r in results["after"])
+            print(f"{key:<24} {'-':>10} {a:>10.1f}")
+            continue
+        scale = 1 if "RSS" in key or "KB" in key else 1e3
+        print(f"{key:<24} {b * scale:>10.3f} {a * scale:>10.3f} {a / b:>13.3f}")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,25 @@ def _add_sample(vec, sign, w, wl, wc, wf, k, slots):  # type: ignore[no-untyped-
     vec[HEAD + slots + k] += sign * wl
 
 
+# Count-window rings and block sums grow with traffic, by a quarter at a time from
+# MIN_RING samples, up to their bound: a model that sends little keeps little (most
+# of 10,000 models do), and a busy one ends at the bound either way.
+GROWTH = 1.25
+MIN_RING = 64
+
+
+def more(rows: int) -> int:
+    """The next size of a growing array of ``rows`` rows."""
+    return int(rows * GROWTH)
+
+
+def grown(a: np.ndarray, rows: int) -> np.ndarray:
+    """``a`` with zero rows appended up to ``rows``."""
+    out = np.zeros((rows, *a.shape[1:]), a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
 def block_size(largest_window: int) -> int:
     """Samples per block: a power of two near sqrt(K), so reads cost O(sqrt(K))."""
     return max(16, 1 << round(math.log2(max(largest_window, 1)) / 2))

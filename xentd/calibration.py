@@ -612,7 +612,7 @@ class CalibrationStats:
         rows = self.tw_buckets.shape[0]
         bound = self.tw_rows.size
         if rows - self.tw_used < windows and rows < bound:
-            self.tw_buckets = _grown(self.tw_buckets, min(bound, max(self.tw_used + windows, _more(rows))))
+            self.tw_buckets = acc.grown(self.tw_buckets, min(bound, max(self.tw_used + windows, acc.more(rows))))
         if not self.count_cap_max:
             return
         end = self.count_total + incoming
@@ -620,20 +620,20 @@ class CalibrationStats:
         cap = self.ring.shape[0]
         if cap < needed:
             # Below the largest window the ring has never wrapped, so the samples are in order.
-            new_cap = min(self.count_cap_max, max(needed, _more(cap), _MIN_RING))
-            self.ring = _grown(self.ring, new_cap)
+            new_cap = min(self.count_cap_max, max(needed, acc.more(cap), acc.MIN_RING))
+            self.ring = acc.grown(self.ring, new_cap)
             if not self.binary:
-                self.ring_tag = _grown(self.ring_tag, new_cap)
+                self.ring_tag = acc.grown(self.ring_tag, new_cap)
             if self.ring_mass.shape[0]:
-                self.ring_mass = _grown(self.ring_mass, new_cap)
+                self.ring_mass = acc.grown(self.ring_mass, new_cap)
         if soft and self.ring_mass.shape[0] < self.ring.shape[0]:
             # Samples before this one have index targets and never read their (zero) row.
-            self.ring_mass = _grown(self.ring_mass, self.ring.shape[0])
+            self.ring_mass = acc.grown(self.ring_mass, self.ring.shape[0])
         # Blocks, like the ring, have not wrapped while fewer than the most are kept.
         nb = self.blocks.shape[0]
         blocks_needed = min(self.blocks_max, (end - 1) // self.block + 1)
         if nb < blocks_needed:
-            self.blocks = _grown(self.blocks, min(self.blocks_max, max(blocks_needed, _more(nb))))
+            self.blocks = acc.grown(self.blocks, min(self.blocks_max, max(blocks_needed, acc.more(nb))))
 
     def _targets(self, targets: np.ndarray | None) -> tuple[int, np.ndarray, np.ndarray]:
         if self.binary:
@@ -744,23 +744,6 @@ class CalibrationStats:
         out[-1] = self.ewma
         out[-1, N] = float(self.ewma[N]) * 2.0 ** (-(now - self.ewma_time) / self.half_life)
         return out
-
-
-# Growth of the ring, blocks and bucket store: by a quarter, not doubling, since at 10,000
-# models the slack is memory; the copies stay amortised O(1) per sample.
-_GROWTH = 1.25
-_MIN_RING = 64
-
-
-def _more(rows: int) -> int:
-    return int(rows * _GROWTH)
-
-
-def _grown(a: np.ndarray, rows: int) -> np.ndarray:
-    """``a`` with zero rows appended up to ``rows``."""
-    out = np.zeros((rows, *a.shape[1:]), a.dtype)
-    out[: a.shape[0]] = a
-    return out
 
 
 def warmup() -> None:

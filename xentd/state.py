@@ -130,8 +130,10 @@ class WindowedStats:
         self.count_total = 0
         self.count_cap_max = max(self.count_sizes, default=0)
         self.block = acc.block_size(self.count_cap_max)
-        # The current, partial block plus enough complete ones to cover the largest window.
-        self.blocks = np.zeros((self.count_cap_max // self.block + 2, size))
+        # The current, partial block plus enough complete ones to cover the largest window;
+        # like the ring, they grow with traffic up to that bound.
+        self.blocks_max = self.count_cap_max // self.block + 2
+        self.blocks = np.zeros((0, size))
         self.ring = np.zeros((0, 4))
         self.ring_cls = np.zeros(0, np.int32)
         self.half_life = windows.ewma_half_life_seconds
@@ -200,7 +202,14 @@ class WindowedStats:
             return
         self.ewma = shaped("ewma", self.ewma)
         self.ewma_time = float(scalars["ewma_time"])  # type: ignore[arg-type]
-        self.blocks = shaped("blocks", self.blocks)
+        blocks = arrays["blocks"]
+        total = int(scalars["count_total"])  # type: ignore[call-overload]
+        # Snapshots written before the blocks grew with traffic hold all of them.
+        if blocks.ndim != 2 or blocks.shape[1] != self.lifetime.shape[0] or blocks.shape[0] > self.blocks_max:
+            raise ValueError(f"blocks: shape {blocks.shape}, expected at most {self.blocks_max} rows")
+        if blocks.shape[0] < min(self.blocks_max, -(-total // self.block)):
+            raise ValueError(f"blocks: {blocks.shape[0]} rows for count_total {total}")
+        self.blocks = blocks.astype(np.float64)
         ring, ring_cls = arrays["ring"], arrays["ring_cls"]
         if (
             ring.ndim != 2
@@ -210,7 +219,7 @@ class WindowedStats:
         ):
             raise ValueError(f"ring: shape {ring.shape}, classes {ring_cls.shape}")
         self.ring, self.ring_cls = ring.astype(np.float64), ring_cls.astype(np.int32)
-        self.count_total = int(scalars["count_total"])  # type: ignore[call-overload]
+        self.count_total = total
         if self.tw_widths.size:
             self.tw_epochs = shaped("tw_epochs", self.tw_epochs)
             self.tw_buckets = shaped("tw_buckets", self.tw_buckets)
@@ -218,17 +227,20 @@ class WindowedStats:
     # --- folding --------------------------------------------------------------------
 
     def _grow_ring(self, incoming: int) -> None:
-        needed = min(self.count_cap_max, self.count_total + incoming)
+        """Room for ``incoming`` more samples in the ring and the block sums (acc.grown)."""
+        end = self.count_total + incoming
+        needed = min(self.count_cap_max, end)
         cap = self.ring.shape[0]
-        if cap >= needed:
-            return
-        # Below the largest window the ring has never wrapped, so the samples are in order.
-        new_cap = min(self.count_cap_max, max(needed, 2 * cap, 256))
-        ring = np.zeros((new_cap, 4))
-        ring_cls = np.zeros(new_cap, np.int32)
-        ring[:cap] = self.ring
-        ring_cls[:cap] = self.ring_cls
-        self.ring, self.ring_cls = ring, ring_cls
+        if cap < needed:
+            # Below the largest window the ring has never wrapped, so the samples are in order.
+            new_cap = min(self.count_cap_max, max(needed, acc.more(cap), acc.MIN_RING))
+            self.ring = acc.grown(self.ring, new_cap)
+            self.ring_cls = acc.grown(self.ring_cls, new_cap)
+        # Nor have the blocks, while fewer than the most are kept: block b is still row b.
+        nb = self.blocks.shape[0]
+        blocks_needed = min(self.blocks_max, (end - 1) // self.block + 1)
+        if nb < blocks_needed:
+            self.blocks = acc.grown(self.blocks, min(self.blocks_max, max(blocks_needed, acc.more(nb))))
 
     def fold(
         self,
