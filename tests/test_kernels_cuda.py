@@ -7,6 +7,10 @@ stride over the rows), and many chunks alternating between the two streams.
 The simulator runs each CUDA thread as a Python thread, so the batches are
 small. FP16 and BF16 reach the kernels already widened to float32
 (xentd.validate), so FP32 and FP64 cover the kernels' inputs.
+
+Confidence and the Brier score are held to a relative 1e-12 against the exact
+reference (tests/calibration_ref.py) for either input type: every sum is
+float64, and the inputs are the same numbers.
 """
 
 from __future__ import annotations
@@ -17,9 +21,19 @@ import os
 import numpy as np
 import pytest
 
-from tests import naive
+from tests import calibration_ref, naive
 from tests.conftest import default_params, make_batch, softmax
-from tests.kernel_cases import EXACT, assert_scores, reference, reference_case, reference_cases
+from tests.kernel_cases import (
+    EXACT,
+    KINDS,
+    assert_scores,
+    encode_dtype,
+    reference,
+    reference_case,
+    reference_cases,
+)
+from xentd.kernels import SampleScores
+from xentd.validate import Batch
 
 cuda_backend = pytest.importorskip("xentd.kernels.cuda")
 from xentd.kernels.cpu import CpuBackend  # noqa: E402
@@ -37,13 +51,30 @@ def gpu() -> CudaBackend:
     return CudaBackend(threads_per_block=8 if cuda_backend.SIMULATOR else 32, chunk_bytes=256, blocks=3)
 
 
+def assert_calibration(scores: SampleScores, batch: Batch, kind: str) -> None:
+    """Confidence and Brier score against the exact reference, relative 1e-12 (exact zeros exactly)."""
+    x, y = batch.predictions, batch.targets
+    conf, brier = calibration_ref.binary(x, y, kind) if batch.binary else calibration_ref.multiclass(x, y, kind)
+    np.testing.assert_allclose(scores.confidence, conf, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(scores.brier, brier, rtol=1e-12, atol=0)
+
+
+def as_kind(logits: np.ndarray, kind: str) -> np.ndarray:
+    """Multiclass predictions of the given kind from float64 logits."""
+    if kind == "logits":
+        return logits
+    return softmax(logits) if kind == "probs" else naive.log_softmax(logits)
+
+
 @reference_cases(["FP32", "FP64"], [(None, 300), (3, 4), (40, 4)])
 def test_matches_float64_reference(
     gpu: CudaBackend, datatype: str, kind: str, classes: int | None, n: int, targets: str
 ) -> None:
     batch = reference_case(datatype, kind, classes, n, targets)
     # Every sum is float64 on the GPU, FP32 logits included: exact to rounding.
-    assert_scores(gpu.score(batch, default_params(batch)), reference(batch, kind), EXACT)
+    scores = gpu.score(batch, default_params(batch))
+    assert_scores(scores, reference(batch, kind), EXACT)
+    assert_calibration(scores, batch, kind)
 
 
 @pytest.mark.parametrize("classes", [2, 100])
@@ -79,6 +110,48 @@ def test_ties_pick_the_first_maximum_like_the_cpu(gpu: CudaBackend) -> None:
     p[:, [7, 12, 21]] = 1 / 3  # three equal maxima in different threads' strides
     batch = make_batch(p, np.array([7, 12, 21, 0]), "probs")
     assert gpu.score(batch, default_params(batch)).correct.tolist() == [1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_confidence_and_brier_with_tied_maxima(gpu: CudaBackend, datatype: str, kind: str) -> None:
+    """Three equal maxima in different threads' strides (8 threads): the confidence is their
+    common p, and the Brier score counts each, with the target on a tied maximum, on another
+    class, and soft."""
+    rng = np.random.default_rng(14)
+    logits = rng.normal(0.0, 1.0, (4, 30))
+    logits[:, [7, 12, 21]] = 4.0
+    pred = encode_dtype(as_kind(logits, kind), datatype)
+    for y in (np.array([7, 12, 21, 0]), softmax(rng.normal(0.0, 2.0, (4, 30))).astype(np.float32)):
+        batch = make_batch(pred, y, kind)
+        scores = gpu.score(batch, default_params(batch))
+        assert_calibration(scores, batch, kind)
+        if y.ndim == 1:
+            assert scores.correct.tolist() == [1, 0, 0, 0]
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+def test_confidence_and_brier_of_confident_predictions(gpu: CudaBackend, datatype: str) -> None:
+    """p within 1e-9 to 1e-16 of 1 (and of 0): the Brier score is made of 1 - p there, which a
+    rounded p does not keep; each path must still give it to a relative 1e-12."""
+    logits = np.full((5, 20), -5.0)
+    for r, (j, v) in enumerate([(3, 20.0), (11, 30.0), (0, 35.0), (19, 1e4), (6, 25.0)]):
+        logits[r, j] = v
+    index = np.array([3, 11, 0, 19, 9])  # the last row's target is not its maximum
+    near = np.eye(20)[[3, 11, 0, 19, 6]] * (1.0 - 1e-6) + 1e-6 / 20  # near-one-hot soft rows
+    for kind in KINDS:
+        pred = encode_dtype(as_kind(logits, kind), datatype)
+        for y in (index, np.eye(20)[index], near):
+            batch = make_batch(pred, y, kind)
+            assert_calibration(gpu.score(batch, default_params(batch)), batch, kind)
+    binary = {
+        "logits": ([30.0, -30.0, 40.0, 25.0, 1e-3, -1e4, 1e4], [1.0, 0.0, 1.0, 0.999999, 0.5, 0.0, 1.0]),
+        "probs": ([1.0 - 1e-12, 1e-15, 1.0, 0.0, 0.5, 1.0 - 2.0**-40], [1.0, 0.0, 1.0, 0.0, 0.25, 1.0]),
+        "log_probs": ([-1e-14, -40.0, 0.0, -1e-9, -0.5], [1.0, 0.0, 1.0, 1.0, 0.999]),
+    }
+    for kind, (x, t) in binary.items():
+        batch = make_batch(encode_dtype(np.array(x), datatype), np.array(t), kind)
+        assert_calibration(gpu.score(batch, default_params(batch)), batch, kind)
 
 
 @pytest.mark.parametrize("datatype", ["FP32", "FP64"])
@@ -128,3 +201,9 @@ def test_real_gpu_large_batch_matches_cpu() -> None:
     ref = naive.multiclass(x, y, "logits", eps=batch.dtype_eps)
     np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-12)
     np.testing.assert_array_equal(got.correct, ref.correct)
+    # No p near 1 over 32,000 classes: float64 from the definitions is exact enough here.
+    p = softmax(x.astype(np.float64))
+    d = p.copy()
+    d[np.arange(512), y] -= 1.0  # p - t, t one-hot
+    np.testing.assert_allclose(got.confidence, p.max(axis=1), rtol=1e-12)
+    np.testing.assert_allclose(got.brier, (d**2).sum(axis=1), rtol=1e-12)

@@ -7,10 +7,22 @@ rounding order, about 1e-15 relative).
 Multiclass rows are cooperative: one block per row (a grid-stride loop over
 rows when there are more rows than blocks), its threads striding over the
 classes. Each pass reduces per-thread partials across the block: a
-shared-memory tree down to one warp, then warp shuffles. A row pass needs the
-row's maximum (and its first index, for top-1) before the sum of exponentials,
-so logits take two passes over the row; soft targets a third. Binary batches
-are one thread per sample.
+shared-memory tree down to one warp, then warp shuffles; two sums of a pass
+share one tree. A row pass needs the row's maximum (and its first index, for
+top-1) before the sum of exponentials, so logits take two passes over the row;
+soft targets a third, which also sums the Brier score. Binary batches are one
+thread per sample.
+
+Confidence and the Brier score come from the same passes. The Brier score
+needs 1 - p wherever p is close to 1, and 1 - p taken from a rounded p keeps
+little of it (p = 1 - 1e-9 leaves ~1e-7 relative), as sum_c p_c^2 - 2 p_t + 1
+would. So the sums of exp(x - m) leave out one class: for class-index targets
+the target (S = rest + exp(x_t - m), 1 - p_t = rest / S, and the score is
+(sum_{c != t} e_c^2 + rest^2) / S^2, all terms positive; for probs and
+log_probs, sum_{c != t} p_c^2 in the first pass), for soft targets the first
+maximum (1 - p_top = rest / S). Log-probabilities take 1 - p from expm1, and
+binary logits and log_probs take p - t as p (1 - t) - (1 - p) t, each factor to
+full relative accuracy.
 
 Batches are copied in chunks through two streams, each with a pinned staging
 buffer: while one chunk is copied to the device and scored, the next is staged
@@ -42,6 +54,7 @@ SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 MAX_THREADS = 1024  # the hardware limit per block; shared scratch is sized for it
 WARP = 32
 PROBS, LOGITS, LOG_PROBS = cpu.PROBS, cpu.LOGITS, cpu.LOG_PROBS
+LOG_HALF = cpu.LOG_HALF
 NEG_INF = -math.inf
 
 
@@ -81,6 +94,10 @@ if SIMULATOR:
     def _warp_sum(ssum, tid):  # type: ignore[no-untyped-def]
         pass
 
+    @cuda.jit(device=True)
+    def _warp_sum2(sa, sb, tid):  # type: ignore[no-untyped-def]
+        pass
+
 else:  # pragma: no cover - needs a GPU; tests marked `gpu`
     LANES = WARP
 
@@ -112,6 +129,21 @@ else:  # pragma: no cover - needs a GPU; tests marked `gpu`
                 s //= 2
             if tid == 0:
                 ssum[0] = v
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def _warp_sum2(sa, sb, tid):  # type: ignore[no-untyped-def]
+        if tid < WARP:
+            a = sa[tid]
+            b = sb[tid]
+            s = WARP // 2
+            while s > 0:
+                a += cuda.shfl_down_sync(0xFFFFFFFF, a, s)
+                b += cuda.shfl_down_sync(0xFFFFFFFF, b, s)
+                s //= 2
+            if tid == 0:
+                sa[0] = a
+                sb[0] = b
         cuda.syncthreads()
 
 
@@ -152,12 +184,23 @@ def _sum_all(x, ssum, tid, nt):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(device=True)
-def _row_sum_exp(pred, i, m, ssum, tid, nt):  # type: ignore[no-untyped-def]
-    """sum over the row of exp(x - m), for the log-sum-exp of logits."""
-    s = 0.0
-    for j in range(tid, pred.shape[1], nt):
-        s += math.exp(numba.float64(pred[i, j]) - m)
-    return _sum_all(s, ssum, tid, nt)
+def _sum2_all(x, y, sa, sb, tid, nt):  # type: ignore[no-untyped-def]
+    """The block's sums of every thread's ``x`` and of its ``y``, through one tree (one set of
+    barriers) in two scratch arrays; every thread gets both."""
+    sa[tid] = x
+    sb[tid] = y
+    cuda.syncthreads()
+    s = nt // 2
+    while s >= LANES:
+        if tid < s:
+            sa[tid] += sa[tid + s]
+            sb[tid] += sb[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    _warp_sum2(sa, sb, tid)
+    a, b = sa[0], sb[0]
+    cuda.syncthreads()
+    return a, b
 
 
 def _device(f: Any, **callees: Any) -> Any:
@@ -184,7 +227,7 @@ _binary_terms = _device(
 
 
 @cuda.jit
-def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
     sval = cuda.shared.array(MAX_THREADS, numba.float64)
     sidx = cuda.shared.array(MAX_THREADS, numba.int64)
     ssum = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -192,9 +235,11 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
     nt = cuda.blockDim.x
     n, c = pred.shape
     for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+        t = tgt[i]
         best = NEG_INF
         arg = c
         mass = 0.0
+        sq = 0.0  # sum over the other classes of p_c^2 (probs, log_probs)
         for j in range(tid, c, nt):
             x = numba.float64(pred[i, j])
             if x > best:
@@ -202,23 +247,48 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
                 arg = j
             if kind == PROBS:
                 mass += x
+                sq += 0.0 if j == t else x * x
             elif kind == LOG_PROBS:
-                mass += math.exp(x)
+                e = math.exp(x)
+                mass += e
+                sq += 0.0 if j == t else e * e
         m, top = _argmax_all(best, arg, sval, sidx, tid, nt)
-        mass = _sum_all(mass, ssum, tid, nt)
-        s = _row_sum_exp(pred, i, m, ssum, tid, nt) if kind == LOGITS else 0.0
+        # From here sval is the second sum's scratch. Both branches reduce (kind is the same for the whole block).
+        rest = 0.0
+        if kind == LOGITS:
+            # The sums of exp(x - m) and of its square over the classes other than the
+            # target: S = rest + exp(x_t - m) and 1 - p_t = rest / S, with no subtraction.
+            for j in range(tid, c, nt):
+                if j != t:
+                    e = math.exp(numba.float64(pred[i, j]) - m)
+                    rest += e
+                    sq += e * e
+            rest, sq = _sum2_all(rest, sq, ssum, sval, tid, nt)
+        else:
+            mass, sq = _sum2_all(mass, sq, ssum, sval, tid, nt)
         if tid == 0:
-            t = tgt[i]
-            lpt, q, mass = _index_terms(kind, numba.float64(pred[i, t]), m, s, mass, eps)
+            xt = numba.float64(pred[i, t])
+            s = rest + math.exp(xt - m) if kind == LOGITS else 0.0
+            lpt, q, mass = _index_terms(kind, xt, m, s, mass, eps)
             loss[i] = -lpt
             focal[i] = -_focal_weight(q, gamma) * lpt
             correct[i] = 1 if top == t else 0
             tcls[i] = t
             unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
+            if kind == LOGITS:
+                conf[i] = 1.0 / s
+                brier[i] = (sq + rest * rest) / (s * s)
+            elif kind == PROBS:
+                conf[i] = m
+                brier[i] = sq + (1.0 - xt) * (1.0 - xt)
+            else:
+                conf[i] = math.exp(m)
+                qt = math.expm1(xt)  # -(1 - p_t)
+                brier[i] = sq + qt * qt
 
 
 @cuda.jit
-def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
     sval = cuda.shared.array(MAX_THREADS, numba.float64)
     sidx = cuda.shared.array(MAX_THREADS, numba.int64)
     ssum = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -248,38 +318,74 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
                 mass += math.exp(x)
         m, top = _argmax_all(best, arg, sval, sidx, tid, nt)
         _, truth = _argmax_all(tbest, targ, sval, sidx, tid, nt)
-        mass = _sum_all(mass, ssum, tid, nt)
-        lse = m + math.log(_row_sum_exp(pred, i, m, ssum, tid, nt)) if kind == LOGITS else 0.0
+        rest = 0.0
+        if kind == LOGITS:
+            # The sum of exp(x - m) over the classes other than the first maximum, whose
+            # term is exactly 1: S = 1 + rest, and 1 - p_top = rest / S with no subtraction.
+            for j in range(tid, c, nt):
+                if j != top:
+                    rest += math.exp(numba.float64(pred[i, j]) - m)
+            rest = _sum_all(rest, ssum, tid, nt)
+        else:
+            mass = _sum_all(mass, ssum, tid, nt)
+        s = 1.0 + rest
+        lse = m + math.log(s) if kind == LOGITS else 0.0
+        inv_s = 1.0 / s
         total = 0.0
         ftotal = 0.0
+        sq = 0.0
         for j in range(tid, c, nt):
+            x = numba.float64(pred[i, j])
             tj = numba.float64(tgt[i, j])
             if tj != 0.0:  # 0 * log(0) is 0, as in xlogy
-                lp, q = _soft_terms(kind, numba.float64(pred[i, j]), lse, eps)
+                lp, q = _soft_terms(kind, x, lse, eps)
                 total -= tj * lp
                 ftotal -= tj * _focal_weight(q, gamma) * lp
-        total = _sum_all(total, ssum, tid, nt)
-        ftotal = _sum_all(ftotal, ssum, tid, nt)
+            # d = p_j - t_j. Above 1/2, p_j is 1 - (1 - p_j), the complement to full
+            # relative accuracy: p_j itself, rounded near 1, would leave little of p_j - 1.
+            # Below, p_j from exp(x - m): relative accuracy that does not depend on |lse|.
+            if kind == PROBS:
+                d = x - tj
+            elif kind == LOGITS:
+                d = (1.0 - tj) - rest * inv_s if j == top and rest < 1.0 else math.exp(x - m) * inv_s - tj
+            else:
+                d = (1.0 - tj) + math.expm1(x) if x > LOG_HALF else math.exp(x) - tj
+            sq += d * d
+        total, ftotal = _sum2_all(total, ftotal, ssum, sval, tid, nt)
+        sq = _sum_all(sq, ssum, tid, nt)
         if tid == 0:
             loss[i] = total
             focal[i] = ftotal
             correct[i] = 1 if top == truth else 0
             tcls[i] = truth
             unnorm[i] = 1 if kind != LOGITS and abs(mass - 1.0) > tol else 0
+            conf[i] = inv_s if kind == LOGITS else (m if kind == PROBS else math.exp(m))
+            brier[i] = sq
 
 
 @cuda.jit
-def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm):  # type: ignore[no-untyped-def]
+def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
     log_eps = math.log(eps)
     for i in range(cuda.grid(1), pred.shape[0], cuda.gridsize(1)):
         t = tgt[i]
-        lp, lq, p, q, positive = _binary_terms(kind, numba.float64(pred[i]), eps, log_eps)
+        x = numba.float64(pred[i])
+        lp, lq, p, q, positive = _binary_terms(kind, x, eps, log_eps)
         loss[i] = -(t * lp + (1.0 - t) * lq)
         focal[i] = -(t * _focal_weight(q, gamma) * lp + (1.0 - t) * _focal_weight(p, gamma) * lq)
         truth = t > 0.5
         correct[i] = 1 if positive == truth else 0
         tcls[i] = 1 if truth else 0
         unnorm[i] = 0
+        # Confidence and Brier take p unclipped: x itself for probs. For logits,
+        # _binary_terms' p and q are both sigmoids to full relative accuracy; for
+        # log_probs its q is floored at eps, so 1 - p is taken again, by expm1.
+        if kind == PROBS:
+            conf[i] = x
+            d = x - t
+        else:
+            conf[i] = p
+            d = p * (1.0 - t) - (q if kind == LOGITS else -math.expm1(x)) * t
+        brier[i] = d * d
 
 
 # --- host side ----------------------------------------------------------------------
