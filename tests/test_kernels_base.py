@@ -25,7 +25,8 @@ def test_output_buffers_only_grow_and_keep_every_dtype() -> None:
     assert out.capacity == 8  # at least doubling
     out.reserve(100)
     assert out.capacity == 100
-    assert allocated == [4] * 5 + [8] * 5 + [100] * 5
+    k = len(OUTPUT_DTYPES)  # one array per output
+    assert allocated == [4] * k + [8] * k + [100] * k
 
 
 def test_scores_are_views_of_the_first_n_results() -> None:
@@ -35,6 +36,9 @@ def test_scores_are_views_of_the_first_n_results() -> None:
     out.arrays.unnormalized[3:] = 0
     s = out.scores(5)
     assert len(s.loss) == len(s.focal) == len(s.correct) == len(s.true_class) == 5
+    assert len(s.confidence) == len(s.brier) == 5
     assert np.shares_memory(s.loss, out.arrays.loss)
+    assert np.shares_memory(s.brier, out.arrays.brier)
     assert s.unnormalized_rows == 3  # counted over the first 5 only
     assert Outputs._fields[:4] == ("loss", "focal", "correct", "true_class")
+    assert Outputs._fields[-2:] == ("confidence", "brier")
