@@ -85,13 +85,24 @@ def test_same_results_as_the_cpu_backend(gpu: CudaBackend, classes: int) -> None
     for kind, pred in (("logits", x), ("probs", softmax(x)), ("log_probs", naive.log_softmax(x))):
         batch = make_batch(pred, y, kind)
         cpu = CpuBackend(parallel_threshold=1 << 62).score(batch, default_params(batch))
-        cpu = (cpu.loss.copy(), cpu.focal.copy(), cpu.correct.copy(), cpu.true_class.copy(), cpu.unnormalized_rows)
+        cpu = (
+            cpu.loss.copy(),
+            cpu.focal.copy(),
+            cpu.correct.copy(),
+            cpu.true_class.copy(),
+            cpu.unnormalized_rows,
+            cpu.confidence.copy(),
+            cpu.brier.copy(),
+        )
         got = gpu.score(batch, default_params(batch))
         np.testing.assert_allclose(got.loss, cpu[0], rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(got.focal, cpu[1], rtol=1e-13, atol=1e-15)
         np.testing.assert_array_equal(got.correct, cpu[2])
         np.testing.assert_array_equal(got.true_class, cpu[3])
         assert got.unnormalized_rows == cpu[4]
+        # The two backends sum in different orders: agreement to rounding, as for the loss.
+        np.testing.assert_allclose(got.confidence, cpu[5], rtol=1e-13, atol=0)
+        np.testing.assert_allclose(got.brier, cpu[6], rtol=1e-12, atol=1e-300)
 
 
 def test_a_256k_class_row(gpu: CudaBackend) -> None:

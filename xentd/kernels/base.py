@@ -50,10 +50,6 @@ class SampleScores:
     - ``focal``: focal loss in nats (float64), not weighted.
     - ``correct``: 1 where the top-1 prediction is the true class (uint8).
     - ``true_class``: the true class; the argmax of soft targets (int64).
-    - ``confidence``: the predicted probability (float64): binary, p of the positive class,
-      unclipped; multiclass, the largest p_c.
-    - ``brier``: the Brier score (float64): binary (p - t)^2, multiclass sum_c (p_c - t_c)^2
-      with t one-hot or the soft row, p as for ``confidence``.
     - ``unnormalized_rows``: rows of probs/log_probs whose mass is off 1 by more than the tolerance.
     - ``confidence``: binary, the positive-class probability p; multiclass, the largest
       class probability (float64). Probabilities as sent, unclipped (docs/metrics.md).
@@ -64,8 +60,6 @@ class SampleScores:
     focal: np.ndarray
     correct: np.ndarray
     true_class: np.ndarray
-    confidence: np.ndarray
-    brier: np.ndarray
     unnormalized_rows: int
     confidence: np.ndarray
     brier: np.ndarray
@@ -139,8 +133,6 @@ class OutputBuffers:
             focal=focal[:n],
             correct=correct[:n],
             true_class=true_class[:n],
-            confidence=confidence[:n],
-            brier=brier[:n],
             unnormalized_rows=int(np.count_nonzero(unnormalized[:n])),
             confidence=confidence[:n],
             brier=brier[:n],
