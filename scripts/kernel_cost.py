@@ -141,12 +141,11 @@ def main() -> None:
     print(f"median of {args.repeats} alternating runs; kernels in ms per call (serial build)")
     print(f"{'measure':<24} {'before':>10} {'after':>10} {'after/before':>13}")
     for key in results["after"][0]:
-        b = statistics.median(r[key] for r in results["before"])
         a = statistics.median(r[key] for r in results["after"])
-        if key not in results["before"][0]:
-            a = statistics.median(r[key] for r in results["after"])
-            print(f"{key:<24} {'-':>10} {a:>10.1f}")
+        if key not in results["before"][0]:  # a component the other checkout does not have
+            print(f"{key:<24} {'-':>10} {a:>10.3f}")
             continue
+        b = statistics.median(r[key] for r in results["before"])
         scale = 1 if "RSS" in key or "KB" in key else 1e3
         print(f"{key:<24} {b * scale:>10.3f} {a * scale:>10.3f} {a / b:>13.3f}")
 
