@@ -417,3 +417,55 @@ def test_cuda_backend_on_the_simulator_matches_the_oracle(tmp_path: Path) -> Non
         _compare(_series(d, "cuda-soft"), _expected(s, w, DEFAULT_BINS, every), FP64, DEFAULT_BINS)
     finally:
         assert d.stop() == 0, d.log
+
+
+def test_the_figures_survive_a_restart_and_keep_counting(tmp_path: Path) -> None:
+    """Bins, Brier sums, the count window's samples (soft multiclass targets included, whose
+    per-sample prior mass the count window keeps) and the time window come back from the
+    snapshot, and the samples after the restart add to them."""
+    config = CONFIG + f'[state]\ndirectory = "{tmp_path / "state"}"\nsnapshot_interval = "1h"\n'
+    rng = np.random.default_rng(147)
+    n, c = 80, 6
+    p = rng.uniform(0, 1, 2 * n)
+    t = (rng.random(2 * n) < p).astype(np.int64)
+    w = rng.uniform(0, 2, 2 * n)
+    probs = oracle.softmax(rng.normal(0, 2, (2 * n, c)))
+    soft = rng.dirichlet(np.full(c, 0.5), 2 * n)
+    before, after = slice(0, n), slice(n, 2 * n)
+    (tmp_path / "first").mkdir()
+    d = DaemonProcess(tmp_path / "first", config)
+    try:
+        with Publisher(d.ingest, connect_timeout=30) as pub:
+            pub.send("keep-bin", p[before], t[before], weights=w[before])
+            pub.send("keep-soft", probs[before], soft[before], weights=w[before])
+        d.wait_for("xentd_samples_total", float(n), model="keep-bin")
+        d.wait_for("xentd_samples_total", float(n), model="keep-soft")
+    finally:
+        assert d.stop() == 0, d.log
+    (tmp_path / "second").mkdir()
+    d = DaemonProcess(tmp_path / "second", config)
+    try:
+        # One message each so far: the ewma is exact too.
+        every: dict[str, np.ndarray | slice] = {"1h": slice(None), LAST: slice(n - COUNT, n), "ewma": slice(None)}
+        sb = oracle.binary(p, t, "probs", eps=EPS64)
+        ss = oracle.multiclass(probs, soft, "probs", eps=EPS64, class_limit=CLASS_LIMIT)
+        _compare(_series(d, "keep-bin"), _expected(sb.take(before), w[before], DEFAULT_BINS, every), FP64, DEFAULT_BINS)
+        _compare(
+            _series(d, "keep-soft"), _expected(ss.take(before), w[before], DEFAULT_BINS, every), FP64, DEFAULT_BINS
+        )
+        with Publisher(d.ingest, connect_timeout=30) as pub:
+            pub.send("keep-bin", p[after][: COUNT // 2], t[after][: COUNT // 2], weights=w[after][: COUNT // 2])
+            pub.send("keep-soft", probs[after][: COUNT // 2], soft[after][: COUNT // 2], weights=w[after][: COUNT // 2])
+        m = n + COUNT // 2
+        d.wait_for("xentd_samples_total", float(m), model="keep-bin")
+        d.wait_for("xentd_samples_total", float(m), model="keep-soft")
+        # last_50 now spans the restart: half its samples came back from the snapshot.
+        windows: dict[str, np.ndarray | slice] = {"1h": slice(None), LAST: slice(m - COUNT, m)}
+        _compare(
+            _series(d, "keep-bin"), _expected(sb.take(slice(0, m)), w[:m], DEFAULT_BINS, windows), FP64, DEFAULT_BINS
+        )
+        _compare(
+            _series(d, "keep-soft"), _expected(ss.take(slice(0, m)), w[:m], DEFAULT_BINS, windows), FP64, DEFAULT_BINS
+        )
+    finally:
+        assert d.stop() == 0, d.log
