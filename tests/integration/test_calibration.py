@@ -312,7 +312,8 @@ def test_every_bin_is_present_and_bins_of_zero_weight_are_left_out_of_mce(daemon
 
 def test_bins_setting_changes_the_number_of_bins(daemon: DaemonProcess, tmp_path: Path) -> None:
     bins = 10
-    other = DaemonProcess(tmp_path, CONFIG + f"[calibration]\nbins = {bins}\n")
+    # This daemon also scores every batch with the multi-threaded kernels (parallel_threshold = 1).
+    other = DaemonProcess(tmp_path, CONFIG + f"[calibration]\nbins = {bins}\n[engine]\nparallel_threshold = 1\n")
     try:
         rng = np.random.default_rng(145)
         n = 120
@@ -323,12 +324,15 @@ def test_bins_setting_changes_the_number_of_bins(daemon: DaemonProcess, tmp_path
         probs = oracle.softmax(rng.normal(0, 2, (n, 5)))
         y = rng.integers(0, 5, n)
         lp = np.log(rng.uniform(0.01, 1, n))
+        z = rng.normal(0, 2, (n, 7)).astype(np.float32)
+        z = z[_away_from_edges(oracle.softmax(z).max(axis=1), 1e-5, bins)]
         with Publisher(other.ingest, connect_timeout=30) as pub:
             pub.send("ten-bin", p, t, weights=w)
             pub.send("ten-mc", probs, y)
             pub.send("ten-logp", lp, t, input="log_probs")
-        for model in ("ten-bin", "ten-mc", "ten-logp"):
-            other.wait_for("xentd_samples_total", float(n), model=model)
+            pub.send("ten-logits32", z, y[: len(z)], input="logits", weights=w[: len(z)])
+        for model, count in (("ten-bin", n), ("ten-mc", n), ("ten-logp", n), ("ten-logits32", len(z))):
+            other.wait_for("xentd_samples_total", float(count), model=model)
         windows: dict[str, np.ndarray | slice] = {"1h": slice(None), LAST: slice(n - COUNT, n)}
         s = oracle.binary(p, t, "probs", eps=EPS64)
         _compare(_series(other, "ten-bin"), _expected(s, w, bins, windows), FP64, bins)
@@ -336,6 +340,14 @@ def test_bins_setting_changes_the_number_of_bins(daemon: DaemonProcess, tmp_path
         _compare(_series(other, "ten-mc"), _expected(s, None, bins, windows), FP64, bins)
         s = oracle.binary(lp, t, "log_probs", eps=EPS64)
         _compare(_series(other, "ten-logp"), _expected(s, None, bins, windows), FP64, bins)
+        s = oracle.multiclass(z, y[: len(z)], "logits", eps=EPS32, class_limit=CLASS_LIMIT)
+        k = len(z)
+        _compare(
+            _series(other, "ten-logits32"),
+            _expected(s, w[:k], bins, {"1h": slice(None), LAST: slice(k - COUNT, k)}),
+            FP32,
+            bins,
+        )
         assert oracle.bin_labels(bins) == ["0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7", "0.8", "0.9", "1.0"]
     finally:
         assert other.stop() == 0, other.log
