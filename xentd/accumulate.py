@@ -151,20 +151,27 @@ def count_push(  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
+def count_window(total, size, block):  # type: ignore[no-untyped-def]
+    """How a count window over the last ``size`` of ``total`` samples is read: the whole
+    blocks ``first`` to ``done - 1`` inside it, and the single samples of its two edges,
+    as (first, done, edges); ``first >= done`` when no whole block fits."""
+    start = max(0, total - size)
+    first = (start + block - 1) // block  # first block that starts inside the window
+    done = total // block  # blocks before this one are complete
+    if first >= done:
+        return first, done, ((start, total), (total, total))
+    return first, done, ((start, first * block), (done * block, total))
+
+
+@njit(cache=True)
 def count_read(ring, ring_cls, blocks, block, total, size, slots, out):  # type: ignore[no-untyped-def]
     """Sum the last ``size`` samples: whole blocks inside the window, single samples at its edges."""
     out[:] = 0.0
     cap = ring.shape[0]
     nb = blocks.shape[0]
-    start = max(0, total - size)
-    first = (start + block - 1) // block  # first block that starts inside the window
-    done = total // block  # blocks before this one are complete
-    if first >= done:
-        edges = ((start, total), (total, total))
-    else:
-        edges = ((start, first * block), (done * block, total))
-        for b in range(first, done):
-            out += blocks[b % nb]
+    first, done, edges = count_window(total, size, block)
+    for b in range(first, done):
+        out += blocks[b % nb]
     for lo, hi in edges:
         for m in range(lo, hi):
             p = m % cap

@@ -234,15 +234,9 @@ def _count_read(ring, tags, masses, blocks, block, total, size, bins, slots, out
     out[:] = 0.0
     cap = ring.shape[0]
     nb = blocks.shape[0]
-    start = max(0, total - size)
-    first = (start + block - 1) // block
-    done = total // block
-    if first >= done:
-        edges = ((start, total), (total, total))
-    else:
-        edges = ((start, first * block), (done * block, total))
-        for b in range(first, done):
-            out += blocks[b % nb]
+    first, done, edges = acc.count_window(total, size, block)
+    for b in range(first, done):
+        out += blocks[b % nb]
     for lo, hi in edges:
         for j in range(lo, hi):
             _add_ring(out, ring, tags, masses, j % cap, bins, slots)

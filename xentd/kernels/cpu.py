@@ -197,6 +197,20 @@ def _index_terms(kind, xt, m, s, mass, eps):  # type: ignore[no-untyped-def]
 
 
 @cached(inline="always")
+def _index_calibration(kind, m, s, squares, rest, xt):  # type: ignore[no-untyped-def]
+    """(confidence, Brier score) of a class-index row in float64 from its reductions: the
+    row maximum ``m``, for logits ``s`` = sum exp(x - m) and ``rest`` = that sum without
+    the target's term, the non-target squares ``squares`` (of exp(x - m) for logits, of
+    p_c otherwise) and the target's value ``xt``. 1 - p_t is never 1 minus a rounded p_t."""
+    if kind == LOGITS:
+        return 1.0 / s, (squares + rest * rest) / (s * s)
+    if kind == PROBS:
+        return m, squares + (1.0 - xt) * (1.0 - xt)
+    qt = math.expm1(xt)  # -(1 - p_t)
+    return math.exp(m), squares + qt * qt
+
+
+@cached(inline="always")
 def _soft_terms(kind, x, lse, eps):  # type: ignore[no-untyped-def]
     """(log p_j, 1 - p_j) of one class of a soft-target row; ``lse`` is the row's log-sum-exp (logits)."""
     if kind == PROBS:
@@ -293,15 +307,7 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
                 sq += 0.0 if j == t else e * e
         xt = np.float64(pred[i, t])
         lpt, q, mass = _index_terms(kind, xt, m, s, mass, eps)
-        if kind == LOGITS:
-            conf[i] = 1.0 / s
-            brier[i] = (sq + rest * rest) / (s * s)
-        elif kind == PROBS:
-            conf[i] = m
-            brier[i] = sq + (1.0 - xt) * (1.0 - xt)
-        else:
-            conf[i] = math.exp(m)
-            brier[i] = sq + math.expm1(xt) * math.expm1(xt)
+        conf[i], brier[i] = _index_calibration(kind, m, s, sq, rest, xt)
         loss[i] = -lpt
         focal[i] = -_focal_weight(q, gamma) * lpt
         correct[i] = 1 if arg == t else 0

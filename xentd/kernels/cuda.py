@@ -215,6 +215,7 @@ def _device(f: Any, **callees: Any) -> Any:
 # On the device, exp and log are libdevice's (through _binary_terms), not the CPU's vectorisable ones.
 _focal_weight = _device(cpu._focal_weight.py_func)
 _index_terms = _device(cpu._index_terms.py_func)
+_index_calibration = _device(cpu._index_calibration.py_func)
 _soft_terms = _device(cpu._soft_terms.py_func)
 _binary_terms = _device(
     cpu._binary_terms.py_func,
@@ -275,16 +276,7 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
             correct[i] = 1 if top == t else 0
             tcls[i] = t
             unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
-            if kind == LOGITS:
-                conf[i] = 1.0 / s
-                brier[i] = (sq + rest * rest) / (s * s)
-            elif kind == PROBS:
-                conf[i] = m
-                brier[i] = sq + (1.0 - xt) * (1.0 - xt)
-            else:
-                conf[i] = math.exp(m)
-                qt = math.expm1(xt)  # -(1 - p_t)
-                brier[i] = sq + qt * qt
+            conf[i], brier[i] = _index_calibration(kind, m, s, sq, rest, xt)
 
 
 @cuda.jit
