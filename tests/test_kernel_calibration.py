@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from scipy.special import expit, softmax
+from scipy.special import expit, log_softmax, softmax
 
+from tests import calibration_ref
 from tests.conftest import default_params, make_batch
 from xentd.kernels.cpu import SMALL_C, CpuBackend
 
@@ -83,3 +84,35 @@ def test_confidence_and_brier_match_the_definitions(
     # A Brier score is a sum of squares: its absolute error is relative to its terms, so a
     # score near 0 is compared with a floor of the input's own precision squared.
     np.testing.assert_allclose(scores.brier, brier, rtol=rtol, atol=float(np.finfo(dtype).eps) ** 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_confident_predictions_keep_their_brier_digits(any_backend: CpuBackend, dtype: Any) -> None:
+    """p within 1e-9 to 1e-16 of 1 (and of 0), against the exact (40-digit) reference: the
+    Brier score is made of 1 - p there, which a rounded p does not keep. Every path sums in
+    float64 except float32 class-index rows, whose float32 exp2 is within ~1e-7."""
+    logits = np.full((5, 20), -5.0)
+    for r, (j, v) in enumerate([(3, 20.0), (11, 30.0), (0, 35.0), (19, 1e4), (6, 25.0)]):
+        logits[r, j] = v
+    index = np.array([3, 11, 0, 19, 9])  # the last row's target is not its maximum
+    near = np.eye(20)[[3, 11, 0, 19, 6]] * (1.0 - 1e-6) + 1e-6 / 20  # near-one-hot soft rows
+    kinds = {"logits": logits, "probs": softmax(logits, axis=1), "log_probs": log_softmax(logits, axis=1)}
+    for kind, pred in kinds.items():
+        for y in (index, np.eye(20)[index], near):
+            batch = make_batch(pred.astype(dtype), y, kind)
+            scores = any_backend.score(batch, default_params(batch))
+            conf, brier = calibration_ref.multiclass(batch.predictions, batch.targets, kind)
+            rtol = 2e-6 if dtype == np.float32 and y.ndim == 1 else 1e-12
+            np.testing.assert_allclose(scores.confidence, conf, rtol=rtol, atol=0, err_msg=f"{kind} {y.ndim}")
+            np.testing.assert_allclose(scores.brier, brier, rtol=rtol, atol=0, err_msg=f"{kind} {y.ndim}")
+    binary = {
+        "logits": ([30.0, -30.0, 40.0, 25.0, 1e-3, -1e4, 1e4], [1.0, 0.0, 1.0, 0.999999, 0.5, 0.0, 1.0]),
+        "probs": ([1.0 - 1e-12, 1e-15, 1.0, 0.0, 0.5, 1.0 - 2.0**-40], [1.0, 0.0, 1.0, 0.0, 0.25, 1.0]),
+        "log_probs": ([-1e-14, -40.0, 0.0, -1e-9, -0.5], [1.0, 0.0, 1.0, 1.0, 0.999]),
+    }
+    for kind, (x, t) in binary.items():
+        batch = make_batch(np.array(x, dtype), np.array(t), kind)
+        scores = any_backend.score(batch, default_params(batch))
+        conf, brier = calibration_ref.binary(batch.predictions, batch.targets, kind)
+        np.testing.assert_allclose(scores.confidence, conf, rtol=1e-12, atol=0, err_msg=kind)
+        np.testing.assert_allclose(scores.brier, brier, rtol=1e-12, atol=0, err_msg=kind)

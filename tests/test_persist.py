@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import softmax
 from xentd import persist, wire
-from xentd.config import Config, IngestConfig, LimitsConfig, StateConfig, WindowsConfig
+from xentd.config import CalibrationConfig, Config, IngestConfig, LimitsConfig, StateConfig, WindowsConfig
 from xentd.daemon import Daemon
 from xentd.errors import SnapshotError, StartupError
 
@@ -85,6 +85,11 @@ def _state(d: Daemon) -> list[object]:
                 m.class_loss_weighted_sum.tolist(),
                 m.last_event_time,
                 m.windows,
+                m.calibration.weight.tolist(),
+                m.calibration.confidence.tolist(),
+                m.calibration.outcome.tolist(),
+                m.calibration.brier_weighted_sum,
+                repr(m.calibration.windows),  # NaN != NaN: compared as text
             )
         )
     return rows
@@ -163,6 +168,26 @@ def test_changed_windows_keep_the_lifetime_totals(tmp_path: Path) -> None:
     snap = changed.state.snapshot()
     assert [(m.name, m.samples, m.loss_weighted_sum) for m in snap.models] == lifetime
     assert all(s.samples == 0 for m in snap.models for _, s in m.windows)
+
+
+def test_changed_calibration_bins_restart_only_the_calibration(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bins cannot be mapped onto other bins: the calibration starts empty, and nothing else is
+    lost (the snapshot is not set aside)."""
+    clock = Clock()
+    d = _daemon(clock, tmp_path)
+    d.handle_many(_traffic(0, 10))
+    assert d.snapshotter is not None and d.snapshotter.final()
+    rows = [row[:9] for row in _state(d)[2:]]  # everything but the calibration
+    with caplog.at_level(logging.WARNING, logger="xentd.persist"):
+        changed = _daemon(clock, tmp_path, calibration=CalibrationConfig(bins=10))
+    assert "calibration.bins changed" in caplog.text
+    assert [row[:9] for row in _state(changed)[2:]] == rows
+    for m in changed.state.snapshot().models:
+        assert len(m.calibration.bin_labels) == 10
+        assert m.calibration.weight.sum() == 0.0 and m.calibration.brier_weight == 0.0
+    assert not list(tmp_path.glob(f"{persist.FILENAME}.corrupt-*"))
 
 
 def test_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

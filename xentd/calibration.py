@@ -460,6 +460,9 @@ class CalibrationStats:
     }
     COUNTS = ("count_total",)
     TIMES = ("ewma_time",)
+    # Snapshot layout keys (xentd.persist) this component depends on: with other bins,
+    # the saved sums cannot be mapped, and the component starts empty.
+    LAYOUT: tuple[str, ...] = ("calibration_bins",)
 
     def __init__(
         self, bins: int, slots: int, class_limit: int, windows: WindowsConfig, created: float, *, binary: bool
@@ -638,6 +641,9 @@ class CalibrationStats:
             return _INDEX, _NO_TARGETS, _NO_SOFT_TARGETS
         if targets.ndim != 2:
             raise ValueError(f"soft multiclass targets are [N, C]; got shape {targets.shape}")
+        # Column c folds into slot min(c, class_limit), unchecked in the kernels.
+        if min(targets.shape[1] - 1, self.class_limit) >= self.slots:
+            raise ValueError(f"soft targets have {targets.shape[1]} classes; the model has {self.slots} class slots")
         dtype = targets.dtype if targets.dtype in (np.float32, np.float64) else np.float64
         return _SOFT, _NO_TARGETS, kernel_array(np.asarray(targets, dtype))
 

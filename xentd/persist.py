@@ -66,6 +66,10 @@ class Image:
     components: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = dataclasses.field(default_factory=dict)
 
 
+# The layout keys a single model component depends on (its class's LAYOUT), by the setting they hold.
+_COMPONENT_LAYOUT = {"calibration_bins": "calibration.bins"}
+
+
 def _layout(store: StateStore) -> dict[str, Any]:
     w, lim = store.windows_cfg, store.limits
     return {
@@ -267,6 +271,8 @@ class Restored:
     models: int
     windows: bool
     dropped: list[str]
+    # Settings that changed since the snapshot, whose component started empty (calibration.bins).
+    reset: tuple[str, ...] = ()
 
 
 def restore(store: StateStore, image: Image) -> Restored:
@@ -276,15 +282,13 @@ def restore(store: StateStore, image: Image) -> Restored:
     :func:`check`. A changed window setup only empties the windows: the lifetime
     totals still come back."""
     layout = _layout(store)
-    for key, setting in (
-        ("class_limit", "limits.class_limit"),
-        ("loss_buckets", "limits.loss_buckets"),
-        ("calibration_bins", "calibration.bins"),
-    ):
-        # Snapshots written before calibration existed have no bins to map: any number will do.
-        saved = image.layout.get(key, layout[key] if key == "calibration_bins" else None)
-        if saved != layout[key]:
-            raise SnapshotError(f"{setting} was {saved!r} and is now {layout[key]!r}")
+    for key in ("class_limit", "loss_buckets"):
+        if image.layout.get(key) != layout[key]:
+            raise SnapshotError(f"limits.{key} was {image.layout.get(key)!r} and is now {layout[key]!r}")
+    # Settings that only one component's layout depends on (its LAYOUT): when one changed,
+    # that component starts empty and everything else is restored. A snapshot written
+    # before the setting existed has nothing of that component to map.
+    changed = {key for key in _COMPONENT_LAYOUT if image.layout.get(key, layout[key]) != layout[key]}
     check(image)
     windows = image.layout.get("windows") == layout["windows"]
     dropped = []
@@ -300,6 +304,8 @@ def restore(store: StateStore, image: Image) -> Restored:
             state.restore(scalars)
             components = state.components()
             for part, (part_scalars, part_arrays) in _split(scalars, arrays).items():
+                if changed & set(ModelState.COMPONENT_TYPES[part].LAYOUT):
+                    continue
                 components[part].load(part_scalars, part_arrays, windows=windows)
         counters = image.counters
         fresh.counters = dataclasses.replace(
@@ -325,7 +331,12 @@ def restore(store: StateStore, image: Image) -> Restored:
         raise SnapshotError(f"inconsistent contents: {type(exc).__name__}: {str(exc)[:200]}") from None
     with store.lock:
         store.adopt(fresh)
-    return Restored(models=len(store.models), windows=windows, dropped=dropped)
+    return Restored(
+        models=len(store.models),
+        windows=windows,
+        dropped=dropped,
+        reset=tuple(_COMPONENT_LAYOUT[key] for key in sorted(changed)),
+    )
 
 
 def set_aside(path: Path, why: str) -> Path:
@@ -364,6 +375,12 @@ def load_into(store: StateStore, directory: Path) -> Restored | None:
         "" if restored.windows else "; the window settings changed, so windows start empty",
         f"; dropped {len(restored.dropped)} no longer admitted by [limits]" if restored.dropped else "",
     )
+    if restored.reset:
+        log.warning(
+            "%s changed since the snapshot: the statistics that depend on it start empty "
+            "(everything else was restored)",
+            ", ".join(restored.reset),
+        )
     return restored
 
 

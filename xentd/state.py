@@ -99,6 +99,8 @@ class WindowedStats:
     }
     COUNTS = ("count_total",)
     TIMES = ("ewma_time",)
+    # Snapshot layout keys (xentd.persist) this component depends on beyond the windows: none.
+    LAYOUT: tuple[str, ...] = ()
 
     def __init__(
         self,

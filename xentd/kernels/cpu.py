@@ -211,6 +211,22 @@ def _index_calibration(kind, m, s, squares, rest, xt):  # type: ignore[no-untype
 
 
 @cached(inline="always")
+def _soft_brier_term(kind, x, tj, at_top, m, rest, inv_s):  # type: ignore[no-untyped-def]
+    """(p_j - t_j)**2 of one class of a soft-target row. For logits, ``m`` is the row
+    maximum, ``rest`` the sum of exp(x - m) over the classes other than the first
+    maximum (``at_top``: this is it) and ``inv_s`` = 1 / (1 + rest). Above 1/2, p_j is
+    taken as 1 - (1 - p_j), the complement at full relative accuracy: p_j itself, rounded
+    near 1, would leave little of p_j - 1 for a confident row."""
+    if kind == PROBS:
+        d = x - tj
+    elif kind == LOGITS:
+        d = (1.0 - tj) - rest * inv_s if at_top and rest < 1.0 else math.exp(x - m) * inv_s - tj
+    else:
+        d = (1.0 - tj) + math.expm1(x) if x > LOG_HALF else math.exp(x) - tj
+    return d * d
+
+
+@cached(inline="always")
 def _soft_terms(kind, x, lse, eps):  # type: ignore[no-untyped-def]
     """(log p_j, 1 - p_j) of one class of a soft-target row; ``lse`` is the row's log-sum-exp (logits)."""
     if kind == PROBS:
@@ -604,33 +620,33 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         lse = 0.0
         mass = 0.0
         s = 0.0
+        rest = 0.0  # logits: sum of exp(x - m) but for the first maximum's (exactly 1)
         if kind == LOGITS:
             for j in range(c):
-                s += math.exp(np.float64(pred[i, j]) - m)
+                e = math.exp(np.float64(pred[i, j]) - m)
+                s += e
+                rest += 0.0 if j == arg else e
             lse = m + math.log(s)
             mass = 1.0
+        inv_s = 1.0 / (1.0 + rest)
         total = 0.0
         ftotal = 0.0
         sq = 0.0
         for j in range(c):
             x = np.float64(pred[i, j])
             if kind == PROBS:
-                pj = x
                 mass += x
             elif kind == LOG_PROBS:
-                pj = math.exp(x)
-                mass += pj
-            else:
-                pj = math.exp(x - m) / s
+                mass += math.exp(x)
             tj = np.float64(tgt[i, j])
-            sq += (pj - tj) * (pj - tj)
+            sq += _soft_brier_term(kind, x, tj, j == arg, m, rest, inv_s)
             if tj != 0.0:  # 0 * log(0) is 0, as in xlogy
                 lp, q = _soft_terms(kind, x, lse, eps)
                 total -= tj * lp
                 ftotal -= tj * _focal_weight(q, gamma) * lp
         loss[i] = total
         focal[i] = ftotal
-        conf[i] = 1.0 / s if kind == LOGITS else (m if kind == PROBS else math.exp(m))
+        conf[i] = inv_s if kind == LOGITS else (m if kind == PROBS else math.exp(m))
         brier[i] = sq
         correct[i] = 1 if arg == targ else 0
         tcls[i] = targ

@@ -217,6 +217,7 @@ _focal_weight = _device(cpu._focal_weight.py_func)
 _index_terms = _device(cpu._index_terms.py_func)
 _index_calibration = _device(cpu._index_calibration.py_func)
 _soft_terms = _device(cpu._soft_terms.py_func)
+_soft_brier_term = _device(cpu._soft_brier_term.py_func)
 _binary_terms = _device(
     cpu._binary_terms.py_func,
     _binary_prob_terms=_device(cpu._binary_prob_terms.py_func),
@@ -333,16 +334,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
                 lp, q = _soft_terms(kind, x, lse, eps)
                 total -= tj * lp
                 ftotal -= tj * _focal_weight(q, gamma) * lp
-            # d = p_j - t_j. Above 1/2, p_j is 1 - (1 - p_j), the complement to full
-            # relative accuracy: p_j itself, rounded near 1, would leave little of p_j - 1.
-            # Below, p_j from exp(x - m): relative accuracy that does not depend on |lse|.
-            if kind == PROBS:
-                d = x - tj
-            elif kind == LOGITS:
-                d = (1.0 - tj) - rest * inv_s if j == top and rest < 1.0 else math.exp(x - m) * inv_s - tj
-            else:
-                d = (1.0 - tj) + math.expm1(x) if x > LOG_HALF else math.exp(x) - tj
-            sq += d * d
+            sq += _soft_brier_term(kind, x, tj, j == top, m, rest, inv_s)
         total, ftotal = _sum2_all(total, ftotal, ssum, sval, tid, nt)
         sq = _sum_all(sq, ssum, tid, nt)
         if tid == 0:
