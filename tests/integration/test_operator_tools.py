@@ -138,8 +138,15 @@ def test_top_columns_balanced_and_worst_class(start_daemon: Callable[..., Daemon
     fields = _top_line(view.stdout, "cls")
     assert float(fields[3]) == pytest.approx(loss.mean(), abs=5e-5)
     assert float(fields[7]) == pytest.approx(np.mean(per_class), abs=5e-5)
-    assert fields[8] == str(int(np.argmax(per_class))) == "2"
-    assert float(fields[9]) == pytest.approx(max(per_class), abs=5e-5)
+    # NE: the mean loss over the entropy of the target prior; ECE over 15 bins of the top-1 confidence.
+    prior = np.bincount(y) / len(y)
+    assert float(fields[8]) == pytest.approx(loss.mean() / -(prior * np.log(prior)).sum(), abs=5e-5)
+    conf, hit = p.max(axis=1), (p.argmax(axis=1) == y).astype(float)
+    bins = np.minimum(np.floor(conf * 15).astype(int), 14)
+    gaps = np.bincount(bins, hit, 15) - np.bincount(bins, conf, 15)
+    assert float(fields[9]) == pytest.approx(np.abs(gaps).sum() / len(y), abs=5e-5)
+    assert fields[10] == str(int(np.argmax(per_class))) == "2"
+    assert float(fields[11]) == pytest.approx(max(per_class), abs=5e-5)
 
 
 def test_top_shows_a_dash_for_a_model_without_data(start_daemon: Callable[..., DaemonProcess], tmp_path: Path) -> None:
