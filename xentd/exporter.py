@@ -128,14 +128,26 @@ def _model(name: str, kind: Literal["counter", "gauge"], help: str, value: Calla
     return Family(name, kind, ("model",), help, per_model=lambda m: _one(value(m)))
 
 
-def _window(name: str, help: str, attr: str) -> Family:
+def _window(
+    name: str,
+    help: str,
+    attr: str,
+    windows: Callable[[ModelSnapshot], list[tuple[str, Any]]] = lambda m: m.windows,
+    *,
+    exact: bool = False,
+) -> Family:
+    """A gauge per window: ``attr`` of each of ``windows(m)``'s derived figures, absent where
+    it is NaN (an empty window has no mean). ``exact``: the series budget counts the samples
+    themselves rather than one per window (for figures that many models never have)."""
+
     def samples(m: ModelSnapshot) -> Iterator[Sample]:
-        for window, stats in m.windows:
+        for window, stats in windows(m):
             value = getattr(stats, attr)
-            if not math.isnan(value):  # an empty window has no mean
+            if not math.isnan(value):
                 yield (window,), value
 
-    return Family(name, "gauge", ("model", "window"), help, per_model=samples)
+    series = (lambda m: sum(1 for _ in samples(m))) if exact else None
+    return Family(name, "gauge", ("model", "window"), help, per_model=samples, series=series)
 
 
 def _label_free(name: str, help: str, attr: str) -> Family:
@@ -148,32 +160,24 @@ def _label_free(name: str, help: str, attr: str) -> Family:
     return Family(name, "summary", ("model",), help, per_model=samples)
 
 
-def _calibration_bins(attr: str) -> Callable[[ModelSnapshot], list[Sample]]:
-    """One sample per reliability bin, labelled with the bin's upper edge."""
+def _calibration_bins(name: str, help: str, attr: str) -> Family:
+    """A counter per reliability bin (``attr`` of :class:`xentd.state.CalibrationSummary`),
+    labelled with the bin's upper edge; every bin is always there."""
 
     def samples(m: ModelSnapshot) -> list[Sample]:
         c = m.calibration
         return [((b,), v) for b, v in zip(c.bin_labels, getattr(c, attr).tolist(), strict=True)]
 
-    return samples
+    return Family(
+        name, "counter", ("model", "bin"), help, per_model=samples, series=lambda m: len(m.calibration.bin_labels)
+    )
 
 
 def _calibration_window(name: str, help: str, attr: str) -> Family:
-    """A gauge per window from :class:`xentd.state.CalibrationWindow`; absent where it is NaN
-    (an empty window, a multiclass model's Brier decomposition, NE while the prior's entropy is 0)."""
-
-    def samples(m: ModelSnapshot) -> Iterator[Sample]:
-        for window, stats in m.calibration.windows:
-            value = getattr(stats, attr)
-            if not math.isnan(value):
-                yield (window,), value
-
-    def series(m: ModelSnapshot) -> int:
-        # Counted exactly: a multiclass model has no decomposition series, and counting
-        # one per window would overstate its cost under the series budget.
-        return sum(1 for _, stats in m.calibration.windows if not math.isnan(getattr(stats, attr)))
-
-    return Family(name, "gauge", ("model", "window"), help, per_model=samples, series=series)
+    """A window gauge from :class:`xentd.calibration.CalibrationWindow`. Counted exactly for
+    the series budget: a multiclass model has no decomposition series, and NE is absent
+    while the prior's entropy is 0."""
+    return _window(name, help, attr, lambda m: m.calibration.windows, exact=True)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -411,30 +415,21 @@ FAMILIES: tuple[Family, ...] = (
         per_model=lambda m: [((w,), h) for w, h in m.predictions.window_entropy if not math.isnan(h)],
     ),
     # --- calibration and normalized entropy (xentd.calibration) ---
-    Family(
+    _calibration_bins(
         "xentd_calibration_weight_total",
-        "counter",
-        ("model", "bin"),
         "Reliability bins: sum of weights W_b of the samples whose confidence falls in the bin "
         "(bin is its upper edge).",
-        per_model=_calibration_bins("weight"),
-        series=lambda m: len(m.calibration.bin_labels),
+        "weight",
     ),
-    Family(
+    _calibration_bins(
         "xentd_calibration_confidence_total",
-        "counter",
-        ("model", "bin"),
         "Reliability bins: sum of w*confidence C_b. ECE = sum_b |O_b - C_b| / sum_b W_b.",
-        per_model=_calibration_bins("confidence"),
-        series=lambda m: len(m.calibration.bin_labels),
+        "confidence",
     ),
-    Family(
+    _calibration_bins(
         "xentd_calibration_outcome_total",
-        "counter",
-        ("model", "bin"),
         "Reliability bins: sum of w*outcome O_b (the target for binary models, top-1 right for multiclass).",
-        per_model=_calibration_bins("outcome"),
-        series=lambda m: len(m.calibration.bin_labels),
+        "outcome",
     ),
     Family(
         "xentd_brier_score",
