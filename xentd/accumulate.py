@@ -106,6 +106,41 @@ def grown(a: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
+def ring_capacity(cap: int, end: int, cap_max: int) -> int:
+    """The sample ring's size once it holds samples up to number ``end`` (it is ``cap`` now,
+    at most ``cap_max``): unchanged if they fit, else grown by the policy above."""
+    needed = min(cap_max, end)
+    return cap if cap >= needed else min(cap_max, max(needed, more(cap), MIN_RING))
+
+
+def block_rows(rows: int, end: int, block: int, rows_max: int) -> int:
+    """The block sums' rows once samples up to number ``end`` are in (``rows`` now, at most
+    ``rows_max``). Until all ``rows_max`` are kept no block has wrapped: block b is row b."""
+    needed = min(rows_max, (end - 1) // block + 1)
+    return rows if rows >= needed else min(rows_max, max(needed, more(rows)))
+
+
+def check_blocks(blocks: np.ndarray, size: int, rows_max: int, block: int, total: int) -> None:
+    """Raise ValueError unless saved block sums fit a component with stat vectors of ``size``
+    holding ``total`` samples (snapshots written before the blocks grew hold all of them)."""
+    if blocks.ndim != 2 or blocks.shape[1] != size or blocks.shape[0] > rows_max:
+        raise ValueError(f"blocks: shape {blocks.shape}, expected at most ({rows_max}, {size})")
+    if blocks.shape[0] < min(rows_max, -(-total // block)):
+        raise ValueError(f"blocks: {blocks.shape[0]} rows for count_total {total}")
+
+
+def bucket_numbers(now: float, widths: np.ndarray) -> np.ndarray:
+    """Each time window's bucket number at ``now``, for buckets ``widths`` seconds wide:
+    Python's floor division, as always."""
+    numbers: np.ndarray = np.floor_divide(now, widths).astype(np.int64)
+    return numbers
+
+
+def decay(elapsed: float, half_life: float) -> float:
+    """The EWMA's factor after ``elapsed`` seconds: a weight halves every half-life."""
+    return float(2.0 ** (-elapsed / half_life))
+
+
 def block_size(largest_window: int) -> int:
     """Samples per block: a power of two near sqrt(K), so reads cost O(sqrt(K))."""
     return max(16, 1 << round(math.log2(max(largest_window, 1)) / 2))

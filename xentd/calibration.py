@@ -525,15 +525,9 @@ class CalibrationStats:
         """Raise ValueError unless the saved values are ones a run can produce (their shapes
         against the configuration are :meth:`load`'s check)."""
         # Imported here: xentd.state will hold this component, so it cannot be imported first.
-        from xentd.state import check_array, count, number
+        from xentd.state import check_values
 
-        for key in cls.COUNTS:
-            count(scalars.get(key, 0), f"{where} {key}")
-        for key in cls.TIMES:
-            number(scalars[key], f"{where} {key}", non_negative=False)
-        for key, a in arrays.items():
-            if key in cls.ARRAYS:
-                check_array(a, f"{where} {key}", *cls.ARRAYS[key])
+        check_values(scalars, arrays, where, cls.COUNTS, cls.TIMES, cls.ARRAYS)
         ring, tags = arrays["ring"], arrays["ring_tag"]
         # The fold kernels index per-slot sums and the mass matrix with these, unchecked.
         if tags.size and (tags.min() < -2 or (tags >> 1).max() >= slots):
@@ -569,10 +563,7 @@ class CalibrationStats:
         self.ewma_time = float(scalars["ewma_time"])  # type: ignore[arg-type]
         total = int(scalars["count_total"])  # type: ignore[call-overload]
         blocks = arrays["blocks"]
-        if blocks.ndim != 2 or blocks.shape[1] != size or blocks.shape[0] > self.blocks_max:
-            raise ValueError(f"blocks: shape {blocks.shape}, expected at most ({self.blocks_max}, {size})")
-        if blocks.shape[0] < min(self.blocks_max, -(-total // self.block)):
-            raise ValueError(f"blocks: {blocks.shape[0]} rows for count_total {total}")
+        acc.check_blocks(blocks, size, self.blocks_max, self.block, total)
         ring, tags, masses = arrays["ring"], arrays["ring_tag"], arrays["ring_mass"]
         cap = ring.shape[0]
         if (
@@ -613,24 +604,20 @@ class CalibrationStats:
         if not self.count_cap_max:
             return
         end = self.count_total + incoming
-        needed = min(self.count_cap_max, end)
-        cap = self.ring.shape[0]
-        if cap < needed:
+        cap = acc.ring_capacity(self.ring.shape[0], end, self.count_cap_max)
+        if cap > self.ring.shape[0]:
             # Below the largest window the ring has never wrapped, so the samples are in order.
-            new_cap = min(self.count_cap_max, max(needed, acc.more(cap), acc.MIN_RING))
-            self.ring = acc.grown(self.ring, new_cap)
+            self.ring = acc.grown(self.ring, cap)
             if not self.binary:
-                self.ring_tag = acc.grown(self.ring_tag, new_cap)
+                self.ring_tag = acc.grown(self.ring_tag, cap)
             if self.ring_mass.shape[0]:
-                self.ring_mass = acc.grown(self.ring_mass, new_cap)
+                self.ring_mass = acc.grown(self.ring_mass, cap)
         if soft and self.ring_mass.shape[0] < self.ring.shape[0]:
             # Samples before this one have index targets and never read their (zero) row.
             self.ring_mass = acc.grown(self.ring_mass, self.ring.shape[0])
-        # Blocks, like the ring, have not wrapped while fewer than the most are kept.
-        nb = self.blocks.shape[0]
-        blocks_needed = min(self.blocks_max, (end - 1) // self.block + 1)
-        if nb < blocks_needed:
-            self.blocks = acc.grown(self.blocks, min(self.blocks_max, max(blocks_needed, acc.more(nb))))
+        rows = acc.block_rows(self.blocks.shape[0], end, self.block, self.blocks_max)
+        if rows > self.blocks.shape[0]:
+            self.blocks = acc.grown(self.blocks, rows)
 
     def _targets(self, targets: np.ndarray | None) -> tuple[int, np.ndarray, np.ndarray]:
         if self.binary:
@@ -697,9 +684,9 @@ class CalibrationStats:
             self.tw_rows,
             self.tw_buckets,
             self.tw_used,
-            self._bucket_numbers(now),
+            acc.bucket_numbers(now, self.tw_widths),
             self.ewma,
-            2.0 ** (-(now - self.ewma_time) / self.half_life),
+            acc.decay(now - self.ewma_time, self.half_life),
             self.ring,
             self.ring_tag,
             self.ring_mass,
@@ -717,16 +704,12 @@ class CalibrationStats:
         if not check_only:
             self.ewma_time = now
 
-    def _bucket_numbers(self, now: float) -> np.ndarray:
-        """Each time window's bucket number at ``now``: Python's floor division, as always."""
-        return np.floor_divide(now, self.tw_widths).astype(np.int64)
-
     def window_matrix(self, now: float) -> np.ndarray:
         """Every window's stat vector, one row each, in :attr:`window_labels` order; the
         ewma row's sample count is decayed to ``now`` (as WindowedStats.window_matrix)."""
         times = self.tw_widths.shape[0]
         out = np.empty((times + len(self.count_sizes) + 1, self.lifetime.shape[0]))
-        for i, index in enumerate(self._bucket_numbers(now).tolist()):
+        for i, index in enumerate(acc.bucket_numbers(now, self.tw_widths).tolist()):
             _time_read(self.tw_epochs[i], self.tw_rows[i], self.tw_buckets, index, out[i])
         for k, size in enumerate(self.count_sizes):
             _count_read(
@@ -742,7 +725,7 @@ class CalibrationStats:
                 out[times + k],
             )
         out[-1] = self.ewma
-        out[-1, N] = float(self.ewma[N]) * 2.0 ** (-(now - self.ewma_time) / self.half_life)
+        out[-1, N] = float(self.ewma[N]) * acc.decay(now - self.ewma_time, self.half_life)
         return out
 
 

@@ -171,14 +171,8 @@ class WindowedStats:
     ) -> None:
         """Raise ValueError unless the saved values are ones a run can produce (their shapes
         against the configuration are :meth:`load`'s check)."""
-        for key in cls.COUNTS:
-            count(scalars.get(key, 0), f"{where} {key}")
+        check_values(scalars, arrays, where, cls.COUNTS, cls.TIMES, cls.ARRAYS)
         number(scalars["loss_sum"], f"{where} loss_sum", non_negative=True)
-        for key in cls.TIMES:
-            number(scalars[key], f"{where} {key}", non_negative=False)
-        for key, a in arrays.items():
-            if key in cls.ARRAYS:
-                check_array(a, f"{where} {key}", *cls.ARRAYS[key])
         ring, ring_cls = arrays["ring"], arrays["ring_cls"]
         if ring_cls.size and ring_cls.max() >= slots:
             # The fold kernels index per-class sums with these, unchecked.
@@ -206,11 +200,7 @@ class WindowedStats:
         self.ewma_time = float(scalars["ewma_time"])  # type: ignore[arg-type]
         blocks = arrays["blocks"]
         total = int(scalars["count_total"])  # type: ignore[call-overload]
-        # Snapshots written before the blocks grew with traffic hold all of them.
-        if blocks.ndim != 2 or blocks.shape[1] != self.lifetime.shape[0] or blocks.shape[0] > self.blocks_max:
-            raise ValueError(f"blocks: shape {blocks.shape}, expected at most {self.blocks_max} rows")
-        if blocks.shape[0] < min(self.blocks_max, -(-total // self.block)):
-            raise ValueError(f"blocks: {blocks.shape[0]} rows for count_total {total}")
+        acc.check_blocks(blocks, self.lifetime.shape[0], self.blocks_max, self.block, total)
         self.blocks = blocks.astype(np.float64)
         ring, ring_cls = arrays["ring"], arrays["ring_cls"]
         if (
@@ -231,18 +221,14 @@ class WindowedStats:
     def _grow_ring(self, incoming: int) -> None:
         """Room for ``incoming`` more samples in the ring and the block sums (acc.grown)."""
         end = self.count_total + incoming
-        needed = min(self.count_cap_max, end)
-        cap = self.ring.shape[0]
-        if cap < needed:
+        cap = acc.ring_capacity(self.ring.shape[0], end, self.count_cap_max)
+        if cap > self.ring.shape[0]:
             # Below the largest window the ring has never wrapped, so the samples are in order.
-            new_cap = min(self.count_cap_max, max(needed, acc.more(cap), acc.MIN_RING))
-            self.ring = acc.grown(self.ring, new_cap)
-            self.ring_cls = acc.grown(self.ring_cls, new_cap)
-        # Nor have the blocks, while fewer than the most are kept: block b is still row b.
-        nb = self.blocks.shape[0]
-        blocks_needed = min(self.blocks_max, (end - 1) // self.block + 1)
-        if nb < blocks_needed:
-            self.blocks = acc.grown(self.blocks, min(self.blocks_max, max(blocks_needed, acc.more(nb))))
+            self.ring = acc.grown(self.ring, cap)
+            self.ring_cls = acc.grown(self.ring_cls, cap)
+        rows = acc.block_rows(self.blocks.shape[0], end, self.block, self.blocks_max)
+        if rows > self.blocks.shape[0]:
+            self.blocks = acc.grown(self.blocks, rows)
 
     def fold(
         self,
@@ -283,9 +269,9 @@ class WindowedStats:
             self.value_sum,
             self.tw_epochs,
             self.tw_buckets,
-            self._bucket_numbers(now),
+            acc.bucket_numbers(now, self.tw_widths),
             self.ewma,
-            2.0 ** (-(now - self.ewma_time) / self.half_life),
+            acc.decay(now - self.ewma_time, self.half_life),
             self.ring,
             self.ring_cls,
             self.blocks,
@@ -301,10 +287,6 @@ class WindowedStats:
         if not check_only:
             self.ewma_time = now
 
-    def _bucket_numbers(self, now: float) -> np.ndarray:
-        """Each time window's bucket number at ``now``: Python's floor division, as always."""
-        return np.floor_divide(now, self.tw_widths).astype(np.int64)
-
     def window_matrix(self, now: float) -> np.ndarray:
         """Every window's stat vector, one row each, in :attr:`window_labels` order.
 
@@ -315,7 +297,7 @@ class WindowedStats:
         """
         times = self.tw_widths.shape[0]
         out = np.empty((times + len(self.count_sizes) + 1, self.lifetime.shape[0]))
-        for i, index in enumerate(self._bucket_numbers(now).tolist()):
+        for i, index in enumerate(acc.bucket_numbers(now, self.tw_widths).tolist()):
             acc.time_read(self.tw_epochs[i], self.tw_buckets[i], index, out[i])
         base = times
         for k, size in enumerate(self.count_sizes):
@@ -323,7 +305,7 @@ class WindowedStats:
                 self.ring, self.ring_cls, self.blocks, self.block, self.count_total, size, self.slots, out[base + k]
             )
         out[-1] = self.ewma
-        out[-1, acc.N] = float(self.ewma[acc.N]) * 2.0 ** (-(now - self.ewma_time) / self.half_life)
+        out[-1, acc.N] = float(self.ewma[acc.N]) * acc.decay(now - self.ewma_time, self.half_life)
         return out
 
 
@@ -426,12 +408,9 @@ class ModelState:
     @classmethod
     def check_saved(cls, scalars: dict[str, Any], where: str, class_limit: int) -> None:
         """Raise ValueError unless the model's own saved scalars are ones a run can produce."""
-        for key in cls.COUNTS:
-            count(scalars.get(key, 0), f"{where} {key}")
+        check_values(scalars, {}, where, cls.COUNTS, cls.TIMES, {})
         if scalars["num_classes"] < 1:
             raise ValueError(f"{where} num_classes is {scalars['num_classes']}; expected at least 1")
-        for key in cls.TIMES:
-            number(scalars[key], f"{where} {key}", non_negative=False)
         if scalars["last_event_time"] is not None:
             number(scalars["last_event_time"], f"{where} last_event_time", non_negative=False)
         rejected = scalars.get("rejected") or {}
@@ -580,6 +559,25 @@ def _could_overflow(weights: np.ndarray | None) -> bool:
 
 
 # --- checks of saved values, shared by every component ----------------------------------
+
+
+def check_values(
+    scalars: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    where: str,
+    counts: tuple[str, ...],
+    times: tuple[str, ...],
+    kinds: dict[str, tuple[str, bool]],
+) -> None:
+    """Raise ValueError unless a component's saved ``counts`` are counts, its ``times``
+    finite, and each array named in ``kinds`` of its (dtype kinds, non-negative) kind."""
+    for key in counts:
+        count(scalars.get(key, 0), f"{where} {key}")
+    for key in times:
+        number(scalars[key], f"{where} {key}", non_negative=False)
+    for key, a in arrays.items():
+        if key in kinds:
+            check_array(a, f"{where} {key}", *kinds[key])
 
 
 def count(value: object, where: str) -> int:
