@@ -481,11 +481,9 @@ class ModelState:
 
         Returns whether any sample's class was past the class limit (folded into "other").
         """
-        if binary:
-            assert targets is not None
-            outcome_targets: np.ndarray | None = np.asarray(targets, np.float64)
-        else:
-            outcome_targets = targets if targets is not None and targets.ndim == 2 else None
+        # Binary targets are the outcomes; soft rows the prior's masses; class indices are
+        # already in ``scores.true_class``.
+        outcome_targets = targets if binary or (targets is not None and targets.ndim == 2) else None
         calibration_args = (scores.confidence, scores.brier, scores.correct, scores.true_class, outcome_targets)
         try:
             self._calibration_for(binary)
@@ -884,6 +882,9 @@ class StateStore:
             m.predictions.lifetime.copy(),
             m.predictions.window_matrix(now),
             join,
+            # The component itself too: a model's first scored batch may replace it (binary
+            # or not) before the copy is derived, outside the lock.
+            m.calibration,
             m.calibration.lifetime.copy(),
             m.calibration.window_matrix(now),
         )
@@ -905,10 +906,12 @@ class StateStore:
         pred_life: np.ndarray,
         pred_matrix: np.ndarray,
         join: tuple[np.ndarray, int, np.ndarray, float] | None,
+        cal: CalibrationStats,
         cal_life: np.ndarray,
         cal_matrix: np.ndarray,
     ) -> ModelSnapshot:
         s = m.slots
+        windows = derive_all(matrix, s)
         with np.errstate(invalid="ignore", divide="ignore"):
             entropy = pred_matrix[:, acc.SWL] / pred_matrix[:, acc.SW]
         joins = None
@@ -939,7 +942,7 @@ class StateStore:
             hist_bounds=m.loss.bounds,
             hist_counts=hist,
             loss_sum=loss_sum,
-            windows=list(zip(m.window_labels, derive_all(matrix, s), strict=True)),
+            windows=list(zip(m.window_labels, windows, strict=True)),
             predictions=PredictionSummary(
                 rows=float(pred_life[acc.N]),
                 weight=float(pred_life[acc.SW]),
@@ -948,15 +951,14 @@ class StateStore:
                 window_entropy=list(zip(m.predictions.window_labels, entropy.tolist(), strict=True)),
             ),
             joins=joins,
-            calibration=self._calibration(m.calibration, cal_life, cal_matrix, matrix),
+            calibration=self._calibration(cal, cal_life, cal_matrix, [w.cross_entropy for w in windows]),
         )
 
     @staticmethod
     def _calibration(
-        c: CalibrationStats, life: np.ndarray, matrix: np.ndarray, loss_matrix: np.ndarray
+        c: CalibrationStats, life: np.ndarray, matrix: np.ndarray, mean_loss: list[float]
     ) -> CalibrationSummary:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean_loss = loss_matrix[:, acc.SWL] / loss_matrix[:, acc.SW]
+        """``mean_loss``: the loss windows' mean cross-entropy, row for row (NE's numerator)."""
         weight, confidence, outcome = calibration.reliability_bins(life, c.bins)
         brier_sum, brier_weight = calibration.brier_sums(life)
         return CalibrationSummary(
@@ -969,7 +971,7 @@ class StateStore:
             windows=list(
                 zip(
                     c.window_labels,
-                    calibration.derive_calibration(matrix, c.bins, c.slots, c.binary, mean_loss),
+                    calibration.derive_calibration(matrix, c.bins, c.slots, c.binary, np.array(mean_loss)),
                     strict=True,
                 )
             ),
