@@ -202,12 +202,13 @@ def _index_calibration(kind, m, s, squares, rest, xt):  # type: ignore[no-untype
     row maximum ``m``, for logits ``s`` = sum exp(x - m) and ``rest`` = that sum without
     the target's term, the non-target squares ``squares`` (of exp(x - m) for logits, of
     p_c otherwise) and the target's value ``xt``. 1 - p_t is never 1 minus a rounded p_t."""
+    confidence = _row_confidence(kind, m, 1.0 / s if kind == LOGITS else 0.0)
     if kind == LOGITS:
-        return 1.0 / s, (squares + rest * rest) / (s * s)
+        return confidence, (squares + rest * rest) / (s * s)
     if kind == PROBS:
-        return m, squares + (1.0 - xt) * (1.0 - xt)
+        return confidence, squares + (1.0 - xt) * (1.0 - xt)
     qt = math.expm1(xt)  # -(1 - p_t)
-    return math.exp(m), squares + qt * qt
+    return confidence, squares + qt * qt
 
 
 @cached(inline="always")
@@ -271,15 +272,27 @@ def _binary_terms(kind, x, eps, log_eps):  # type: ignore[no-untyped-def]
 
 
 @cached(inline="always")
-def _binary_brier(kind, x, p, q, t):  # type: ignore[no-untyped-def]
-    """(p - t)**2 for the unclipped positive-class probability: ``x`` itself for
-    probs; otherwise p and q = 1 - p, of which the smaller is the accurate one
+def _binary_calibration(kind, x, p, q, t):  # type: ignore[no-untyped-def]
+    """(confidence, Brier score) of one binary prediction ``x`` with target ``t``, from
+    _binary_terms' p and q = 1 - p. The probability is unclipped: ``x`` itself for
+    probs; for log_probs 1 - p is taken again, by expm1, since _binary_terms floors it
+    at eps for the loss. Of p and 1 - p the smaller is the accurate one
     (p - t = (1 - t) - q), so that a confident row's tiny score keeps its digits."""
     if kind == PROBS:
-        d = x - t
-    else:
-        d = p - t if p < 0.5 else (1.0 - t) - q
-    return d * d
+        return x, (x - t) * (x - t)
+    if kind == LOG_PROBS:
+        q = -math.expm1(x)
+    d = p - t if p < 0.5 else (1.0 - t) - q
+    return p, d * d
+
+
+@cached(inline="always")
+def _row_confidence(kind, m, inv_s):  # type: ignore[no-untyped-def]
+    """A multiclass row's largest probability from its maximum ``m`` (and, for logits,
+    ``inv_s`` = 1 / sum exp(x - m)): as sent for probs, exp(m) for log_probs."""
+    if kind == LOGITS:
+        return inv_s
+    return m if kind == PROBS else math.exp(m)
 
 
 # Every kernel takes (pred, tgt, kind, *ScoringParams.kernel_args, *Outputs), as
@@ -646,7 +659,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
                 ftotal -= tj * _focal_weight(q, gamma) * lp
         loss[i] = total
         focal[i] = ftotal
-        conf[i] = inv_s if kind == LOGITS else (m if kind == PROBS else math.exp(m))
+        conf[i] = _row_confidence(kind, m, inv_s)
         brier[i] = sq
         correct[i] = 1 if arg == targ else 0
         tcls[i] = targ
@@ -677,9 +690,7 @@ def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correc
             pc = min(max(x, eps), 1.0 - eps)
             lp, lq, p, q, positive = _binary_prob_terms(x, pc, log64(pc), log1p64(-pc))
         t = tgt[i]
-        conf[i] = x if kind == PROBS else p
-        # _binary_terms floors a log-probability's 1 - p at eps for the loss; the Brier score takes it as sent.
-        brier[i] = _binary_brier(kind, x, p, -math.expm1(x) if kind == LOG_PROBS else q, t)
+        conf[i], brier[i] = _binary_calibration(kind, x, p, q, t)
         loss[i] = -(t * lp + (1.0 - t) * lq)
         focal[i] = -(t * _focal_weight(q, gamma) * lp + (1.0 - t) * _focal_weight(p, gamma) * lq)
         truth = t > 0.5

@@ -54,7 +54,6 @@ SIMULATOR = bool(numba.config.ENABLE_CUDASIM)
 MAX_THREADS = 1024  # the hardware limit per block; shared scratch is sized for it
 WARP = 32
 PROBS, LOGITS, LOG_PROBS = cpu.PROBS, cpu.LOGITS, cpu.LOG_PROBS
-LOG_HALF = cpu.LOG_HALF
 NEG_INF = -math.inf
 
 
@@ -215,7 +214,9 @@ def _device(f: Any, **callees: Any) -> Any:
 # On the device, exp and log are libdevice's (through _binary_terms), not the CPU's vectorisable ones.
 _focal_weight = _device(cpu._focal_weight.py_func)
 _index_terms = _device(cpu._index_terms.py_func)
-_index_calibration = _device(cpu._index_calibration.py_func)
+_row_confidence = _device(cpu._row_confidence.py_func)
+_index_calibration = _device(cpu._index_calibration.py_func, _row_confidence=_row_confidence)
+_binary_calibration = _device(cpu._binary_calibration.py_func)
 _soft_terms = _device(cpu._soft_terms.py_func)
 _soft_brier_term = _device(cpu._soft_brier_term.py_func)
 _binary_terms = _device(
@@ -343,7 +344,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
             correct[i] = 1 if top == truth else 0
             tcls[i] = truth
             unnorm[i] = 1 if kind != LOGITS and abs(mass - 1.0) > tol else 0
-            conf[i] = inv_s if kind == LOGITS else (m if kind == PROBS else math.exp(m))
+            conf[i] = _row_confidence(kind, m, inv_s)
             brier[i] = sq
 
 
@@ -360,16 +361,7 @@ def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm
         correct[i] = 1 if positive == truth else 0
         tcls[i] = 1 if truth else 0
         unnorm[i] = 0
-        # Confidence and Brier take p unclipped: x itself for probs. For logits,
-        # _binary_terms' p and q are both sigmoids to full relative accuracy; for
-        # log_probs its q is floored at eps, so 1 - p is taken again, by expm1.
-        if kind == PROBS:
-            conf[i] = x
-            d = x - t
-        else:
-            conf[i] = p
-            d = p * (1.0 - t) - (q if kind == LOGITS else -math.expm1(x)) * t
-        brier[i] = d * d
+        conf[i], brier[i] = _binary_calibration(kind, x, p, q, t)
 
 
 # --- host side ----------------------------------------------------------------------
