@@ -583,8 +583,8 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
                 et = np.float64(exp2_neg((row[t] - m) * LOG2E32))
                 q = 1.0 - et / total
                 others_squared = squares + ties - et * et
-            conf[i] = 1.0 / total
-            brier[i] = others_squared / (total * total) + q * q
+            # The other classes' exponentials sum to q * total: 1 - p_t = rest / S.
+            conf[i], brier[i] = _index_calibration(LOGITS, np.float64(m), total, others_squared, q * total, xt)
         elif kind == PROBS:
             # Probabilities are summed before and after the target apart: a confident
             # row's other squares would vanish in (sum of squares) - p_t**2.
@@ -594,8 +594,7 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
             pt = max(xt, eps)
             lpt = math.log(pt)
             q = 1.0 - pt
-            conf[i] = np.float64(m)
-            brier[i] = sq1 + sq2 + (1.0 - xt) * (1.0 - xt)
+            conf[i], brier[i] = _index_calibration(PROBS, np.float64(m), 0.0, sq1 + sq2, 0.0, xt)
         else:
             # As for probabilities: the classes before and after the target apart.
             o1, t1, sq1 = _sum_exp_span(row[:t], t, F32(0.0))
@@ -604,8 +603,8 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
             mass = o1 + o2 + t1 + t2 + pt
             lpt = xt
             q = -math.expm1(lpt)
-            conf[i] = math.exp(np.float64(m))
-            brier[i] = sq1 + sq2 + t1 + t2 + q * q
+            # A class at log-probability 0 has probability 1 and square 1: counted in t1, t2.
+            conf[i], brier[i] = _index_calibration(LOG_PROBS, np.float64(m), 0.0, sq1 + sq2 + t1 + t2, 0.0, xt)
         loss[i] = -lpt
         focal[i] = -_focal_weight(q, gamma) * lpt
         correct[i] = 1 if row[t] == m and (t == 0 or row[t] > before) else 0
