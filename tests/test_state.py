@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tests import naive
 from tests.clock import FakeClock
+from xentd import accumulate as acc
 from xentd.config import LimitsConfig, TimeWindow, WindowsConfig
 from xentd.errors import Reason, ValidationError
 from xentd.kernels import SampleScores
@@ -208,3 +209,13 @@ def test_fold_counts_unnormalized_targets_and_the_snapshot_carries_them() -> Non
     model.fold(one, None, 0.0, None)
     (snap,) = store.snapshot().models
     assert (snap.unnormalized_targets, snap.unnormalized_rows, snap.batches) == (2, 2, 2)
+
+
+def test_bucket_numbers_are_python_floor_division() -> None:
+    """The fold kernels number time buckets themselves; the numbers must be NumPy's (and
+    Python's) floor division, at bucket edges too, or reads would miss what folds wrote."""
+    rng = np.random.default_rng(3)
+    widths = np.array([1.0, 5.0, 60.0, 0.1, 1 / 3, 7 / 60, 1440.0])
+    edges = np.arange(200_000) * (1 / 3) + 1.7e9
+    for now in np.concatenate([rng.uniform(0, 2e9, 20_000), edges[::97], np.arange(-50, 50, 0.1)]):
+        assert acc.bucket_numbers(float(now), widths).tolist() == np.floor_divide(now, widths).astype(np.int64).tolist()

@@ -10,7 +10,8 @@ Lifecycle, in order (teardown runs in reverse, and logs each step)::
                   counter ever reads 0 in between); then the kernels compiled
                   (seconds from the Numba cache, 20 s to minutes without one),
                   while systemd hears STATUS, WATCHDOG=1 and EXTEND_TIMEOUT_USEC;
-                  then READY=1 and /healthz 200
+                  the start-up objects frozen out of the garbage collector's
+                  walks (xentd.heap); then READY=1 and /healthz 200
     run()         poll the socket, drain what is waiting, score it; between
                   drains: watchdog ping, snapshots, idle-model eviction
     stop          STOPPING=1; drain what is already queued (bounded); a final
@@ -47,6 +48,7 @@ from xentd._version import __version__
 from xentd.config import Config
 from xentd.errors import StartupError
 from xentd.exporter import Exposition, MetricsServer, make_app
+from xentd.heap import HeapFreezer
 from xentd.kernels import Backend
 from xentd.notify import Notifier
 from xentd.pipeline import Pipeline
@@ -100,6 +102,7 @@ class Daemon:
         self._restored = threading.Event()
         self._heartbeat = time.monotonic()
         self.pipeline = Pipeline(config, self.state, clock)
+        self.heap = HeapFreezer()
         self._teardown: list[tuple[str, Callable[[], None]]] = []
 
     # --- lifecycle ----------------------------------------------------------
@@ -124,6 +127,7 @@ class Daemon:
             self._restore_state(state_dir)
         self._restored.set()
         self._compile(backend, parallel=False)
+        self.heap.freeze(len(self.state.models), "start-up")
         self._heartbeat = time.monotonic()  # the loop has not turned yet, but it is about to
         self._ready = True
         log.info(
@@ -150,6 +154,7 @@ class Daemon:
                 log.exception("compiling the multi-threaded kernels failed; large batches stay on one thread")
                 return
             log.info("multi-threaded kernels ready in %.1fs", time.monotonic() - started)
+            self.heap.freeze(len(self.state.models), "multi-threaded kernels compiled")
 
         threading.Thread(target=compile_parallel, name="xentd-compile", daemon=True).start()
 
@@ -317,6 +322,7 @@ class Daemon:
         with self.state.lock:
             evicted = self.state.evict_idle(self.clock())
             self.state.joins.expire(self.clock())
+        self.heap.maybe(len(self.state.models))
         if evicted:
             log.info(
                 "dropped %d model(s) idle for over %s s: %s%s",
