@@ -4,6 +4,7 @@ Usage:
     .venv/bin/python scripts/ingest_profile.py                      # this checkout
     .venv/bin/python scripts/ingest_profile.py --against /tmp/base  # side by side with another checkout
     .venv/bin/python scripts/ingest_profile.py --profile            # plus a cProfile top list
+    .venv/bin/python scripts/ingest_profile.py --aged               # models at steady state (see _age)
     ... --parallel-threshold 4611686018427387904                      # serial scoring kernels only
 
 Messages are 64 x 10 FP32 logits with int64 class indices, a producer and seq, and a
@@ -199,7 +200,32 @@ def _threaded(d: Any, count: int, models: int, run: int, drain: int) -> float | 
     return elapsed / count * 1e6
 
 
-def measure(count: int, drain: int, run: int, profile: bool, parallel_threshold: int | None) -> dict[str, Any]:
+def _age(d: Any) -> None:
+    """Fill every model's count windows to their bound, as traffic would in minutes: their
+    rings and block sums then never grow again (a young model's grow every few batches).
+    Time-window buckets are still handed out as time passes, a row a bucket width."""
+    from xentd.kernels import SampleScores
+
+    n = max(d.config.windows.count) + 64
+    rng = np.random.default_rng(0)
+    values = rng.random((3, n))
+    scores = SampleScores(
+        loss=values[0],
+        focal=values[1],
+        correct=np.ones(n, np.uint8),
+        true_class=rng.integers(0, 10, n),
+        unnormalized_rows=0,
+        confidence=values[2],
+        brier=values[2],
+    )
+    with d.state.lock:
+        for m in d.state.models.values():
+            m.fold(scores, None, time.time(), None)
+
+
+def measure(
+    count: int, drain: int, run: int, profile: bool, parallel_threshold: int | None, aged: bool = False
+) -> dict[str, Any]:
     """Every figure once, in this process, for the xentd on sys.path."""
     import xentd
 
@@ -208,6 +234,8 @@ def measure(count: int, drain: int, run: int, profile: bool, parallel_threshold:
     # Warm: kernels, models created, caches filled (different batch ids than the timed runs).
     for models in (1, 1000):
         d.handle_many(_received(2000, models, run + 1000))
+    if aged:
+        _age(d)
     if hasattr(d, "heap"):  # what the daemon's housekeeping does after the models arrive
         d.heap.maybe(len(d.state.models))
     out["raw"] = _raw(count, 1, run)
@@ -235,6 +263,8 @@ def _child(pythonpath: str, args: argparse.Namespace, run: int) -> dict[str, Any
     cmd += ["--run", str(run)]
     if args.parallel_threshold is not None:
         cmd += ["--parallel-threshold", str(args.parallel_threshold)]
+    if args.aged:
+        cmd.append("--aged")
     result = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
@@ -252,6 +282,11 @@ def main() -> None:
         help="engine.parallel_threshold for the daemon (default: the config default); a full drain of "
         "64 x 10 messages is 163,840 values, past the default, so the parallel scoring kernel runs",
     )
+    parser.add_argument(
+        "--aged",
+        action="store_true",
+        help="before timing, fill every model's count windows to their bound (steady state: no fold grows them)",
+    )
     parser.add_argument("--run", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--models", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--send", help=argparse.SUPPRESS)
@@ -261,7 +296,7 @@ def main() -> None:
         _send(args.send, args.messages, args.models, args.run)
         return
     if args.child:
-        print(json.dumps(measure(args.messages, args.drain, args.run, False, args.parallel_threshold)))
+        print(json.dumps(measure(args.messages, args.drain, args.run, False, args.parallel_threshold, args.aged)))
         return
     sides = {"after": str(HERE)}
     if args.against:
@@ -275,7 +310,7 @@ def main() -> None:
     threshold = "default" if args.parallel_threshold is None else args.parallel_threshold
     print(
         f"us/msg, median of {args.repeats} (64x10 FP32 logits, drains of {args.drain}, {args.messages} messages, "
-        f"engine.parallel_threshold {threshold})"
+        f"engine.parallel_threshold {threshold}{', models aged to steady state' if args.aged else ''})"
     )
     print(
         f"{'figure':<14}"
@@ -292,7 +327,7 @@ def main() -> None:
             line += "".join(f"{raw[s] / medians[s]:>14.2f}" if s in medians else f"{'-':>14}" for s in sides)
         print(line)
     if args.profile:
-        out = measure(args.messages, args.drain, 99, True, args.parallel_threshold)
+        out = measure(args.messages, args.drain, 99, True, args.parallel_threshold, args.aged)
         for models in (1, 1000):
             print(f"\ncProfile, handle_many, {models} model(s):\n{out[f'profile_{models}']}")
 

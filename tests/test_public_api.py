@@ -40,6 +40,8 @@ def test_all_is_complete_and_importable() -> None:
         "joins",
         "predstats",
         "calibration",
+        "fold",
+        "heap",
     }
     assert public <= set(xentd.__all__)
     for name in xentd.__all__:

@@ -219,3 +219,93 @@ def test_bucket_numbers_are_python_floor_division() -> None:
     edges = np.arange(200_000) * (1 / 3) + 1.7e9
     for now in np.concatenate([rng.uniform(0, 2e9, 20_000), edges[::97], np.arange(-50, 50, 0.1)]):
         assert acc.bucket_numbers(float(now), widths).tolist() == np.floor_divide(now, widths).astype(np.int64).tolist()
+
+
+def _saved(model: object) -> list[np.ndarray]:
+    """Every array and scalar a model's components save, flattened for an exact comparison."""
+    out: list[np.ndarray] = []
+    for component in model.components().values():  # type: ignore[attr-defined]
+        scalars, arrays = component.save()
+        out += [np.asarray(v, np.float64) for _, v in sorted(scalars.items())]
+        out += [a for _, a in sorted(arrays.items())]
+    return out
+
+
+def _scored(rng: np.random.Generator, n: int, classes: int) -> SampleScores:
+    return SampleScores(
+        loss=rng.exponential(1.0, n),
+        focal=rng.exponential(0.5, n),
+        correct=rng.integers(0, 2, n).astype(np.uint8),
+        true_class=rng.integers(0, classes, n),
+        unnormalized_rows=0,
+        confidence=rng.uniform(0.1, 1.0, n),
+        brier=rng.uniform(0.0, 2.0, n),
+    )
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_folding_rows_of_a_shared_batch_equals_folding_them_alone(weighted: bool) -> None:
+    """A drain folds each model's rows out of one scored batch (rows=, label_free=); every saved
+    value must equal folding that model's rows as their own batch and their entropies apart."""
+    rng = np.random.default_rng(11)
+    clock = FakeClock(1000.0)
+    shared, alone = _store(4, clock), _store(4, clock)
+    n = 90
+    scores = _scored(rng, n, 6)
+    weights = rng.uniform(0.5, 2.0, n) if weighted else None
+    entropy, top = rng.uniform(0, 2, n), rng.uniform(0.2, 1, n)
+    for k, (lo, hi) in enumerate([(0, 30), (30, 31), (31, 90), (90, 90)]):
+        clock.t += 1.5
+        a, b = shared.model(f"m{k}", 6), alone.model(f"m{k}", 6)
+        a.fold(scores, weights, clock.t, None, rows=(lo, hi), label_free=(entropy, top))
+        part = SampleScores(
+            *(getattr(scores, f)[lo:hi] for f in ("loss", "focal", "correct", "true_class")),
+            unnormalized_rows=0,
+            confidence=scores.confidence[lo:hi],
+            brier=scores.brier[lo:hi],
+        )
+        w = None if weights is None else weights[lo:hi]
+        b.fold(part, w, clock.t, None)
+        b.fold_predictions(entropy[lo:hi], top[lo:hi], w, clock.t)
+        for x, y in zip(_saved(a), _saved(b), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("spoiler", ["loss", "calibration", "entropy"])
+def test_a_fold_that_would_overflow_changes_no_component(spoiler: str) -> None:
+    """All or nothing across the components: whichever would overflow, none changes."""
+    rng = np.random.default_rng(5)
+    clock = FakeClock(50.0)
+    model = _store(4, clock).model("m", 3)
+    n = 8
+    model.fold(_scored(rng, n, 3), None, clock.t, None, label_free=(np.ones(n), np.ones(n)))
+    before = _saved(model)
+    scores = _scored(rng, n, 3)
+    weights = np.full(n, 1e300)  # losses of 1e10 overflow; Brier scores <= 2 and entropies <= 40 do not
+    entropy = np.ones(n)
+    if spoiler == "loss":
+        scores.loss[:] = 1e10
+    elif spoiler == "calibration":
+        weights = np.full(n, 1.7e308)  # n of these overflow any sum, losses kept small
+        scores.loss[:] = 0.0
+        scores.focal[:] = 0.0
+    else:
+        entropy = np.full(n, 1e10)
+    with pytest.raises(ValidationError) as info:
+        clock.t += 1.0
+        model.fold(scores, weights, clock.t, None, label_free=(entropy, np.ones(n)))
+    assert info.value.reason is Reason.NON_FINITE
+    assert "'m'" in info.value.detail
+    assert {"loss": "losses", "calibration": "calibration sums", "entropy": "entropies"}[spoiler] in info.value.detail
+    for x, y in zip(before, _saved(model), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_fold_refuses_rows_past_its_inputs() -> None:
+    rng = np.random.default_rng(1)
+    model = _store(4, FakeClock(0.0)).model("m", 3)
+    scores = _scored(rng, 5, 3)
+    with pytest.raises(ValueError, match="rows 0:6"):
+        model.fold(scores, None, 0.0, None, rows=(0, 6))
+    with pytest.raises(ValueError, match="rows 2:4"):
+        model.fold(scores, None, 0.0, None, rows=(2, 4), label_free=(np.ones(3), np.ones(3)))

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from prometheus_client.utils import floatToGoString
@@ -50,11 +51,14 @@ from xentd.jit import cached, kernel_array
 
 N, SW, SWB, SWP, SWO, HEAD = 0, 1, 2, 3, 4, 5
 
-# How a batch's targets arrive (the ``mode`` of the fold kernel).
-_BINARY, _INDEX, _SOFT = 0, 1, 2
+# How a batch's targets arrive (the ``mode`` of the fold kernel): binary [N], class indices, soft [N, C].
+BINARY, INDEX, SOFT = 0, 1, 2
 
 # Ring columns: w, confidence, brier, and for binary models the target t.
 _BINARY_COLUMNS, _MULTICLASS_COLUMNS = 4, 3
+
+# Why a fold was refused, when its calibration sums would overflow.
+OVERFLOW = "the batch's weighted calibration sums overflow float64 (the totals would become infinite)"
 
 # Bucket number of a time-window position never used: no read range reaches it.
 _NEVER = -(1 << 62)
@@ -163,14 +167,14 @@ def _batch(conf, brier, correct, tcls, t1, t2, mode, weights, weighted, bins, cl
     m = HEAD + 3 * bins
     for i in range(conf.shape[0]):
         w = weights[i] if weighted else 1.0
-        if mode == _BINARY:
+        if mode == BINARY:
             t = t1[i]
             _add_common(vec, w, conf[i], brier[i], t, bins)
             vec[m] += w * (1.0 - t)
             vec[m + 1] += w * t
         else:
             _add_common(vec, w, conf[i], brier[i], float(correct[i]), bins)
-            if mode == _INDEX:
+            if mode == INDEX:
                 vec[m + acc._slot(tcls[i], class_limit)] += w
             else:
                 for c in range(t2.shape[1]):
@@ -219,13 +223,13 @@ def _count_push(  # type: ignore[no-untyped-def]
         ring[p, 0] = w
         ring[p, 1] = conf[i]
         ring[p, 2] = brier[i]
-        if mode == _BINARY:
+        if mode == BINARY:
             t = t1[i]
             ring[p, 3] = t
             _add_common(row, w, conf[i], brier[i], t, bins)
             row[m] += w * (1.0 - t)
             row[m + 1] += w * t
-        elif mode == _INDEX:
+        elif mode == INDEX:
             slot = acc._slot(tcls[i], class_limit)
             tags[p] = 2 * slot + correct[i]
             _add_common(row, w, conf[i], brier[i], float(correct[i]), bins)
@@ -608,7 +612,7 @@ class CalibrationStats:
 
     # --- folding --------------------------------------------------------------------
 
-    def _grow(self, incoming: int, soft: bool) -> None:
+    def reserve(self, incoming: int, soft: bool) -> None:
         """Room for a batch: ring, soft masses and blocks up to their bounds, and a store
         row for every time window (each may start a position never used)."""
         windows = self.tw_rows.shape[0]
@@ -634,20 +638,22 @@ class CalibrationStats:
         if rows > self.blocks.shape[0]:
             self.blocks = acc.grown(self.blocks, rows)
 
-    def _targets(self, targets: np.ndarray | None) -> tuple[int, np.ndarray, np.ndarray]:
+    def kernel_targets(self, targets: np.ndarray | None) -> tuple[int, np.ndarray, np.ndarray]:
+        """The fold kernel's (mode, binary targets, soft targets) for a batch's ``targets``
+        (see :meth:`fold`), checked against this component's layout."""
         if self.binary:
             if targets is None or targets.ndim != 1:
                 raise ValueError("a binary model's calibration needs its [N] targets")
-            return _BINARY, kernel_array(np.asarray(targets, np.float64)), _NO_SOFT_TARGETS
+            return BINARY, kernel_array(np.asarray(targets, np.float64)), _NO_SOFT_TARGETS
         if targets is None:
-            return _INDEX, _NO_TARGETS, _NO_SOFT_TARGETS
+            return INDEX, _NO_TARGETS, _NO_SOFT_TARGETS
         if targets.ndim != 2:
             raise ValueError(f"soft multiclass targets are [N, C]; got shape {targets.shape}")
         # Column c folds into slot min(c, class_limit), unchecked in the kernels.
         if min(targets.shape[1] - 1, self.class_limit) >= self.slots:
             raise ValueError(f"soft targets have {targets.shape[1]} classes; the model has {self.slots} class slots")
         dtype = targets.dtype if targets.dtype in (np.float32, np.float64) else np.float64
-        return _SOFT, _NO_TARGETS, kernel_array(np.asarray(targets, dtype))
+        return SOFT, _NO_TARGETS, kernel_array(np.asarray(targets, dtype))
 
     def fold(
         self,
@@ -675,21 +681,23 @@ class CalibrationStats:
                 raise ValueError(f"{name} has {a.shape[0]} samples; confidence has {n}")
         if weights is not None and weights.shape != (n,):
             raise ValueError(f"weights have shape {weights.shape}; expected ({n},)")
-        mode, t1, t2 = self._targets(targets)
+        mode, t1, t2 = self.kernel_targets(targets)
         weighted = weights is not None
         w = kernel_array(weights) if weights is not None else _NO_WEIGHTS
         if not check_only:
-            self._grow(n, mode == _SOFT)
-        committed, self.count_total, self.tw_used = _fold(
-            confidence,
-            brier,
-            correct,
-            true_class,
-            t1,
-            t2,
-            mode,
-            w,
-            weighted,
+            self.reserve(n, mode == SOFT)
+        committed, total, tw_used = _fold(
+            confidence, brier, correct, true_class, t1, t2, mode, w, weighted, *self.kernel_state(now), not check_only
+        )
+        if not committed:
+            raise ValidationError(Reason.NON_FINITE, OVERFLOW)
+        if not check_only:
+            self.folded(total, tw_used, now)
+
+    def kernel_state(self, now: float) -> tuple[Any, ...]:
+        """What :func:`_fold` takes of this component for a fold at ``now``, in its
+        argument order (between the samples and ``commit``)."""
+        return (
             self.bins,
             self.class_limit,
             self.slots,
@@ -710,15 +718,13 @@ class CalibrationStats:
             self.block,
             self.count_total,
             self.count_cap_max > 0,
-            not check_only,
         )
-        if not committed:
-            raise ValidationError(
-                Reason.NON_FINITE,
-                "the batch's weighted calibration sums overflow float64 (the totals would become infinite)",
-            )
-        if not check_only:
-            self.ewma_time = now
+
+    def folded(self, total: int, tw_used: int, now: float) -> None:
+        """Take the scalars a committed fold at ``now`` returned."""
+        self.count_total = total
+        self.tw_used = tw_used
+        self.ewma_time = now
 
     def window_matrix(self, now: float) -> np.ndarray:
         """Every window's stat vector, one row each, in :attr:`window_labels` order; the

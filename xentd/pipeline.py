@@ -22,7 +22,7 @@ from xentd.config import Config
 from xentd.errors import DecodeError, Reason, RejectedBatch
 from xentd.jit import kernel_array
 from xentd.joins import Joined, PoolKey
-from xentd.kernels import Backend, SampleScores, ScoringParams
+from xentd.kernels import Backend, ScoringParams
 from xentd.names import MODEL_NAME_RE
 from xentd.predstats import row_stats
 from xentd.state import ModelState, StateStore
@@ -393,7 +393,7 @@ class Pipeline:
         try:
             batch = segs.batch(first.model, _merge(ranges))
             scores = self.backend.score(batch, first.params)
-            entropy, confidence = row_stats(batch.predictions, batch.kind)
+            label_free = row_stats(batch.predictions, batch.kind)
         except Exception:
             log.exception(
                 "internal error while scoring %d batch(es) of %d model(s)",
@@ -412,37 +412,28 @@ class Pipeline:
         retry: list[tuple[_Unit, list[tuple[int, int]]]] = []
         logs: list[tuple[Reason, str, str | None]] = []
         offset = 0
+        now = self.clock()  # one instant for the whole call: its units fold microseconds apart
+        limit_hits = 0
         with self.state.lock:
             for unit, own in zip(units, spans, strict=True):
                 n = own[0][1] - own[0][0] if len(own) == 1 else sum([end - start for start, end in own])
-                part = slice(offset, offset + n)
+                rows = (offset, offset + n)
                 offset += n
                 count = len(unit.entries)
                 try:
-                    unit_weights = None if batch.weights is None else batch.weights[part]
-                    unit.state.fold_predictions(  # both folds or neither
-                        entropy[part], confidence[part], unit_weights, self.clock(), check_only=True
-                    )
-                    if unit.state.fold(
-                        SampleScores(
-                            loss=scores.loss[part],
-                            focal=scores.focal[part],
-                            correct=scores.correct[part],
-                            true_class=scores.true_class[part],
-                            unnormalized_rows=scores.unnormalized_rows if len(units) == 1 else 0,
-                            confidence=scores.confidence[part],
-                            brier=scores.brier[part],
-                        ),
-                        None if batch.weights is None else batch.weights[part],
-                        self.clock(),
+                    limit_hits += unit.state.fold(
+                        scores,
+                        batch.weights,
+                        now,
                         _last_ts(unit.entries),
                         batches=count,
                         unnormalized_targets=sum([segs.unnormalized[e.segment] for e in unit.entries]),
-                        targets=batch.targets[part],
+                        targets=batch.targets,
                         binary=batch.binary,
-                    ):
-                        self.state.counters.limit_hits["class_limit"] += 1
-                    unit.state.fold_predictions(entropy[part], confidence[part], unit_weights, self.clock())
+                        rows=rows,
+                        label_free=label_free,
+                        unnormalized_rows=scores.unnormalized_rows if len(units) == 1 else 0,
+                    )
                     self.state.counters.messages += count
                 except RejectedBatch as exc:
                     if count == 1:
@@ -454,6 +445,7 @@ class Pipeline:
                     log.exception("internal error while folding %d batch(es) for model %r", count, unit.model)
                     for _ in range(count):
                         self._count_rejection((Reason.INTERNAL_ERROR, "internal error", unit.model), logs)
+            self.state.counters.limit_hits["class_limit"] += limit_hits
         for reason, detail, model in logs:
             self._log_rejection(reason, detail, model)
         for unit, _ in retry:
@@ -855,10 +847,9 @@ class Pipeline:
             batch = concatenate(group.batches)
             assert self.backend is not None
             scores = self.backend.score(batch, self._params_for(batch.model, batch.prediction_datatype))
-            stats = None if joined else row_stats(batch.predictions, batch.kind)
+            # Pairs from the join store had their label-free statistics counted on arrival.
+            label_free = None if joined else row_stats(batch.predictions, batch.kind)
             with self.state.lock:
-                if stats is not None:  # both folds or neither
-                    group.state.fold_predictions(*stats, batch.weights, self.clock(), check_only=True)
                 if group.state.fold(
                     scores,
                     batch.weights,
@@ -868,10 +859,9 @@ class Pipeline:
                     unnormalized_targets=batch.unnormalized_targets,
                     targets=batch.targets,
                     binary=batch.binary,
+                    label_free=label_free,
                 ):
                     self.state.counters.limit_hits["class_limit"] += 1
-                if stats is not None:
-                    group.state.fold_predictions(*stats, batch.weights, self.clock())
                 if not joined:
                     self.state.counters.messages += count
                 if on_fold is not None:

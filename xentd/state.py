@@ -36,6 +36,8 @@ from xentd.calibration import CalibrationStats, CalibrationWindow
 from xentd.config import CalibrationConfig, LabelsConfig, LimitsConfig, WindowsConfig
 from xentd.delivery import RecentBatches, SequenceTracker
 from xentd.errors import Reason, ValidationError
+from xentd.fold import CALIBRATION_OVERFLOW, ENTROPY_OVERFLOW, FOLDED, LOSS_OVERFLOW, fold_model
+from xentd.jit import kernel_array
 from xentd.joins import OUTCOMES, JoinStore
 from xentd.kernels import SampleScores
 
@@ -250,15 +252,26 @@ class WindowedStats:
         """
         weighted = weights is not None
         w = weights if weights is not None else _NO_WEIGHTS
-        if self.count_cap_max and not check_only:
-            self._grow_ring(value.shape[0])
-        committed, self.value_sum, self.count_total = acc.fold_all(
-            value,
-            focal,
-            correct,
-            true_class,
-            w,
-            weighted,
+        if not check_only:
+            self.reserve(value.shape[0])
+        # The component's state spreads into fold_all's arguments (typed by Numba, not mypy).
+        committed, value_sum, total = acc.fold_all(  # type: ignore[call-arg]
+            value, focal, correct, true_class, w, weighted, *self.kernel_state(now), not check_only
+        )
+        if not committed:
+            raise ValidationError(Reason.NON_FINITE, overflow(what))
+        if not check_only:
+            self.folded(value_sum, total, now)
+
+    def reserve(self, incoming: int) -> None:
+        """Room for ``incoming`` more samples (before a fold)."""
+        if self.count_cap_max:
+            self._grow_ring(incoming)
+
+    def kernel_state(self, now: float) -> tuple[Any, ...]:
+        """What :func:`xentd.accumulate.fold_all` takes of this component for a fold at
+        ``now``, in its argument order (between the samples and ``commit``)."""
+        return (
             self.class_limit,
             self.slots,
             self.bounds,
@@ -279,14 +292,13 @@ class WindowedStats:
             self.block,
             self.count_total,
             self.count_cap_max > 0,
-            not check_only,
         )
-        if not committed:
-            raise ValidationError(
-                Reason.NON_FINITE, f"the batch's weighted {what} overflow float64 (the totals would become infinite)"
-            )
-        if not check_only:
-            self.ewma_time = now
+
+    def folded(self, value_sum: float, total: int, now: float) -> None:
+        """Take the scalars a committed fold at ``now`` returned."""
+        self.value_sum = value_sum
+        self.count_total = total
+        self.ewma_time = now
 
     def window_matrix(self, now: float) -> np.ndarray:
         """Every window's stat vector, one row each, in :attr:`window_labels` order.
@@ -308,6 +320,16 @@ class WindowedStats:
         out[-1] = self.ewma
         out[-1, acc.N] = float(self.ewma[acc.N]) * acc.decay(now - self.ewma_time, self.half_life)
         return out
+
+
+def overflow(what: str) -> str:
+    """Why a fold was refused when its ``what`` (losses, entropies) would overflow."""
+    return f"the batch's weighted {what} overflow float64 (the totals would become infinite)"
+
+
+# What fold_model's verdicts name, in overflow()'s words.
+_WHAT = {LOSS_OVERFLOW: "losses", ENTROPY_OVERFLOW: "entropies"}
+_NO_VALUES = kernel_array(np.empty(0, np.float64))
 
 
 # The label-free statistics of predictions reuse the loss layout with one class slot:
@@ -471,60 +493,93 @@ class ModelState:
         unnormalized_targets: int = 0,
         targets: np.ndarray | None = None,
         binary: bool = False,
+        *,
+        rows: tuple[int, int] | None = None,
+        label_free: tuple[np.ndarray, np.ndarray] | None = None,
+        unnormalized_rows: int | None = None,
     ) -> bool:
-        """Add scored samples (``batches`` messages' worth, concatenated in arrival order).
+        """Add scored samples (``batches`` messages' worth, concatenated in arrival order),
+        into every component at once (:func:`xentd.fold.fold_model`), or into none.
 
-        ``unnormalized_targets`` is the batches' count of target rows that are not a
-        distribution (see :attr:`xentd.validate.Batch.unnormalized_targets`). ``targets``
-        are the batch's targets and ``binary`` whether its predictions were binary: a binary
-        sample's outcome is its target, and soft targets make the calibration's target prior.
-        Without them, the outcome is top-1 correctness and the prior counts true classes.
+        ``rows``: fold only these rows of ``scores``, ``weights``, ``targets`` and
+        ``label_free`` (a drain scores many models' rows in one call). ``label_free``: the
+        rows' (entropy, confidence) (:func:`xentd.predstats.row_stats`), for rows whose
+        predictions arrived with their labels. ``unnormalized_targets`` is the batches'
+        count of target rows that are not a distribution (see
+        :attr:`xentd.validate.Batch.unnormalized_targets`); ``unnormalized_rows`` overrides
+        ``scores.unnormalized_rows``. ``targets`` are the batch's targets and ``binary``
+        whether its predictions were binary: a binary sample's outcome is its target, and
+        soft targets make the calibration's target prior. Without them, the outcome is top-1
+        correctness and the prior counts true classes.
 
+        Raises ValidationError(NON_FINITE), changing nothing, when a sum would overflow.
         Returns whether any sample's class was past the class limit (folded into "other").
         """
+        lo, hi = (0, scores.loss.shape[0]) if rows is None else rows
         # Binary targets are the outcomes; soft rows the prior's masses; class indices are
         # already in ``scores.true_class``.
         outcome_targets = targets if binary or (targets is not None and targets.ndim == 2) else None
-        calibration_args = (scores.confidence, scores.brier, scores.correct, scores.true_class, outcome_targets)
         try:
             self._calibration_for(binary)
-            now = self._advance(now)
-            # The calibration sums and the losses fold together or not at all. Calibration
-            # checks every sum it would change, so it goes first, as a check, only when
-            # the weights come near float64's range (what its sums are bounded by).
-            if _could_overflow(weights):
-                self.calibration.fold(*calibration_args, weights, now, check_only=True)
-            self.loss.fold(scores.loss, scores.focal, scores.correct, scores.true_class, weights, now, "losses")
-            self.calibration.fold(*calibration_args, weights, now)
         except ValidationError as exc:
             raise ValidationError(exc.reason, f"{exc.detail} (model {self.name!r})") from None
+        mode, t1, t2 = self.calibration.kernel_targets(outcome_targets)
+        entropy, top = (kernel_array(a) for a in label_free) if label_free is not None else (_NO_VALUES, _NO_VALUES)
+        w = _NO_WEIGHTS if weights is None else kernel_array(weights)
+        # The kernels index every input by row, unchecked.
+        arrays = [scores.loss, scores.focal, scores.correct, scores.true_class, scores.confidence, scores.brier]
+        arrays += [a for a, used in ((w, weights is not None), (t1, mode == calibration.BINARY)) if used]
+        arrays += [t2] if mode == calibration.SOFT else []
+        arrays += [entropy, top] if label_free is not None else []
+        if not 0 <= lo <= hi or any(a.shape[0] < hi for a in arrays):
+            raise ValueError(f"rows {lo}:{hi} past an input of {min(a.shape[0] for a in arrays)} rows")
+        now = self._advance(now)
+        self.loss.reserve(hi - lo)
+        self.calibration.reserve(hi - lo, mode == calibration.SOFT)
+        verdict, value_sum, total, calibration_total, tw_used, entropy_sum, entropy_total = fold_model(
+            lo,
+            hi,
+            scores.loss,
+            scores.focal,
+            scores.correct,
+            scores.true_class,
+            w,
+            weights is not None,
+            mode,
+            t1,
+            t2,
+            scores.confidence,
+            scores.brier,
+            entropy,
+            top,
+            label_free is not None,
+            self.loss.kernel_state(now),
+            self.calibration.kernel_state(now),
+            self.predictions.kernel_state(now),
+        )
+        if verdict != FOLDED:
+            detail = calibration.OVERFLOW if verdict == CALIBRATION_OVERFLOW else overflow(_WHAT[verdict])
+            raise ValidationError(Reason.NON_FINITE, f"{detail} (model {self.name!r})")
+        self.loss.folded(value_sum, total, now)
+        self.calibration.folded(calibration_total, tw_used, now)
+        if label_free is not None:
+            self.predictions.folded(entropy_sum, entropy_total, now)
         self.batches += batches
-        self.unnormalized_rows += scores.unnormalized_rows
+        self.unnormalized_rows += scores.unnormalized_rows if unnormalized_rows is None else unnormalized_rows
         self.unnormalized_targets += unnormalized_targets
         self.last_batch_time = self.clock
         if event_time is not None:
             self.last_event_time = event_time
         return (
-            self.num_classes > self.class_limit
-            and scores.true_class.shape[0] > 0
-            and int(scores.true_class.max()) >= self.class_limit
+            self.num_classes > self.class_limit and hi > lo and int(scores.true_class[lo:hi].max()) >= self.class_limit
         )
 
     def fold_predictions(
-        self,
-        entropy: np.ndarray,
-        confidence: np.ndarray,
-        weights: np.ndarray | None,
-        now: float,
-        *,
-        check_only: bool = False,
+        self, entropy: np.ndarray, confidence: np.ndarray, weights: np.ndarray | None, now: float
     ) -> None:
-        """Add the label-free statistics of prediction rows (:mod:`xentd.predstats`).
-        ``check_only``: raise if they would overflow, and change nothing (so that a full
-        batch is folded into both or neither)."""
+        """Add the label-free statistics of prediction rows that arrived without their labels
+        (:mod:`xentd.predstats`; rows with labels go through :meth:`fold`)."""
         n = entropy.shape[0]
-        if check_only and not _could_overflow(weights):
-            return
         try:
             self.predictions.fold(
                 entropy,
@@ -532,29 +587,18 @@ class ModelState:
                 np.zeros(n, np.uint8),
                 np.zeros(n, np.int64),
                 weights,
-                max(now, self.clock) if check_only else self._advance(now),
+                self._advance(now),
                 "entropies",
-                check_only=check_only,
             )
         except ValidationError as exc:
             raise ValidationError(exc.reason, f"{exc.detail} (model {self.name!r})") from None
-        if not check_only:
-            self.last_batch_time = self.clock  # keeps a model that only sends predictions from going idle
+        self.last_batch_time = self.clock  # keeps a model that only sends predictions from going idle
 
     def window_matrix(self, now: float) -> np.ndarray:
         return self.loss.window_matrix(max(now, self.clock))
 
     def windows(self, now: float) -> list[tuple[str, WindowStats]]:
         return list(zip(self.window_labels, derive_all(self.window_matrix(now), self.slots), strict=True))
-
-
-# Entropies are at most log(C) < 40 nats and confidences at most 1, so sums of them overflow
-# float64 only when the weights themselves come near its range.
-_HUGE_WEIGHT = 1e290
-
-
-def _could_overflow(weights: np.ndarray | None) -> bool:
-    return weights is not None and weights.size > 0 and float(weights.max()) > _HUGE_WEIGHT
 
 
 # --- checks of saved values, shared by every component ----------------------------------
@@ -816,9 +860,14 @@ class StateStore:
         )
         weights = np.ones(2)
         weights.flags.writeable = False
+        label_free = (np.ones(2), np.ones(2))
+        # fold_model's signatures: float64 soft targets (also what class indices and binary
+        # targets pass for them) and float32 ones.
+        soft32 = kernel_array(np.full((2, 2), 0.5, np.float32))
         for w in (None, weights):
             scratch = ModelState("warmup", 2, self.windows_cfg, self.limits, self.clock(), self.calibration_cfg)
-            scratch.fold(scores, w, self.clock(), None)
+            scratch.fold(scores, w, self.clock(), None, label_free=label_free)
+            scratch.fold(scores, w, self.clock(), None, targets=soft32)
             scratch.fold_predictions(scores.loss, scores.focal, w, self.clock())
             scratch.windows(self.clock())
         joins.warmup()
