@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from scipy.special import expit
 
 from tests import naive
 from tests.conftest import make_batch, softmax
@@ -69,6 +70,55 @@ def assert_scores(scores: SampleScores, ref: naive.Ref, tol: dict[str, float] = 
     np.testing.assert_array_equal(scores.correct, ref.correct)
     np.testing.assert_array_equal(scores.true_class, ref.true_class)
     assert scores.unnormalized_rows == ref.unnormalized
+
+
+# The label-free entropy (SampleScores.entropy) against naive.entropy. Float64 sums agree to
+# rounding; near H = 0 the kernels' log s (as xentd.predstats takes it) is good to an absolute
+# ~1e-16, not relatively. The CPU's float32 class-index logits sum it in float32 (relative
+# 1e-5, as predstats' own float32 path), whose exp2 is 0 below 2**-126: terms under ~1e-36 go.
+ENTROPY_EXACT = {"rtol": 1e-12, "atol": 1e-15}
+ENTROPY_F32 = {"rtol": 1e-5, "atol": 1e-30}
+
+
+def entropy_case(dtype: Any, kind: str, classes: int | None, n: int, targets: str, seed: int) -> Batch:
+    """A random batch for the entropy comparisons, with rows at the edges first: uniform,
+    one-hot (p = 0 entries, log-probabilities of -1e4), confident (p ~ 1e-35), tied maxima,
+    extreme logits (+-1e4) and, for probs, rows with exact zeros."""
+    rng = np.random.default_rng(seed)
+    y: Any
+    if classes is None:
+        z = rng.normal(0.0, 1.0, n) * rng.uniform(0.1, 30.0, n)
+        z[:10] = [0.0, 1e-9, -1e-9, 40.0, -40.0, 800.0, -800.0, 1e4, -1e4, 3.0]
+        p = expit(z)
+        x = {"logits": z, "probs": p, "log_probs": -np.logaddexp(0.0, -z)}[kind]
+        if kind == "probs":
+            x[:5] = [0.0, 1.0, 1e-12, 1.0 - 1e-12, 0.5]
+        y = rng.integers(0, 2, n).astype(np.float64) if targets == "index" else rng.random(n)
+        return make_batch(x.astype(dtype), y, kind)
+    c = classes
+    z = rng.normal(0.0, 1.0, (n, c)) * rng.uniform(0.1, 30.0, (n, 1))
+    z[0] = 0.0  # uniform: H = log C
+    z[1] = 0.0
+    z[1, 0] = 1e4  # one-hot: H = 0
+    z[2] = -40.0
+    z[2, c - 1] = 40.0  # confident: H ~ 81 (C - 1) e^-80
+    z[3, 0] = z[3, c - 1] = z[3].max() + 2.0  # tied maxima
+    z[4] = -1e4  # extreme and uniform: H = log C
+    z[5] = 0.0
+    z[5, 0], z[5, 1] = 1e4, -1e4
+    if kind == "logits":
+        x = z
+    elif kind == "probs":
+        x = softmax(z)
+        x[6, ::2] = 0.0  # exact zeros, renormalised
+        x[6] /= x[6].sum()
+    else:
+        x = naive.log_softmax(z)
+    if targets == "index":
+        y = rng.integers(0, c, n)
+    else:
+        y = softmax(rng.normal(0, 2, (n, c))).astype(np.float32)
+    return make_batch(x.astype(dtype), y, kind)
 
 
 def reference_case(datatype: str, kind: str, classes: int | None, n: int, targets: str) -> Batch:

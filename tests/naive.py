@@ -84,6 +84,41 @@ def binary(pred: np.ndarray, targets: np.ndarray, kind: str, *, eps: float, gamm
     return Ref(loss, focal, (positive == truth).astype(np.uint8), truth.astype(np.int64), 0)
 
 
+def _neg_xlogx(p: np.ndarray) -> np.ndarray:
+    """-p log p, elementwise, with 0 log 0 = 0."""
+    return np.where(p > 0.0, -p * np.log(np.where(p > 0.0, p, 1.0)), 0.0)
+
+
+def entropy(pred: np.ndarray, kind: str) -> np.ndarray:
+    """The label-free entropy H = -sum_c p_c log p_c of each prediction row, in nats; a binary
+    row is the distribution (p, 1 - p). ``probs`` as sent (not renormalised).
+
+    Each p and log p is taken from the input, never as the log of a rounded p near 1, so
+    that a confident row's tiny H keeps its digits: multiclass logits through log p_c =
+    z_c - m - log1p(rest), with rest the sum of exp(z_c - m) over all but the first maximum;
+    binary logits through logaddexp; log_probs as sent, with 1 - p = -expm1(x)."""
+    x = np.asarray(pred, np.float64)
+    if x.ndim == 1:
+        if kind == LOGITS:
+            lp = -np.logaddexp(0.0, -x)
+            lq = -np.logaddexp(0.0, x)
+            return -(np.exp(lp) * lp + np.exp(lq) * lq)
+        if kind == PROBS:
+            return _neg_xlogx(x) + _neg_xlogx(1.0 - x)
+        return -np.exp(x) * x + _neg_xlogx(-np.expm1(x))
+    if kind == PROBS:
+        return _neg_xlogx(x).sum(axis=1)
+    if kind == LOG_PROBS:
+        return (-np.exp(x) * x).sum(axis=1)
+    d = x - x.max(axis=1, keepdims=True)
+    e = np.exp(d)
+    e_rest = e.copy()
+    e_rest[np.arange(len(x)), x.argmax(axis=1)] = 0.0
+    rest = e_rest.sum(axis=1, keepdims=True)
+    logp = d - np.log1p(rest)
+    return -((e / (1.0 + rest)) * logp).sum(axis=1)
+
+
 def weighted_mean(values: np.ndarray, weights: np.ndarray | None) -> float:
     w = np.ones_like(values) if weights is None else np.asarray(weights, np.float64)
     return float((w * values).sum() / w.sum())

@@ -36,9 +36,12 @@ def test_scores_are_views_of_the_first_n_results() -> None:
     out.arrays.unnormalized[3:] = 0
     s = out.scores(5)
     assert len(s.loss) == len(s.focal) == len(s.correct) == len(s.true_class) == 5
-    assert len(s.confidence) == len(s.brier) == 5
+    assert s.entropy is not None
+    assert len(s.confidence) == len(s.brier) == len(s.entropy) == 5
     assert np.shares_memory(s.loss, out.arrays.loss)
     assert np.shares_memory(s.brier, out.arrays.brier)
+    assert np.shares_memory(s.entropy, out.arrays.entropy)
     assert s.unnormalized_rows == 3  # counted over the first 5 only
     assert Outputs._fields[:4] == ("loss", "focal", "correct", "true_class")
-    assert Outputs._fields[-2:] == ("confidence", "brier")
+    assert Outputs._fields[-3:] == ("confidence", "brier", "entropy")
+    assert OUTPUT_DTYPES.entropy == np.float64

@@ -15,11 +15,14 @@ from tests import naive
 from tests.conftest import default_params, make_batch, softmax
 from tests.kernel_cases import (
     DATATYPES,
+    ENTROPY_EXACT,
+    ENTROPY_F32,
     FAST_F32,
     KINDS,
     NP_DTYPE,
     assert_scores,
     cpu_tolerance,
+    entropy_case,
     predictions,
     reference,
     reference_case,
@@ -27,6 +30,7 @@ from tests.kernel_cases import (
 )
 from xentd.kernels import ScoringParams, cpu
 from xentd.kernels.cpu import CpuBackend
+from xentd.predstats import row_stats
 
 
 @reference_cases(DATATYPES, [(None, 400), (2, 300), (3, 300), (10, 200), (257, 40), (50_000, 4)])
@@ -74,6 +78,38 @@ def test_serial_and_parallel_builds_agree_bitwise() -> None:
     a_loss = a.loss.copy()
     b = CpuBackend(parallel_threshold=0).score(batch, default_params(batch))
     np.testing.assert_array_equal(a_loss, b.loss)
+
+
+# --- label-free entropy ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("classes", [None, 2, 3, 10, 33, 1000])
+@pytest.mark.parametrize("targets", ["index", "soft"])
+def test_entropy_matches_float64_oracle_and_predstats(
+    any_backend: CpuBackend, dtype: Any, kind: str, classes: int | None, targets: str
+) -> None:
+    """Every kernel path's entropy: binary (the vectorised loops at gamma 2, the libm loop
+    otherwise), the small-C transposed blocks (several, and a partial one) and the wide rows
+    (two float32 blocks at 1000 classes), class-index and soft targets."""
+    n = 40 if classes == 1000 else cpu.SMALL_ROWS + 37
+    batch = entropy_case(dtype, kind, classes, n, targets, seed=(classes or 1) * 3 + len(kind))
+    fast = batch.predictions.dtype == np.float32 and not batch.binary and targets == "index" and kind == "logits"
+    want = naive.entropy(batch.predictions, kind)
+    predstats_h, _ = row_stats(batch.predictions, int(batch.kind))
+    for gamma in (2.0, 0.5):
+        h = any_backend.score(batch, default_params(batch, gamma)).entropy
+        assert h is not None
+        np.testing.assert_allclose(h, want, **(ENTROPY_F32 if fast else ENTROPY_EXACT))
+        # What the pipeline takes today. Float32 logits rows take predstats' float32 path,
+        # and float64's log s (kernels and predstats alike) is good to an absolute ~1e-16.
+        f32_logits = batch.predictions.dtype == np.float32 and not batch.binary and kind == "logits"
+        near_predstats = {**ENTROPY_F32, "atol": ENTROPY_EXACT["atol"]} if f32_logits else ENTROPY_EXACT
+        np.testing.assert_allclose(h, predstats_h, **near_predstats)
+    if classes is not None and kind == "logits":  # the uniform row, exactly (a float32 log-probability is not)
+        assert h[0] == pytest.approx(math.log(classes), rel=1e-6 if fast else 1e-13)
+    assert h[1] == 0.0 or classes is None
 
 
 # --- scikit-learn ---------------------------------------------------------------

@@ -24,15 +24,19 @@ import pytest
 from tests import calibration_ref, naive
 from tests.conftest import default_params, make_batch, softmax
 from tests.kernel_cases import (
+    ENTROPY_EXACT,
+    ENTROPY_F32,
     EXACT,
     KINDS,
     assert_scores,
     encode_dtype,
+    entropy_case,
     reference,
     reference_case,
     reference_cases,
 )
 from xentd.kernels import SampleScores
+from xentd.predstats import row_stats
 from xentd.validate import Batch
 
 cuda_backend = pytest.importorskip("xentd.kernels.cuda")
@@ -84,17 +88,20 @@ def test_same_results_as_the_cpu_backend(gpu: CudaBackend, classes: int) -> None
     y = rng.integers(0, classes, 3)
     for kind, pred in (("logits", x), ("probs", softmax(x)), ("log_probs", naive.log_softmax(x))):
         batch = make_batch(pred, y, kind)
-        cpu = CpuBackend(parallel_threshold=1 << 62).score(batch, default_params(batch))
+        cpu_scores = CpuBackend(parallel_threshold=1 << 62).score(batch, default_params(batch))
         cpu = (
-            cpu.loss.copy(),
-            cpu.focal.copy(),
-            cpu.correct.copy(),
-            cpu.true_class.copy(),
-            cpu.unnormalized_rows,
-            cpu.confidence.copy(),
-            cpu.brier.copy(),
+            cpu_scores.loss.copy(),
+            cpu_scores.focal.copy(),
+            cpu_scores.correct.copy(),
+            cpu_scores.true_class.copy(),
+            cpu_scores.unnormalized_rows,
+            cpu_scores.confidence.copy(),
+            cpu_scores.brier.copy(),
         )
+        cpu_entropy = cpu_scores.entropy.copy() if cpu_scores.entropy is not None else None
         got = gpu.score(batch, default_params(batch))
+        assert got.entropy is not None and cpu_entropy is not None
+        np.testing.assert_allclose(got.entropy, cpu_entropy, rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(got.loss, cpu[0], rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(got.focal, cpu[1], rtol=1e-13, atol=1e-15)
         np.testing.assert_array_equal(got.correct, cpu[2])
@@ -103,6 +110,31 @@ def test_same_results_as_the_cpu_backend(gpu: CudaBackend, classes: int) -> None
         # The two backends sum in different orders: agreement to rounding, as for the loss.
         np.testing.assert_allclose(got.confidence, cpu[5], rtol=1e-13, atol=0)
         np.testing.assert_allclose(got.brier, cpu[6], rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("classes", [None, 3, 40])
+@pytest.mark.parametrize("targets", ["index", "soft"])
+def test_entropy_matches_oracle_predstats_and_cpu(
+    gpu: CudaBackend, dtype: type, kind: str, classes: int | None, targets: str
+) -> None:
+    """The label-free entropy: edge rows (p = 0 entries, extreme and confident logits, ties)
+    and rows longer than a block. Every sum is float64 here, float32 logits included."""
+    batch = entropy_case(dtype, kind, classes, 12 if classes is None else 8, targets, seed=(classes or 1) + len(kind))
+    h = gpu.score(batch, default_params(batch)).entropy
+    assert h is not None
+    h = h.copy()
+    np.testing.assert_allclose(h, naive.entropy(batch.predictions, kind), **ENTROPY_EXACT)
+    f32_logits = batch.predictions.dtype == np.float32 and not batch.binary and kind == "logits"
+    near_f32 = {**ENTROPY_F32, "atol": ENTROPY_EXACT["atol"]}  # the float32 paths; log s near 0 (kernel_cases)
+    np.testing.assert_allclose(
+        h, row_stats(batch.predictions, int(batch.kind))[0], **(near_f32 if f32_logits else ENTROPY_EXACT)
+    )
+    # The CPU backend's float32 class-index logits sum in float32 (relative 1e-5).
+    cpu_h = CpuBackend(parallel_threshold=1 << 62).score(batch, default_params(batch)).entropy
+    fast = f32_logits and targets == "index"
+    np.testing.assert_allclose(h, cpu_h, **(near_f32 if fast else ENTROPY_EXACT))
 
 
 def test_a_256k_class_row(gpu: CudaBackend) -> None:

@@ -11,7 +11,8 @@ and Numba's dispatcher types a named tuple in Python (about 0.8 us more a call).
 Adding a per-sample output (say a confidence) takes: a field of
 :class:`Outputs` with its dtype in :data:`OUTPUT_DTYPES`, a field of
 :class:`SampleScores` filled in :meth:`OutputBuffers.scores`, and, in each
-backend, the kernels that write it. Allocation and transfers follow from the record.
+backend, the kernels that write it (every kernel takes every output array as an
+argument). Allocation and transfers follow from the record.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class SampleScores:
     - ``confidence``: binary, the positive-class probability p; multiclass, the largest
       class probability (float64). Probabilities as sent, unclipped (docs/metrics.md).
     - ``brier``: the Brier score, (p - t)**2 or the sum over classes of (p_c - t_c)**2 (float64).
+    - ``entropy``: the label-free entropy H = -sum_c p_c log p_c of the predicted distribution,
+      in nats (float64), as :func:`xentd.predstats.row_stats` defines it (binary: (p, 1 - p)).
+      Every backend fills it; ``None`` only in records built by hand without it.
     """
 
     loss: np.ndarray
@@ -63,6 +67,9 @@ class SampleScores:
     unnormalized_rows: int
     confidence: np.ndarray
     brier: np.ndarray
+    # A default, so that records built field by field before this one existed (the pipeline's
+    # per-unit slices, tests' fakes) still build; the backends always set it.
+    entropy: np.ndarray | None = None
 
 
 class Backend(Protocol):
@@ -89,6 +96,7 @@ class Outputs(NamedTuple):
     unnormalized: Any  # 1 where the row's mass is off 1 by more than the tolerance
     confidence: Any
     brier: Any
+    entropy: Any
 
 
 OUTPUT_DTYPES = Outputs(
@@ -99,6 +107,7 @@ OUTPUT_DTYPES = Outputs(
     unnormalized=np.dtype(np.uint8),
     confidence=np.dtype(np.float64),
     brier=np.dtype(np.float64),
+    entropy=np.dtype(np.float64),
 )
 
 
@@ -127,7 +136,7 @@ class OutputBuffers:
 
     def scores(self, n: int) -> SampleScores:
         """The first ``n`` results (host arrays), as views that the next call overwrites."""
-        loss, focal, correct, true_class, unnormalized, confidence, brier = self.arrays
+        loss, focal, correct, true_class, unnormalized, confidence, brier, entropy = self.arrays
         return SampleScores(
             loss=loss[:n],
             focal=focal[:n],
@@ -136,6 +145,7 @@ class OutputBuffers:
             unnormalized_rows=int(np.count_nonzero(unnormalized[:n])),
             confidence=confidence[:n],
             brier=brier[:n],
+            entropy=entropy[:n],
         )
 
 

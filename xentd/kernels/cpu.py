@@ -31,6 +31,17 @@ the Brier score's squares are summed in the same loops as the exponentials. The
 classes other than the target are summed apart, never as a total minus the
 target's term, so that a confident row's score keeps its relative accuracy.
 
+Entropy: every kernel also writes each row's label-free entropy H = -sum_c p_c
+log p_c, as :func:`xentd.predstats.row_stats` defines it, so that a full message
+needs no second pass over its rows. For logits it is one more sum in the loops
+that sum the exponentials, of e_c (x_c - m) (H = log s - that sum / s); for
+probs one log per value, for log_probs the exp those loops already take, except
+on the float32 class-index path, whose fast-math float32 loops cannot give it in
+float64: there probs and log_probs rows take one more float64 pass (a log or an
+exp per value). Float64 everywhere except float32 class-index logits, which sum
+it in float32 with the rest of their row (within a relative 1e-5, as predstats'
+own float32 path).
+
 docs/metrics.md gives every formula computed here.
 """
 
@@ -295,12 +306,48 @@ def _row_confidence(kind, m, inv_s):  # type: ignore[no-untyped-def]
     return m if kind == PROBS else math.exp(m)
 
 
+# log64 wants a normal input; below the smallest normal, p log p is under 1e-305.
+_DBL_MIN = 2.2250738585072014e-308
+
+
+@cached(inline="always", error_model="numpy")
+def _plogp(p):  # type: ignore[no-untyped-def]
+    """p log p of a probability as sent, 0 at p = 0 (0 log 0 = 0). Without a branch, so that
+    a loop over values vectorises with log64 (the CUDA build takes libdevice's log)."""
+    return p * log64(max(p, _DBL_MIN))
+
+
+@cached(inline="always")
+def _row_entropy(kind, log_s, t, s):  # type: ignore[no-untyped-def]
+    """The entropy H = -sum_c p_c log p_c of a multiclass row from one sum ``t`` over its classes.
+    Logits: t = sum_c e_c (x_c - m), with m the row maximum, e_c = exp(x_c - m), ``s`` = sum_c e_c
+    and ``log_s`` = log s; H = log s - t / s, two terms >= 0 (no cancellation, no overflow).
+    Probs: t = sum_c _plogp(p_c); log_probs: t = sum_c exp(x_c) x_c; H = -t (``log_s``, ``s`` unused)."""
+    if kind == LOGITS:
+        return log_s - t / s
+    return -t
+
+
+@cached(inline="always")
+def _binary_entropy(kind, x, lp, lq, p, q):  # type: ignore[no-untyped-def]
+    """H = -(p log p + (1 - p) log(1 - p)) of one binary prediction ``x``. For logits from the
+    values of _binary_logit_terms (log p, log(1 - p), p, 1 - p, each to full relative accuracy
+    in both tails: H = log1p(e^-|x|) + |x| sigmoid(-|x|), all terms >= 0). For probs and
+    log_probs from ``x`` itself, since _binary_terms clips those at eps for the loss: p as
+    sent, or p = exp(x) (``p``, unclipped) with 1 - p = -expm1(x)."""
+    if kind == LOGITS:
+        return -(p * lp + q * lq)
+    if kind == PROBS:
+        return -_plogp(x) - _plogp(1.0 - x)
+    return -(p * x) - _plogp(-math.expm1(x))
+
+
 # Every kernel takes (pred, tgt, kind, *ScoringParams.kernel_args, *Outputs), as
 # positional arguments (xentd.kernels.base says why). The output arrays may be
 # longer than the batch: kernels write their first n elements.
 
 
-def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
+def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
     n, c = pred.shape
     for i in prange(n):
         t = tgt[i]
@@ -318,25 +365,32 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
         # come from 1 - 2 p_t + sum p_c**2, a cancellation.
         sq = 0.0
         rest = 0.0  # logits: the other classes' exponentials, so that 1 - p_t = rest / s exactly
+        h = 0.0  # the entropy's sum (_row_entropy)
         if kind == LOGITS:
             for j in range(c):
-                e = math.exp(np.float64(pred[i, j]) - m)
+                d = np.float64(pred[i, j]) - m
+                e = math.exp(d)
                 s += e
                 sq += 0.0 if j == t else e * e
                 rest += 0.0 if j == t else e
+                h += e * d
         elif kind == PROBS:
             for j in range(c):
                 x = np.float64(pred[i, j])
                 mass += x
                 sq += 0.0 if j == t else x * x
+                h += _plogp(x)
         else:
             for j in range(c):
-                e = math.exp(np.float64(pred[i, j]))
+                x = np.float64(pred[i, j])
+                e = math.exp(x)
                 mass += e
                 sq += 0.0 if j == t else e * e
+                h += e * x
         xt = np.float64(pred[i, t])
         lpt, q, mass = _index_terms(kind, xt, m, s, mass, eps)
         conf[i], brier[i] = _index_calibration(kind, m, s, sq, rest, xt)
+        ent[i] = _row_entropy(kind, math.log(s) if kind == LOGITS else 0.0, h, s)
         loss[i] = -lpt
         focal[i] = -_focal_weight(q, gamma) * lpt
         correct[i] = 1 if arg == t else 0
@@ -369,10 +423,17 @@ def _max_span(row, lo, hi):  # type: ignore[no-untyped-def]
 
 
 @cached(fastmath=True)
-def _sum_exp_span(row, hi, m):  # type: ignore[no-untyped-def]
+def _sum_exp_span(row, hi, m, scratch):  # type: ignore[no-untyped-def]
     """(sum of exp(row[j] - m) over the j where row[j] != m, count of row[j] == m,
-    sum of the squares of those exponentials), in float64; the squares are the Brier
-    score's (a maximum's square is 1, so the count serves for those too).
+    sum of the squares of those exponentials, sum of exp(row[j] - m) (row[j] - m) over
+    the same j), in float64; the squares are the Brier score's (a maximum's square is 1, so
+    the count serves for those too), the last sum the entropy's (_row_entropy; a maximum's
+    term is 0). ``scratch`` holds BLOCK float32 values.
+
+    The entropy's sum runs in a second loop over each block, from its exponentials kept
+    in ``scratch``: a fourth sum in the first loop changes how LLVM interleaves the other
+    three (measured on AVX2 and AVX-512 targets), and with it their rounding, which must
+    stay what it was.
 
     Every maximum contributes exactly exp2(0) = 1, so it is counted rather than
     added: the float32 block sums then hold only the other terms, and a loss
@@ -383,10 +444,12 @@ def _sum_exp_span(row, hi, m):  # type: ignore[no-untyped-def]
     others = 0.0
     ties = 0.0
     squares = 0.0
+    moment = 0.0
     for j0 in range(0, hi, BLOCK):
         block = F32(0.0)
         block_ties = F32(0.0)
         block_squares = F32(0.0)
+        block_moment = F32(0.0)
         span = row[j0 : min(j0 + BLOCK, hi)]
         for j in range(span.shape[0]):
             # A select, not "exp - is_max": reassociation would turn a subtraction
@@ -396,10 +459,30 @@ def _sum_exp_span(row, hi, m):  # type: ignore[no-untyped-def]
             block += e
             block_squares += e * e
             block_ties += F32(1.0) if is_max else F32(0.0)
+            scratch[j] = e
+        for j in range(span.shape[0]):
+            block_moment += scratch[j] * (span[j] - m)  # 0 at a maximum (e is 0 there, and so is d)
         others += np.float64(block)
         ties += np.float64(block_ties)
         squares += np.float64(block_squares)
-    return others, ties, squares
+        moment += np.float64(block_moment)
+    return others, ties, squares, moment
+
+
+@cached(inline="always", error_model="numpy")
+def _entropy_sum(row, kind):  # type: ignore[no-untyped-def]
+    """_row_entropy's sum of a probs or log_probs row, in float64 with the float64 exp and log
+    (inlined into a strictly compiled kernel: exp_nonpos64's rounding step must not be
+    reassociated, so this is not one of the fast-math spans)."""
+    t = 0.0
+    if kind == PROBS:
+        for j in range(row.shape[0]):
+            t += _plogp(np.float64(row[j]))
+    else:
+        for j in range(row.shape[0]):
+            x = np.float64(row[j])
+            t += exp_nonpos64(x) * x
+    return t
 
 
 @cached(fastmath=True)
@@ -421,13 +504,15 @@ def _sum_span(row, hi):  # type: ignore[no-untyped-def]
 # rest of the row.
 SMALL_C = 48
 SMALL_ROWS = 512
+# The most work items the float32 wide path splits a batch into (see _multiclass_index_f32).
+WIDE_CHUNKS = 64
 
 
 @cached(inline="always", error_model="numpy")
-def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, brier):  # type: ignore[no-untyped-def]
+def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, brier, ent):  # type: ignore[no-untyped-def]
     """Rows of a block (views) with class-index targets, float32 logits or
     probabilities: loss, 1 - p_t in ``focal`` (the caller applies the focal
-    weight), top-1, the true class, confidence and Brier score. Returns the block's
+    weight), top-1, the true class, confidence, Brier score and entropy. Returns the block's
     summed probability mass per row in a float64 array (1 for logits), for the
     normalisation check."""
     rows, c = pred.shape
@@ -462,6 +547,8 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
         # The Brier score's squares of the classes other than the maxima (whose
         # squares are 1, counted in ties); the target's is taken out below.
         squares = np.zeros(rows, np.float32)
+        # The entropy's sum of e * d (_row_entropy), in float32 as the rest of the row.
+        moments = np.zeros(rows, np.float32)
         for j in range(c):
             for r in range(rows):
                 d = cols[j, r] - m[r]
@@ -472,6 +559,7 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
                 others[r] += F32(0.0) if is_max else e
                 ties[r] += F32(1.0) if is_max else F32(0.0)
                 squares[r] += F32(0.0) if is_max else e * e
+                moments[r] += e * d
         for r in range(rows):
             t = tgt[r]
             xt = targets[r]
@@ -480,7 +568,9 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
             excess = ex if tr == 1.0 else ex + (tr - 1.0)
             # 1 / (1 + excess) is also log1p64's: one division serves both.
             inv_total = 1.0 / (1.0 + excess)
-            loss[r] = log1p64(excess) - (np.float64(xt) - np.float64(m[r]))
+            log_total = log1p64(excess)
+            loss[r] = log_total - (np.float64(xt) - np.float64(m[r]))
+            ent[r] = _row_entropy(LOGITS, log_total, np.float64(moments[r]), 1.0 + excess)
             # 1 - p_t, as in _multiclass_index_f32.
             at_max = excess * inv_total
             et = np.float64(exp2_neg((xt - m[r]) * LOG2E32))
@@ -497,13 +587,16 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
             brier[r] = others_squared * inv_total * inv_total + q * q
     else:
         squares64 = np.zeros(rows, np.float64)
+        plogp = np.zeros(rows, np.float64)
         for j in range(c):
             jj = np.int32(j)
             for r in range(rows):
                 x = np.float64(cols[j, r])
                 mass[r] += x  # float64, as _sum_span
                 squares64[r] += 0.0 if jj == tcol[r] else x * x
+                plogp[r] += _plogp(x)
         for r in range(rows):
+            ent[r] = _row_entropy(PROBS, 0.0, plogp[r], 0.0)
             t = tgt[r]
             xt = np.float64(targets[r])
             pt = max(xt, eps)
@@ -524,10 +617,11 @@ def _apply_focal(focal, loss, gamma):  # type: ignore[no-untyped-def]
         focal[r] = _focal_weight(focal[r], gamma) * loss[r]
 
 
-def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
+def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
     """Class-index targets on float32 predictions: the high-throughput path.
 
-    Three vectorised sweeps over each row (max, then exp-sum or sum); the
+    Three vectorised sweeps over each row (max, then exp-sum or sum; for probs
+    and log_probs a fourth, in float64, for the entropy); the
     float32 exp2 is within ~1e-7 relative, below the precision of a float32
     input, and every sum is carried in float64. Top-1 correctness needs no
     argmax: the target is the first maximum iff it equals the row max and
@@ -538,14 +632,24 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
         for b in prange((n + SMALL_ROWS - 1) // SMALL_ROWS):
             lo = b * SMALL_ROWS
             hi = min(lo + SMALL_ROWS, n)
-            lossb, focalb, confb, brierb = loss[lo:hi], focal[lo:hi], conf[lo:hi], brier[lo:hi]
+            lossb, focalb, confb, brierb, entb = loss[lo:hi], focal[lo:hi], conf[lo:hi], brier[lo:hi], ent[lo:hi]
             if kind == LOGITS:
                 mass = _small_index_block(
-                    pred[lo:hi], tgt[lo:hi], LOGITS, eps, lossb, focalb, correct[lo:hi], tcls[lo:hi], confb, brierb
+                    pred[lo:hi],
+                    tgt[lo:hi],
+                    LOGITS,
+                    eps,
+                    lossb,
+                    focalb,
+                    correct[lo:hi],
+                    tcls[lo:hi],
+                    confb,
+                    brierb,
+                    entb,
                 )
             else:
                 mass = _small_index_block(
-                    pred[lo:hi], tgt[lo:hi], PROBS, eps, lossb, focalb, correct[lo:hi], tcls[lo:hi], confb, brierb
+                    pred[lo:hi], tgt[lo:hi], PROBS, eps, lossb, focalb, correct[lo:hi], tcls[lo:hi], confb, brierb, entb
                 )
             if gamma == 2.0:
                 _apply_focal(focalb, lossb, 2.0)
@@ -557,62 +661,74 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
             for r in range(hi - lo):
                 unnormb[r] = 1 if abs(mass[r] - 1.0) > tol else 0
         return
-    for i in prange(n):
-        row = pred[i]
-        t = tgt[i]
-        before = _max_span(row, 0, t)
-        m = max(before, _max_span(row, t, c))
-        xt = np.float64(row[t])
-        mass = 1.0
-        if kind == LOGITS:
-            others, ties, squares = _sum_exp_span(row, c, m)
-            # log(sum of exp(row - m)) = log1p(others + ties - 1), without ever forming 1 + tiny.
-            excess = others if ties == 1.0 else others + (ties - 1.0)
-            lpt = (xt - np.float64(m)) - math.log1p(excess)
-            # 1 - p_t from the same sums, without expm1: exact when the target is
-            # a maximum (p_t = 1/S), and free of cancellation otherwise (p_t <= 1/2).
-            total = 1.0 + excess
-            # The Brier score's sum of squares over the classes other than the target:
-            # a maximum's square is 1 (counted in ties). When the target is not a
-            # maximum, another class is, so that sum is at least 1 and taking the
-            # target's square out of it cancels nothing.
-            if row[t] == m:
-                q = excess / total
-                others_squared = squares + (ties - 1.0)
+    # Rows in at most WIDE_CHUNKS work items, each with its own block of exponentials for
+    # _sum_exp_span: one allocation per chunk, not per row (numba.get_thread_id would
+    # index one per thread, but a kernel that calls get_num_threads cannot be cached).
+    rows = max(1, (n + WIDE_CHUNKS - 1) // WIDE_CHUNKS)
+    for b in prange((n + rows - 1) // rows):
+        buf = np.empty(BLOCK, np.float32)
+        for i in range(b * rows, min(n, b * rows + rows)):
+            row = pred[i]
+            t = tgt[i]
+            before = _max_span(row, 0, t)
+            m = max(before, _max_span(row, t, c))
+            xt = np.float64(row[t])
+            mass = 1.0
+            if kind == LOGITS:
+                others, ties, squares, moment = _sum_exp_span(row, c, m, buf)
+                # log(sum of exp(row - m)) = log1p(others + ties - 1), without ever forming 1 + tiny.
+                excess = others if ties == 1.0 else others + (ties - 1.0)
+                log_total = math.log1p(excess)
+                lpt = (xt - np.float64(m)) - log_total
+                # 1 - p_t from the same sums, without expm1: exact when the target is
+                # a maximum (p_t = 1/S), and free of cancellation otherwise (p_t <= 1/2).
+                total = 1.0 + excess
+                # The Brier score's sum of squares over the classes other than the target:
+                # a maximum's square is 1 (counted in ties). When the target is not a
+                # maximum, another class is, so that sum is at least 1 and taking the
+                # target's square out of it cancels nothing.
+                if row[t] == m:
+                    q = excess / total
+                    others_squared = squares + (ties - 1.0)
+                else:
+                    et = np.float64(exp2_neg((row[t] - m) * LOG2E32))
+                    q = 1.0 - et / total
+                    others_squared = squares + ties - et * et
+                # The other classes' exponentials sum to q * total: 1 - p_t = rest / S.
+                conf[i], brier[i] = _index_calibration(LOGITS, np.float64(m), total, others_squared, q * total, xt)
+                ent[i] = _row_entropy(LOGITS, log_total, moment, total)
+            elif kind == PROBS:
+                # Probabilities are summed before and after the target apart: a confident
+                # row's other squares would vanish in (sum of squares) - p_t**2.
+                s1, sq1 = _sum_span(row[:t], t)
+                s2, sq2 = _sum_span(row[t + 1 :], c - t - 1)
+                mass = s1 + s2 + xt
+                pt = max(xt, eps)
+                lpt = math.log(pt)
+                q = 1.0 - pt
+                conf[i], brier[i] = _index_calibration(PROBS, np.float64(m), 0.0, sq1 + sq2, 0.0, xt)
+                ent[i] = _row_entropy(PROBS, 0.0, _entropy_sum(row, PROBS), 0.0)
             else:
-                et = np.float64(exp2_neg((row[t] - m) * LOG2E32))
-                q = 1.0 - et / total
-                others_squared = squares + ties - et * et
-            # The other classes' exponentials sum to q * total: 1 - p_t = rest / S.
-            conf[i], brier[i] = _index_calibration(LOGITS, np.float64(m), total, others_squared, q * total, xt)
-        elif kind == PROBS:
-            # Probabilities are summed before and after the target apart: a confident
-            # row's other squares would vanish in (sum of squares) - p_t**2.
-            s1, sq1 = _sum_span(row[:t], t)
-            s2, sq2 = _sum_span(row[t + 1 :], c - t - 1)
-            mass = s1 + s2 + xt
-            pt = max(xt, eps)
-            lpt = math.log(pt)
-            q = 1.0 - pt
-            conf[i], brier[i] = _index_calibration(PROBS, np.float64(m), 0.0, sq1 + sq2, 0.0, xt)
-        else:
-            # As for probabilities: the classes before and after the target apart.
-            o1, t1, sq1 = _sum_exp_span(row[:t], t, F32(0.0))
-            o2, t2, sq2 = _sum_exp_span(row[t + 1 :], c - t - 1, F32(0.0))
-            pt = math.exp(xt)
-            mass = o1 + o2 + t1 + t2 + pt
-            lpt = xt
-            q = -math.expm1(lpt)
-            # A class at log-probability 0 has probability 1 and square 1: counted in t1, t2.
-            conf[i], brier[i] = _index_calibration(LOG_PROBS, np.float64(m), 0.0, sq1 + sq2 + t1 + t2, 0.0, xt)
-        loss[i] = -lpt
-        focal[i] = -_focal_weight(q, gamma) * lpt
-        correct[i] = 1 if row[t] == m and (t == 0 or row[t] > before) else 0
-        tcls[i] = t
-        unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
+                # As for probabilities: the classes before and after the target apart.
+                o1, t1, sq1, _ = _sum_exp_span(row[:t], t, F32(0.0), buf)
+                o2, t2, sq2, _ = _sum_exp_span(row[t + 1 :], c - t - 1, F32(0.0), buf)
+                pt = math.exp(xt)
+                mass = o1 + o2 + t1 + t2 + pt
+                lpt = xt
+                q = -math.expm1(lpt)
+                # A class at log-probability 0 has probability 1 and square 1: counted in t1, t2.
+                conf[i], brier[i] = _index_calibration(LOG_PROBS, np.float64(m), 0.0, sq1 + sq2 + t1 + t2, 0.0, xt)
+                # In float64, not from the spans' float32 moments: float32 log-probabilities are
+                # taken exactly, as xentd.predstats takes them.
+                ent[i] = _row_entropy(LOG_PROBS, 0.0, _entropy_sum(row, LOG_PROBS), 0.0)
+            loss[i] = -lpt
+            focal[i] = -_focal_weight(q, gamma) * lpt
+            correct[i] = 1 if row[t] == m and (t == 0 or row[t] > before) else 0
+            tcls[i] = t
+            unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
 
 
-def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
+def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
     n, c = pred.shape
     for i in prange(n):
         # Both first maxima in one pass over the two rows: two passes (one helper
@@ -633,12 +749,17 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         mass = 0.0
         s = 0.0
         rest = 0.0  # logits: sum of exp(x - m) but for the first maximum's (exactly 1)
+        h = 0.0  # the entropy's sum (_row_entropy)
+        log_s = 0.0
         if kind == LOGITS:
             for j in range(c):
-                e = math.exp(np.float64(pred[i, j]) - m)
+                d = np.float64(pred[i, j]) - m
+                e = math.exp(d)
                 s += e
                 rest += 0.0 if j == arg else e
-            lse = m + math.log(s)
+                h += e * d
+            log_s = math.log(s)
+            lse = m + log_s
             mass = 1.0
         inv_s = 1.0 / (1.0 + rest)
         total = 0.0
@@ -648,8 +769,11 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
             x = np.float64(pred[i, j])
             if kind == PROBS:
                 mass += x
+                h += _plogp(x)
             elif kind == LOG_PROBS:
-                mass += math.exp(x)
+                e = math.exp(x)
+                mass += e
+                h += e * x
             tj = np.float64(tgt[i, j])
             sq += _soft_brier_term(kind, x, tj, j == arg, m, rest, inv_s)
             if tj != 0.0:  # 0 * log(0) is 0, as in xlogy
@@ -660,6 +784,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         focal[i] = ftotal
         conf[i] = _row_confidence(kind, m, inv_s)
         brier[i] = sq
+        ent[i] = _row_entropy(kind, log_s, h, s)
         correct[i] = 1 if arg == targ else 0
         tcls[i] = targ
         unnorm[i] = 1 if kind != LOGITS and abs(mass - 1.0) > tol else 0
@@ -671,7 +796,7 @@ ROW_BLOCK = 2048
 
 
 @cached(inline="always", error_model="numpy")
-def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
+def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
     """One block of samples (views, so that indices are known non-negative and
     need no wraparound: a loop over ``range(lo, hi)`` with a runtime ``lo``
     vectorised into gathers, 3x slower). With ``libm`` false, callers pass
@@ -690,6 +815,7 @@ def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correc
             lp, lq, p, q, positive = _binary_prob_terms(x, pc, log64(pc), log1p64(-pc))
         t = tgt[i]
         conf[i], brier[i] = _binary_calibration(kind, x, p, q, t)
+        ent[i] = _binary_entropy(kind, x, lp, lq, p, q)
         loss[i] = -(t * lp + (1.0 - t) * lq)
         focal[i] = -(t * _focal_weight(q, gamma) * lp + (1.0 - t) * _focal_weight(p, gamma) * lq)
         truth = t > 0.5
@@ -698,23 +824,38 @@ def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correc
         unnorm[i] = 0
 
 
-def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
+def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
     n = pred.shape[0]
     log_eps = math.log(eps)
     for b in prange((n + ROW_BLOCK - 1) // ROW_BLOCK):
         lo = b * ROW_BLOCK
         hi = min(lo + ROW_BLOCK, n)
         x, t = pred[lo:hi], tgt[lo:hi]
-        out = (loss[lo:hi], focal[lo:hi], correct[lo:hi], tcls[lo:hi], unnorm[lo:hi], conf[lo:hi], brier[lo:hi])
+        out = (
+            loss[lo:hi],
+            focal[lo:hi],
+            correct[lo:hi],
+            tcls[lo:hi],
+            unnorm[lo:hi],
+            conf[lo:hi],
+            brier[lo:hi],
+            ent[lo:hi],
+        )
         # The default gamma gets loops of its own (see _binary_span); any other
         # gamma, and log_probs, share one loop with libm's functions. Each
         # specialised loop costs compile time (5 to 10 s per build).
         if kind == LOGITS and gamma == 2.0:
-            _binary_span(x, t, False, LOGITS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4], out[5], out[6])
+            _binary_span(
+                x, t, False, LOGITS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]
+            )
         elif kind == PROBS and gamma == 2.0:
-            _binary_span(x, t, False, PROBS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4], out[5], out[6])
+            _binary_span(
+                x, t, False, PROBS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]
+            )
         else:
-            _binary_span(x, t, True, kind, eps, log_eps, gamma, out[0], out[1], out[2], out[3], out[4], out[5], out[6])
+            _binary_span(
+                x, t, True, kind, eps, log_eps, gamma, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]
+            )
 
 
 KERNELS = {

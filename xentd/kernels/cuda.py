@@ -24,6 +24,11 @@ maximum (1 - p_top = rest / S). Log-probabilities take 1 - p from expm1, and
 binary logits and log_probs take p - t as p (1 - t) - (1 - p) t, each factor to
 full relative accuracy.
 
+The label-free entropy (cpu._row_entropy, cpu._binary_entropy) is one more sum in
+the same passes: of e_c (x_c - m) next to the exponentials for logits, of p_c log p_c
+(or exp(x_c) x_c) next to the mass otherwise; a class-index row reduces it in the
+same tree as its other two sums.
+
 Batches are copied in chunks through two streams, each with a pinned staging
 buffer: while one chunk is copied to the device and scored, the next is staged
 on the host. Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) runs all of
@@ -97,6 +102,10 @@ if SIMULATOR:
     def _warp_sum2(sa, sb, tid):  # type: ignore[no-untyped-def]
         pass
 
+    @cuda.jit(device=True)
+    def _warp_sum3(sa, sb, sc, tid):  # type: ignore[no-untyped-def]
+        pass
+
 else:  # pragma: no cover - needs a GPU; tests marked `gpu`
     LANES = WARP
 
@@ -143,6 +152,24 @@ else:  # pragma: no cover - needs a GPU; tests marked `gpu`
             if tid == 0:
                 sa[0] = a
                 sb[0] = b
+        cuda.syncthreads()
+
+    @cuda.jit(device=True)
+    def _warp_sum3(sa, sb, sc, tid):  # type: ignore[no-untyped-def]
+        if tid < WARP:
+            a = sa[tid]
+            b = sb[tid]
+            c = sc[tid]
+            s = WARP // 2
+            while s > 0:
+                a += cuda.shfl_down_sync(0xFFFFFFFF, a, s)
+                b += cuda.shfl_down_sync(0xFFFFFFFF, b, s)
+                c += cuda.shfl_down_sync(0xFFFFFFFF, c, s)
+                s //= 2
+            if tid == 0:
+                sa[0] = a
+                sb[0] = b
+                sc[0] = c
         cuda.syncthreads()
 
 
@@ -202,6 +229,27 @@ def _sum2_all(x, y, sa, sb, tid, nt):  # type: ignore[no-untyped-def]
     return a, b
 
 
+@cuda.jit(device=True)
+def _sum3_all(x, y, z, sa, sb, sc, tid, nt):  # type: ignore[no-untyped-def]
+    """_sum2_all for three sums (each array summed in the same order as there)."""
+    sa[tid] = x
+    sb[tid] = y
+    sc[tid] = z
+    cuda.syncthreads()
+    s = nt // 2
+    while s >= LANES:
+        if tid < s:
+            sa[tid] += sa[tid + s]
+            sb[tid] += sb[tid + s]
+            sc[tid] += sc[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    _warp_sum3(sa, sb, sc, tid)
+    a, b, c = sa[0], sb[0], sc[0]
+    cuda.syncthreads()
+    return a, b, c
+
+
 def _device(f: Any, **callees: Any) -> Any:
     """A CUDA device function of ``f``, with the helpers it calls (globals of
     xentd.kernels.cpu, CPU dispatchers there) swapped for their device builds."""
@@ -226,14 +274,26 @@ _binary_terms = _device(
 )
 
 
+@cuda.jit(device=True)
+def _log(x):  # type: ignore[no-untyped-def]
+    return math.log(x)
+
+
+# The entropy's formulas, with libdevice's log in place of the CPU's vectorisable log64.
+_plogp = _device(cpu._plogp.py_func, log64=_log)
+_row_entropy = _device(cpu._row_entropy.py_func)
+_binary_entropy = _device(cpu._binary_entropy.py_func, _plogp=_plogp)
+
+
 # --- kernels ------------------------------------------------------------------------
 
 
 @cuda.jit
-def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
+def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
     sval = cuda.shared.array(MAX_THREADS, numba.float64)
     sidx = cuda.shared.array(MAX_THREADS, numba.int64)
     ssum = cuda.shared.array(MAX_THREADS, numba.float64)
+    sent = cuda.shared.array(MAX_THREADS, numba.float64)  # the entropy's sum
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     n, c = pred.shape
@@ -243,6 +303,7 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
         arg = c
         mass = 0.0
         sq = 0.0  # sum over the other classes of p_c^2 (probs, log_probs)
+        h = 0.0  # the entropy's sum (cpu._row_entropy)
         for j in range(tid, c, nt):
             x = numba.float64(pred[i, j])
             if x > best:
@@ -251,27 +312,33 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
             if kind == PROBS:
                 mass += x
                 sq += 0.0 if j == t else x * x
+                h += _plogp(x)
             elif kind == LOG_PROBS:
                 e = math.exp(x)
                 mass += e
                 sq += 0.0 if j == t else e * e
+                h += e * x
         m, top = _argmax_all(best, arg, sval, sidx, tid, nt)
         # From here sval is the second sum's scratch. Both branches reduce (kind is the same for the whole block).
         rest = 0.0
         if kind == LOGITS:
             # The sums of exp(x - m) and of its square over the classes other than the
             # target: S = rest + exp(x_t - m) and 1 - p_t = rest / S, with no subtraction.
+            # The entropy's sum too; the target's term is added below.
             for j in range(tid, c, nt):
                 if j != t:
-                    e = math.exp(numba.float64(pred[i, j]) - m)
+                    d = numba.float64(pred[i, j]) - m
+                    e = math.exp(d)
                     rest += e
                     sq += e * e
-            rest, sq = _sum2_all(rest, sq, ssum, sval, tid, nt)
+                    h += e * d
+            rest, sq, h = _sum3_all(rest, sq, h, ssum, sval, sent, tid, nt)
         else:
-            mass, sq = _sum2_all(mass, sq, ssum, sval, tid, nt)
+            mass, sq, h = _sum3_all(mass, sq, h, ssum, sval, sent, tid, nt)
         if tid == 0:
             xt = numba.float64(pred[i, t])
-            s = rest + math.exp(xt - m) if kind == LOGITS else 0.0
+            et = math.exp(xt - m) if kind == LOGITS else 0.0
+            s = rest + et if kind == LOGITS else 0.0
             lpt, q, mass = _index_terms(kind, xt, m, s, mass, eps)
             loss[i] = -lpt
             focal[i] = -_focal_weight(q, gamma) * lpt
@@ -279,10 +346,14 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
             tcls[i] = t
             unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
             conf[i], brier[i] = _index_calibration(kind, m, s, sq, rest, xt)
+            if kind == LOGITS:
+                ent[i] = _row_entropy(LOGITS, math.log(s), h + et * (xt - m), s)
+            else:
+                ent[i] = _row_entropy(kind, 0.0, h, 0.0)
 
 
 @cuda.jit
-def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
+def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
     sval = cuda.shared.array(MAX_THREADS, numba.float64)
     sidx = cuda.shared.array(MAX_THREADS, numba.int64)
     ssum = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -297,6 +368,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         tbest = NEG_INF
         targ = c
         mass = 0.0
+        h = 0.0  # the entropy's sum (cpu._row_entropy)
         for j in range(tid, c, nt):
             x = numba.float64(pred[i, j])
             if x > best:
@@ -308,20 +380,27 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
                 targ = j
             if kind == PROBS:
                 mass += x
+                h += _plogp(x)
             elif kind == LOG_PROBS:
-                mass += math.exp(x)
+                e = math.exp(x)
+                mass += e
+                h += e * x
         m, top = _argmax_all(best, arg, sval, sidx, tid, nt)
         _, truth = _argmax_all(tbest, targ, sval, sidx, tid, nt)
         rest = 0.0
         if kind == LOGITS:
             # The sum of exp(x - m) over the classes other than the first maximum, whose
             # term is exactly 1: S = 1 + rest, and 1 - p_top = rest / S with no subtraction.
+            # The first maximum's entropy term, 1 * 0, is left out with it.
             for j in range(tid, c, nt):
                 if j != top:
-                    rest += math.exp(numba.float64(pred[i, j]) - m)
-            rest = _sum_all(rest, ssum, tid, nt)
+                    d = numba.float64(pred[i, j]) - m
+                    e = math.exp(d)
+                    rest += e
+                    h += e * d
+            rest, h = _sum2_all(rest, h, ssum, sval, tid, nt)
         else:
-            mass = _sum_all(mass, ssum, tid, nt)
+            mass, h = _sum2_all(mass, h, ssum, sval, tid, nt)
         s = 1.0 + rest
         lse = m + math.log(s) if kind == LOGITS else 0.0
         inv_s = 1.0 / s
@@ -346,10 +425,11 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
             unnorm[i] = 1 if kind != LOGITS and abs(mass - 1.0) > tol else 0
             conf[i] = _row_confidence(kind, m, inv_s)
             brier[i] = sq
+            ent[i] = _row_entropy(kind, math.log(s) if kind == LOGITS else 0.0, h, s)
 
 
 @cuda.jit
-def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier):  # type: ignore[no-untyped-def]
+def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
     log_eps = math.log(eps)
     for i in range(cuda.grid(1), pred.shape[0], cuda.gridsize(1)):
         t = tgt[i]
@@ -362,6 +442,7 @@ def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm
         tcls[i] = 1 if truth else 0
         unnorm[i] = 0
         conf[i], brier[i] = _binary_calibration(kind, x, p, q, t)
+        ent[i] = _binary_entropy(kind, x, lp, lq, p, q)
 
 
 # --- host side ----------------------------------------------------------------------
