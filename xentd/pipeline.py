@@ -24,7 +24,7 @@ from xentd.jit import kernel_array
 from xentd.joins import Joined, PoolKey
 from xentd.kernels import Backend, ScoringParams
 from xentd.names import MODEL_NAME_RE
-from xentd.predstats import row_stats
+from xentd.predstats import from_scores, row_stats
 from xentd.state import ModelState, StateStore
 from xentd.validate import (
     DATATYPE_EPS,
@@ -393,7 +393,7 @@ class Pipeline:
         try:
             batch = segs.batch(first.model, _merge(ranges))
             scores = self.backend.score(batch, first.params)
-            label_free = row_stats(batch.predictions, batch.kind)
+            label_free = from_scores(scores, batch.binary)
         except Exception:
             log.exception(
                 "internal error while scoring %d batch(es) of %d model(s)",
@@ -848,7 +848,7 @@ class Pipeline:
             assert self.backend is not None
             scores = self.backend.score(batch, self._params_for(batch.model, batch.prediction_datatype))
             # Pairs from the join store had their label-free statistics counted on arrival.
-            label_free = None if joined else row_stats(batch.predictions, batch.kind)
+            label_free = None if joined else from_scores(scores, batch.binary)
             with self.state.lock:
                 if group.state.fold(
                     scores,

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from xentd.jit import cached, fmax, kernel_array
-from xentd.kernels import cpu
+from xentd.kernels import SampleScores, cpu
 from xentd.kernels.cpu import BLOCK, LOG2E32, SMALL_C, SMALL_ROWS, _max_span, exp2_neg, exp_nonpos64, log1p64, log64
 
 _CPU_SOURCE = cpu.__file__  # the exp and log these kernels inline live there
@@ -221,6 +221,16 @@ def _binary(pred, kind, entropy, confidence):  # type: ignore[no-untyped-def]
                 h = -(p * math.log(p) if p > 0.0 else 0.0) - (q * math.log(q) if q > 0.0 else 0.0)
             entropy[i] = h
             confidence[i] = max(p, 1.0 - p)
+
+
+def from_scores(scores: SampleScores, binary: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(entropy, confidence) per row of scored predictions, from what the scoring kernel
+    wrote in the same pass (:class:`xentd.kernels.SampleScores`): its entropy, and its
+    confidence, which for binary rows is p, so the label-free one is max(p, 1 - p)."""
+    if scores.entropy is None:
+        raise ValueError("these scores carry no entropy (only scores built by hand lack it)")
+    confidence = np.maximum(scores.confidence, 1.0 - scores.confidence) if binary else scores.confidence
+    return scores.entropy, confidence
 
 
 def row_stats(predictions: np.ndarray, kind: int) -> tuple[np.ndarray, np.ndarray]:
