@@ -309,3 +309,21 @@ def test_fold_refuses_rows_past_its_inputs() -> None:
         model.fold(scores, None, 0.0, None, rows=(0, 6))
     with pytest.raises(ValueError, match="rows 2:4"):
         model.fold(scores, None, 0.0, None, rows=(2, 4), label_free=(np.ones(3), np.ones(3)))
+
+
+def test_a_young_model_grows_its_ring_on_at_most_every_other_fold() -> None:
+    """Growing makes room for one more batch like the last: a model sending 64 samples at a
+    time reallocates its ring on at most half its folds, never past the largest window."""
+    rng = np.random.default_rng(2)
+    model = _store(4, FakeClock(0.0)).model("m", 3)
+    rings: list[np.ndarray] = []  # kept alive, so that no two arrays share an id()
+    blocks: list[np.ndarray] = []
+    folds = max(WINDOWS.count) // 64 + 3
+    for k in range(folds):
+        model.fold(_scored(rng, 64, 3), None, float(k), None)
+        rings.append(model.loss.ring)
+        blocks.append(model.loss.blocks)
+        assert model.loss.ring.shape[0] <= max(WINDOWS.count)
+        assert model.loss.ring.shape[0] >= min(model.loss.count_total, max(WINDOWS.count))
+    assert 1 < len({id(a) for a in rings}) <= folds // 2 + 1
+    assert 1 < len({id(a) for a in blocks}) <= folds // 2 + 1

@@ -106,18 +106,23 @@ def grown(a: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
-def ring_capacity(cap: int, end: int, cap_max: int) -> int:
+def ring_capacity(cap: int, end: int, cap_max: int, incoming: int = 0) -> int:
     """The sample ring's size once it holds samples up to number ``end`` (it is ``cap`` now,
-    at most ``cap_max``): unchanged if they fit, else grown by the policy above."""
-    needed = min(cap_max, end)
-    return cap if cap >= needed else min(cap_max, max(needed, more(cap), MIN_RING))
+    at most ``cap_max``), the last ``incoming`` of them just arriving: unchanged if they fit,
+    else grown by the policy above, with room for one more batch like this one (a model
+    that sends 64 samples at a time grew on nine folds of its first ten without it)."""
+    if cap >= min(cap_max, end):
+        return cap
+    return min(cap_max, max(end + incoming, more(cap), MIN_RING))
 
 
-def block_rows(rows: int, end: int, block: int, rows_max: int) -> int:
+def block_rows(rows: int, end: int, block: int, rows_max: int, incoming: int = 0) -> int:
     """The block sums' rows once samples up to number ``end`` are in (``rows`` now, at most
-    ``rows_max``). Until all ``rows_max`` are kept no block has wrapped: block b is row b."""
-    needed = min(rows_max, (end - 1) // block + 1)
-    return rows if rows >= needed else min(rows_max, max(needed, more(rows)))
+    ``rows_max``), grown as :func:`ring_capacity`. Until all ``rows_max`` are kept no
+    block has wrapped: block b is row b."""
+    if rows >= min(rows_max, (end - 1) // block + 1):
+        return rows
+    return min(rows_max, max((end + incoming - 1) // block + 1, more(rows)))
 
 
 def check_blocks(blocks: np.ndarray, size: int, rows_max: int, block: int, total: int) -> None:

@@ -623,7 +623,7 @@ class CalibrationStats:
         if not self.count_cap_max:
             return
         end = self.count_total + incoming
-        cap = acc.ring_capacity(self.ring.shape[0], end, self.count_cap_max)
+        cap = acc.ring_capacity(self.ring.shape[0], end, self.count_cap_max, incoming)
         if cap > self.ring.shape[0]:
             # Below the largest window the ring has never wrapped, so the samples are in order.
             self.ring = acc.grown(self.ring, cap)
@@ -634,7 +634,7 @@ class CalibrationStats:
         if soft and self.ring_mass.shape[0] < self.ring.shape[0]:
             # Samples before this one have index targets and never read their (zero) row.
             self.ring_mass = acc.grown(self.ring_mass, self.ring.shape[0])
-        rows = acc.block_rows(self.blocks.shape[0], end, self.block, self.blocks_max)
+        rows = acc.block_rows(self.blocks.shape[0], end, self.block, self.blocks_max, incoming)
         if rows > self.blocks.shape[0]:
             self.blocks = acc.grown(self.blocks, rows)
 

@@ -223,12 +223,12 @@ class WindowedStats:
     def _grow_ring(self, incoming: int) -> None:
         """Room for ``incoming`` more samples in the ring and the block sums (acc.grown)."""
         end = self.count_total + incoming
-        cap = acc.ring_capacity(self.ring.shape[0], end, self.count_cap_max)
+        cap = acc.ring_capacity(self.ring.shape[0], end, self.count_cap_max, incoming)
         if cap > self.ring.shape[0]:
             # Below the largest window the ring has never wrapped, so the samples are in order.
             self.ring = acc.grown(self.ring, cap)
             self.ring_cls = acc.grown(self.ring_cls, cap)
-        rows = acc.block_rows(self.blocks.shape[0], end, self.block, self.blocks_max)
+        rows = acc.block_rows(self.blocks.shape[0], end, self.block, self.blocks_max, incoming)
         if rows > self.blocks.shape[0]:
             self.blocks = acc.grown(self.blocks, rows)
 
