@@ -8,7 +8,9 @@ import os
 if os.environ.get("XENTD_REAL_GPU") != "1":
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+import gc
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,14 @@ def make_batch(pred: Any, targets: Any, kind: str = "probs", weights: Any = None
 
 def default_params(batch: Batch, gamma: float = 2.0) -> ScoringParams:
     return ScoringParams(eps=batch.dtype_eps, focal_gamma=gamma, normalization_tolerance=math.sqrt(batch.dtype_eps))
+
+
+@pytest.fixture(autouse=True)
+def _collector_unfrozen() -> Iterator[None]:
+    """A daemon started in process freezes the heap (xentd.heap); give the next test the
+    collector back, so that no test's garbage outlives it unwalked."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

@@ -58,3 +58,21 @@ def test_binary_rows_equal_scipy_in_both_tails() -> None:
     lp = np.log(np.array([1e-300, 0.2, 0.5, 0.999999, 1.0]))
     h, conf = row_stats(kernel_array(lp), LOG_PROBS)
     np.testing.assert_allclose(h, _oracle(np.exp(lp))[0], rtol=1e-6, atol=1e-290)
+
+
+def test_warmup_compiles_every_signature_row_stats_reaches() -> None:
+    """Predictions-only messages are scored by row_stats on the hot path: after warm-up, no
+    prediction dtype, shape or kind compiles anything more."""
+    from xentd import predstats
+
+    predstats.warmup()
+    dispatchers = [predstats._binary, predstats._multiclass, predstats._logits32]
+    before = [len(d.signatures) for d in dispatchers]
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        for shape in ((7,), (7, 4), (7, 60)):
+            for kind in (PROBS, LOGITS, LOG_PROBS):
+                values = rng.uniform(0.01, 0.99, shape)
+                values = np.log(values) if kind == LOG_PROBS else values
+                row_stats(kernel_array(values.astype(dtype)), kind)
+    assert [len(d.signatures) for d in dispatchers] == before

@@ -301,6 +301,45 @@ def test_a_fold_that_would_overflow_changes_no_component(spoiler: str) -> None:
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("full", ["calibration", "predictions"])
+def test_a_lifetime_sum_at_the_edge_of_float64_refuses_the_fold_with_no_huge_weight(full: str) -> None:
+    """Weights below fold.HUGE cannot overflow a batch's calibration or entropy sums, but a
+    lifetime sum already near float64's largest value can: the fold checks first, and
+    changes nothing (the loss included) instead of folding the losses alone."""
+    rng = np.random.default_rng(8)
+    clock = FakeClock(50.0)
+    model = _store(4, clock).model("m", 3)
+    n = 64
+    model.fold(_scored(rng, n, 3), None, clock.t, None, label_free=(np.ones(n), np.ones(n)))
+    getattr(model, full).lifetime[:] = np.finfo(np.float64).max
+    before = _saved(model)
+    scores = _scored(rng, n, 3)
+    scores.brier[:] = 2.0
+    scores.confidence[:] = 1.0
+    weights = np.full(n, 1e290)  # n x 2 x 1e290 is past half an ulp of float64's maximum
+    with pytest.raises(ValidationError) as info:
+        clock.t += 1.0
+        model.fold(scores, weights, clock.t, None, label_free=(np.full(n, 2.0), np.ones(n)))
+    assert info.value.reason is Reason.NON_FINITE
+    assert {"calibration": "calibration sums", "predictions": "entropies"}[full] in info.value.detail
+    for x, y in zip(before, _saved(model), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_rows_of_a_shared_batch_count_no_unnormalized_rows_unless_told() -> None:
+    """scores.unnormalized_rows counts the whole call's rows, not one model's."""
+    rng = np.random.default_rng(3)
+    model = _store(4, FakeClock(0.0)).model("m", 3)
+    scores = _scored(rng, 6, 3)
+    scores = SampleScores(**{**{f: getattr(scores, f) for f in scores.__dataclass_fields__}, "unnormalized_rows": 5})
+    model.fold(scores, None, 0.0, None, rows=(0, 3))
+    assert model.unnormalized_rows == 0
+    model.fold(scores, None, 0.0, None, rows=(3, 6), unnormalized_rows=2)
+    assert model.unnormalized_rows == 2
+    model.fold(scores, None, 0.0, None)
+    assert model.unnormalized_rows == 7
+
+
 def test_fold_refuses_rows_past_its_inputs() -> None:
     rng = np.random.default_rng(1)
     model = _store(4, FakeClock(0.0)).model("m", 3)

@@ -87,9 +87,12 @@ def _add_sample(vec, sign, w, wl, wc, wf, k, slots):  # type: ignore[no-untyped-
     vec[HEAD + slots + k] += sign * wl
 
 
-# Count-window rings and block sums grow with traffic, by a quarter at a time from
-# MIN_RING samples, up to their bound: a model that sends little keeps little (most
-# of 10,000 models do), and a busy one ends at the bound either way.
+# Count-window rings and block sums grow with traffic, up to their bound: by a quarter
+# at a time from MIN_RING samples, and by at least one more batch like the one
+# arriving (ring_capacity, block_rows), so that steady traffic reallocates on at most
+# every other fold. A model that sends little keeps little (most of 10,000 models
+# do), and a busy one ends at the bound either way. One large batch can leave the
+# ring twice its size (room for the next one), never past the bound.
 GROWTH = 1.25
 MIN_RING = 64
 

@@ -154,7 +154,8 @@ class Daemon:
                 log.exception("compiling the multi-threaded kernels failed; large batches stay on one thread")
                 return
             log.info("multi-threaded kernels ready in %.1fs", time.monotonic() - started)
-            self.heap.freeze(len(self.state.models), "multi-threaded kernels compiled")
+            # Frozen by the main thread's next housekeeping, not here (xentd.heap).
+            self.heap.request("multi-threaded kernels compiled")
 
         threading.Thread(target=compile_parallel, name="xentd-compile", daemon=True).start()
 

@@ -10,9 +10,11 @@ and runs each component's own fold kernel in one call: the arithmetic keeps one
 definition, in :mod:`xentd.accumulate` and :mod:`xentd.calibration`.
 
 All or nothing: a fold that would overflow a lifetime sum changes no component. The loss
-fold checks itself before it commits; calibration and entropy sums are bounded by the
-weights (Brier scores are at most 2, confidences 1, entropies log C < 40 nats), so they
-are checked first, without committing, only when a weight comes near float64's range.
+fold checks itself before it commits; calibration and entropy terms are bounded by the
+weights (Brier scores are at most 2, confidences 1, entropies log C < 40 nats), so their
+sums are checked first, without committing, only when they could overflow: when a weight
+or one of their lifetime sums is past :data:`HUGE`. Below it, a batch adds at most
+rows x 40 x 1e290, far from float64's 1.8e308 for any batch a message can carry.
 
 (The ``type: ignore`` comments: the states spread into the kernels' arguments, which
 Numba types and mypy cannot.)
@@ -26,8 +28,8 @@ from xentd import accumulate as acc
 from xentd import calibration
 from xentd.jit import cached
 
-# Weights above this could overflow the calibration or entropy sums of a batch.
-HUGE_WEIGHT = 1e290
+# Weights or lifetime sums above this could overflow the calibration or entropy sums.
+HUGE = 1e290
 
 # fold_model's verdicts: folded, or which component's sums would overflow.
 FOLDED, LOSS_OVERFLOW, CALIBRATION_OVERFLOW, ENTROPY_OVERFLOW = 0, 1, 2, 3
@@ -80,7 +82,11 @@ def fold_model(  # type: ignore[no-untyped-def]
     # The label-free statistics reuse the loss layout with one class slot and nothing "correct".
     none_correct = np.zeros(entropy.shape[0], np.uint8)
     slot_zero = np.zeros(entropy.shape[0], np.int64)
-    if weighted and w.shape[0] > 0 and w.max() > HUGE_WEIGHT:
+    # Both lifetimes are the states' fourth entry (CalibrationStats.kernel_state, WindowedStats.kernel_state).
+    near_range = (weighted and w.shape[0] > 0 and w.max() > HUGE) or calibration_state[3].max() > HUGE
+    if label_free and predictions_state[3].max() > HUGE:
+        near_range = True
+    if near_range:
         fits = calibration._fold(confidence, brier, correct, tcls, t1, t2, mode, w, weighted, *calibration_state, False)
         if not fits[0]:
             return CALIBRATION_OVERFLOW, 0.0, 0, 0, 0, 0.0, 0
@@ -91,12 +97,18 @@ def fold_model(  # type: ignore[no-untyped-def]
     committed, value_sum, total = acc.fold_all(loss, focal, correct, tcls, w, weighted, *loss_state, True)  # type: ignore[call-arg]
     if not committed:
         return LOSS_OVERFLOW, 0.0, 0, 0, 0, 0.0, 0
-    _, calibration_total, tw_used = calibration._fold(
+    # The commits below cannot refuse once the check above passed (or was not needed); were one
+    # to, its verdict is returned rather than dropped, though the loss is then already folded.
+    committed, calibration_total, tw_used = calibration._fold(
         confidence, brier, correct, tcls, t1, t2, mode, w, weighted, *calibration_state, True
     )
+    if not committed:
+        return CALIBRATION_OVERFLOW, value_sum, total, 0, 0, 0.0, 0
     prediction_sum, prediction_total = 0.0, 0
     if label_free:
-        _, prediction_sum, prediction_total = acc.fold_all(  # type: ignore[call-arg]
+        committed, prediction_sum, prediction_total = acc.fold_all(  # type: ignore[call-arg]
             entropy, top, none_correct, slot_zero, w, weighted, *predictions_state, True
         )
+        if not committed:
+            return ENTROPY_OVERFLOW, value_sum, total, calibration_total, tw_used, 0.0, 0
     return FOLDED, value_sum, total, calibration_total, tw_used, prediction_sum, prediction_total

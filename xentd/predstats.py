@@ -248,7 +248,9 @@ def row_stats(predictions: np.ndarray, kind: int) -> tuple[np.ndarray, np.ndarra
 
 
 def warmup() -> None:
-    """Compile every signature the daemon can reach (float32 and float64, [N] and [N, C], wide rows)."""
+    """Compile every signature the daemon can reach (float32 and float64, [N] and [N, C], wide
+    rows; float32 logits take their own kernel, so probabilities are compiled apart)."""
     for dtype in (np.float32, np.float64):
         for shape in ((2,), (2, 3), (2, SMALL_C + 1)):
-            row_stats(kernel_array(np.full(shape, 0.5, dtype)), LOGITS)
+            for kind in (LOGITS, PROBS):
+                row_stats(kernel_array(np.full(shape, 0.5, dtype)), kind)

@@ -503,11 +503,12 @@ class ModelState:
 
         ``rows``: fold only these rows of ``scores``, ``weights``, ``targets`` and
         ``label_free`` (a drain scores many models' rows in one call). ``label_free``: the
-        rows' (entropy, confidence) (:func:`xentd.predstats.row_stats`), for rows whose
+        rows' (entropy, confidence) (:func:`xentd.predstats.from_scores`), for rows whose
         predictions arrived with their labels. ``unnormalized_targets`` is the batches'
         count of target rows that are not a distribution (see
         :attr:`xentd.validate.Batch.unnormalized_targets`); ``unnormalized_rows`` overrides
-        ``scores.unnormalized_rows``. ``targets`` are the batch's targets and ``binary``
+        ``scores.unnormalized_rows``, which counts the whole call's rows: with ``rows`` and
+        without it, none are counted. ``targets`` are the batch's targets and ``binary``
         whether its predictions were binary: a binary sample's outcome is its target, and
         soft targets make the calibration's target prior. Without them, the outcome is top-1
         correctness and the prior counts true classes.
@@ -565,7 +566,9 @@ class ModelState:
         if label_free is not None:
             self.predictions.folded(entropy_sum, entropy_total, now)
         self.batches += batches
-        self.unnormalized_rows += scores.unnormalized_rows if unnormalized_rows is None else unnormalized_rows
+        if unnormalized_rows is None:
+            unnormalized_rows = scores.unnormalized_rows if rows is None else 0
+        self.unnormalized_rows += unnormalized_rows
         self.unnormalized_targets += unnormalized_targets
         self.last_batch_time = self.clock
         if event_time is not None:

@@ -203,4 +203,3 @@ def test_the_metrics_server_gets_the_configured_http_limits() -> None:
         assert d.heap.freezes >= 1 and gc.get_freeze_count() > 0
     finally:
         d.close()
-        gc.unfreeze()
