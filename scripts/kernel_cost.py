@@ -102,6 +102,16 @@ def _takes_16_bit() -> bool:
     return "invalid" in base.Outputs._fields
 
 
+def _padded(a: np.ndarray) -> np.ndarray:
+    """``a`` copied into the start of a larger allocation. Before SCRATCH_PAD, the float32
+    class-index kernels could round a batch's last row otherwise when their scratch was
+    allocated right after its array (xentd.kernels.cpu.SCRATCH_PAD): padding keeps the other
+    checkout's results from depending on where its allocations land."""
+    flat = np.empty(a.size + 1024, a.dtype)
+    flat[: a.size] = a.reshape(-1)
+    return flat[: a.size].reshape(a.shape)
+
+
 def _batch(pred: np.ndarray, tgt: np.ndarray, kind: str, datatype: str) -> Any:
     from xentd.jit import kernel_array
     from xentd.validate import Batch, InputKind, TargetKind
@@ -109,7 +119,7 @@ def _batch(pred: np.ndarray, tgt: np.ndarray, kind: str, datatype: str) -> Any:
     return Batch(
         model="m",
         kind=InputKind(KINDS[kind]),
-        predictions=kernel_array(pred),
+        predictions=kernel_array(_padded(pred)),
         targets=kernel_array(tgt),
         target_kind=TargetKind.INDEX if tgt.dtype == np.int64 else TargetKind.SOFT,
         weights=None,

@@ -191,7 +191,8 @@ def widen_on_host(pred: np.ndarray) -> np.ndarray:
     """What validation hands the kernels today: FP16 and BF16 bits widened to float32 on the
     host (NumPy's float16 conversion; BF16 as the top half of a float32); floats as they are."""
     if pred.dtype == np.uint16:
-        return pred.view(np.float16).astype(np.float32)
+        with np.errstate(invalid="ignore"):  # signalling NaNs are quieted, with a warning
+            return pred.view(np.float16).astype(np.float32)
     if pred.dtype == np.int16:
         return (pred.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
     return pred
@@ -246,9 +247,9 @@ def oracle_invalid(pred: np.ndarray, targets: np.ndarray, kind: str) -> np.ndarr
     """The value rules in float64 NumPy, per row (xentd.validate's words: finite predictions,
     probabilities in [0, 1], log-probabilities <= 0, class indices in [0, C - 1], soft
     targets finite in [0, 1])."""
-    x = widen_on_host(pred).astype(np.float64)
-    x = x.reshape(len(x), -1)
     with np.errstate(invalid="ignore"):
+        x = widen_on_host(pred).astype(np.float64)
+        x = x.reshape(len(x), -1)
         bad = ~np.isfinite(x)
         if kind == "probs":
             bad |= (x < 0.0) | (x > 1.0)
