@@ -281,6 +281,7 @@ def planted_case(
     for r in rng.choice(n, n // 4, replace=False):
         flat[r, rng.integers(0, cols, 2)] = rng.choice(edge, 2)
     bad_rows = rng.random(n) < 0.35
+    bad_rows[0], bad_rows[-1] = True, False  # at least one of each, however few the rows
     bad = bad_prediction_values(datatype, kind)
     targets: np.ndarray
     if classes is None:
