@@ -34,6 +34,7 @@ def test_scores_are_views_of_the_first_n_results() -> None:
     for a in out.arrays:
         a[:] = 1
     out.arrays.unnormalized[3:] = 0
+    out.arrays.invalid[:] = 0
     s = out.scores(5)
     assert len(s.loss) == len(s.focal) == len(s.correct) == len(s.true_class) == 5
     assert s.entropy is not None
@@ -43,5 +44,16 @@ def test_scores_are_views_of_the_first_n_results() -> None:
     assert np.shares_memory(s.entropy, out.arrays.entropy)
     assert s.unnormalized_rows == 3  # counted over the first 5 only
     assert Outputs._fields[:4] == ("loss", "focal", "correct", "true_class")
-    assert Outputs._fields[-3:] == ("confidence", "brier", "entropy")
-    assert OUTPUT_DTYPES.entropy == np.float64
+    assert Outputs._fields[-4:] == ("confidence", "brier", "entropy", "invalid")
+    assert OUTPUT_DTYPES.entropy == np.float64 and OUTPUT_DTYPES.invalid == np.uint8
+    # The per-row flags, as views too.
+    assert s.invalid is not None and s.unnormalized is not None
+    assert np.shares_memory(s.invalid, out.arrays.invalid) and len(s.invalid) == 5
+    assert np.shares_memory(s.unnormalized, out.arrays.unnormalized) and s.unnormalized.tolist() == [1, 1, 1, 0, 0]
+
+
+def test_unnormalized_rows_leaves_invalid_rows_out() -> None:
+    out = OutputBuffers(capacity=8)
+    out.arrays.unnormalized[:6] = [1, 1, 0, 1, 0, 0]
+    out.arrays.invalid[:6] = [0, 1, 0, 1, 1, 0]
+    assert out.scores(6).unnormalized_rows == 1

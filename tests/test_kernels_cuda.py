@@ -5,8 +5,12 @@ blocks and 256-byte chunks make every path run: several blocks, rows longer
 than a block (threads stride over the classes), more rows than blocks (blocks
 stride over the rows), and many chunks alternating between the two streams.
 The simulator runs each CUDA thread as a Python thread, so the batches are
-small. FP16 and BF16 reach the kernels already widened to float32
-(xentd.validate), so FP32 and FP64 cover the kernels' inputs.
+small. FP16 and BF16 reach the kernels as their wire bits (uint16, int16) and
+are widened on the device: those batches must score as the host-widened
+float32 ones do, bit for bit. Value checks (``invalid``) are held to the float64
+oracle and to the CPU backend on the same batches. What the simulator cannot
+show, that the kernels also type and lower for a real device, is checked by
+compiling them to NVVM IR without one (test_kernels_lower_for_a_real_device).
 
 Confidence and the Brier score are held to a relative 1e-12 against the exact
 reference (tests/calibration_ref.py) for either input type: every sum is
@@ -17,6 +21,9 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -24,20 +31,28 @@ import pytest
 from tests import calibration_ref, naive
 from tests.conftest import default_params, make_batch, softmax
 from tests.kernel_cases import (
+    DATATYPES,
     ENTROPY_EXACT,
     ENTROPY_F32,
     EXACT,
     KINDS,
+    assert_same_rows,
     assert_scores,
+    copy_scores,
     encode_dtype,
     entropy_case,
+    planted_case,
+    raw_batch,
     reference,
     reference_case,
     reference_cases,
+    rows_of,
+    select,
+    widen_on_host,
 )
-from xentd.kernels import SampleScores
+from xentd.kernels import SampleScores, ScoringParams
 from xentd.predstats import row_stats
-from xentd.validate import Batch
+from xentd.validate import DATATYPE_EPS, Batch
 
 cuda_backend = pytest.importorskip("xentd.kernels.cuda")
 from xentd.kernels.cpu import CpuBackend  # noqa: E402
@@ -250,3 +265,157 @@ def test_real_gpu_large_batch_matches_cpu() -> None:
     d[np.arange(512), y] -= 1.0  # p - t, t one-hot
     np.testing.assert_allclose(got.confidence, p.max(axis=1), rtol=1e-12)
     np.testing.assert_allclose(got.brier, (d**2).sum(axis=1), rtol=1e-12)
+
+
+# --- value checks and FP16/BF16 bits ---------------------------------------------------
+
+# (classes, target layout, rows): kept small, the simulator is slow. 40 classes span
+# several 8-thread strides; 3 fewer classes than threads.
+CUDA_SHAPES = [(None, "binary", 16), (40, "index", 5), (3, "index", 4), (3, "soft32", 4), (40, "soft64", 4)]
+
+
+# The simulator runs the kernels as Python on NumPy scalars, whose arithmetic on the planted
+# NaNs and infinities warns (a GPU's does not): warnings are errors in this suite.
+ARITHMETIC_ON_INVALID_ROWS = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+def _params(datatype: str, gamma: float = 2.0) -> ScoringParams:
+    eps = DATATYPE_EPS[datatype]
+    return ScoringParams(eps=eps, focal_gamma=gamma, normalization_tolerance=math.sqrt(eps))
+
+
+def _assert_close_rows(got: dict, want: dict, fast_f32: bool) -> None:  # type: ignore[type-arg]
+    """The CPU and the GPU sum in different orders: to rounding, as elsewhere in this file;
+    the CPU's float32 class-index path to its own bounds (FAST_F32, ENTROPY_F32)."""
+    for name in ("loss", "focal", "confidence", "brier", "entropy"):
+        rtol = (1e-5 if name == "entropy" else 5e-6) if fast_f32 else 1e-12
+        np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=1e-12 if fast_f32 else 1e-13)
+    for name in ("correct", "true_class", "unnormalized"):
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+@ARITHMETIC_ON_INVALID_ROWS
+@pytest.mark.parametrize("datatype", DATATYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("classes,layout,n", CUDA_SHAPES)
+def test_invalid_rows_are_flagged_as_on_the_cpu(
+    gpu: CudaBackend, datatype: str, kind: str, classes: int | None, layout: str, n: int
+) -> None:
+    """NaN, infinities, out-of-range values, class indices and soft targets planted in random
+    rows (tests/kernel_cases.py): the flags are the oracle's and the CPU's; valid rows score,
+    bit for bit, as they do in a batch without the invalid rows, and as on the CPU to rounding.
+    FP16 and BF16 arrive as their bits and score as the host-widened float32 batch does."""
+    batch, want = planted_case(datatype, kind, classes, n, layout, seed=(classes or 1) * 7 + len(kind) + len(layout))
+    got = copy_scores(gpu.score(batch, _params(datatype)))
+    np.testing.assert_array_equal(got["invalid"], want.astype(np.uint8))
+    cpu = copy_scores(CpuBackend(parallel_threshold=1 << 62).score(batch, _params(datatype)))
+    np.testing.assert_array_equal(cpu["invalid"], want.astype(np.uint8))
+    clean = copy_scores(gpu.score(rows_of(batch, ~want), _params(datatype)))
+    assert not clean["invalid"].any()
+    assert_same_rows(select(got, ~want), clean)
+    fast_f32 = classes is not None and layout == "index" and datatype != "FP64"
+    _assert_close_rows(select(got, ~want), select(cpu, ~want), fast_f32)
+    if datatype in ("FP16", "BF16"):
+        wide = raw_batch(widen_on_host(batch.predictions), batch.targets, kind, datatype)
+        ref = copy_scores(gpu.score(wide, _params(datatype)))
+        np.testing.assert_array_equal(ref["invalid"], want.astype(np.uint8))
+        assert_same_rows(select(got, ~want), select(ref, ~want))
+
+
+@ARITHMETIC_ON_INVALID_ROWS
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+def test_every_16_bit_pattern_as_binary_predictions(gpu: CudaBackend, datatype: str) -> None:
+    """A sample of every class of bit pattern (zeros, subnormals, normals, infinities, NaNs of
+    both signs), one a row: flags as the oracle's, valid rows as the host-widened float32."""
+    from tests.kernel_cases import BITS_DTYPE, oracle_invalid
+
+    signs = (0x0000, 0x8000)
+    if datatype == "FP16":
+        patterns = [
+            s | m
+            for s in signs
+            for m in (0x0000, 0x0001, 0x03FF, 0x0400, 0x3C00, 0x3BFF, 0x7BFF, 0x7C00, 0x7C01, 0x7E00)
+        ]
+    else:
+        patterns = [
+            s | m
+            for s in signs
+            for m in (0x0000, 0x0001, 0x007F, 0x0080, 0x3F80, 0x3F7F, 0x7F7F, 0x7F80, 0x7F81, 0x7FC0)
+        ]
+    all_bits = np.array(patterns, np.uint16).view(BITS_DTYPE[datatype])
+    for kind in KINDS:
+        # The simulator runs math.exp in Python, which raises where a GPU's returns inf: no
+        # log-probability of e^700 and beyond here (the CPU tests take every pattern).
+        keep = ~((kind == "log_probs") & (widen_on_host(all_bits) > 700.0))
+        bits = all_bits[keep]
+        targets = np.linspace(0.0, 1.0, bits.size)
+        want = oracle_invalid(bits, targets, kind)
+        got = copy_scores(gpu.score(raw_batch(bits, targets, kind, datatype), _params(datatype)))
+        ref = copy_scores(gpu.score(raw_batch(widen_on_host(bits), targets, kind, datatype), _params(datatype)))
+        np.testing.assert_array_equal(got["invalid"], want.astype(np.uint8))
+        assert_same_rows(select(got, ~want), select(ref, ~want))
+
+
+def test_binary_log_probs_entropy_is_accurate_for_confident_rows(gpu: CudaBackend) -> None:
+    """As on the CPU (test_kernel_validity.py): log(1 - p) as log1mexp, within 4 ulps."""
+    from tests.test_kernel_validity import CONFIDENT_LOG_PROBS, binary_entropy_reference
+
+    x = np.array(CONFIDENT_LOG_PROBS)
+    batch = raw_batch(x, np.ones_like(x), "log_probs", "FP64")
+    h = gpu.score(batch, _params("FP64")).entropy
+    assert h is not None
+    np.testing.assert_allclose(h, [binary_entropy_reference(v) for v in x], rtol=4 * 2.0**-52, atol=0)
+
+
+def test_results_in_outputs_of_their_own(gpu: CudaBackend) -> None:
+    """score(..., out=) copies into the caller's pinned buffers; the backend's own are left alone."""
+    rng = np.random.default_rng(2)
+    batches = [
+        raw_batch(rng.normal(0, 2, (n, 5)).astype(np.float32), rng.integers(0, 5, n), "logits", "FP32") for n in (3, 7)
+    ]
+    outs = [gpu.new_outputs() for _ in batches]
+    results = [gpu.score(b, _params("FP32"), out) for b, out in zip(batches, outs, strict=True)]
+    for batch, out, scores in zip(batches, outs, results, strict=True):
+        assert np.shares_memory(scores.loss, out.arrays.loss)
+        alone = copy_scores(gpu.score(batch, _params("FP32")))
+        assert_same_rows(copy_scores(scores), alone)
+
+
+def test_kernels_lower_for_a_real_device() -> None:
+    """Every kernel signature (float32, float64, FP16 and BF16 bits; each target layout) types
+    and lowers to NVVM IR for a real device, in a process without the simulator: what the
+    simulator cannot show (it runs the Python source). NVVM and a GPU are not needed; the
+    compute capability is given. FP16 loads must lower to a half-to-float extension."""
+    script = textwrap.dedent(
+        """
+        import types as pytypes
+
+        import numba.cuda.dispatcher as dispatcher
+        from numba import types
+        from numba.cuda import compiler
+
+        # Device functions ask the current device for its compute capability: give one.
+        dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
+        from xentd.kernels import cuda as ck
+
+        assert not ck.SIMULATOR
+        f64, f32, i64, u8 = types.float64, types.float32, types.int64, types.uint8
+        outputs = [f64[::1], f64[::1], u8[::1], i64[::1], u8[::1], f64[::1], f64[::1], f64[::1], u8[::1]]
+        for dtype in (f32, f64, types.uint16, types.int16):
+            for kernel, ndim, targets in (
+                (ck._binary, 1, [f64[::1]]),
+                (ck._multiclass_index, 2, [i64[::1]]),
+                (ck._multiclass_soft, 2, [f32[:, ::1], f64[:, ::1]]),
+            ):
+                for tgt in targets:
+                    args = (types.Array(dtype, ndim, "C"), tgt, i64, f64, f64, f64, *outputs)
+                    ir = compiler.compile_cuda(kernel.py_func, types.void, args, cc=(9, 0)).library.get_llvm_str()
+                    assert ("fpext half" in ir) == (dtype == types.uint16), (kernel, dtype)
+        print("lowered")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    if done.returncode and ("has no attribute" in done.stderr or "unexpected keyword" in done.stderr):
+        pytest.skip(f"numba-cuda's compiler internals differ: {done.stderr.strip().splitlines()[-1]}")
+    assert done.returncode == 0 and "lowered" in done.stdout, done.stderr[-3000:]

@@ -27,7 +27,7 @@ from llvmlite import ir
 from numba import njit
 from numba import types as nbtypes
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # What a cached build's freshness depends on besides its own source file: this file's text.
 HELPERS_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
@@ -136,6 +136,20 @@ def half_bits_to_float32(typingctx, bits):  # type: ignore[no-untyped-def]
     return nbtypes.float32(bits), codegen
 
 
+@intrinsic
+def bf16_bits_to_float32(typingctx, bits):  # type: ignore[no-untyped-def]
+    """BF16 bit pattern (the low 16 bits of an integer) -> float32: the top half of a float32
+    (a shift and a bitcast in LLVM, so that it lowers alike on the CPU and on CUDA)."""
+    if not isinstance(bits, nbtypes.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        wide = builder.zext(_resize(builder, args[0], bits, 16), ir.IntType(32))
+        return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    return nbtypes.float32(bits), codegen
+
+
 def _minmax_intrinsic(name: str):  # type: ignore[no-untyped-def]
     @intrinsic
     def impl(typingctx, a, b):  # type: ignore[no-untyped-def]
@@ -177,3 +191,129 @@ def finite_range(x, a, b):  # type: ignore[no-untyped-def]
         lo = fmin(lo, clean)
         hi = fmax(hi, clean)
     return lo, hi, bad
+
+
+# --- loads and value rules, for the scoring kernels ------------------------------
+#
+# Predictions reach the kernels as float32 or float64, or as the raw wire bits of FP16
+# (uint16) and BF16 (int16: the dtype tells the two apart). ``load`` widens a value
+# as it is read, chosen by the array's dtype when the kernel compiles. The value rules
+# (finite; probabilities in [0, 1]; log-probabilities <= 0) are tested on the float's
+# bit pattern, never with float comparisons: under fast-math LLVM may assume that no
+# value is NaN or infinite, and delete ``x != x`` or fold a comparison with a NaN.
+#
+# Each is a plain Python function (what CUDA's simulator runs, and what tests may call)
+# with an ``overload`` that is what Numba compiles, on the CPU and on CUDA alike.
+
+
+def load(x: Any) -> Any:
+    """A prediction value as the kernels compute with it: float32 and float64 as they are,
+    FP16 (uint16) and BF16 (int16) bit patterns widened exactly to float32."""
+    if isinstance(x, np.uint16):
+        return np.float32(x.view(np.float16))
+    if isinstance(x, np.int16):
+        return (np.uint32(x.view(np.uint16)) << np.uint32(16)).view(np.float32)
+    return x
+
+
+@overload(load)
+def _load(x):  # type: ignore[no-untyped-def]
+    if x in (nbtypes.float32, nbtypes.float64):
+        return lambda x: x
+    if x == nbtypes.uint16:
+        return lambda x: half_bits_to_float32(x)
+    if x == nbtypes.int16:
+        return lambda x: bf16_bits_to_float32(x)
+    return None
+
+
+# The rules as a range of the float's order key: its bits, read as a signed integer, with
+# the magnitude bits flipped when the sign is set. Keys order as the floats do, -0 just
+# below +0, and NaNs beyond the infinities (a negative NaN below -inf): so "finite and in
+# [a, b]" is key(a) <= key <= key(b), one unsigned comparison of key - key(a) with
+# key(b) - key(a). (lo, span) per input kind (xentd.validate.InputKind: probs, logits,
+# log_probs), for float32 and for float64 keys; soft targets take the probs range.
+_EXP32, _ONE32 = 0x7F800000, 0x3F800000
+_EXP64, _ONE64 = 0x7FF0000000000000, 0x3FF0000000000000
+
+
+def _as_int64(u: int) -> int:
+    """A 64-bit pattern as the int64 that holds it."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+# probs: [-0, 1]; logits: [-max, max]; log_probs: [-max, +0].
+BOUNDS32 = ((-1, _ONE32 + 1), (-_EXP32, 2 * _EXP32 - 1), (-_EXP32, _EXP32))
+BOUNDS64 = ((-1, _ONE64 + 1), (-_EXP64, _as_int64(2 * _EXP64 - 1)), (-_EXP64, _EXP64))
+
+
+def key_bounds(kind: int, like: Any) -> tuple[int, int]:
+    """(lo, span) of ``kind``'s valid range (see above), for keys of the width that values
+    loaded from ``like`` (an array, or a float scalar) are checked at: 64 bits for float64,
+    32 for everything else (float32, FP16, BF16: checked once widened to float32)."""
+    dtype = like.dtype if isinstance(like, np.ndarray) else np.asarray(like).dtype
+    return (BOUNDS64 if dtype == np.float64 else BOUNDS32)[kind]
+
+
+@overload(key_bounds)
+def _key_bounds(kind, like):  # type: ignore[no-untyped-def]
+    value = like.dtype if isinstance(like, nbtypes.Array) else like
+    if value == nbtypes.float64:
+        lo0, span0 = np.int64(BOUNDS64[0][0]), np.int64(BOUNDS64[0][1])
+        lo1, span1 = np.int64(BOUNDS64[1][0]), np.int64(BOUNDS64[1][1])
+        lo2, span2 = np.int64(BOUNDS64[2][0]), np.int64(BOUNDS64[2][1])
+    elif value in (nbtypes.float32, nbtypes.uint16, nbtypes.int16):
+        lo0, span0 = np.int64(BOUNDS32[0][0]), np.int64(BOUNDS32[0][1])
+        lo1, span1 = np.int64(BOUNDS32[1][0]), np.int64(BOUNDS32[1][1])
+        lo2, span2 = np.int64(BOUNDS32[2][0]), np.int64(BOUNDS32[2][1])
+    else:
+        return None
+
+    def impl(kind, like):  # type: ignore[no-untyped-def]
+        if kind == 0:
+            return lo0, span0
+        if kind == 1:
+            return lo1, span1
+        return lo2, span2
+
+    return impl
+
+
+def outside(x: Any, lo: int, span: int) -> bool:
+    """Whether float ``x`` breaks the rule whose key range is (lo, span) (see key_bounds):
+    NaN, infinite or out of range. Bit operations only, so that fast-math cannot drop it."""
+    bits, width = (
+        (np.float32(x).view(np.int32), 32) if isinstance(x, np.float32) else (np.float64(x).view(np.int64), 64)
+    )
+    key = int(bits)
+    if key < 0:
+        key ^= (1 << (width - 1)) - 1
+    mask = (1 << width) - 1
+    return ((key - lo) & mask) > (span & mask)
+
+
+@intrinsic
+def _outside(typingctx, x, lo, span):  # type: ignore[no-untyped-def]
+    if x not in (nbtypes.float32, nbtypes.float64) or not isinstance(lo, nbtypes.Integer):
+        return None
+    width = x.bitwidth
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        value, low, spread = args
+        integer = ir.IntType(width)
+        bits = builder.bitcast(value, integer)
+        flip = builder.and_(
+            builder.ashr(bits, ir.Constant(integer, width - 1)), ir.Constant(integer, (1 << (width - 1)) - 1)
+        )
+        key = builder.xor(bits, flip)
+        offset = builder.sub(key, _resize(builder, low, lo, width))
+        return builder.icmp_unsigned(">", offset, _resize(builder, spread, span, width))
+
+    return nbtypes.boolean(x, lo, span), codegen
+
+
+@overload(outside)
+def _outside_impl(x, lo, span):  # type: ignore[no-untyped-def]
+    if x in (nbtypes.float32, nbtypes.float64):
+        return lambda x, lo, span: _outside(x, lo, span)
+    return None

@@ -12,6 +12,11 @@ share (records, output scratch, warm-up layouts) is :mod:`xentd.kernels.base`. A
 :class:`Router` picks one per batch: the model's ``backend`` setting, else
 ``engine.backend``; ``auto`` means CUDA for batches of at least
 ``engine.cuda_min_elements`` prediction values, when a device is present.
+
+Results live in output buffers (:class:`OutputBuffers`): a backend's own by
+default, overwritten by its next call, or the caller's (``score(..., out=...)``),
+so that the results of several batches can live at once. A router is a backend
+too: its :meth:`Router.new_outputs` serve whichever backend it picks.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ import logging
 from collections.abc import Mapping
 
 from xentd.errors import BackendUnavailable
-from xentd.kernels.base import Backend, SampleScores, ScoringParams
+from xentd.kernels.base import Backend, OutputBuffers, SampleScores, ScoringParams
 from xentd.validate import Batch
 
-__all__ = ["BACKEND_CHOICES", "Backend", "Router", "SampleScores", "ScoringParams", "create"]
+__all__ = ["BACKEND_CHOICES", "Backend", "OutputBuffers", "Router", "SampleScores", "ScoringParams", "create"]
 
 log = logging.getLogger("xentd.kernels")
 
@@ -57,8 +62,17 @@ class Router:
             return self.cuda
         return self.cpu
 
-    def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
-        return self.pick(batch).score(batch, params)
+    def new_outputs(self) -> OutputBuffers:
+        """Output buffers for batches scored on either backend: any backend's buffers serve
+        any backend (they are host arrays), and the CUDA backend's, in pinned memory, are the
+        ones its device copies are fastest into, so those when a GPU is in use."""
+        return (self.cuda or self.cpu).new_outputs()
+
+    def score(self, batch: Batch, params: ScoringParams, out: OutputBuffers | None = None) -> SampleScores:
+        """Score on the backend :meth:`pick` chooses, into ``out`` when given (see ``Backend.score``)."""
+        backend = self.pick(batch)
+        # Without out, the two-argument call: test doubles written before out existed take it.
+        return backend.score(batch, params) if out is None else backend.score(batch, params, out)
 
     def warmup(self, *, parallel: bool = True) -> None:
         self.cpu.warmup(parallel=parallel)

@@ -3,12 +3,20 @@
 Each kernel family exists twice, compiled from the same Python source: a serial
 build for small batches and a ``parallel=True`` build (see :mod:`xentd.jit`).
 
-Kernels check nothing: :mod:`xentd.validate` guarantees finite values, ranges,
-shapes and class indices before they run.
+Shapes and dtypes are :mod:`xentd.validate`'s to guarantee; values are the
+kernels' to check. Each kernel flags the rows that break a value rule
+(``SampleScores.invalid``) in a pass it makes anyway, with bit tests that
+fast-math cannot drop, and clamps a class index into range, so that no input
+makes it read out of bounds (an invalid row's scores are garbage, not an error).
+
+FP16 and BF16 predictions arrive as their wire bits (uint16, int16) and are
+widened to float32 as they are loaded (:func:`xentd.jit.load`): each kernel is
+compiled for those dtypes too and computes exactly what it computes for the
+widened float32 values.
 
 Precision: FP64 predictions are scored in float64 throughout and match
-float64 references to the last digits. FP32 (and FP16/BF16, which arrive
-widened to float32) predictions with class-index targets take
+float64 references to the last digits. FP32 (and FP16/BF16, widened to
+float32) predictions with class-index targets take
 ``_multiclass_index_f32``, whose log-sum-exp uses a float32 exp2 that is
 within ~1e-7 relative, below the input's own precision, while every sum is
 carried in float64 (tested bound: 2e-6 nats). Rows of at most SMALL_C
@@ -51,8 +59,11 @@ import math
 
 import numpy as np
 from numba import prange
+from numba import types as nbtypes
+from numba.core.imputils import impl_ret_borrowed
+from numba.extending import intrinsic, overload
 
-from xentd.jit import bits_to_float32, cached, fmax, serial_and_parallel
+from xentd.jit import bits_to_float32, cached, fmax, key_bounds, load, outside, serial_and_parallel
 from xentd.kernels.base import WARMUP_PARAMS, OutputBuffers, SampleScores, ScoringParams, warmup_batches
 from xentd.validate import Batch, InputKind, TargetKind
 
@@ -328,34 +339,58 @@ def _row_entropy(kind, log_s, t, s):  # type: ignore[no-untyped-def]
     return -t
 
 
-@cached(inline="always")
+LN2 = math.log(2.0)
+
+
+@cached(inline="always", error_model="numpy")
 def _binary_entropy(kind, x, lp, lq, p, q):  # type: ignore[no-untyped-def]
     """H = -(p log p + (1 - p) log(1 - p)) of one binary prediction ``x``. For logits from the
     values of _binary_logit_terms (log p, log(1 - p), p, 1 - p, each to full relative accuracy
     in both tails: H = log1p(e^-|x|) + |x| sigmoid(-|x|), all terms >= 0). For probs and
     log_probs from ``x`` itself, since _binary_terms clips those at eps for the loss: p as
-    sent, or p = exp(x) (``p``, unclipped) with 1 - p = -expm1(x)."""
+    sent, or p = exp(x) (``p``, unclipped) with 1 - p = -expm1(x) and log(1 - p) the
+    accurate log1mexp: log1p(-exp(x)) below -ln 2, where log(1 - p) of the rounded 1 - p
+    would lose p's digits (x = -40: 1 - p rounds to 1, and the term p would vanish);
+    log(-expm1(x)) above, where 1 - p is the small one (0 log 0 = 0 at x = 0)."""
     if kind == LOGITS:
         return -(p * lp + q * lq)
     if kind == PROBS:
         return -_plogp(x) - _plogp(1.0 - x)
-    return -(p * x) - _plogp(-math.expm1(x))
+    q = -math.expm1(x)
+    log_q = log1p64(-p) if x < -LN2 else log64(max(q, _DBL_MIN))
+    return -(p * x) - q * log_q
 
 
 # Every kernel takes (pred, tgt, kind, *ScoringParams.kernel_args, *Outputs), as
 # positional arguments (xentd.kernels.base says why). The output arrays may be
 # longer than the batch: kernels write their first n elements.
+#
+# Each also checks the row's values in a pass it makes anyway (the one that finds the
+# maximum, whose result no order of evaluation changes), OR-ing xentd.jit.outside's
+# bit tests into one flag per row. A class index outside [0, C - 1] is flagged and
+# clamped into it, so that an invalid row is scored from in-bounds values (whatever
+# the result) and a valid row exactly as before.
 
 
-def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
+@cached(inline="always")
+def _class_index(t, c):  # type: ignore[no-untyped-def]
+    """(t clamped into [0, c - 1], whether it had to be): one unsigned comparison flags both sides."""
+    return min(max(t, 0), c - 1), np.uint64(t) > np.uint64(c - 1)
+
+
+def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent, inv):  # type: ignore[no-untyped-def]
     n, c = pred.shape
+    lo, span = key_bounds(kind, pred)
     for i in prange(n):
-        t = tgt[i]
-        best = pred[i, 0]
+        t, bad = _class_index(tgt[i], c)
+        best = load(pred[i, 0])
+        bad |= outside(best, lo, span)
         arg = 0
         for j in range(1, c):
-            if pred[i, j] > best:
-                best = pred[i, j]
+            v = load(pred[i, j])
+            bad |= outside(v, lo, span)
+            if v > best:
+                best = v
                 arg = j
         m = np.float64(best)
         mass = 0.0
@@ -368,7 +403,7 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
         h = 0.0  # the entropy's sum (_row_entropy)
         if kind == LOGITS:
             for j in range(c):
-                d = np.float64(pred[i, j]) - m
+                d = np.float64(load(pred[i, j])) - m
                 e = math.exp(d)
                 s += e
                 sq += 0.0 if j == t else e * e
@@ -376,18 +411,18 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
                 h += e * d
         elif kind == PROBS:
             for j in range(c):
-                x = np.float64(pred[i, j])
+                x = np.float64(load(pred[i, j]))
                 mass += x
                 sq += 0.0 if j == t else x * x
                 h += _plogp(x)
         else:
             for j in range(c):
-                x = np.float64(pred[i, j])
+                x = np.float64(load(pred[i, j]))
                 e = math.exp(x)
                 mass += e
                 sq += 0.0 if j == t else e * e
                 h += e * x
-        xt = np.float64(pred[i, t])
+        xt = np.float64(load(pred[i, t]))
         lpt, q, mass = _index_terms(kind, xt, m, s, mass, eps)
         conf[i], brier[i] = _index_calibration(kind, m, s, sq, rest, xt)
         ent[i] = _row_entropy(kind, math.log(s) if kind == LOGITS else 0.0, h, s)
@@ -396,13 +431,14 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
         correct[i] = 1 if arg == t else 0
         tcls[i] = t
         unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
+        inv[i] = bad
 
 
 # Elements summed in float32 before each float64 accumulation: short enough
 # that float32 rounding stays near 1 ulp, long enough to amortise the widening.
 BLOCK = 512
 
-# The three span loops below are the only fast-math code here. They are not
+# The span loops below are the only fast-math code here. They are not
 # inlined, and the kernel that calls them is compiled strictly: Numba compiles
 # a callee with its *caller's* fast-math flags, so a strict helper called from
 # a fast-math kernel would be silently reassociated (and cached that way).
@@ -420,6 +456,88 @@ def _max_span(row, lo, hi):  # type: ignore[no-untyped-def]
     for j in range(span.shape[0]):
         m = fmax(m, span[j])
     return m
+
+
+@cached(fastmath=True)
+def _max_check_span(row, lo, hi, key_lo, key_span):  # type: ignore[no-untyped-def]
+    """(_max_span of row[lo:hi], whether any of its values is outside the key range (key_lo,
+    key_span) of xentd.jit.outside). The maximum is exact in any order; the check is an
+    integer OR, vectorised beside it, and bit tests that fast-math cannot drop."""
+    span = row[lo:hi]
+    m = LOWEST32
+    bad = False
+    for j in range(span.shape[0]):
+        m = fmax(m, span[j])
+        bad |= outside(span[j], key_lo, key_span)
+    return m, bad
+
+
+@intrinsic
+def _readonly(typingctx, array):  # type: ignore[no-untyped-def]
+    """The same array, typed read-only (the two types share one data model)."""
+    if not isinstance(array, nbtypes.Array):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return impl_ret_borrowed(context, builder, signature.return_type, args[0])
+
+    return array.copy(readonly=True)(array), codegen
+
+
+def widen_row(row, scratch):  # type: ignore[no-untyped-def]
+    """A prediction row as float32 values: a float32 row itself; FP16 or BF16 bits widened
+    (xentd.jit.load) into ``scratch`` (exactly as long), which is returned. Typed read-only,
+    as a float32 row of a batch is: the span functions then run the very builds that
+    float32 rows run (a writable row is another signature, compiled apart, and fast-math
+    code compiled apart need not round alike)."""
+    if row.dtype == np.float32:
+        return row
+    for j in range(row.shape[0]):
+        scratch[j] = load(row[j])
+    return scratch
+
+
+@overload(widen_row, inline="always")
+def _widen_row(row, scratch):  # type: ignore[no-untyped-def]
+    if row.dtype == nbtypes.float32:
+        return lambda row, scratch: row
+
+    def impl(row, scratch):  # type: ignore[no-untyped-def]
+        for j in range(row.shape[0]):
+            scratch[j] = load(row[j])
+        return _readonly(scratch)
+
+    return impl
+
+
+# Floats of padding before the exponentials' scratch of _sum_exp_span. Its loop stores
+# into that scratch while it loads the row, so LLVM vectorises it behind a runtime check
+# that the two are far enough apart, and runs the scalar loop (which rounds otherwise)
+# when they are not: as when the scratch was allocated right after the batch's array,
+# and the row was its last (measured: 1 to 2% of calls gave the last row's Brier score
+# one float32 ulp apart). The padding keeps every row at least 512 bytes away, more than
+# the checks' reach (vector width times interleave: 256 bytes with AVX-512).
+SCRATCH_PAD = 128
+
+
+def _wide_scratch(pred):  # type: ignore[no-untyped-def]
+    """(BLOCK floats for _sum_exp_span, the row that widen_row widens into: none for float32),
+    from one allocation, the row after the exponentials, both SCRATCH_PAD floats in."""
+    c = 0 if pred.dtype == np.float32 else pred.shape[1]
+    scratch = np.empty(SCRATCH_PAD + BLOCK + c, np.float32)
+    return scratch[SCRATCH_PAD : SCRATCH_PAD + BLOCK], scratch[SCRATCH_PAD + BLOCK :]
+
+
+@overload(_wide_scratch, inline="always")
+def _wide_scratch_impl(pred):  # type: ignore[no-untyped-def]
+    widened = pred.dtype != nbtypes.float32
+
+    def impl(pred):  # type: ignore[no-untyped-def]
+        c = pred.shape[1] if widened else 0
+        scratch = np.empty(SCRATCH_PAD + BLOCK + c, np.float32)
+        return scratch[SCRATCH_PAD : SCRATCH_PAD + BLOCK], scratch[SCRATCH_PAD + BLOCK :]
+
+    return impl
 
 
 @cached(fastmath=True)
@@ -509,13 +627,15 @@ WIDE_CHUNKS = 64
 
 
 @cached(inline="always", error_model="numpy")
-def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, brier, ent):  # type: ignore[no-untyped-def]
+def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, brier, ent, inv):  # type: ignore[no-untyped-def]
     """Rows of a block (views) with class-index targets, float32 logits or
-    probabilities: loss, 1 - p_t in ``focal`` (the caller applies the focal
-    weight), top-1, the true class, confidence, Brier score and entropy. Returns the block's
+    probabilities (or FP16/BF16 bits, widened as they are transposed): loss, 1 - p_t in
+    ``focal`` (the caller applies the focal weight), top-1, the true class, confidence,
+    Brier score, entropy and the invalid flag. Returns the block's
     summed probability mass per row in a float64 array (1 for logits), for the
     normalisation check."""
     rows, c = pred.shape
+    key_lo, key_span = key_bounds(kind, pred)
     # Columns padded by a cache line: at a 2 KB stride (512 rows) the transposing
     # stores all fall into the same few L1 sets and evict each other.
     cols = np.empty((c, rows + 16), np.float32)
@@ -523,12 +643,18 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
     tcol = np.empty(rows, np.int32)
     for r in range(rows):
         for j in range(c):
-            cols[j, r] = pred[r, j]
+            cols[j, r] = load(pred[r, j])
+        t, bad = _class_index(tgt[r], c)
         # Gathered here: a gather in the last loop would keep it from vectorising.
-        targets[r] = pred[r, tgt[r]]
-        tcol[r] = np.int32(tgt[r])
-    # First maximum: a strict > keeps the lowest index of tied values.
-    m = cols[0, :rows].copy()
+        targets[r] = cols[t, r]
+        tcol[r] = np.int32(t)
+        inv[r] = bad
+    # First maximum: a strict > keeps the lowest index of tied values. The values are
+    # checked in the same loops, across rows as they are.
+    m = np.empty(rows, np.float32)
+    for r in range(rows):
+        m[r] = cols[0, r]
+        inv[r] |= outside(cols[0, r], key_lo, key_span)
     arg = np.zeros(rows, np.int32)
     for j in range(1, c):
         jj = np.int32(j)
@@ -537,6 +663,7 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
             mr = m[r]
             arg[r] = jj if v > mr else arg[r]
             m[r] = max(v, mr)
+            inv[r] |= outside(v, key_lo, key_span)
     mass = np.zeros(rows, np.float64)
     if kind == LOGITS:
         # As in _sum_exp_span: maxima are counted, not added, so that the sum of
@@ -561,7 +688,7 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
                 squares[r] += F32(0.0) if is_max else e * e
                 moments[r] += e * d
         for r in range(rows):
-            t = tgt[r]
+            t = tcol[r]
             xt = targets[r]
             ex = np.float64(others[r])
             tr = np.float64(ties[r])
@@ -597,7 +724,7 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
                 plogp[r] += _plogp(x)
         for r in range(rows):
             ent[r] = _row_entropy(PROBS, 0.0, plogp[r], 0.0)
-            t = tgt[r]
+            t = tcol[r]
             xt = np.float64(targets[r])
             pt = max(xt, eps)
             loss[r] = -log64(pt)
@@ -617,17 +744,24 @@ def _apply_focal(focal, loss, gamma):  # type: ignore[no-untyped-def]
         focal[r] = _focal_weight(focal[r], gamma) * loss[r]
 
 
-def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
-    """Class-index targets on float32 predictions: the high-throughput path.
+def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent, inv):  # type: ignore[no-untyped-def]
+    """Class-index targets on float32 predictions (FP16 and BF16 bits too): the high-throughput path.
 
-    Three vectorised sweeps over each row (max, then exp-sum or sum; for probs
-    and log_probs a fourth, in float64, for the entropy); the
+    Three vectorised sweeps over each row (max and the value check, then exp-sum or
+    sum; for probs and log_probs a fourth, in float64, for the entropy); the
     float32 exp2 is within ~1e-7 relative, below the precision of a float32
     input, and every sum is carried in float64. Top-1 correctness needs no
     argmax: the target is the first maximum iff it equals the row max and
     exceeds every value before it.
+
+    A row of FP16 or BF16 bits is first widened into a float32 row (widen_row, in
+    L2 at 32,000 classes) and then takes the float32 code itself: the fast-math sums'
+    order depends on how LLVM vectorises their loops, and a loop that widened as it
+    summed could be vectorised otherwise, and round otherwise. Short rows are widened
+    as they are transposed (_small_index_block), where every operation is exact.
     """
     n, c = pred.shape
+    key_lo, key_span = key_bounds(kind, pred)
     if c <= SMALL_C and kind != LOG_PROBS:
         for b in prange((n + SMALL_ROWS - 1) // SMALL_ROWS):
             lo = b * SMALL_ROWS
@@ -646,10 +780,22 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
                     confb,
                     brierb,
                     entb,
+                    inv[lo:hi],
                 )
             else:
                 mass = _small_index_block(
-                    pred[lo:hi], tgt[lo:hi], PROBS, eps, lossb, focalb, correct[lo:hi], tcls[lo:hi], confb, brierb, entb
+                    pred[lo:hi],
+                    tgt[lo:hi],
+                    PROBS,
+                    eps,
+                    lossb,
+                    focalb,
+                    correct[lo:hi],
+                    tcls[lo:hi],
+                    confb,
+                    brierb,
+                    entb,
+                    inv[lo:hi],
                 )
             if gamma == 2.0:
                 _apply_focal(focalb, lossb, 2.0)
@@ -666,12 +812,14 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
     # index one per thread, but a kernel that calls get_num_threads cannot be cached).
     rows = max(1, (n + WIDE_CHUNKS - 1) // WIDE_CHUNKS)
     for b in prange((n + rows - 1) // rows):
-        buf = np.empty(BLOCK, np.float32)
+        buf, wide = _wide_scratch(pred)
         for i in range(b * rows, min(n, b * rows + rows)):
-            row = pred[i]
-            t = tgt[i]
-            before = _max_span(row, 0, t)
-            m = max(before, _max_span(row, t, c))
+            row = widen_row(pred[i], wide)
+            t, bad = _class_index(tgt[i], c)
+            before, bad_before = _max_check_span(row, 0, t, key_lo, key_span)
+            after, bad_after = _max_check_span(row, t, c, key_lo, key_span)
+            m = max(before, after)
+            inv[i] = bad | bad_before | bad_after
             xt = np.float64(row[t])
             mass = 1.0
             if kind == LOGITS:
@@ -728,21 +876,27 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
             unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
 
 
-def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
+def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent, inv):  # type: ignore[no-untyped-def]
     n, c = pred.shape
+    key_lo, key_span = key_bounds(kind, pred)
+    target_lo, target_span = key_bounds(PROBS, tgt)  # soft targets: probabilities
     for i in prange(n):
         # Both first maxima in one pass over the two rows: two passes (one helper
-        # shared with _multiclass_index) measured up to 1.4x slower.
-        best = pred[i, 0]
+        # shared with _multiclass_index) measured up to 1.4x slower. Both rows are checked in it.
+        best = load(pred[i, 0])
         arg = 0
         tbest = tgt[i, 0]
         targ = 0
+        bad = outside(best, key_lo, key_span) | outside(tbest, target_lo, target_span)
         for j in range(1, c):
-            if pred[i, j] > best:
-                best = pred[i, j]
+            v = load(pred[i, j])
+            tj = tgt[i, j]
+            bad |= outside(v, key_lo, key_span) | outside(tj, target_lo, target_span)
+            if v > best:
+                best = v
                 arg = j
-            if tgt[i, j] > tbest:
-                tbest = tgt[i, j]
+            if tj > tbest:
+                tbest = tj
                 targ = j
         m = np.float64(best)
         lse = 0.0
@@ -753,7 +907,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         log_s = 0.0
         if kind == LOGITS:
             for j in range(c):
-                d = np.float64(pred[i, j]) - m
+                d = np.float64(load(pred[i, j])) - m
                 e = math.exp(d)
                 s += e
                 rest += 0.0 if j == arg else e
@@ -766,7 +920,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         ftotal = 0.0
         sq = 0.0
         for j in range(c):
-            x = np.float64(pred[i, j])
+            x = np.float64(load(pred[i, j]))
             if kind == PROBS:
                 mass += x
                 h += _plogp(x)
@@ -788,6 +942,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         correct[i] = 1 if arg == targ else 0
         tcls[i] = targ
         unnorm[i] = 1 if kind != LOGITS and abs(mass - 1.0) > tol else 0
+        inv[i] = bad
 
 
 # Rows per work item of the blocked kernels: the parallel builds split the
@@ -796,15 +951,20 @@ ROW_BLOCK = 2048
 
 
 @cached(inline="always", error_model="numpy")
-def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
+def _binary_span(
+    pred, tgt, libm, kind, eps, log_eps, gamma, bounds, loss, focal, correct, tcls, unnorm, conf, brier, ent, inv
+):  # type: ignore[no-untyped-def]
     """One block of samples (views, so that indices are known non-negative and
     need no wraparound: a loop over ``range(lo, hi)`` with a runtime ``lo``
     vectorised into gathers, 3x slower). With ``libm`` false, callers pass
     ``kind`` (logits or probs) and ``gamma`` as constants: inlined, the branches
     on them fold away and the loop vectorises. With ``libm`` true, any kind and
-    gamma, one sample at a time through _binary_terms."""
+    gamma, one sample at a time through _binary_terms. ``bounds`` is (key_lo, key_span)
+    of the prediction's rule and of the target's (xentd.jit.outside)."""
+    key_lo, key_span, target_lo, target_span = bounds
     for i in range(pred.shape[0]):
-        x = np.float64(pred[i])
+        v = load(pred[i])
+        x = np.float64(v)
         if libm:
             lp, lq, p, q, positive = _binary_terms(kind, x, eps, log_eps)
         elif kind == LOGITS:
@@ -822,11 +982,13 @@ def _binary_span(pred, tgt, libm, kind, eps, log_eps, gamma, loss, focal, correc
         correct[i] = 1 if positive == truth else 0
         tcls[i] = 1 if truth else 0
         unnorm[i] = 0
+        inv[i] = outside(v, key_lo, key_span) | outside(t, target_lo, target_span)
 
 
-def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
+def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent, inv):  # type: ignore[no-untyped-def]
     n = pred.shape[0]
     log_eps = math.log(eps)
+    bounds = key_bounds(kind, pred) + key_bounds(PROBS, tgt)  # binary targets are probabilities
     for b in prange((n + ROW_BLOCK - 1) // ROW_BLOCK):
         lo = b * ROW_BLOCK
         hi = min(lo + ROW_BLOCK, n)
@@ -840,23 +1002,75 @@ def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm
             conf[lo:hi],
             brier[lo:hi],
             ent[lo:hi],
+            inv[lo:hi],
         )
         # The default gamma gets loops of its own (see _binary_span); any other
         # gamma, and log_probs, share one loop with libm's functions. Each
         # specialised loop costs compile time (5 to 10 s per build).
         if kind == LOGITS and gamma == 2.0:
             _binary_span(
-                x, t, False, LOGITS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]
+                x,
+                t,
+                False,
+                LOGITS,
+                eps,
+                log_eps,
+                2.0,
+                bounds,
+                out[0],
+                out[1],
+                out[2],
+                out[3],
+                out[4],
+                out[5],
+                out[6],
+                out[7],
+                out[8],
             )
         elif kind == PROBS and gamma == 2.0:
             _binary_span(
-                x, t, False, PROBS, eps, log_eps, 2.0, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]
+                x,
+                t,
+                False,
+                PROBS,
+                eps,
+                log_eps,
+                2.0,
+                bounds,
+                out[0],
+                out[1],
+                out[2],
+                out[3],
+                out[4],
+                out[5],
+                out[6],
+                out[7],
+                out[8],
             )
         else:
             _binary_span(
-                x, t, True, kind, eps, log_eps, gamma, out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]
+                x,
+                t,
+                True,
+                kind,
+                eps,
+                log_eps,
+                gamma,
+                bounds,
+                out[0],
+                out[1],
+                out[2],
+                out[3],
+                out[4],
+                out[5],
+                out[6],
+                out[7],
+                out[8],
             )
 
+
+# Prediction dtypes whose values load as float32: float32 itself, FP16 bits (uint16), BF16 bits (int16).
+FLOAT32_LOADS = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int16))
 
 KERNELS = {
     "binary": serial_and_parallel(_binary),
@@ -878,18 +1092,23 @@ class CpuBackend:
         self._parallel_ready = True
         self._out = OutputBuffers()
 
-    def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
+    def new_outputs(self) -> OutputBuffers:
+        return OutputBuffers()
+
+    def score(self, batch: Batch, params: ScoringParams, out: OutputBuffers | None = None) -> SampleScores:
+        """Score a batch into ``out``, or into this backend's own buffers (see ``Backend.score``)."""
         if batch.binary:
             family = "binary"
         elif batch.target_kind is TargetKind.INDEX:
-            family = "index_f32" if batch.predictions.dtype == np.float32 else "index"
+            family = "index_f32" if batch.predictions.dtype in FLOAT32_LOADS else "index"
         else:
             family = "soft"
         serial, parallel = KERNELS[family]
         large = batch.predictions.size >= self.parallel_threshold
         kernel = parallel if large and self._parallel_ready else serial
         n = batch.size
-        out = self._out
+        if out is None:
+            out = self._out
         if n > out.capacity:
             out.reserve(n)
         kernel(batch.predictions, batch.targets, int(batch.kind), *params.kernel_args, *out.arrays)

@@ -29,6 +29,15 @@ the same passes: of e_c (x_c - m) next to the exponentials for logits, of p_c lo
 (or exp(x_c) x_c) next to the mass otherwise; a class-index row reduces it in the
 same tree as its other two sums.
 
+Value rules (``SampleScores.invalid``): each thread tests the values it loads in a
+row's first pass (xentd.jit.outside, on the float64 value: exact widening keeps
+every rule), and the block ORs the flags in the barrier that the first reduction
+starts with anyway (``cuda.syncthreads_or``): no extra pass, no extra barrier. A
+class index out of range is flagged and clamped, as on the CPU.
+
+FP16 and BF16 predictions are uploaded as their wire bits (uint16, int16: half the
+bytes of float32) and widened as each value is loaded (xentd.jit.load).
+
 Batches are copied in chunks through two streams, each with a pinned staging
 buffer: while one chunk is copied to the device and scored, the next is staged
 on the host. Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) runs all of
@@ -45,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from xentd.errors import BackendUnavailable
+from xentd.jit import key_bounds, load, outside
 from xentd.kernels import cpu
 from xentd.kernels.base import WARMUP_PARAMS, OutputBuffers, SampleScores, ScoringParams, warmup_batches
 from xentd.validate import Batch, TargetKind
@@ -193,6 +203,26 @@ def _argmax_all(v, i, sval, sidx, tid, nt):  # type: ignore[no-untyped-def]
 
 
 @cuda.jit(device=True)
+def _argmax_any(v, i, bad, sval, sidx, tid, nt):  # type: ignore[no-untyped-def]
+    """_argmax_all, and whether any thread's ``bad`` is true: the first barrier is
+    ``syncthreads_or``, which ORs a predicate across the block as it synchronises."""
+    sval[tid] = v
+    sidx[tid] = i
+    any_bad = cuda.syncthreads_or(1 if bad else 0)  # its predicate is an integer
+    s = nt // 2
+    while s >= LANES:
+        if tid < s and _better(sval[tid], sidx[tid], sval[tid + s], sidx[tid + s]):
+            sval[tid] = sval[tid + s]
+            sidx[tid] = sidx[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    _warp_argmax(sval, sidx, tid)
+    best, arg = sval[0], sidx[0]
+    cuda.syncthreads()  # everyone has read slot 0 before the scratch is reused
+    return best, arg, any_bad != 0
+
+
+@cuda.jit(device=True)
 def _sum_all(x, ssum, tid, nt):  # type: ignore[no-untyped-def]
     """The block's sum of every thread's ``x``; every thread gets it."""
     ssum[tid] = x
@@ -274,22 +304,30 @@ _binary_terms = _device(
 )
 
 
+_class_index = _device(cpu._class_index.py_func)
+
+
 @cuda.jit(device=True)
 def _log(x):  # type: ignore[no-untyped-def]
     return math.log(x)
 
 
-# The entropy's formulas, with libdevice's log in place of the CPU's vectorisable log64.
+@cuda.jit(device=True)
+def _log1p(x):  # type: ignore[no-untyped-def]
+    return math.log1p(x)
+
+
+# The entropy's formulas, with libdevice's log and log1p in place of the CPU's vectorisable ones.
 _plogp = _device(cpu._plogp.py_func, log64=_log)
 _row_entropy = _device(cpu._row_entropy.py_func)
-_binary_entropy = _device(cpu._binary_entropy.py_func, _plogp=_plogp)
+_binary_entropy = _device(cpu._binary_entropy.py_func, _plogp=_plogp, log64=_log, log1p64=_log1p)
 
 
 # --- kernels ------------------------------------------------------------------------
 
 
 @cuda.jit
-def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
+def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent, inv):  # type: ignore[no-untyped-def]
     sval = cuda.shared.array(MAX_THREADS, numba.float64)
     sidx = cuda.shared.array(MAX_THREADS, numba.int64)
     ssum = cuda.shared.array(MAX_THREADS, numba.float64)
@@ -297,15 +335,18 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     n, c = pred.shape
+    key_lo, key_span = key_bounds(kind, 0.0)  # values are checked once widened to float64
     for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
-        t = tgt[i]
+        t, bad_target = _class_index(tgt[i], c)
         best = NEG_INF
         arg = c
+        bad = False
         mass = 0.0
         sq = 0.0  # sum over the other classes of p_c^2 (probs, log_probs)
         h = 0.0  # the entropy's sum (cpu._row_entropy)
         for j in range(tid, c, nt):
-            x = numba.float64(pred[i, j])
+            x = numba.float64(load(pred[i, j]))
+            bad |= outside(x, key_lo, key_span)
             if x > best:
                 best = x
                 arg = j
@@ -318,7 +359,7 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
                 mass += e
                 sq += 0.0 if j == t else e * e
                 h += e * x
-        m, top = _argmax_all(best, arg, sval, sidx, tid, nt)
+        m, top, bad = _argmax_any(best, arg, bad, sval, sidx, tid, nt)
         # From here sval is the second sum's scratch. Both branches reduce (kind is the same for the whole block).
         rest = 0.0
         if kind == LOGITS:
@@ -327,7 +368,7 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
             # The entropy's sum too; the target's term is added below.
             for j in range(tid, c, nt):
                 if j != t:
-                    d = numba.float64(pred[i, j]) - m
+                    d = numba.float64(load(pred[i, j])) - m
                     e = math.exp(d)
                     rest += e
                     sq += e * e
@@ -336,7 +377,7 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
         else:
             mass, sq, h = _sum3_all(mass, sq, h, ssum, sval, sent, tid, nt)
         if tid == 0:
-            xt = numba.float64(pred[i, t])
+            xt = numba.float64(load(pred[i, t]))
             et = math.exp(xt - m) if kind == LOGITS else 0.0
             s = rest + et if kind == LOGITS else 0.0
             lpt, q, mass = _index_terms(kind, xt, m, s, mass, eps)
@@ -350,16 +391,19 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
                 ent[i] = _row_entropy(LOGITS, math.log(s), h + et * (xt - m), s)
             else:
                 ent[i] = _row_entropy(kind, 0.0, h, 0.0)
+            inv[i] = 1 if bad or bad_target else 0
 
 
 @cuda.jit
-def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
+def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent, inv):  # type: ignore[no-untyped-def]
     sval = cuda.shared.array(MAX_THREADS, numba.float64)
     sidx = cuda.shared.array(MAX_THREADS, numba.int64)
     ssum = cuda.shared.array(MAX_THREADS, numba.float64)
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     n, c = pred.shape
+    key_lo, key_span = key_bounds(kind, 0.0)  # values are checked once widened to float64
+    target_lo, target_span = key_bounds(PROBS, 0.0)  # soft targets: probabilities
     for i in range(cuda.blockIdx.x, n, cuda.gridDim.x):
         # The first pass finds both rows' first maxima and the mass, each element loaded once:
         # sharing _multiclass_index's pass would add a second one over the target row.
@@ -369,12 +413,14 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         targ = c
         mass = 0.0
         h = 0.0  # the entropy's sum (cpu._row_entropy)
+        bad = False
         for j in range(tid, c, nt):
-            x = numba.float64(pred[i, j])
+            x = numba.float64(load(pred[i, j]))
             if x > best:
                 best = x
                 arg = j
             tj = numba.float64(tgt[i, j])
+            bad |= outside(x, key_lo, key_span) | outside(tj, target_lo, target_span)
             if tj > tbest:
                 tbest = tj
                 targ = j
@@ -385,7 +431,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
                 e = math.exp(x)
                 mass += e
                 h += e * x
-        m, top = _argmax_all(best, arg, sval, sidx, tid, nt)
+        m, top, bad = _argmax_any(best, arg, bad, sval, sidx, tid, nt)
         _, truth = _argmax_all(tbest, targ, sval, sidx, tid, nt)
         rest = 0.0
         if kind == LOGITS:
@@ -394,7 +440,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
             # The first maximum's entropy term, 1 * 0, is left out with it.
             for j in range(tid, c, nt):
                 if j != top:
-                    d = numba.float64(pred[i, j]) - m
+                    d = numba.float64(load(pred[i, j])) - m
                     e = math.exp(d)
                     rest += e
                     h += e * d
@@ -408,7 +454,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         ftotal = 0.0
         sq = 0.0
         for j in range(tid, c, nt):
-            x = numba.float64(pred[i, j])
+            x = numba.float64(load(pred[i, j]))
             tj = numba.float64(tgt[i, j])
             if tj != 0.0:  # 0 * log(0) is 0, as in xlogy
                 lp, q = _soft_terms(kind, x, lse, eps)
@@ -426,14 +472,17 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
             conf[i] = _row_confidence(kind, m, inv_s)
             brier[i] = sq
             ent[i] = _row_entropy(kind, math.log(s) if kind == LOGITS else 0.0, h, s)
+            inv[i] = 1 if bad else 0
 
 
 @cuda.jit
-def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent):  # type: ignore[no-untyped-def]
+def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent, inv):  # type: ignore[no-untyped-def]
     log_eps = math.log(eps)
+    key_lo, key_span = key_bounds(kind, 0.0)  # values are checked once widened to float64
+    target_lo, target_span = key_bounds(PROBS, 0.0)  # binary targets: probabilities
     for i in range(cuda.grid(1), pred.shape[0], cuda.gridsize(1)):
         t = tgt[i]
-        x = numba.float64(pred[i])
+        x = numba.float64(load(pred[i]))
         lp, lq, p, q, positive = _binary_terms(kind, x, eps, log_eps)
         loss[i] = -(t * lp + (1.0 - t) * lq)
         focal[i] = -(t * _focal_weight(q, gamma) * lp + (1.0 - t) * _focal_weight(p, gamma) * lq)
@@ -443,6 +492,7 @@ def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm
         unnorm[i] = 0
         conf[i], brier[i] = _binary_calibration(kind, x, p, q, t)
         ent[i] = _binary_entropy(kind, x, lp, lq, p, q)
+        inv[i] = 1 if outside(x, key_lo, key_span) | outside(numba.float64(t), target_lo, target_span) else 0
 
 
 # --- host side ----------------------------------------------------------------------
@@ -497,11 +547,19 @@ class CudaBackend:
         self.chunk_bytes = chunk_bytes
         self.blocks = blocks
         self._slots = [_Slot(), _Slot()]
-        self._out = OutputBuffers(cuda.pinned_array)
+        self._out = self.new_outputs()
 
-    def score(self, batch: Batch, params: ScoringParams) -> SampleScores:
+    def new_outputs(self) -> OutputBuffers:
+        """Output buffers in pinned host memory, which the device copies into directly."""
+        return OutputBuffers(cuda.pinned_array)
+
+    def score(self, batch: Batch, params: ScoringParams, out: OutputBuffers | None = None) -> SampleScores:
+        """Score a batch into ``out``, or into this backend's own buffers (see ``Backend.score``).
+        FP16/BF16 bits are uploaded as they are (half the bytes) and widened on the device."""
         n = batch.size
-        self._out.reserve(n)
+        if out is None:
+            out = self._out
+        out.reserve(n)
         if batch.binary:
             kernel = _binary
         elif batch.target_kind is TargetKind.INDEX:
@@ -524,11 +582,11 @@ class CudaBackend:
             kernel[grid, self.threads, slot.stream](
                 d_pred, d_tgt, int(batch.kind), *params.kernel_args, *slot.out.arrays
             )
-            for d, host in zip(slot.out.arrays, self._out.arrays, strict=True):
+            for d, host in zip(slot.out.arrays, out.arrays, strict=True):
                 d[: stop - start].copy_to_host(host[start:stop], stream=slot.stream)
         for slot in self._slots:
             slot.stream.synchronize()
-        return self._out.scores(n)
+        return out.scores(n)
 
     def warmup_parallel(self) -> None:
         """Nothing to add: every CUDA kernel is compiled by :meth:`warmup`."""
