@@ -161,13 +161,16 @@ def _kernel_case(
     frames, x32, y = _make_case(kind, classes, datatype, target, rng)
     msg = wire.decode(frames, max_message_bytes=1 << 34, max_header_bytes=1 << 16)
     scratch = Scratch()
-    batch = validate(msg, scratch)
+    # The daemon's path: the kernel checks the values (and widens FP16/BF16) as it scores.
+    batch = validate(msg, kernel_checks=True)
     eps = batch.dtype_eps
     params = ScoringParams(eps, 2.0, math.sqrt(eps))
     wire_bytes = msg.tensors["predictions"].array.nbytes
     n = batch.size
     t_kernel, _ = best_of(lambda: backend.score(batch, params), repeats)
-    t_full, _ = best_of(lambda: backend.score(validate(msg, scratch), params), repeats)
+    t_full, _ = best_of(lambda: backend.score(validate(msg, kernel_checks=True), params), repeats)
+    # The previous path, for comparison: a separate scan (and widening) pass, then the kernel.
+    t_host, _ = best_of(lambda: backend.score(validate(msg, scratch), params), repeats)
     row: dict[str, Any] = {
         "input": kind,
         "classes": classes or "binary",
@@ -176,6 +179,8 @@ def _kernel_case(
         "samples": n,
         "xentd_gbps": wire_bytes / t_kernel / 1e9,
         "xentd_validate_gbps": wire_bytes / t_full / 1e9,
+        "validate_cost_pct": 100 * (t_full / t_kernel - 1),
+        "host_check_gbps": wire_bytes / t_host / 1e9,
         "xentd_msamples_per_s": n / t_kernel / 1e6,
         "pct_of_memory_bw": 100 * wire_bytes / t_kernel / 1e9 / bw,
     }
@@ -259,8 +264,8 @@ def bench_kernels(args: argparse.Namespace) -> dict[str, Any]:
         classes_list = [c for c in classes_list if c in wanted] + sorted(c for c in wanted - {*classes_list} if c)
     rows = []
     header = (
-        f"{'input':<7}{'C':>8}{'dtype':>6}{'MB':>6}{'xentd GB/s':>11}{'+valid.':>9}{'Msamp/s':>9}"
-        f"{'%mem':>6}{'numpy':>7}{'torch':>7}{'sklearn':>8}{'x torch':>8}"
+        f"{'input':<7}{'C':>8}{'dtype':>6}{'MB':>6}{'xentd GB/s':>11}{'+valid.':>9}{'cost%':>6}{'host':>6}"
+        f"{'Msamp/s':>9}{'%mem':>6}{'numpy':>7}{'torch':>7}{'sklearn':>8}{'x torch':>8}"
     )
     print(header)
     for kind in args.inputs.split(","):
@@ -286,6 +291,7 @@ def bench_kernels(args: argparse.Namespace) -> dict[str, Any]:
                 print(
                     f"{kind:<7}{str(classes or 'bin'):>8}{datatype:>6}{row['batch_mb']:>6.0f}"
                     f"{row['xentd_gbps']:>11.2f}{row['xentd_validate_gbps']:>9.2f}"
+                    f"{row['validate_cost_pct']:>6.0f}{row['host_check_gbps']:>6.2f}"
                     f"{row['xentd_msamples_per_s']:>9.1f}{row['pct_of_memory_bw']:>6.0f}"
                     f"{row.get('numpy_gbps', float('nan')):>7.2f}{row.get('torch_gbps', float('nan')):>7.2f}"
                     f"{row.get('sklearn_gbps', float('nan')):>8.2f}{row.get('speedup_vs_torch', float('nan')):>8.2f}"

@@ -23,10 +23,13 @@ from xentd import wire
 from xentd.config import Config, EngineConfig, IngestConfig, LimitsConfig, WindowsConfig
 from xentd.daemon import Daemon
 from xentd.errors import Reason, RejectedBatch
+from xentd.kernels import ScoringParams
+from xentd.kernels.cpu import CpuBackend
 from xentd.pipeline import BATCH_MIN
-from xentd.validate import check_many, fast_layout, validate
+from xentd.validate import check_many, fast_layout, flagged_segments, validate
 
 NOW = 1_700_000_000.0
+_BACKEND = CpuBackend()  # hypothesis reruns a test many times: one backend, not a fixture per run
 
 
 def _daemon(**engine: int) -> Daemon:
@@ -242,6 +245,65 @@ def test_a_rejected_copy_does_not_keep_its_retry_from_being_scored() -> None:
     assert snap.models[0].batches == 3
 
 
+@pytest.mark.parametrize("drain", [1, 2 * BATCH_MIN])
+def test_a_flagged_batch_creates_no_model_and_leaves_its_id_to_the_retry(drain: int) -> None:
+    """The kernel checks the values as it scores, before the batch is admitted: a batch it
+    flags is rejected with validate()'s reason, creates no model, and its batch_id stays free."""
+    rng = np.random.default_rng(12)
+    x, y = _logits(rng, 64)
+    broken = x.copy()
+    broken[17, 2] = np.nan
+    bad = _frames("new", broken, y, input="logits", batch_id="b")
+    fixed = _frames("new", x, y, input="logits", batch_id="b")
+    filler = [_frames("other", *_logits(rng, 64), input="logits") for _ in range(drain - 1)]
+    d = _daemon()
+    d.handle_many([*filler, bad])
+    snap = d.state.snapshot()
+    assert {r: n for r, n in snap.rejected.items() if n} == {Reason.NON_FINITE.value: 1}
+    assert "new" not in {m.name for m in snap.models}
+    d.handle_many([*filler, fixed])
+    snap = d.state.snapshot()
+    assert snap.counters.duplicate_batches == 0
+    model = next(m for m in snap.models if m.name == "new")
+    ref = naive.multiclass(x, y, naive.LOGITS, eps=float(np.finfo(np.float32).eps))
+    assert model.batches == 1
+    assert model.loss_weighted_sum == pytest.approx(ref.loss.sum(), rel=5e-6)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+@pytest.mark.parametrize("kind", ["logits", "probs"])
+def test_16_bit_predictions_widened_by_the_kernel_score_as_their_values(datatype: str, kind: str) -> None:
+    """FP16 and BF16 predictions reach the kernel as their wire bits, batched or alone: every
+    model's totals equal the float64 oracle on the exactly widened values."""
+    rng = np.random.default_rng(13)
+    stream: list[list[bytes]] = []
+    sent: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"m0": [], "m1": []}
+    for i in range(12):
+        x, y = _logits(rng, int(rng.choice([8, 64, 400])), 6)
+        values = x if kind == "logits" else softmax(x.astype(np.float64)).astype(np.float32)
+        if datatype == "FP16":
+            pred = values.astype(np.float16)
+            widened = pred.astype(np.float32)
+        else:
+            pred = wire.BF16.from_float32(values)
+            widened = (pred.bits.astype(np.uint32) << 16).view(np.float32)
+        model = f"m{i % 2}"
+        sent[model].append((widened, y))
+        stream.append(_frames(model, pred, y, input=kind))
+    d = _daemon(group_max_elements=1000)  # the 400-row batches go alone
+    d.handle_many(stream)
+    snap = d.state.snapshot()
+    assert sum(snap.rejected.values()) == 0
+    eps = {"FP16": float(np.finfo(np.float16).eps), "BF16": 2.0**-7}[datatype]
+    for m in snap.models:
+        xs = np.concatenate([x for x, _ in sent[m.name]])
+        ys = np.concatenate([y for _, y in sent[m.name]])
+        ref = naive.multiclass(xs, ys, naive.LOGITS if kind == "logits" else naive.PROBS, eps=eps)
+        assert m.samples == len(ys)
+        assert m.loss_weighted_sum == pytest.approx(ref.loss.sum(), rel=5e-6)
+        assert m.correct_weighted_sum == ref.correct.sum()
+
+
 def test_an_overflowing_message_spoils_only_itself() -> None:
     """Finite FP64 logits near 1e308 overflow the totals; the rest of the model's run is kept."""
     rng = np.random.default_rng(5)
@@ -305,6 +367,9 @@ def _messages(draw: st.DrawFn) -> list[bytes]:
 @settings(max_examples=150, deadline=None)
 @given(st.lists(_messages(), min_size=1, max_size=6))
 def test_the_batched_check_flags_exactly_what_validate_rejects(messages: list[list[bytes]]) -> None:
+    """A layout's messages concatenated (check_many: weights) and scored in one kernel call
+    that flags bad values: a message is flagged exactly when validate() rejects it alone."""
+    backend = _BACKEND
     unpacked = [wire.unpack(m, **LIMITS) for m in messages]
     groups: dict[object, list[int]] = {}
     for i, u in enumerate(unpacked):
@@ -321,14 +386,20 @@ def test_the_batched_check_flags_exactly_what_validate_rejects(messages: list[li
             [f.rows for f in layouts],  # type: ignore[union-attr]
             [None] * len(members),
         )
+        whole = segs.batch("m", [(0, segs.starts[-1])])
+        scores = backend.score(whole, ScoringParams(1e-7, 2.0, 1e-3))
+        assert scores.invalid is not None
+        flagged = flagged_segments(scores.invalid, segs.starts)
         for s, i in enumerate(members):
+            bad = segs.bad[s] or flagged[s]
             try:
-                batch = validate(unpacked[i].message())
+                batch = validate(unpacked[i].message(), kernel_checks=True)
+                validate(unpacked[i].message())
             except RejectedBatch:
-                assert segs.bad[s]
+                assert bad
                 continue
-            assert not segs.bad[s]
-            # The arrays a good message contributes are the ones validate() gives it.
+            assert not bad
+            # The arrays a good message contributes are the ones validate() gives the kernels.
             own = segs.batch("m", [(segs.starts[s], segs.starts[s + 1])])
             for name in ("predictions", "targets", "weights"):
                 a, b = getattr(own, name), getattr(batch, name)

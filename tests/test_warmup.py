@@ -67,11 +67,15 @@ def test_no_compilation_after_warmup() -> None:
 
 
 def test_the_batched_check_compiles_nothing_after_warmup() -> None:
-    """Drains of every prediction and target datatype, weighted or not, use only what segments.warmup compiled."""
+    """Drains of every prediction and target datatype, weighted or not, use only what the warm-ups
+    compiled: the weights check, and the kernels that check and widen the values themselves."""
     segments.warmup()
-    before = len(segments._check.signatures)
+    backend = cpu.CpuBackend()
+    backend.warmup()
+    dispatchers = [segments._check_weights, *(k for pair in cpu.KERNELS.values() for k in pair)]
+    before = [len(k.signatures) for k in dispatchers]
     d = Daemon(Config())
-    d.pipeline.backend = cpu.CpuBackend()
+    d.pipeline.backend = backend
     rng = np.random.default_rng(1)
     p = softmax(rng.normal(size=(8, 3)))
     preds = {
@@ -99,4 +103,4 @@ def test_the_batched_check_compiles_nothing_after_warmup() -> None:
             drain += [[bytes(f) for f in frames]] * 4  # a drain long enough for the batched path
     d.handle_many(drain)
     assert sum(d.state.rejected.values()) == 0, d.state.rejected
-    assert len(segments._check.signatures) == before
+    assert [len(k.signatures) for k in dispatchers] == before

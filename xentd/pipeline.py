@@ -22,7 +22,7 @@ from xentd.config import Config
 from xentd.errors import DecodeError, Reason, RejectedBatch
 from xentd.jit import kernel_array
 from xentd.joins import Joined, PoolKey
-from xentd.kernels import Backend, ScoringParams
+from xentd.kernels import Backend, SampleScores, ScoringParams
 from xentd.names import MODEL_NAME_RE
 from xentd.predstats import from_scores, row_stats
 from xentd.state import ModelState, StateStore
@@ -41,13 +41,14 @@ from xentd.validate import (
     check_many,
     concatenate,
     fast_layout,
+    flagged_segments,
+    kernel_predictions,
     label_targets,
     layout,
     message_kind,
     validate,
     validate_labels,
     validate_predictions,
-    widened,
 )
 from xentd.wire import DATATYPES, FLOAT_DATATYPES, ID_DATATYPES
 
@@ -109,19 +110,38 @@ class _Entry:
         self.counted = False
 
 
+class _Scored:
+    """One kernel call over many messages' rows: the batch it scored, its per-sample scores
+    (in a buffer set of their own, alive until the drain is folded) and their label-free
+    statistics."""
+
+    __slots__ = ("batch", "scores", "label_free")
+
+    def __init__(self, batch: Batch, scores: SampleScores) -> None:
+        self.batch = batch
+        self.scores = scores
+        self.label_free = from_scores(scores, batch.binary)
+
+
 class _Layout:
-    """The messages of one layout in a drain, checked together (:func:`xentd.validate.check_many`).
+    """The messages of one layout in a drain, concatenated (:func:`xentd.validate.check_many`)
+    and scored together, the kernel checking their values in the same pass.
 
     Each model's messages are concatenated next to each other, in arrival order, so
-    that what one model folds is one range of rows.
+    that what one model folds is one range of rows. ``scored[model]`` is the call that
+    scored the model's rows and the offset of those rows in it (call row = layout row
+    - offset); ``unnormalized_rows[s]`` is message ``s``'s count of prediction rows whose
+    mass is off 1.
     """
 
-    __slots__ = ("key", "by_model", "segments")
+    __slots__ = ("key", "by_model", "segments", "scored", "unnormalized_rows")
 
     def __init__(self, key: LayoutKey) -> None:
         self.key = key
         self.by_model: dict[str, list[_Entry]] = {}
         self.segments: Segments | None = None
+        self.scored: dict[str, tuple[_Scored, int]] = {}
+        self.unnormalized_rows: list[int] = []
 
 
 class _Unit:
@@ -149,6 +169,7 @@ class Pipeline:
         self._params: dict[tuple[str, str], ScoringParams] = {}
         self.backend_choice = config.model_backends()
         self._scratch = Scratch()
+        self._outputs: list[Any] = []  # see _output_set
         self._log_rejection = _RejectionLog(config.log.rejection_interval_seconds)
         self._eviction_logged = -math.inf
         self._evicted_unlogged: dict[str, int] = {}
@@ -230,20 +251,22 @@ class Pipeline:
             return
         self._check(chunk)
         for round_ in self._accept_all(chunk):
-            by_key: dict[object, list[_Unit]] = {}
+            scored: list[_Unit] = []
             for unit in round_:
                 if unit.key is None:
                     batch = unit.entries[0].batch
                     assert batch is not None
                     self._score(_Group(unit.state, (), [batch]))
                 else:
-                    by_key.setdefault(unit.key, []).append(unit)
-            for units in by_key.values():
-                self._score_units(units)
+                    scored.append(unit)
+            if scored:
+                self._fold_units(scored)
 
     def _check(self, chunk: list[_Entry]) -> None:
-        """Give every entry a verdict: refused, a validated batch, or good rows in a layout's segments."""
+        """Give every entry a verdict: refused, a validated batch, or good rows of a layout,
+        scored already."""
         layouts: dict[LayoutKey, _Layout] = {}
+        calls = 0  # kernel calls so far in this drain: each writes a buffer set of its own
         for entry in chunk:
             if entry.refused is not None:
                 continue
@@ -260,6 +283,7 @@ class Pipeline:
         for group in layouts.values():
             try:
                 group.segments = self._check_layout(group)
+                bad, calls = self._score_layout(group, calls)
             except Exception:
                 log.exception("internal error in the batched check; checking %s messages one by one", group.key)
                 for entries in group.by_model.values():
@@ -267,7 +291,6 @@ class Pipeline:
                         entry.layout = None
                         self._validate(entry)
                 continue
-            bad = group.segments.bad
             for entries in group.by_model.values():
                 for entry in entries:
                     if bad[entry.segment]:
@@ -296,6 +319,66 @@ class Pipeline:
                 rows.append(fast.rows)
                 tolerances.append(tolerance)
         return check_many(group.key, preds, targets, weights, rows, tolerances)
+
+    def _score_layout(self, group: _Layout, calls: int) -> tuple[list[bool], int]:
+        """Score every message of a layout, one kernel call per scoring setup among its models
+        (usually one call, over the concatenated buffers as they are), and return each
+        message's verdict (its weights', or the kernel's flag on any of its rows) and the
+        drain's count of kernel calls so far."""
+        segs = group.segments
+        assert segs is not None and self.backend is not None
+        datatype = group.key[1]
+        setups: dict[tuple[ScoringParams, str | None], list[str]] = {}
+        for model in group.by_model:
+            setup = (self._params_for(model, datatype), self.backend_choice.get(model))
+            setups.setdefault(setup, []).append(model)
+        starts = segs.starts
+        bad = list(segs.bad)
+        group.unnormalized_rows = [0] * len(bad)
+        for (params, _), models in setups.items():
+            ranges: list[tuple[int, int]] = []
+            order: list[int] = []  # the call's messages (segments), in its order
+            if len(setups) == 1:
+                ranges.append((0, starts[-1]))
+                order.extend(range(len(bad)))
+            else:
+                for model in models:
+                    entries = group.by_model[model]
+                    ranges.append((starts[entries[0].segment], starts[entries[-1].segment + 1]))
+                    order.extend(e.segment for e in entries)
+            batch = segs.batch(models[0], ranges)
+            call = _Scored(batch, self.backend.score(batch, params, self._output_set(calls)))
+            calls += 1
+            if len(setups) == 1:  # the layout's rows as they are: call row = layout row
+                for model in models:
+                    group.scored[model] = (call, 0)
+            else:
+                offset = 0
+                for model, (start, end) in zip(models, ranges, strict=True):
+                    group.scored[model] = (call, start - offset)
+                    offset += end - start
+            # Each message's rows in the call, in the call's order.
+            call_starts = [0]
+            for seg in order:
+                call_starts.append(call_starts[-1] + starts[seg + 1] - starts[seg])
+            invalid, unnormalized = call.scores.invalid, call.scores.unnormalized
+            assert invalid is not None and unnormalized is not None
+            for seg, flagged in zip(order, flagged_segments(invalid, call_starts), strict=True):
+                if flagged:
+                    bad[seg] = True
+            if call.scores.unnormalized_rows:
+                counts = np.add.reduceat(unnormalized[: call_starts[-1]], call_starts[:-1], dtype=np.int64)
+                for seg, count in zip(order, counts.tolist(), strict=True):
+                    group.unnormalized_rows[seg] = count
+        return bad, calls
+
+    def _output_set(self, k: int) -> Any:
+        """The ``k``-th buffer set of a drain's kernel calls: the scores of every call stay
+        alive until the drain is folded. Grow-only, reused by every drain."""
+        assert self.backend is not None
+        while len(self._outputs) <= k:
+            self._outputs.append(self.backend.new_outputs())
+        return self._outputs[k]
 
     def _validate(self, entry: _Entry) -> None:
         """Check one message with validate(): its batch, or its reason."""
@@ -372,90 +455,64 @@ class Pipeline:
         self.state.counters.messages += 1
         logs.append(refused)
 
-    def _score_units(self, units: list[_Unit]) -> None:
-        """Score units of one layout and scoring setup in one kernel call, then fold each."""
-        first = units[0]
-        assert first.entries[0].layout is not None and first.params is not None and self.backend is not None
-        segs = first.entries[0].layout.segments
-        assert segs is not None
-        spans: list[list[tuple[int, int]]] = []
-        ranges: list[tuple[int, int]] = []
-        starts = segs.starts
-        for unit in units:
-            entries = unit.entries
-            if len(entries) == 1:  # the usual unit when many models share a drain
-                segment = entries[0].segment
-                own = [(starts[segment], starts[segment + 1])]
-            else:
-                own = _merge([(starts[e.segment], starts[e.segment + 1]) for e in entries])
-            spans.append(own)
-            ranges.extend(own)
-        try:
-            batch = segs.batch(first.model, _merge(ranges))
-            scores = self.backend.score(batch, first.params)
-            label_free = from_scores(scores, batch.binary)
-        except Exception:
-            log.exception(
-                "internal error while scoring %d batch(es) of %d model(s)",
-                sum(len(u.entries) for u in units),
-                len(units),
-            )
-            for unit in units:
-                for _ in unit.entries:
-                    self._rejected(Reason.INTERNAL_ERROR, "internal error", unit.model)
-            return
-        if len(units) > 1 and scores.unnormalized_rows:
-            # The kernel counts unnormalized rows for the whole call; score each model on its own to count them.
-            for unit in units:
-                self._score_units([unit])
-            return
-        retry: list[tuple[_Unit, list[tuple[int, int]]]] = []
+    def _fold_units(self, units: list[_Unit]) -> None:
+        """Fold each unit's rows, scored already by its layout's kernel call, into its model."""
         logs: list[tuple[Reason, str, str | None]] = []
-        offset = 0
-        now = self.clock()  # one instant for the whole call: its units fold microseconds apart
+        now = self.clock()  # one instant for the whole round: its units fold microseconds apart
         limit_hits = 0
         with self.state.lock:
-            for unit, own in zip(units, spans, strict=True):
-                n = own[0][1] - own[0][0] if len(own) == 1 else sum([end - start for start, end in own])
-                rows = (offset, offset + n)
-                offset += n
-                count = len(unit.entries)
-                try:
-                    limit_hits += unit.state.fold(
-                        scores,
-                        batch.weights,
-                        now,
-                        _last_ts(unit.entries),
-                        batches=count,
-                        unnormalized_targets=sum([segs.unnormalized[e.segment] for e in unit.entries]),
-                        targets=batch.targets,
-                        binary=batch.binary,
-                        rows=rows,
-                        label_free=label_free,
-                        unnormalized_rows=scores.unnormalized_rows if len(units) == 1 else 0,
-                    )
-                    self.state.counters.messages += count
-                except RejectedBatch as exc:
-                    if count == 1:
-                        self._count_rejection((exc.reason, exc.detail, unit.model), logs)
-                    else:
-                        # One message spoiled the fold (its losses overflow); find it, keep the rest.
-                        retry.append((unit, own))
-                except Exception:
-                    log.exception("internal error while folding %d batch(es) for model %r", count, unit.model)
-                    for _ in range(count):
-                        self._count_rejection((Reason.INTERNAL_ERROR, "internal error", unit.model), logs)
+            for unit in units:
+                for run in _adjacent(unit.entries):
+                    try:
+                        limit_hits += self._fold_run(unit.state, run, now)
+                        self.state.counters.messages += len(run)
+                    except RejectedBatch as exc:
+                        if len(run) == 1:
+                            self._count_rejection((exc.reason, exc.detail, unit.model), logs)
+                            continue
+                        # One message spoiled the fold (its losses overflow): fold them one by
+                        # one, in order, so that only it is rejected.
+                        for entry in run:
+                            try:
+                                limit_hits += self._fold_run(unit.state, [entry], now)
+                                self.state.counters.messages += 1
+                            except RejectedBatch as one:
+                                self._count_rejection((one.reason, one.detail, unit.model), logs)
+                    except Exception:
+                        log.exception("internal error while folding %d batch(es) for model %r", len(run), unit.model)
+                        for _ in run:
+                            self._count_rejection((Reason.INTERNAL_ERROR, "internal error", unit.model), logs)
             self.state.counters.limit_hits["class_limit"] += limit_hits
         for reason, detail, model in logs:
             self._log_rejection(reason, detail, model)
-        for unit, _ in retry:
-            for entry in unit.entries:
-                assert entry.unpacked is not None
-                start, end = segs.starts[entry.segment], segs.starts[entry.segment + 1]
-                single = segs.batch(
-                    unit.model, [(start, end)], entry.unpacked.header.ts, segs.unnormalized[entry.segment]
-                )
-                self._score(_Group(unit.state, (), [single]))
+
+    def _fold_run(self, state: ModelState, run: list[_Entry], now: float) -> bool:
+        """Fold messages whose rows are adjacent in their layout (state lock held)."""
+        layout = run[0].layout
+        assert layout is not None and layout.segments is not None
+        segs = layout.segments
+        call, offset = layout.scored[state.name]
+        first, last = run[0].segment, run[-1].segment
+        if first == last:
+            unnormalized_targets = segs.unnormalized[first]
+            unnormalized_rows = layout.unnormalized_rows[first]
+        else:
+            unnormalized_targets = sum([segs.unnormalized[e.segment] for e in run])
+            unnormalized_rows = sum([layout.unnormalized_rows[e.segment] for e in run])
+        batch = call.batch
+        return state.fold(
+            call.scores,
+            batch.weights,
+            now,
+            _last_ts(run),
+            batches=len(run),
+            unnormalized_targets=unnormalized_targets,
+            targets=batch.targets,
+            binary=batch.binary,
+            rows=(segs.starts[first] - offset, segs.starts[last + 1] - offset),
+            label_free=call.label_free,
+            unnormalized_rows=unnormalized_rows,
+        )
 
     # --- delayed labels: predictions-only and labels-only messages ----------------
 
@@ -771,12 +828,8 @@ class Pipeline:
     # --- one message at a time (large batches) ------------------------------------
 
     def _handle_one(self, entry: _Entry) -> None:
-        accepted = self._accept(entry)
-        if accepted is not None:
-            batch, state = accepted
-            self._score(_Group(state, layout(batch), [batch]))
-
-    def _accept(self, entry: _Entry) -> tuple[Batch, ModelState] | None:
+        """A message on its own (a large one, or one of a short drain): checked, scored with the
+        kernel checking its values, then admitted (retries, the model) and folded."""
         # A rejection is counted for the decoded model, and only under a well-formed name.
         assert entry.unpacked is not None
         model = entry.unpacked.header.model
@@ -784,25 +837,36 @@ class Pipeline:
             if entry.producer is not None and entry.seq is not None:
                 # Before validation: a message that arrived but is refused is not a gap.
                 self._observe_seq(entry.producer, entry.seq)
-            # A large batch is scored before the next is validated, so it may widen into the scratch buffer.
+            message = entry.unpacked.message()
             tolerance = self.config.scoring_for(model).normalization_tolerance
-            batch = validate(entry.unpacked.message(), self._scratch, tolerance)
+            batch = validate(message, None, tolerance, kernel_checks=True)
+            scores = None
+            if batch.size:
+                # Scored before it is admitted: a batch the kernel flags creates no model and
+                # leaves its batch_id free for a corrected retry.
+                assert self.backend is not None
+                scores = self.backend.score(batch, self._params_for(batch.model, batch.prediction_datatype))
+                assert scores.invalid is not None
+                if scores.invalid.any():
+                    validate(message, self._scratch, tolerance)  # raises, with the reason
+                    raise RuntimeError("the kernel flagged values that validate() accepts")
             with self.state.lock:
                 if batch.size == 0:
                     self._count_empty_locked()
-                    return None
+                    return
                 if self._duplicate_locked(batch.model, batch.batch_id):
-                    return None
+                    return
                 state = self.state.model(batch.model, batch.num_classes)
                 if batch.batch_id is not None:
                     self.state.recent.add((batch.model, batch.batch_id))
-            return batch, state
         except RejectedBatch as exc:
             self._rejected(exc.reason, exc.detail, model if MODEL_NAME_RE.fullmatch(model) else None)
+            return
         except Exception:
             log.exception("internal error while validating a batch for model %r", model)
             self._rejected(Reason.INTERNAL_ERROR, "internal error", model)
-        return None
+            return
+        self._score(_Group(state, layout(batch), [batch]), scores=scores)
 
     def _count_empty_locked(self) -> None:
         """A batch of zero rows: counted as a message and an empty batch, and nothing else. It
@@ -835,18 +899,24 @@ class Pipeline:
         joined: bool = False,
         split: Callable[[], None] | None = None,
         on_fold: Callable[[], None] | None = None,
+        scores: SampleScores | None = None,
     ) -> None:
         """Score and fold a group. ``joined``: pairs of the join store, whose predictions were
         counted in the label-free statistics when they arrived and whose labels messages were
         counted as received when they arrived. ``split``: what to do instead of rejecting a
         one-batch group that holds several messages' rows (score them apart). ``on_fold``:
-        called under the state lock right after a successful fold."""
+        called under the state lock right after a successful fold. ``scores``: the one
+        batch's, scored already."""
         count = len(group.batches)
         model = group.batches[0].model
         try:
             batch = concatenate(group.batches)
-            assert self.backend is not None
-            scores = self.backend.score(batch, self._params_for(batch.model, batch.prediction_datatype))
+            if scores is None:
+                assert self.backend is not None
+                scores = self.backend.score(batch, self._params_for(batch.model, batch.prediction_datatype))
+                # These batches were checked in full (validate(), the join store): a flag is a bug.
+                if scores.invalid is not None and scores.invalid.any():
+                    raise RuntimeError("the kernel flagged values of a batch that validate() accepted")
             # Pairs from the join store had their label-free statistics counted on arrival.
             label_free = None if joined else from_scores(scores, batch.binary)
             with self.state.lock:
@@ -925,15 +995,18 @@ def _last_ts(entries: list[_Entry]) -> float | None:
     return None
 
 
-def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Adjacent row ranges joined: [(0, 3), (3, 5), (7, 9)] -> [(0, 5), (7, 9)]."""
-    out = [ranges[0]]
-    for start, end in ranges[1:]:
-        if start == out[-1][1]:
-            out[-1] = (out[-1][0], end)
+def _adjacent(entries: list[_Entry]) -> list[list[_Entry]]:
+    """A unit's messages in runs whose rows are adjacent in their layout: one run unless a
+    rejected or duplicate message of the same model lies between them."""
+    if len(entries) == 1:
+        return [entries]
+    runs = [[entries[0]]]
+    for entry in entries[1:]:
+        if entry.segment == runs[-1][-1].segment + 1:
+            runs[-1].append(entry)
         else:
-            out.append((start, end))
-    return out
+            runs.append([entry])
+    return runs
 
 
 def _pairs(
@@ -945,11 +1018,12 @@ def _pairs(
     ts: float | None,
 ) -> Batch:
     """The joined pairs ``rows`` of one pool, with their ``targets``, as the batch they would have
-    been sent as: the prediction's input kind, wire datatype (widened as on arrival) and weight."""
+    been sent as: the prediction's input kind, wire datatype (FP16 and BF16 widened by the
+    kernel, as a message's predictions are) and weight."""
     return Batch(
         model=state.name,
         kind=InputKind(joined.key.kind),
-        predictions=kernel_array(widened(joined.predictions[rows], joined.key.datatype)),
+        predictions=kernel_array(kernel_predictions(joined.predictions[rows], joined.key.datatype)),
         targets=kernel_array(targets),
         target_kind=target_kind,
         weights=None if joined.weights is None else kernel_array(joined.weights[rows]),

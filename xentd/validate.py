@@ -3,11 +3,17 @@
 Every rule that makes a batch unscoreable is checked here: finiteness, ranges,
 shapes, class indices. Each float tensor is checked in one pass of a Numba scan
 (:mod:`xentd.scan`) that also widens FP16/BF16; there is no per-sample Python.
-The kernels assume all of it and check nothing.
+
+The daemon's hot path leaves the prediction values to the scoring kernels, which
+flag each row that breaks a value rule in the pass that scores it (the ``invalid``
+output of :mod:`xentd.kernels`): :func:`validate` with ``kernel_checks=True``, and
+:func:`check_many` for a drain's small messages, check everything else. A batch
+the kernels flag is then checked here in full, for its reason.
 
 Predictions are widened to float32 (FP16, BF16) or kept as float32/float64; the
 widening is exact, and the machine epsilon of the *wire* datatype is kept for
-clipping, as sklearn does.
+clipping, as sklearn does. Left to the kernels, FP16 and BF16 predictions stay
+16-bit patterns that the kernels widen as they load them (:func:`kernel_predictions`).
 """
 
 from __future__ import annotations
@@ -61,7 +67,9 @@ class TargetKind(IntEnum):
 class Batch:
     """A batch that is safe to score. Arrays are C-contiguous, aligned and read-only.
 
-    - ``predictions``: float32 or float64, ``[N]`` (binary, positive class) or ``[N, C]``.
+    - ``predictions``: float32 or float64, ``[N]`` (binary, positive class) or ``[N, C]``;
+      when the kernels check the values, FP16 or BF16 bit patterns as uint16 or int16
+      (:func:`kernel_predictions`).
     - ``targets``: int64 ``[N]`` for ``TargetKind.INDEX``; for ``SOFT``, float64 ``[N]``
       when binary, float32/float64 ``[N, C]`` otherwise. Binary integer targets are
       also delivered as float64 0/1, so the binary kernel has one signature.
@@ -134,13 +142,33 @@ def _floats(name: str, t: Tensor, scratch: Scratch | None = None) -> tuple[np.nd
     return values, lo, hi
 
 
-def validate(msg: Message, scratch: Scratch | None = None, target_tolerance: float | None = None) -> Batch:
+def kernel_predictions(values: np.ndarray, datatype: str) -> np.ndarray:
+    """A wire predictions array as the kernels take it when they check and widen the values
+    themselves: FP16 bit patterns as uint16, BF16 as int16 (the kernels widen each by its
+    dtype), FP32 and FP64 in native byte order. No copy on a little-endian machine."""
+    if datatype == "FP16":
+        return values.view("<u2").astype(np.uint16, copy=False)
+    if datatype == "BF16":
+        return values.view("<u2").astype(np.uint16, copy=False).view(np.int16)
+    return values.astype(values.dtype.newbyteorder("="), copy=False)
+
+
+def validate(
+    msg: Message,
+    scratch: Scratch | None = None,
+    target_tolerance: float | None = None,
+    *,
+    kernel_checks: bool = False,
+) -> Batch:
     """Check a decoded message and return a :class:`Batch`, or raise ValidationError.
 
     With a ``scratch``, widened FP16/BF16 predictions live in its buffer (see :class:`Scratch`).
     ``target_tolerance`` is how far a soft target row's sum may be off 1 before it is
     counted in ``Batch.unnormalized_targets``; None: the square root of the targets'
-    datatype epsilon, as for prediction rows.
+    datatype epsilon, as for prediction rows. ``kernel_checks``: the prediction values
+    are left to the scoring kernel, which flags the rows that break a rule, and stay as
+    :func:`kernel_predictions` gives them; a flagged batch is then validated again
+    without it, for its reason.
     """
     if msg.input is None and "predictions" not in msg.tensors:
         _model_name(msg)
@@ -151,7 +179,7 @@ def validate(msg: Message, scratch: Scratch | None = None, target_tolerance: flo
     for required in ("predictions", "targets"):
         if required not in msg.tensors:
             raise _reject(Reason.MISSING_TENSOR, f"tensor {required!r} is required")
-    pred_t, pred, num_classes = _predictions(msg, scratch, kind)
+    pred_t, pred, num_classes = _predictions(msg, scratch, kind, kernel_checks)
     n = pred.shape[0]
     targets, target_kind, unnormalized = _targets(
         msg.tensors["targets"], n, num_classes, pred.ndim == 1, target_tolerance
@@ -190,8 +218,11 @@ def _input_kind(msg: Message) -> InputKind:
         raise _reject(Reason.BAD_INPUT_KIND, f"input {msg.input[:32]!r} must be probs, logits or log_probs") from None
 
 
-def _predictions(msg: Message, scratch: Scratch | None, kind: InputKind) -> tuple[Tensor, np.ndarray, int]:
-    """The checks of a predictions tensor: (the wire tensor, its values as float32/64, C)."""
+def _predictions(
+    msg: Message, scratch: Scratch | None, kind: InputKind, kernel_checks: bool = False
+) -> tuple[Tensor, np.ndarray, int]:
+    """The checks of a predictions tensor: (the wire tensor, its values as float32/64, C).
+    With ``kernel_checks``, only its datatype and shape; the values as :func:`kernel_predictions` gives them."""
     pred_t = msg.tensors["predictions"]
     if pred_t.datatype not in FLOAT_DATATYPES:
         raise _reject(Reason.BAD_DATATYPE, f"predictions must be FP16, BF16, FP32 or FP64, got {pred_t.datatype}")
@@ -200,6 +231,9 @@ def _predictions(msg: Message, scratch: Scratch | None, kind: InputKind) -> tupl
         raise _reject(
             Reason.SHAPE_MISMATCH, f"predictions must be [N] (binary) or [N, C] with C >= 2, got {list(shape)}"
         )
+    if kernel_checks:
+        pred = kernel_predictions(pred_t.array, pred_t.datatype)
+        return pred_t, pred, 2 if pred.ndim == 1 else int(pred.shape[1])
     pred, lo, hi = _floats("predictions", pred_t, scratch)
     binary = pred.ndim == 1
     num_classes = 2 if binary else int(pred.shape[1])
@@ -448,9 +482,11 @@ def concatenate(batches: list[Batch]) -> Batch:
 # --- many messages at once (the daemon's hot path) ------------------------------------
 #
 # validate() checks one message. For a drain of small messages the pipeline checks
-# the shapes of each header here in Python (fast_layout), then every value of all
-# the messages of one layout in one jitted pass (check_many). A message that
-# fast_layout cannot place, or that the pass flags, goes through validate() for its
+# the shapes of each header here in Python (fast_layout), concatenates the messages
+# of one layout (check_many, which also checks their weights), and scores them in one
+# kernel call that flags every row whose prediction or target values break a rule
+# (flagged_segments turns those flags into one verdict per message). A message that
+# fast_layout cannot place, or that is flagged, goes through validate() for its
 # exact reason; so these functions need only be strict, never more lenient.
 
 _KINDS: dict[str, InputKind] = {k.name.lower(): k for k in InputKind}
@@ -532,9 +568,10 @@ def widened(values: np.ndarray, datatype: str) -> np.ndarray:
 class Segments:
     """Many messages of one layout, concatenated, with a verdict per message.
 
-    Message ``s`` is rows ``starts[s]:starts[s + 1]`` of every array. Only rows of
-    messages with ``bad[s]`` false may be scored; the arrays are typed as
-    :class:`Batch` types them (see :meth:`batch`).
+    Message ``s`` is rows ``starts[s]:starts[s + 1]`` of every array. ``bad[s]``: its
+    weights break a rule; the values of its predictions and targets are the scoring
+    kernel's to check (:func:`flagged_segments`). The arrays are typed as :class:`Batch`
+    types them with the kernels checking the values (see :meth:`batch`).
     """
 
     kind: InputKind
@@ -580,7 +617,9 @@ def check_many(
     rows: list[int],
     tolerances: list[float | None],
 ) -> Segments:
-    """Check the values of many messages of layout ``key`` in one pass (:func:`xentd.segments.check`).
+    """Many messages of layout ``key`` as one :class:`Segments`: their tensors concatenated,
+    their weights checked in one pass (:func:`xentd.segments.check_weights`). Prediction and
+    target values are left to the scoring kernel (:func:`flagged_segments`).
 
     ``predictions``, ``targets`` and ``weights`` are each message's raw tensor
     frames, ``rows`` their N, ``tolerances`` each message's target tolerance (see
@@ -592,32 +631,32 @@ def check_many(
     starts = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(rows, out=starts[1:])
     total = int(starts[-1])
-    pred = _as_float(b"".join(predictions), pred_datatype)
+    pred = kernel_predictions(np.frombuffer(b"".join(predictions), DATATYPES[pred_datatype]), pred_datatype)
     pred = kernel_array(pred if binary else pred.reshape(total, cols))
     raw_tgt = b"".join(targets)
     unnormalized = [0] * len(rows)
     if tgt_ndim == 2:
         tgt = _as_float(raw_tgt, tgt_datatype).reshape(total, cols)
-        target_kind, target_max = TargetKind.SOFT, 1.0
+        target_kind = TargetKind.SOFT
         default = float(np.sqrt(DATATYPE_EPS[tgt_datatype])) if tgt_datatype in FLOAT_DATATYPES else 0.0
         per_row = np.repeat([default if t is None else t for t in tolerances], rows)
         flags = _unnormalized_flags(tgt, tgt_datatype, per_row)
         unnormalized = np.add.reduceat(flags, starts[:-1]).tolist()
     elif tgt_datatype in FLOAT_DATATYPES:  # binary soft labels
         tgt = _as_float(raw_tgt, tgt_datatype).astype(np.float64, copy=False)
-        target_kind, target_max = TargetKind.SOFT, 1.0
+        target_kind = TargetKind.SOFT
     else:
         ints = np.frombuffer(raw_tgt, DATATYPES[tgt_datatype])
-        target_max = float(num_classes - 1)
         if binary:
             tgt, target_kind = ints.astype(np.float64), TargetKind.SOFT
         else:
             tgt, target_kind = ints.astype(np.int64, copy=False), TargetKind.INDEX
     tgt = kernel_array(tgt)
     w = None
+    bad = np.zeros(len(rows), np.uint8)
     if weights is not None:
         w = kernel_array(_as_float(b"".join(weights), key[5] or "FP64").astype(np.float64, copy=False))
-    bad = segments.check(pred, int(kind), tgt, target_max, w, starts)
+        bad = segments.check_weights(w, starts)
     return Segments(
         kind=kind,
         prediction_datatype=pred_datatype,
@@ -630,3 +669,9 @@ def check_many(
         bad=(bad != 0).tolist(),
         unnormalized=unnormalized,
     )
+
+
+def flagged_segments(flags: np.ndarray, starts: list[int]) -> list[bool]:
+    """Per segment of rows ``starts[s]:starts[s + 1]`` (none empty), whether any of its
+    rows is flagged (``flags``: one uint8 per row, as the kernels' ``invalid`` output)."""
+    return (np.maximum.reduceat(flags[: starts[-1]], starts[:-1]) != 0).tolist()  # type: ignore[no-any-return]
