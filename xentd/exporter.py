@@ -974,6 +974,7 @@ class Exposition:
         self._process = _add_process_collectors(CollectorRegistry())
 
     def text(self) -> bytes:
+        """The text exposition: xentd's families, then the process collector's."""
         return bytes(self.text_view())
 
     def text_view(self) -> memoryview:

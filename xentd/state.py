@@ -1029,10 +1029,14 @@ class StateStore:
         whole, so a scrape never sees half a batch."""
         with self.lock:
             names = list(self.models)
+            listed = list(self.models.values())
             rejected = dict(self.rejected)
             counters = self.counters.copy()
             pending_bytes = self.joins.nbytes
-            copies = _Copies(self.models.values(), self.limits, self.joins.delay_bounds, self.calibration_cfg.bins)
+        # Sized by the models' layouts now, outside the lock: a model whose layout changes before
+        # it is copied (its first batch says it is binary) goes where it belongs, into a stack that grows.
+        copies = _Copies(listed, self.limits, self.joins.delay_bounds, self.calibration_cfg.bins)
+        del listed
         for start in range(0, len(names), SNAPSHOT_CHUNK):
             with self.lock:
                 now = self.clock()
@@ -1199,7 +1203,7 @@ class _Copies:
     :class:`ModelColumns` derived from it, outside (:meth:`derive`).
 
     The copies of models of one layout go into one :class:`_Layout`, sized for the models
-    of that layout the store has when the copy starts (counted under the lock)."""
+    of that layout among ``models`` (those listed when the snapshot starts)."""
 
     def __init__(self, models: Iterable[ModelState], limits: LimitsConfig, delay_bounds: np.ndarray, bins: int) -> None:
         self.limits = limits
