@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -185,27 +186,9 @@ def test_export_config_errors_are_reported_together() -> None:
         config.from_mapping({"export": 3})
 
 
-def test_each_familys_series_count_matches_its_samples() -> None:
-    """The budget counts a family's series from ``Family.series`` where given: it must agree with the samples."""
-    from xentd.exporter import FAMILIES
-
-    snap = _store({"small": 3, "big": 30}).snapshot()
-    for family in FAMILIES:
-        if family.series is None:
-            continue
-        assert family.per_model is not None
-        for m in snap.models:
-            samples = list(family.per_model(m))
-            per_sample = {"summary": lambda v: 2, "histogram": lambda v: len(v[1]) + 2}.get(family.type, lambda v: 1)
-            expected = sum(per_sample(v) for _, v in samples)
-            assert family.series(m) == expected, (family.name, m.name)
-
-
-def test_the_quick_series_bound_is_never_below_the_exact_count() -> None:
-    # Under the budget a scrape counts series by a bound instead of building every sample; a bound
-    # below the truth would let a scrape past max_series.
+def _varied() -> StateStore:
+    """Models of 2, 5 and 30 classes, rejections, joins and label-free rows: every family shape."""
     from xentd.errors import Reason
-    from xentd.exporter import _cost, _upper_bound
     from xentd.joins import PoolKey
 
     s = _store({"a": 2, "b": 5, "c": 30})
@@ -215,7 +198,44 @@ def test_the_quick_series_bound_is_never_below_the_exact_count() -> None:
         "c", PoolKey(0, "FP32", 30, False), np.arange(3, dtype=np.uint64), np.ones((3, 30), np.float32), None, 1.0
     )
     s.model("c", 30).fold_predictions(np.ones(3), np.ones(3), None, 1_700_000_000.0)
-    models = tuple(s.snapshot().models)
-    for wanted in (frozenset(), frozenset({"a", "b"}), frozenset({"a", "b", "c"})):
-        exact = sum(_cost(m, per_class=False) + (_cost(m, per_class=True) if m.name in wanted else 0) for m in models)
-        assert exact <= _upper_bound(models, wanted) <= exact + 20 * len(models)
+    return s
+
+
+def test_each_familys_cells_count_the_series_the_text_has() -> None:
+    """The budget counts a model's series from its cells: they must be the lines the model gets."""
+    from xentd.exporter import FAMILIES, _scrape, render_text
+
+    snap = _varied().snapshot()
+    export = ExportConfig(per_class="all", max_series=0)
+    scrape = _scrape(snap, "v", "cpu", export, None)
+    lines: Counter[tuple[str, str]] = Counter()
+    for family in parse_text(render_text(snap, version="v", backend="cpu", export=export)):
+        for sample in family.samples:
+            if "model" in sample.labels:
+                lines[family.name, sample.labels["model"]] += 1
+    for family in FAMILIES:
+        if family.per_model is None:
+            continue
+        parsed = family.name.removesuffix("_total") if family.type == "counter" else family.name
+        counts = scrape.cells[family.name].series()
+        for i, model in enumerate(snap.table.names):
+            assert counts[i] == lines[parsed, model], (family.name, model)
+
+
+@pytest.mark.parametrize("per_class", ["all", "auto"])
+def test_the_plan_is_the_loop_over_models_at_every_budget(per_class: Literal["all", "auto"]) -> None:
+    """xentd.exporter._plan (cumulative sums over arrays) against the reference's loop over
+    models (tests/exposition_reference.py), for every budget from nothing to everything."""
+    from tests import exposition_reference
+    from xentd.exporter import _scrape
+
+    snap = _varied().snapshot()
+    names = snap.table.names
+    total = exposition_reference.plan(snap, ExportConfig(per_class=per_class, max_series=1))[2]
+    for budget in range(1, total + 2):
+        export = ExportConfig(per_class=per_class, max_series=budget)
+        models, detailed, dropped = exposition_reference.plan(snap, export)
+        scrape = _scrape(snap, "v", "cpu", export, None)
+        assert [names[i] for i in scrape.rows] == [m.name for m in models], budget
+        assert {names[i] for i in scrape.detailed} == detailed, budget
+        assert scrape.dropped == dropped, budget

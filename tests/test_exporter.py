@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clock import FakeClock
-from xentd.config import LimitsConfig, WindowsConfig
+from xentd.config import ExportConfig, LimitsConfig, WindowsConfig
 from xentd.errors import Reason
 from xentd.exporter import build_registry
 from xentd.joins import PoolKey
@@ -265,3 +265,130 @@ def test_docs_list_every_family_with_its_type_and_labels() -> None:
             for name in re.findall(r"`(xentd_[a-z_]+)`", cells[1]):
                 documented[name] = (cells[2], cells[3])
     assert documented == {f.name: (f.type, ", ".join(f.labels)) for f in FAMILIES}
+
+
+# --- the text writer against a line-by-line reference ------------------------------------
+
+
+def _scores(rng: np.random.Generator, n: int, classes: int) -> SampleScores:
+    loss = rng.exponential(2.0, n)
+    return SampleScores(
+        loss=loss,
+        focal=loss * rng.random(n),
+        correct=rng.integers(0, 2, n).astype(np.uint8),
+        true_class=rng.integers(0, classes, n),
+        unnormalized_rows=int(rng.integers(0, 3)),
+        confidence=rng.uniform(0.0, 1.0, n),
+        brier=rng.random(n),
+    )
+
+
+def _rich_store() -> StateStore:
+    """Models of every layout and state the exposition writes: class slots past the class
+    limit ("other"), binary and multiclass calibration, joins, rejections, label-free rows
+    only, no traffic at all, time windows emptied by time (NaN means) next to count windows
+    that are not, an int clock and event time, weights near float64's ends, and names that
+    need escaping or are not ASCII."""
+    clock = FakeClock(1_700_000_000.0)
+    s = StateStore(WindowsConfig(), LimitsConfig(class_limit=4), clock)
+    rng = np.random.default_rng(14)
+    for name, classes in (("old", 3), ("wide", 9), ("four", 4)):
+        m = s.model(name, classes)
+        for _ in range(3):
+            m.fold(_scores(rng, 40, classes), rng.uniform(0.0, 2.0, 40), clock(), clock() - 5.0)
+            m.fold_predictions(rng.uniform(0, 2, 8), rng.uniform(0, 1, 8), None, clock())
+            clock.t += 7.0
+    clock.t += 7200.0  # their time windows are empty now; the count windows are not
+    ctr = s.model("ctr", 2)
+    p = rng.uniform(0.01, 0.99, 30)
+    t = rng.uniform(0.0, 1.0, 30)
+    ctr.fold(
+        SampleScores(
+            loss=-(t * np.log(p) + (1 - t) * np.log1p(-p)),
+            focal=np.zeros(30),
+            correct=(p > 0.5).astype(np.uint8),
+            true_class=(t > 0.5).astype(np.int64),
+            unnormalized_rows=0,
+            confidence=p,
+            brier=(p - t) ** 2,
+        ),
+        None,
+        clock(),
+        None,
+        targets=t,
+        binary=True,
+    )
+    for name in ('we"ird\\na\nme', "modèle-é"):
+        m = s.model(name, 4)
+        loss = np.array([0.1, 3.0, 1e-7, 123456.789])
+        m.fold(
+            SampleScores(
+                loss=loss,
+                focal=loss,
+                correct=np.array([1, 0, 1, 0], np.uint8),
+                true_class=np.array([0, 1, 2, 3]),
+                unnormalized_rows=0,
+                confidence=np.array([0.75, 1.0, 0.0, 0.5]),
+                brier=np.full(4, 0.25),
+            ),
+            np.array([1e-300, 1e300, 0.5, 3.0]),
+            1_700_010_000,  # an int clock and event time are written as ints
+            1_700_009_999,
+        )
+    s.model("predictions-only", 5).fold_predictions(np.array([0.5, 1.0]), np.array([0.9, 0.6]), None, clock())
+    s.model("quiet", 7)
+    rows = np.array([[0.2, 0.3, 0.5]] * 3, np.float32)
+    s.joins.put("old", PoolKey(0, "FP32", 3, False), np.arange(3, dtype=np.uint64), rows, None, clock())
+    s.joins.record("old", s.joins.take("old", np.array([0, 9], np.uint64), clock() + 2.0))
+    s.reject(Reason.NON_FINITE, "wide")
+    s.reject(Reason.TARGET_OUT_OF_RANGE, "wide")
+    s.reject(Reason.NON_FINITE, "ghost")
+    s.counters.messages = 31
+    s.counters.last_snapshot_time = 1_700_000_000.25
+    s.counters.last_snapshot_seconds = 0.5
+    s.counters.last_snapshot_bytes = 1234
+    clock.t += 30.0
+    return s
+
+
+EXPORTS = [
+    ExportConfig(),
+    ExportConfig(max_series=0),
+    ExportConfig(per_class="all", max_series=0),
+    ExportConfig(per_class="none"),
+    # "wide" has 9 classes and 5 class series (4 and "other"): auto counts the series.
+    ExportConfig(per_class="auto", per_class_max_classes=5),
+    # Budgets (everything is 955 series): every model, and per-class series while they fit
+    # in name order; every model, one's classes; a model left out; two; nothing per model.
+    ExportConfig(per_class="all", max_series=940),
+    ExportConfig(max_series=900),
+    ExportConfig(per_class="all", max_series=850),
+    ExportConfig(per_class="all", max_series=700),
+    ExportConfig(max_series=5),
+]
+
+
+@pytest.mark.parametrize("export", EXPORTS, ids=repr)
+def test_text_is_byte_for_byte_the_line_by_line_reference(export: ExportConfig) -> None:
+    """The columnar writer says exactly what formatting every sample in Python says: the same
+    lines in the same order, the same label escaping, the same float and int spellings."""
+    from tests import exposition_reference
+    from xentd.exporter import render_text
+
+    snap = _rich_store().snapshot()
+    text = render_text(snap, version="1.2.3", backend="cpu", export=export)
+    assert text == exposition_reference.render(snap, version="1.2.3", backend="cpu", export=export)
+    assert list(text_string_to_metric_families(text))  # and Prometheus' parser takes it
+    if export.max_series in (0, 1_000_000):
+        assert _samples(text)[("xentd_series_dropped", frozenset())] == 0
+    else:
+        assert _samples(text)[("xentd_series_dropped", frozenset())] > 0  # the budget bites
+
+
+def test_an_empty_store_exports_the_daemon_wide_families() -> None:
+    from xentd.exporter import render_text
+
+    s = StateStore(WindowsConfig(), LimitsConfig(), FakeClock(1.0))
+    text = render_text(s.snapshot(), version="v", backend="cpu")
+    assert _samples(text)[("xentd_models", frozenset())] == 0
+    assert 'model="' not in text

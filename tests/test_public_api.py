@@ -42,6 +42,7 @@ def test_all_is_complete_and_importable() -> None:
         "calibration",
         "fold",
         "heap",
+        "textformat",
     }
     assert public <= set(xentd.__all__)
     for name in xentd.__all__:

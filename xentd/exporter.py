@@ -1,13 +1,20 @@
 """Prometheus exposition: one table of metric families, two writers over a state snapshot, and the HTTP server.
 
 :data:`FAMILIES` declares every xentd family once: name, type, labels, help and
-where its values come from. :func:`render_text` (text format 0.0.4, the fast path
+where its values come from. :func:`render` (text format 0.0.4, the fast path
 Prometheus scrapes) and :class:`XentdCollector` (prometheus-client, for
 OpenMetrics) both render from it, building fresh families on every scrape from
 one :meth:`~xentd.state.StateStore.snapshot`, so all values in a scrape come from
 the same instant and series of models that are gone simply disappear. Metric
 names and labels are a contract; docs/metrics.md lists them and a test checks
 that it lists exactly the table.
+
+A per-model family reads the snapshot's :class:`~xentd.state.ModelColumns` (one
+array per figure, a row per model) and gives its samples of every model at once as
+:class:`Cells`: arrays of values, each of a :class:`Column` (one kind of sample:
+``_bucket`` with ``le="0.5"``, a window, a class). The text writer hands those arrays
+to a Numba kernel (:mod:`xentd.textformat`) that writes every line; the collector walks
+the same cells into prometheus-client metrics. 10,000 models are ~1.5 M series.
 """
 
 from __future__ import annotations
@@ -18,9 +25,7 @@ import contextlib
 import gzip
 import hmac
 import io
-import itertools
 import logging
-import math
 import queue
 import re
 import selectors
@@ -28,29 +33,26 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from wsgiref.simple_server import ServerHandler, WSGIRequestHandler, WSGIServer
 
+import numpy as np
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-    SummaryMetricFamily,
-)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_CONTENT_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import Collector
 
+from xentd import textformat
+from xentd.calibration import CalibrationWindow
 from xentd.config import BasicAuthConfig, ExportConfig, HttpLimits, TlsConfig
 from xentd.errors import StartupError
 from xentd.joins import OUTCOMES
-from xentd.state import Counters, ModelSnapshot, Snapshot
+from xentd.state import Counters, ModelColumns, Snapshot, WindowStats
 
 log = logging.getLogger("xentd.exporter")
 
@@ -63,121 +65,287 @@ def _backend_name(backend: Backend) -> str:
     return backend if isinstance(backend, str) else backend()
 
 
-# --- the metric families ----------------------------------------------------------
-#
-# One table says, for every xentd family, its name, type, labels, help text and
-# where its values come from. The text writer (render_text) and the collector
-# (XentdCollector, for OpenMetrics) both render from it, so they cannot
-# disagree; docs/metrics.md lists the same families, and tests/test_exporter.py
-# checks all three against each other.
+# --- cells: a family's samples of every model, as arrays ------------------------------------
 
 Labels = tuple[str, ...]
 Sample = tuple[Labels, Any]
-"""(label values, value). The value is a number for a counter or gauge, (count, sum)
-for a summary, and (bucket upper bounds, per-bucket counts with +Inf last, sum) for a histogram."""
+"""(label values, value) of a daemon-wide family. The value is a number for a counter or gauge,
+(count, sum) for a summary, and (bucket upper bounds, per-bucket counts with +Inf last, sum) for a histogram."""
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One kind of sample of a family: the suffix of its name (``_count``, ``_bucket``, or
+    none), the labels it has beyond ``model`` as (name, value) pairs, and whether its values
+    are integers (written as ``repr`` writes an int: ``3``, not ``3.0``)."""
+
+    suffix: str
+    labels: tuple[tuple[str, str], ...] = ()
+    integer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Cells:
+    """A family's samples of every row (a model; a daemon-wide family has one row).
+
+    Row r's samples are cells ``offsets[r]:offsets[r + 1]``, in the order they are written;
+    cell c is a sample of ``columns[column[c]]`` with value ``values[c]``. An integer
+    column's values are int64 held as their bit patterns (``values.view(np.int64)``),
+    so counts above 2**53 stay exact. A sample that does not exist (a mean of an empty
+    window) has no cell: it is left out, never exported as NaN."""
+
+    columns: tuple[Column, ...]
+    offsets: np.ndarray  # (rows + 1,) int64
+    column: np.ndarray  # (cells,) int32
+    values: np.ndarray  # (cells,) float64
+
+    def series(self) -> np.ndarray:
+        """How many series each row has."""
+        return np.diff(self.offsets)
+
+
+def _bits(a: Any) -> np.ndarray:
+    """Integers as float64 cells: their int64 bit patterns."""
+    return np.ascontiguousarray(a, np.int64).view(np.float64)
+
+
+def _cells(columns: tuple[Column, ...], values: np.ndarray, present: np.ndarray | None = None) -> Cells:
+    """Cells of a (rows, columns) matrix of float64 cell values, row by row; ``present``
+    (same shape) says which exist (all, when None)."""
+    rows, k = values.shape
+    column = np.tile(np.arange(k, dtype=np.int32), rows)
+    flat = np.ascontiguousarray(values).ravel()
+    if present is None:
+        return Cells(columns, np.arange(rows + 1, dtype=np.int64) * k, column, flat)
+    offsets = np.zeros(rows + 1, np.int64)
+    np.cumsum(present.sum(axis=1), out=offsets[1:])
+    keep = present.ravel()
+    return Cells(columns, offsets, column[keep], flat[keep])
+
+
+def _one(value: np.ndarray, *, integer: bool = False, present: np.ndarray | None = None) -> Cells:
+    """One sample per model (where ``present``)."""
+    cells = _bits(value) if integer else np.asarray(value, np.float64)
+    return _cells((Column("", (), integer),), cells[:, None], None if present is None else present[:, None])
+
+
+def _summary(count: np.ndarray, total: np.ndarray, present: np.ndarray | None = None) -> Cells:
+    """A summary per model (where ``present``): ``_count``, then ``_sum``."""
+    columns = (Column("_count"), Column("_sum"))
+    mask = None if present is None else np.repeat(present[:, None], 2, axis=1)
+    return _cells(columns, np.stack([count, total], axis=1), mask)
+
+
+def _histogram(bounds: np.ndarray, counts: np.ndarray, total: np.ndarray, present: np.ndarray | None = None) -> Cells:
+    """A histogram per model from per-bucket ``counts`` (+Inf last): cumulative buckets, ``_count``, ``_sum``."""
+    les = [*(repr(float(b)) for b in bounds), "+Inf"]
+    columns = (
+        *(Column("_bucket", (("le", le),), integer=True) for le in les),
+        Column("_count", (), integer=True),
+        Column("_sum"),
+    )
+    raw = np.empty((counts.shape[0], len(columns)), np.int64)
+    np.cumsum(counts, axis=1, out=raw[:, : len(les)])
+    raw[:, len(les)] = raw[:, len(les) - 1]
+    raw[:, -1] = np.ascontiguousarray(total, np.float64).view(np.int64)
+    mask = None if present is None else np.repeat(present[:, None], len(columns), axis=1)
+    return _cells(columns, raw.view(np.float64), mask)
+
+
+def _by_label(label: str, names: Iterable[str], values: np.ndarray, *, nan: bool = False) -> Cells:
+    """A sample per model and label value (``values``: (models, labels)); NaN left out unless ``nan``."""
+    columns = tuple(Column("", ((label, n),)) for n in names)
+    values = np.asarray(values, np.float64)
+    return _cells(columns, values, None if nan else ~np.isnan(values))
+
+
+def _rejected(t: ModelColumns) -> Cells:
+    """Each model's refused batches by reason, in reason order; only the reasons that happened."""
+    reasons = sorted({r for counts in t.rejected for r in counts})
+    at = {r: k for k, r in enumerate(reasons)}
+    offsets = np.zeros(len(t) + 1, np.int64)
+    column: list[int] = []
+    values: list[int] = []
+    for i, counts in enumerate(t.rejected):
+        for r, n in sorted(counts.items()):
+            column.append(at[r])
+            values.append(n)
+        offsets[i + 1] = len(values)
+    columns = tuple(Column("", (("reason", r),), integer=True) for r in reasons)
+    return Cells(columns, offsets, np.array(column, np.int32), _bits(np.array(values, np.int64)))
+
+
+def _per_class(t: ModelColumns) -> Cells:
+    """Each model's class summaries: ``_count`` and ``_sum`` of class 0, 1, ... ("other" last
+    past the class limit). Models have different numbers of classes."""
+    slots = np.diff(t.class_offsets)
+    width = int(slots.max(initial=0))
+    columns = tuple(
+        Column(part, (("class", "other" if j == t.class_limit else str(j)),))
+        for j in range(width)
+        for part in ("_count", "_sum")
+    )
+    slot = np.arange(t.class_offsets[-1], dtype=np.int32) - np.repeat(t.class_offsets[:-1], slots).astype(np.int32)
+    column = np.empty(2 * slot.shape[0], np.int32)
+    column[0::2] = 2 * slot
+    column[1::2] = 2 * slot + 1
+    values = np.empty(2 * slot.shape[0])
+    values[0::2] = t.class_weight
+    values[1::2] = t.class_loss_weighted_sum
+    return Cells(columns, 2 * t.class_offsets, column, values)
+
+
+def _scrape_cells(family: Family, samples: Iterable[Sample]) -> Cells:
+    """A daemon-wide family's samples as the cells of one row, a column each."""
+    columns: list[Column] = []
+    values: list[Any] = []
+
+    def add(suffix: str, labels: tuple[tuple[str, str], ...], value: Any) -> None:
+        columns.append(Column(suffix, labels, isinstance(value, int) and not isinstance(value, bool)))
+        values.append(value)
+
+    for label_values, value in samples:
+        labels = tuple(zip(family.labels, label_values, strict=True))
+        if family.type == "summary":
+            add("_count", labels, value[0])
+            add("_sum", labels, value[1])
+        elif family.type == "histogram":
+            bounds, counts, total = value
+            cumulative = 0
+            for b, n in zip([*(repr(float(b)) for b in bounds), "+Inf"], counts, strict=True):
+                cumulative += n
+                add("_bucket", (*labels, ("le", b)), cumulative)
+            add("_count", labels, cumulative)
+            add("_sum", labels, total)
+        else:
+            add("", labels, value)
+    n = len(values)
+    cells = np.empty(n)
+    for k, (col, value) in enumerate(zip(columns, values, strict=True)):
+        if col.integer:
+            cells.view(np.int64)[k] = value
+        else:
+            cells[k] = value
+    return Cells(tuple(columns), np.array([0, n], np.int64), np.arange(n, dtype=np.int32), cells)
+
+
+# --- the metric families ----------------------------------------------------------
+#
+# One table says, for every xentd family, its name, type, labels, help text and
+# where its values come from. The text writer (render) and the collector
+# (XentdCollector, for OpenMetrics) both render from it, so they cannot
+# disagree; docs/metrics.md lists the same families, and tests/test_exporter.py
+# checks all three against each other.
 
 
 @dataclass(frozen=True, slots=True)
 class Scrape:
     """What one scrape reads: a snapshot, the build facts for xentd_build_info, and
-    what [export] lets through (see :func:`_plan`): the models exported, those whose
-    per-class series are, and how many per-model series were left out for the budget."""
+    what [export] lets through (see :func:`_plan`): the rows of the models exported
+    (in snapshot order), of those whose per-class series are, and how many per-model
+    series were left out for the budget; and every per-model family's cells."""
 
     snapshot: Snapshot
     version: str
     backend: str
-    models: tuple[ModelSnapshot, ...] = ()
-    per_class: frozenset[str] = frozenset()
-    dropped: int = 0
+    rows: np.ndarray
+    detailed: np.ndarray
+    dropped: int
+    cells: dict[str, Cells]
 
 
 @dataclass(frozen=True, slots=True)
 class Family:
     """One metric family. ``name`` is the text-format name (a counter's ends in
-    ``_total``). A per-model family has ``model`` as its first label and reads each
-    :class:`ModelSnapshot` through ``per_model``, which yields the other labels'
-    values; a daemon-wide family reads the whole scrape through ``per_scrape``.
-    A sample whose value does not exist yet is left out, never exported as NaN.
-    A ``per_class`` family has a series per class of a model, so [export] gates it per model.
-    ``series``, where given, says how many series ``per_model`` yields for a model without
-    building its samples (for the max_series budget; a test checks it against the samples)."""
+    ``_total``). A per-model family has ``model`` as its first label and reads every
+    model at once through ``per_model``, which gives its samples as :class:`Cells` (their
+    columns hold the other labels' values); a daemon-wide family reads the whole scrape
+    through ``per_scrape``. A ``per_class`` family has a series per class of a model, so
+    [export] gates it per model."""
 
     name: str
     type: Literal["counter", "gauge", "summary", "histogram"]
     labels: Labels
     help: str
     per_scrape: Callable[[Scrape], Iterable[Sample]] | None = None
-    per_model: Callable[[ModelSnapshot], Iterable[Sample]] | None = None
+    per_model: Callable[[ModelColumns], Cells] | None = None
     per_class: bool = False
-    series: Callable[[ModelSnapshot], int] | None = None
 
 
-def _one(value: float | None) -> list[Sample]:
+def _maybe(value: float | None) -> list[Sample]:
     return [] if value is None else [((), value)]
 
 
 def _counter(name: str, help: str, value: Callable[[Counters], float | None]) -> Family:
-    return Family(name, "counter", (), help, per_scrape=lambda s: _one(value(s.snapshot.counters)))
+    return Family(name, "counter", (), help, per_scrape=lambda s: _maybe(value(s.snapshot.counters)))
 
 
 def _gauge(name: str, help: str, value: Callable[[Counters], float | None]) -> Family:
-    return Family(name, "gauge", (), help, per_scrape=lambda s: _one(value(s.snapshot.counters)))
+    return Family(name, "gauge", (), help, per_scrape=lambda s: _maybe(value(s.snapshot.counters)))
 
 
-def _model(name: str, kind: Literal["counter", "gauge"], help: str, value: Callable[[ModelSnapshot], Any]) -> Family:
-    return Family(name, kind, ("model",), help, per_model=lambda m: _one(value(m)))
+def _model(name: str, kind: Literal["counter", "gauge"], help: str, value: Callable[[ModelColumns], Cells]) -> Family:
+    return Family(name, kind, ("model",), help, per_model=value)
 
 
-def _window(
-    name: str,
-    help: str,
-    attr: str,
-    windows: Callable[[ModelSnapshot], list[tuple[str, Any]]] = lambda m: m.windows,
-    *,
-    exact: bool = False,
-) -> Family:
-    """A gauge per window: ``attr`` of each of ``windows(m)``'s derived figures, absent where
-    it is NaN (an empty window has no mean). ``exact``: the series budget counts the samples
-    themselves rather than one per window (for figures that many models never have)."""
-
-    def samples(m: ModelSnapshot) -> Iterator[Sample]:
-        for window, stats in windows(m):
-            value = getattr(stats, attr)
-            if not math.isnan(value):
-                yield (window,), value
-
-    series = (lambda m: sum(1 for _ in samples(m))) if exact else None
-    return Family(name, "gauge", ("model", "window"), help, per_model=samples, series=series)
-
-
-def _label_free(name: str, help: str, attr: str) -> Family:
-    """A summary over every prediction row a model sent (:class:`xentd.state.PredictionSummary`)."""
-
-    def samples(m: ModelSnapshot) -> list[Sample]:
-        p = m.predictions
-        return [((), (p.weight, getattr(p, attr)))] if p.rows else []
-
-    return Family(name, "summary", ("model",), help, per_model=samples)
-
-
-def _calibration_bins(name: str, help: str, attr: str) -> Family:
-    """A counter per reliability bin (``attr`` of :class:`xentd.state.CalibrationSummary`),
-    labelled with the bin's upper edge; every bin is always there."""
-
-    def samples(m: ModelSnapshot) -> list[Sample]:
-        c = m.calibration
-        return [((b,), v) for b, v in zip(c.bin_labels, getattr(c, attr).tolist(), strict=True)]
-
+def _window(name: str, help: str, attr: str, *, nan: bool = False) -> Family:
+    """A gauge per window: ``attr`` of :class:`xentd.state.WindowStats`, absent where it is
+    NaN (an empty window has no mean) unless ``nan``."""
+    field = WindowStats.__slots__.index(attr)
     return Family(
-        name, "counter", ("model", "bin"), help, per_model=samples, series=lambda m: len(m.calibration.bin_labels)
+        name,
+        "gauge",
+        ("model", "window"),
+        help,
+        per_model=lambda t: _by_label("window", t.window_labels, t.windows[:, :, field], nan=nan),
     )
 
 
+def _label_free(name: str, help: str, attr: str) -> Family:
+    """A summary over every prediction row a model sent (:class:`xentd.state.PredictionSummary`),
+    for models that sent any."""
+
+    def cells(t: ModelColumns) -> Cells:
+        p = t.predictions
+        return _summary(p.weight, getattr(p, attr), present=p.rows != 0)
+
+    return Family(name, "summary", ("model",), help, per_model=cells)
+
+
+def _calibration_bins(name: str, help: str, attr: str) -> Family:
+    """A counter per reliability bin (``attr`` of :class:`xentd.state.CalibrationColumns`),
+    labelled with the bin's upper edge; every bin is always there."""
+
+    def cells(t: ModelColumns) -> Cells:
+        c = t.calibration
+        return _cells(tuple(Column("", (("bin", b),)) for b in c.bin_labels), getattr(c, attr))
+
+    return Family(name, "counter", ("model", "bin"), help, per_model=cells)
+
+
 def _calibration_window(name: str, help: str, attr: str) -> Family:
-    """A window gauge from :class:`xentd.calibration.CalibrationWindow`. Counted exactly for
-    the series budget: a multiclass model has no decomposition series, and NE is absent
-    while the prior's entropy is 0."""
-    return _window(name, help, attr, lambda m: m.calibration.windows, exact=True)
+    """A window gauge: ``attr`` of :class:`xentd.calibration.CalibrationWindow`, absent where
+    NaN (a multiclass model has no decomposition; NE is absent while the prior's entropy is 0)."""
+    field = CalibrationWindow.__slots__.index(attr)
+
+    def cells(t: ModelColumns) -> Cells:
+        c = t.calibration
+        return _by_label("window", c.window_labels, c.windows[:, :, field])
+
+    return Family(name, "gauge", ("model", "window"), help, per_model=cells)
+
+
+def _scalars(values: Sequence[float | None]) -> Cells:
+    """One sample per model of a value kept as Python gave it: a float, an int (written
+    as one), or None (no sample)."""
+    integer = np.array([isinstance(v, int) for v in values], np.bool_)
+    cells = np.array([0.0 if v is None or isinstance(v, int) else v for v in values], np.float64)
+    cells.view(np.int64)[integer] = np.array([v for v in values if isinstance(v, int)], np.int64)
+    present = np.array([v is not None for v in values], np.bool_)
+    columns = (Column("", (), False), Column("", (), True))
+    offsets = np.zeros(len(values) + 1, np.int64)
+    np.cumsum(present, out=offsets[1:])
+    return Cells(columns, offsets, integer[present].astype(np.int32), cells[present])
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -193,7 +361,7 @@ FAMILIES: tuple[Family, ...] = (
         "gauge",
         (),
         "Models with state in this instance.",
-        per_scrape=lambda s: [((), len(s.snapshot.models))],
+        per_scrape=lambda s: [((), len(s.snapshot.table))],
     ),
     Family(
         "xentd_series_dropped",
@@ -274,77 +442,64 @@ FAMILIES: tuple[Family, ...] = (
         ("model",),
         "Cross-entropy over all samples: _sum is sum(w*loss), _count is sum(w), "
         "so rate(_sum)/rate(_count) is the weighted mean.",
-        per_model=lambda m: [((), (m.weight, m.loss_weighted_sum))],
+        per_model=lambda t: _summary(t.weight, t.loss_weighted_sum),
     ),
-    _model("xentd_samples_total", "counter", "Samples scored (unweighted).", lambda m: m.samples),
+    _model("xentd_samples_total", "counter", "Samples scored (unweighted).", lambda t: _one(t.samples)),
     _model(
         "xentd_correct_predictions_total",
         "counter",
         "Sum of weights of samples whose top-1 prediction was right.",
-        lambda m: m.correct_weighted_sum,
+        lambda t: _one(t.correct_weighted_sum),
     ),
-    _model("xentd_batches_total", "counter", "Batches scored.", lambda m: m.batches),
+    _model("xentd_batches_total", "counter", "Batches scored.", lambda t: _one(t.batches, integer=True)),
     _model(
         "xentd_unnormalized_rows_total",
         "counter",
         "Rows of probs or log_probs whose mass was off 1 by more than the tolerance; scored as sent.",
-        lambda m: m.unnormalized_rows,
+        lambda t: _one(t.unnormalized_rows, integer=True),
     ),
     _model(
         "xentd_unnormalized_targets_total",
         "counter",
         "Target rows that are not a distribution (soft rows off 1 by more than the tolerance, "
         "integer rows that are not one-hot); scored as sent.",
-        lambda m: m.unnormalized_targets,
+        lambda t: _one(t.unnormalized_targets, integer=True),
     ),
     Family(
         "xentd_model_rejected_batches_total",
         "counter",
         ("model", "reason"),
         "Batches of this model refused, by reason; only models that already have state.",
-        per_model=lambda m: [((r,), n) for r, n in sorted(m.rejected.items())],
+        per_model=_rejected,
     ),
     _model(
         "xentd_last_batch_timestamp_seconds",
         "gauge",
         "When the last batch was scored (Unix seconds).",
-        lambda m: m.last_batch_time,
+        lambda t: _scalars(t.last_batch_time),
     ),
     _model(
         "xentd_last_event_timestamp_seconds",
         "gauge",
         "The ts header of the last batch that had one (Unix seconds).",
-        lambda m: m.last_event_time,
+        lambda t: _scalars(t.last_event_time),
     ),
     Family(
         "xentd_class_cross_entropy_nats",
         "summary",
         ("model", "class"),
         "Cross-entropy by true class: _sum is sum(w*loss), _count sum(w).",
-        per_model=lambda m: [
-            ((c,), (w, wl))
-            for c, w, wl in zip(
-                m.class_labels, m.class_weight.tolist(), m.class_loss_weighted_sum.tolist(), strict=True
-            )
-        ],
+        per_model=_per_class,
         per_class=True,
-        series=lambda m: 2 * len(m.class_labels),
     ),
     Family(
         "xentd_sample_loss_nats",
         "histogram",
         ("model",),
         "Per-sample cross-entropy (unweighted).",
-        per_model=lambda m: [((), (m.hist_bounds.tolist(), m.hist_counts.tolist(), m.loss_sum))],
-        series=lambda m: len(m.hist_counts) + 2,
+        per_model=lambda t: _histogram(t.hist_bounds, t.hist_counts, t.loss_sum),
     ),
-    Family(
-        "xentd_window_samples",
-        "gauge",
-        ("model", "window"),
-        "Samples in the window (decayed count for ewma).",
-        per_model=lambda m: [((window,), stats.samples) for window, stats in m.windows],
-    ),
+    _window("xentd_window_samples", "Samples in the window (decayed count for ewma).", "samples", nan=True),
     _window(
         "xentd_window_cross_entropy_nats", "Weighted mean cross-entropy over the window, in nats.", "cross_entropy"
     ),
@@ -376,26 +531,27 @@ FAMILIES: tuple[Family, ...] = (
         ("model", "outcome"),
         "Delayed labels and waiting predictions by outcome: matched, unmatched (a label whose id does not wait), "
         "duplicate (a prediction whose id already waits), expired (past labels.ttl), evicted (over the budget).",
-        per_model=lambda m: [] if m.joins is None else [((o,), n) for o, n in m.joins.outcomes.items()],
+        per_model=lambda t: _cells(
+            tuple(Column("", (("outcome", o),), integer=True) for o in OUTCOMES),
+            _bits(t.joins.outcomes),
+            np.repeat(t.joins.joined[:, None], len(OUTCOMES), axis=1),
+        ),
     ),
     Family(
         "xentd_pending_predictions",
         "gauge",
         ("model",),
         "Predictions waiting for their labels.",
-        per_model=lambda m: [] if m.joins is None else [((), m.joins.pending)],
+        per_model=lambda t: _one(t.joins.pending, integer=True, present=t.joins.joined),
     ),
     Family(
         "xentd_label_delay_seconds",
         "histogram",
         ("model",),
         "Label arrival minus prediction arrival, one per matched join.",
-        per_model=lambda m: (
-            []
-            if m.joins is None
-            else [((), (m.joins.delay_bounds.tolist(), m.joins.delay_counts.tolist(), m.joins.delay_sum))]
+        per_model=lambda t: _histogram(
+            t.joins.delay_bounds, t.joins.delay_counts, t.joins.delay_sum, present=t.joins.joined
         ),
-        series=lambda m: 0 if m.joins is None else len(m.joins.delay_counts) + 2,
     ),
     _label_free(
         "xentd_prediction_entropy_nats",
@@ -412,7 +568,7 @@ FAMILIES: tuple[Family, ...] = (
         "gauge",
         ("model", "window"),
         "Weighted mean entropy of the predictions received in the window, in nats.",
-        per_model=lambda m: [((w,), h) for w, h in m.predictions.window_entropy if not math.isnan(h)],
+        per_model=lambda t: _by_label("window", t.predictions.window_labels, t.predictions.window_entropy),
     ),
     # --- calibration and normalized entropy (xentd.calibration) ---
     _calibration_bins(
@@ -436,7 +592,7 @@ FAMILIES: tuple[Family, ...] = (
         "summary",
         ("model",),
         "Brier score over all samples: _sum is sum(w*brier), _count sum(w).",
-        per_model=lambda m: [((), (m.calibration.brier_weight, m.calibration.brier_weighted_sum))],
+        per_model=lambda t: _summary(t.calibration.brier_weight, t.calibration.brier_weighted_sum),
     ),
     _calibration_window(
         "xentd_window_calibration_error", "Expected calibration error (ECE) over the window.", "calibration_error"
@@ -477,97 +633,45 @@ FAMILIES: tuple[Family, ...] = (
 _DROP_WARNING_SECONDS = 60.0
 
 
-def _series(family: Family, value: Any) -> int:
-    """How many series one sample is: a summary is _count and _sum, a histogram its buckets, _count and _sum."""
-    if family.type == "summary":
-        return 2
-    if family.type == "histogram":
-        return len(value[1]) + 2
-    return 1
-
-
-def _family_series(family: Family, m: ModelSnapshot) -> int:
-    """How many series a per-model family has for ``m``."""
-    if family.series is not None:
-        return family.series(m)
-    assert family.per_model is not None
-    return sum(_series(family, v) for _, v in family.per_model(m))
-
-
-def _cost(m: ModelSnapshot, per_class: bool) -> int:
-    return sum(_family_series(f, m) for f in FAMILIES if f.per_model is not None and f.per_class == per_class)
-
-
-def _upper_bound(models: tuple[ModelSnapshot, ...], wanted: frozenset[str]) -> int:
-    """At least as many per-model series as the scrape would carry, counted without building a
-    sample: a family with one series per model counts 1 (2 for a summary), one per window counts
-    the windows, one per reason the reasons, and the others say theirs through ``series``.
-    Exact counting builds every sample of every model; under the budget, this is enough."""
-    fixed = per_window = 0
-    outcome = reasons = 0
-    counted: list[Family] = []
-    for f in FAMILIES:
-        if f.per_model is None:
-            continue
-        if f.series is not None:
-            counted.append(f)
-        elif f.labels == ("model",):
-            fixed += 2 if f.type == "summary" else 1
-        elif f.labels == ("model", "window"):
-            per_window += 1
-        elif f.labels == ("model", "outcome"):
-            outcome += 1
-        elif f.labels == ("model", "reason"):
-            reasons += 1
-        else:
-            raise AssertionError(f"no series bound for {f.name}")  # a new family shape: teach this function
-    total = 0
-    for m in models:
-        total += fixed + per_window * len(m.windows) + reasons * len(m.rejected)
-        total += outcome * len(OUTCOMES) if m.joins is not None else 0
-        total += sum(f.series(m) for f in counted if not f.per_class or m.name in wanted)  # type: ignore[misc]
-    return total
-
-
-def _plan(snap: Snapshot, export: ExportConfig) -> tuple[tuple[ModelSnapshot, ...], frozenset[str], int]:
-    """(models exported, models whose per-class series are exported, per-model series left out).
+def _plan(t: ModelColumns, cells: dict[str, Cells], export: ExportConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rows of the models exported, rows of those whose per-class series are, per-model
+    series left out), rows in snapshot order.
 
     Per-class series are wanted for every model ("all"), none ("none"), or models with at
     most ``per_class_max_classes`` classes ("auto"). Past ``max_series``, whole models
     come first: in name order, each model's other series while they fit; then, in
-    name order, per-class series while they fit. Both stop at the first that does not."""
-    wanted = frozenset(
-        m.name
-        for m in snap.models
-        if export.per_class == "all"
-        or (export.per_class == "auto" and len(m.class_labels) <= export.per_class_max_classes)
-    )
-    models = tuple(snap.models)
-    if export.max_series == 0 or _upper_bound(models, wanted) <= export.max_series:
-        return models, wanted, 0
-    ordered = sorted(models, key=lambda m: m.name)
-    base = {m.name: _cost(m, per_class=False) for m in ordered}
-    classes = {m.name: _cost(m, per_class=True) for m in ordered if m.name in wanted}
-    total = sum(base.values()) + sum(classes.values())
-    if total <= export.max_series:
-        return models, wanted, 0
-    budget = export.max_series
-    kept: set[str] = set()
-    for m in ordered:
-        if base[m.name] > budget:
-            break
-        kept.add(m.name)
-        budget -= base[m.name]
-    detailed: set[str] = set()
-    for m in ordered:
-        if m.name not in kept or m.name not in wanted:
-            continue
-        if classes[m.name] > budget:
-            break
-        detailed.add(m.name)
-        budget -= classes[m.name]
-    exported = sum(base[n] for n in kept) + sum(classes[n] for n in detailed)
-    return tuple(m for m in models if m.name in kept), frozenset(detailed), total - exported
+    name order, per-class series while they fit. Both stop at the first that does not.
+    Every family's series are counted from its cells, exactly."""
+    n = len(t)
+    if export.per_class == "all":
+        wanted = np.ones(n, np.bool_)
+    elif export.per_class == "auto":  # by the class series a model has: "other" counts as one
+        wanted = np.diff(t.class_offsets) <= export.per_class_max_classes
+    else:
+        wanted = np.zeros(n, np.bool_)
+    base = np.zeros(n, np.int64)
+    classes = np.zeros(n, np.int64)
+    for f in FAMILIES:
+        if f.per_model is not None:
+            if f.per_class:
+                classes += cells[f.name].series()
+            else:
+                base += cells[f.name].series()
+    classes *= wanted
+    everything = np.arange(n)
+    total = int(base.sum() + classes.sum())
+    if export.max_series == 0 or total <= export.max_series:
+        return everything, np.flatnonzero(wanted), 0
+    # Name order; a model that does not fit ends each pass (cumulative sums only grow).
+    order = np.array(sorted(range(n), key=t.names.__getitem__), np.int64)
+    kept = np.zeros(n, np.bool_)
+    kept[order[np.cumsum(base[order]) <= export.max_series]] = True
+    budget = export.max_series - int(base[kept].sum())
+    candidates = order[kept[order] & wanted[order]]
+    detailed = np.zeros(n, np.bool_)
+    detailed[candidates[np.cumsum(classes[candidates]) <= budget]] = True
+    exported = int(base[kept].sum() + classes[detailed].sum())
+    return np.flatnonzero(kept), np.flatnonzero(detailed), total - exported
 
 
 class _DropWarning:
@@ -597,64 +701,32 @@ class _DropWarning:
 def _scrape(
     snap: Snapshot, version: str, backend: Backend, export: ExportConfig, warning: _DropWarning | None
 ) -> Scrape:
-    models, per_class, dropped = _plan(snap, export)
+    t = snap.table
+    cells = {f.name: f.per_model(t) for f in FAMILIES if f.per_model is not None}
+    rows, detailed, dropped = _plan(t, cells, export)
     if warning is not None:
         warning.note(dropped, export)
-    return Scrape(snap, version, _backend_name(backend), models, per_class, dropped)
+    return Scrape(snap, version, _backend_name(backend), rows, detailed, dropped, cells)
 
 
-def _samples(family: Family, scrape: Scrape) -> Iterator[Sample]:
-    """Every sample of a family with all its label values (the model's first)."""
+def _family_cells(family: Family, scrape: Scrape) -> tuple[Cells, np.ndarray]:
+    """The family's cells and the rows of them this scrape exports."""
     if family.per_scrape is not None:
-        yield from family.per_scrape(scrape)
-    if family.per_model is not None:
-        for m in scrape.models:
-            if family.per_class and m.name not in scrape.per_class:
-                continue
-            for labels, value in family.per_model(m):
-                yield (m.name, *labels), value
+        return _scrape_cells(family, family.per_scrape(scrape)), np.zeros(1, np.int64)
+    return scrape.cells[family.name], scrape.detailed if family.per_class else scrape.rows
 
 
-# --- the collector (OpenMetrics, and the reference for the text writer) -------------------
-
-
-class _WeightedSummary:
-    """A summary whose ``_count`` is a sum of weights, so possibly fractional.
-
-    Text format 0.0.4 takes that. OpenMetrics requires a summary's count to be an
-    integer, so there the pair is written as two gauge families whose samples
-    have the same names and values: ``<name>_sum`` and ``<name>_count``. Queries
-    read the same series either way."""
-
-    def __init__(self, name: str, doc: str, labels: list[str], *, openmetrics: bool) -> None:
-        self._summary: SummaryMetricFamily | None = None
-        self._pair: tuple[GaugeMetricFamily, GaugeMetricFamily] | None = None
-        if openmetrics:
-            self._pair = (
-                GaugeMetricFamily(f"{name}_sum", f"{doc} (summary _sum)", labels=labels),
-                GaugeMetricFamily(f"{name}_count", f"{doc} (summary _count)", labels=labels),
-            )
-        else:
-            self._summary = SummaryMetricFamily(name, doc, labels=labels)
-
-    def add(self, labels: list[str], count: float, total: float) -> None:
-        if self._summary is not None:
-            self._summary.add_metric(labels, count_value=count, sum_value=total)  # type: ignore[arg-type]
-        else:
-            assert self._pair is not None
-            self._pair[0].add_metric(labels, total)
-            self._pair[1].add_metric(labels, count)
-
-    def families(self) -> tuple[Metric, ...]:
-        return (self._summary,) if self._summary is not None else self._pair  # type: ignore[return-value]
+# --- the collector (OpenMetrics) --------------------------------------------------------
 
 
 class XentdCollector(Collector):
     """Renders :data:`FAMILIES` from a snapshot read from ``source`` on every scrape.
 
-    With ``openmetrics=True`` the weighted summaries are written as gauge pairs
-    (see :class:`_WeightedSummary`), for the OpenMetrics exposition. ``export``
-    says which per-model series go out (:func:`_plan`)."""
+    A summary's ``_count`` is a sum of weights, so possibly fractional. Text format 0.0.4
+    takes that; OpenMetrics requires a summary's count to be an integer, so with
+    ``openmetrics=True`` each summary is written as two gauge families whose samples have
+    the same names and values: ``<name>_sum`` and ``<name>_count``. Queries read the same
+    series either way. ``export`` says which per-model series go out (:func:`_plan`)."""
 
     def __init__(
         self,
@@ -682,43 +754,38 @@ class XentdCollector(Collector):
         for family in FAMILIES:
             yield from self._family(family, scrape)
 
-    def _family(self, family: Family, scrape: Scrape) -> Iterable[Metric]:
-        labels = list(family.labels)
-        if family.type == "summary":
-            summary = _WeightedSummary(family.name, family.help, labels, openmetrics=self._openmetrics)
-            for values, (count, total) in _samples(family, scrape):
-                summary.add(list(values), count, total)
-            return summary.families()
-        if family.type == "histogram":
-            hist = HistogramMetricFamily(family.name, family.help, labels=labels)
-            for values, (bounds, counts, total) in _samples(family, scrape):
-                hist.add_metric(list(values), list(zip(_les(bounds), itertools.accumulate(counts), strict=True)), total)
-            return (hist,)
-        if family.type == "counter":
-            metric: Metric = CounterMetricFamily(family.name.removesuffix("_total"), family.help, labels=labels)
+    def _family(self, family: Family, scrape: Scrape) -> tuple[Metric, ...]:
+        name = family.name
+        if family.type == "summary" and self._openmetrics:
+            parts = {
+                part: Metric(f"{name}{part}", f"{family.help} (summary {part})", "gauge") for part in ("_sum", "_count")
+            }
+            metrics: tuple[Metric, ...] = (parts["_sum"], parts["_count"])
         else:
-            metric = GaugeMetricFamily(family.name, family.help, labels=labels)
-        for values, value in _samples(family, scrape):
-            metric.add_metric(list(values), value)  # type: ignore[attr-defined]
-        return (metric,)
+            metric = Metric(name.removesuffix("_total") if family.type == "counter" else name, family.help, family.type)
+            parts = {}
+            metrics = (metric,)
+        cells, rows = _family_cells(family, scrape)
+        names = scrape.snapshot.table.names
+        bits = cells.values.view(np.int64)
+        for r in rows.tolist():
+            model = {"model": names[r]} if family.per_model is not None else {}
+            for c in range(cells.offsets[r], cells.offsets[r + 1]):
+                col = cells.columns[cells.column[c]]
+                value = int(bits[c]) if col.integer else float(cells.values[c])
+                metric = parts.get(col.suffix, metrics[0])
+                metric.add_sample(f"{name}{col.suffix}", {**model, **dict(col.labels)}, value)
+        return metrics
 
 
 # --- direct text exposition -----------------------------------------------------
 #
 # prometheus-client formats each sample in Python with label-name validation and
-# escaping, about 5 us per series: 6 s for 10,000 models. render_text writes the
-# same families, from the same snapshot, as plain text format 0.0.4, with each
-# model's label fragment built once. tests/test_exporter.py checks that both
-# produce the same samples.
-
-_SPECIAL = {"inf": "+Inf", "-inf": "-Inf", "nan": "NaN"}
-
-
-def _v(value: float) -> str:
-    # Values are Python floats and ints (the snapshot uses .tolist()); repr is
-    # their shortest exact form, and only inf/nan need Prometheus spellings.
-    text = repr(value)
-    return _SPECIAL[text] if text[-1] in "nf" else text
+# escaping, about 5 us per series: 6 s for 10,000 models. render writes the same
+# families, from the same cells, as plain text format 0.0.4, every family's lines in
+# one kernel call (xentd.textformat.write_lines). tests/test_exporter.py checks that both
+# produce the same samples, and that the text is, byte for byte, what the exporter
+# wrote when it formatted each line in Python.
 
 
 def _esc(value: str) -> str:
@@ -727,31 +794,119 @@ def _esc(value: str) -> str:
     return value
 
 
-def _les(bounds: list[float]) -> list[str]:
-    return [*(repr(float(b)) for b in bounds), "+Inf"]
+def _pairs(labels: tuple[tuple[str, str], ...]) -> str:
+    return ",".join(f'{k}="{_esc(v)}"' for k, v in labels)
 
 
-def _pairs(names: Labels, values: Labels) -> str:
-    return ",".join(f'{k}="{_esc(v)}"' for k, v in zip(names, values, strict=True))
+@dataclass(frozen=True, slots=True)
+class _Lines:
+    """What :func:`xentd.textformat.write_lines` needs of one family besides its cells: each
+    column's line head and tail (in ``text``), and the rows' labels."""
+
+    text: np.ndarray
+    head: np.ndarray
+    tail: np.ndarray
+    integer: np.ndarray
+    labels: np.ndarray
+    label_at: np.ndarray
+    bound: int  # most bytes the lines take
+
+    @staticmethod
+    def of(family: Family, cells: Cells, rows: np.ndarray, labels: tuple[np.ndarray, np.ndarray]) -> _Lines:
+        heads: list[bytes] = []
+        tails: list[bytes] = []
+        for col in cells.columns:
+            name = f"{family.name}{col.suffix}"
+            if family.per_model is not None:  # name{model="m",window="5m"} 1.5
+                heads.append(f"{name}{{".encode())
+                tails.append(f"{''.join(',' + _pairs((p,)) for p in col.labels)}}} ".encode())
+            elif col.labels:  # name{reason="x"} 1
+                heads.append(f"{name}{{".encode())
+                tails.append(f"{_pairs(col.labels)}}} ".encode())
+            else:  # name 1
+                heads.append(name.encode())
+                tails.append(b" ")
+        text = np.frombuffer(b"".join(heads) + b"".join(tails), np.uint8)
+        head = np.zeros(len(heads) + 1, np.int64)
+        np.cumsum([len(h) for h in heads], out=head[1:])
+        tail = np.zeros(len(tails) + 1, np.int64)
+        np.cumsum([len(t) for t in tails], out=tail[1:])
+        tail += head[-1]
+        label_text, label_at = labels if family.per_model is not None else (_NO_LABEL, _NO_LABEL_AT)
+        series = cells.series()[rows]
+        widest = max((len(h) + len(t) for h, t in zip(heads, tails, strict=True)), default=0)
+        bound = int(series.sum()) * (widest + textformat.VALUE_BYTES + 1) + int(series @ np.diff(label_at)[rows])
+        return _Lines(
+            text,
+            head,
+            tail,
+            np.array([c.integer for c in cells.columns], np.bool_),
+            label_text,
+            label_at,
+            bound,
+        )
 
 
-def _write(out: list[str], family: Family, labels: str, value: Any) -> None:
-    """One sample's lines; ``labels`` is the inside of the braces, possibly empty."""
-    name = family.name
-    braces = f"{{{labels}}}" if labels else ""
-    if family.type == "summary":
-        count, total = value
-        out.append(f"{name}_count{braces} {_v(count)}\n{name}_sum{braces} {_v(total)}\n")
-    elif family.type == "histogram":
-        bounds, counts, total = value
-        sep = "," if labels else ""
-        cumulative = 0
-        for le, count in zip(_les(bounds), counts, strict=True):
-            cumulative += count
-            out.append(f'{name}_bucket{{{labels}{sep}le="{le}"}} {_v(cumulative)}\n')
-        out.append(f"{name}_count{braces} {_v(cumulative)}\n{name}_sum{braces} {_v(total)}\n")
-    else:
-        out.append(f"{name}{braces} {_v(value)}\n")
+_NO_LABEL = np.zeros(0, np.uint8)
+_NO_LABEL_AT = np.zeros(2, np.int64)
+
+
+def _model_labels(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Every model's ``model="name"`` as bytes, and where each starts."""
+    encoded = [f'model="{_esc(n)}"'.encode() for n in names]
+    at = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(e) for e in encoded], out=at[1:])
+    return np.frombuffer(b"".join(encoded), np.uint8), at
+
+
+def render(
+    snap: Snapshot,
+    *,
+    version: str,
+    backend: Backend,
+    export: ExportConfig | None = None,
+    warning: _DropWarning | None = None,
+    tail: bytes = b"",
+) -> memoryview:
+    """All xentd metric families of one snapshot, in Prometheus text format 0.0.4 (UTF-8),
+    with the per-model series ``export`` lets through (:func:`_plan`), then ``tail``: a view
+    of the buffer they were written into (a copy of 100 MB into a bytes object cost ~0.1 s)."""
+    scrape = _scrape(snap, version, backend, export if export is not None else ExportConfig(), warning)
+    labels = _model_labels(snap.table.names)
+    work = []
+    size = len(tail)
+    for family in FAMILIES:
+        cells, rows = _family_cells(family, scrape)
+        header = f"# HELP {family.name} {family.help}\n# TYPE {family.name} {family.type}\n".encode()
+        lines = _Lines.of(family, cells, rows, labels)
+        work.append((family, header, cells, rows, lines))
+        size += len(header) + lines.bound
+    out = np.empty(size, np.uint8)
+    pos = 0
+    for family, header, cells, rows, lines in work:
+        out[pos : pos + len(header)] = np.frombuffer(header, np.uint8)
+        pos += len(header)
+        end = textformat.write_lines(
+            out,
+            pos,
+            rows,
+            cells.offsets,
+            cells.column,
+            cells.values,
+            lines.text,
+            lines.head,
+            lines.tail,
+            lines.integer,
+            lines.labels,
+            lines.label_at,
+            textformat.POW5_INV,
+            textformat.POW5,
+        )
+        if end < 0:
+            raise AssertionError(f"{family.name}: its lines are longer than _Lines.of's bound")
+        pos = end
+    out[pos : pos + len(tail)] = np.frombuffer(tail, np.uint8)
+    return out[: pos + len(tail)].data
 
 
 def render_text(
@@ -762,45 +917,8 @@ def render_text(
     export: ExportConfig | None = None,
     warning: _DropWarning | None = None,
 ) -> str:
-    """All xentd metric families of one snapshot, in Prometheus text format 0.0.4,
-    with the per-model series ``export`` lets through (:func:`_plan`)."""
-    scrape = _scrape(snap, version, backend, export if export is not None else ExportConfig(), warning)
-    out: list[str] = []
-    every_model = [(f'model="{_esc(m.name)}"', m) for m in scrape.models]
-    detailed = [(lbl, m) for lbl, m in every_model if m.name in scrape.per_class]
-    for family in FAMILIES:
-        name = family.name
-        out.append(f"# HELP {name} {family.help}\n# TYPE {name} {family.type}\n")
-        if family.per_scrape is not None:
-            for values, value in family.per_scrape(scrape):
-                _write(out, family, _pairs(family.labels, values), value)
-        per_model = family.per_model
-        if per_model is None:
-            continue
-        extra = family.labels[1:]
-        models = detailed if family.per_class else every_model
-        # The loops below are the hot path (a few hundred thousand samples for
-        # 10,000 models): the common shapes are spelled out rather than going
-        # through _write and _pairs for every sample.
-        if family.type in ("counter", "gauge") and len(extra) <= 1:
-            if extra:
-                key = extra[0]
-                out.extend(
-                    f'{name}{{{lbl},{key}="{_esc(x)}"}} {_v(v)}\n' for lbl, m in models for (x,), v in per_model(m)
-                )
-            else:
-                out.extend(f"{name}{{{lbl}}} {_v(v)}\n" for lbl, m in models for _, v in per_model(m))
-        elif family.type == "summary" and len(extra) == 1:
-            key = extra[0]
-            for lbl, m in models:
-                for (x,), (count, total) in per_model(m):
-                    labels = f'{lbl},{key}="{_esc(x)}"'
-                    out.append(f"{name}_count{{{labels}}} {_v(count)}\n{name}_sum{{{labels}}} {_v(total)}\n")
-        else:
-            for lbl, m in models:
-                for values, value in per_model(m):
-                    _write(out, family, f"{lbl},{_pairs(extra, values)}" if extra else lbl, value)
-    return "".join(out)
+    """:func:`render` as a str."""
+    return str(render(snap, version=version, backend=backend, export=export, warning=warning), "utf-8")
 
 
 def build_registry(
@@ -831,7 +949,7 @@ def _add_process_collectors(registry: CollectorRegistry) -> CollectorRegistry:
 
 class Exposition:
     """What /metrics serves. Text format 0.0.4 (what Prometheus takes by default)
-    comes from :func:`render_text`; a client that accepts only OpenMetrics gets
+    comes from :func:`render`; a client that accepts only OpenMetrics gets
     the collector's output through prometheus-client. Each scrape reads one snapshot.
 
     ``backend`` may be a function: xentd_build_info then asks it on every scrape.
@@ -856,10 +974,19 @@ class Exposition:
         self._process = _add_process_collectors(CollectorRegistry())
 
     def text(self) -> bytes:
-        body = render_text(
-            self._source(), version=self._version, backend=self._backend, export=self._export, warning=self._warning
+        """The text exposition: xentd's families, then the process collector's."""
+        return bytes(self.text_view())
+
+    def text_view(self) -> memoryview:
+        """:meth:`text` without copying it out of the buffer it was written into (what /metrics sends)."""
+        return render(
+            self._source(),
+            version=self._version,
+            backend=self._backend,
+            export=self._export,
+            warning=self._warning,
+            tail=generate_latest(self._process),
         )
-        return body.encode("utf-8") + generate_latest(self._process)
 
     def openmetrics(self) -> bytes:
         body: bytes = generate_openmetrics(self.registry)  # type: ignore[no-untyped-call]
@@ -955,6 +1082,22 @@ class _DeadlineWriter(io.BufferedIOBase):
 
 
 class _ServerHandler(ServerHandler):
+    def write(self, data: Any) -> None:
+        """The stdlib's ``write``, which takes only ``bytes``, taking any bytes-like body too:
+        /metrics answers with a view of the buffer its text was written into."""
+        if type(data) is bytes:
+            super().write(data)
+            return
+        if not self.status:  # type: ignore[attr-defined]  # set by start_response
+            raise AssertionError("write() before start_response()")
+        if not self.headers_sent:  # type: ignore[attr-defined]
+            self.bytes_sent = len(data)
+            self.send_headers()
+        else:
+            self.bytes_sent += len(data)
+        self._write(data)
+        self._flush()
+
     def log_exception(self, exc_info: Any) -> None:
         if isinstance(exc_info[1], TimeoutError):
             log.info("http: a client did not take its response in time")
@@ -1035,8 +1178,9 @@ def make_app(
     Both answer GET and HEAD (the same headers, no body); other methods get 405."""
     authorized = _basic_auth_check(basic_auth) if basic_auth is not None else None
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes | memoryview]:
         path = environ.get("PATH_INFO", "")
+        body: bytes | memoryview
         method = environ.get("REQUEST_METHOD", "GET")
         status = "200 OK"
         headers = [("Content-Type", _TEXT)]
@@ -1057,7 +1201,7 @@ def make_app(
             if "openmetrics" in accept and "text/plain" not in accept:
                 body, headers = exposition.openmetrics(), [("Content-Type", OPENMETRICS_CONTENT_TYPE)]
             else:
-                body, headers = exposition.text(), [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
+                body, headers = exposition.text_view(), [("Content-Type", CONTENT_TYPE_PLAIN_0_0_4)]
             if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
                 # Level 1: a 50 MB exposition compresses ~8x in a fraction of level 9's time.
                 body = gzip.compress(body, compresslevel=1)

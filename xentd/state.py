@@ -24,7 +24,7 @@ import functools
 import math
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ from xentd.config import CalibrationConfig, LabelsConfig, LimitsConfig, WindowsC
 from xentd.delivery import RecentBatches, SequenceTracker
 from xentd.errors import Reason, ValidationError
 from xentd.fold import CALIBRATION_OVERFLOW, ENTROPY_OVERFLOW, FOLDED, LOSS_OVERFLOW, fold_model
-from xentd.jit import kernel_array
+from xentd.jit import cached, kernel_array
 from xentd.joins import OUTCOMES, JoinStore
 from xentd.kernels import SampleScores
 
@@ -741,12 +741,147 @@ class Counters:
 
 
 @dataclass(frozen=True, slots=True)
+class PredictionColumns:
+    """:class:`PredictionSummary` of every model, a row each."""
+
+    rows: np.ndarray  # (models,)
+    weight: np.ndarray
+    entropy_weighted_sum: np.ndarray
+    confidence_weighted_sum: np.ndarray
+    window_labels: tuple[str, ...]
+    window_entropy: np.ndarray  # (models, windows); NaN where a window is empty
+
+
+@dataclass(frozen=True, slots=True)
+class JoinColumns:
+    """:class:`JoinSummary` of every model, a row each; rows where ``joined`` is False have none."""
+
+    joined: np.ndarray  # (models,) bool
+    outcomes: np.ndarray  # (models, len(OUTCOMES)) int64
+    pending: np.ndarray  # (models,) int64
+    delay_bounds: np.ndarray
+    delay_counts: np.ndarray  # (models, buckets + 1) int64, per bucket
+    delay_sum: np.ndarray  # (models,)
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationColumns:
+    """:class:`CalibrationSummary` of every model, a row each."""
+
+    bin_labels: tuple[str, ...]
+    weight: np.ndarray  # (models, bins)
+    confidence: np.ndarray
+    outcome: np.ndarray
+    brier_weighted_sum: np.ndarray  # (models,)
+    brier_weight: np.ndarray
+    window_labels: tuple[str, ...]
+    windows: np.ndarray  # (models, windows, 7): CalibrationWindow's fields in order
+
+
+@dataclass(frozen=True, slots=True)
+class ModelColumns:
+    """Every model of a snapshot, one array per figure with a row per model (row i is
+    ``names[i]``): what :class:`ModelSnapshot` holds, without an object per model, so the
+    exporter renders a family of every model at once. :meth:`model` builds row i's record."""
+
+    names: list[str]
+    class_limit: int
+    num_classes: np.ndarray  # (models,) int64
+    samples: np.ndarray  # (models,) float64, and so on for the lifetime figures
+    weight: np.ndarray
+    loss_weighted_sum: np.ndarray
+    correct_weighted_sum: np.ndarray
+    batches: np.ndarray  # int64
+    unnormalized_rows: np.ndarray  # int64
+    unnormalized_targets: np.ndarray  # int64
+    rejected: list[dict[str, int]]
+    # As the clock and the producers gave them (a float, or an int from a clock that gives ints).
+    last_batch_time: list[float]
+    last_event_time: list[float | None]
+    # Model i's class slots are entries class_offsets[i]:class_offsets[i + 1] of these two.
+    class_offsets: np.ndarray  # (models + 1,) int64
+    class_weight: np.ndarray
+    class_loss_weighted_sum: np.ndarray
+    hist_bounds: np.ndarray
+    hist_counts: np.ndarray  # (models, buckets + 1) int64, per bucket; last is +Inf
+    loss_sum: np.ndarray
+    window_labels: tuple[str, ...]
+    windows: np.ndarray  # (models, windows, 6): WindowStats' fields in order
+    predictions: PredictionColumns
+    joins: JoinColumns
+    calibration: CalibrationColumns
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def class_labels(self, i: int) -> tuple[str, ...]:
+        return class_labels(int(self.num_classes[i]), self.class_limit)
+
+    def model(self, i: int) -> ModelSnapshot:
+        """Row ``i`` as a :class:`ModelSnapshot`."""
+        lo, hi = self.class_offsets[i : i + 2].tolist()
+        p, j, c = self.predictions, self.joins, self.calibration
+        return ModelSnapshot(
+            name=self.names[i],
+            samples=float(self.samples[i]),
+            weight=float(self.weight[i]),
+            loss_weighted_sum=float(self.loss_weighted_sum[i]),
+            correct_weighted_sum=float(self.correct_weighted_sum[i]),
+            batches=int(self.batches[i]),
+            unnormalized_rows=int(self.unnormalized_rows[i]),
+            unnormalized_targets=int(self.unnormalized_targets[i]),
+            rejected=self.rejected[i],
+            last_batch_time=self.last_batch_time[i],
+            last_event_time=self.last_event_time[i],
+            class_labels=self.class_labels(i),
+            class_weight=self.class_weight[lo:hi],
+            class_loss_weighted_sum=self.class_loss_weighted_sum[lo:hi],
+            hist_bounds=self.hist_bounds,
+            hist_counts=self.hist_counts[i],
+            loss_sum=float(self.loss_sum[i]),
+            windows=list(zip(self.window_labels, (WindowStats(*w) for w in self.windows[i].tolist()), strict=True)),
+            predictions=PredictionSummary(
+                rows=float(p.rows[i]),
+                weight=float(p.weight[i]),
+                entropy_weighted_sum=float(p.entropy_weighted_sum[i]),
+                confidence_weighted_sum=float(p.confidence_weighted_sum[i]),
+                window_entropy=list(zip(p.window_labels, p.window_entropy[i].tolist(), strict=True)),
+            ),
+            joins=(
+                JoinSummary(
+                    outcomes=dict(zip(OUTCOMES, j.outcomes[i].tolist(), strict=True)),
+                    pending=int(j.pending[i]),
+                    delay_bounds=j.delay_bounds,
+                    delay_counts=j.delay_counts[i],
+                    delay_sum=float(j.delay_sum[i]),
+                )
+                if j.joined[i]
+                else None
+            ),
+            calibration=CalibrationSummary(
+                bin_labels=c.bin_labels,
+                weight=c.weight[i],
+                confidence=c.confidence[i],
+                outcome=c.outcome[i],
+                brier_weighted_sum=float(c.brier_weighted_sum[i]),
+                brier_weight=float(c.brier_weight[i]),
+                windows=list(zip(c.window_labels, (CalibrationWindow(*w) for w in c.windows[i].tolist()), strict=True)),
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
-    models: list[ModelSnapshot]
+    table: ModelColumns
     rejected: dict[str, int]
     counters: Counters
     pending_bytes: int = 0  # what the join store holds (xentd.joins)
     pending_bytes_limit: int = 0  # labels.max_pending_bytes
+
+    @property
+    def models(self) -> list[ModelSnapshot]:
+        """Every model's record (built on each call: the exporter reads :attr:`table`)."""
+        return [self.table.model(i) for i in range(len(self.table))]
 
 
 # Models copied per hold of the state lock by StateStore.snapshot.
@@ -873,6 +1008,10 @@ class StateStore:
             scratch.fold(scores, w, self.clock(), None, targets=soft32)
             scratch.fold_predictions(scores.loss, scores.focal, w, self.clock())
             scratch.windows(self.clock())
+        # A snapshot's reader and derivation (what a scrape of restored models needs).
+        copies = _Copies([scratch], self.limits, self.joins.delay_bounds, self.calibration_cfg.bins)
+        copies.add(scratch, float(self.clock()), self.joins)
+        copies.derive()
         joins.warmup()
         predstats.warmup()
         calibration.warmup()
@@ -888,144 +1027,386 @@ class StateStore:
     def snapshot(self) -> Snapshot:
         """A copy of all state, consistent per model. The lock is held only to copy raw sums,
         and released every :data:`SNAPSHOT_CHUNK` models, so that a scrape of 10,000 models
-        never stalls ingestion for long; means and labels are derived outside it. Each
-        model's figures are copied whole, so a scrape never sees half a batch."""
+        never stalls ingestion for long; means and labels are derived outside it, for all
+        models of one layout at once (:class:`_Copies`). Each model's figures are copied
+        whole, so a scrape never sees half a batch."""
         with self.lock:
             names = list(self.models)
+            listed = list(self.models.values())
             rejected = dict(self.rejected)
             counters = self.counters.copy()
             pending_bytes = self.joins.nbytes
-        raw = []
+        # Sized by the models' layouts now, outside the lock: a model whose layout changes before
+        # it is copied (its first batch says it is binary) goes where it belongs, into a stack that grows.
+        copies = _Copies(listed, self.limits, self.joins.delay_bounds, self.calibration_cfg.bins)
+        del listed
         for start in range(0, len(names), SNAPSHOT_CHUNK):
             with self.lock:
                 now = self.clock()
                 for name in names[start : start + SNAPSHOT_CHUNK]:
                     m = self.models.get(name)
                     if m is not None:  # evicted since the list was taken
-                        raw.append(self._copy_model(m, now))
-        models = [self._derive(*r) for r in raw]
+                        copies.add(m, max(now, m.clock), self.joins)
         return Snapshot(
-            models=models,
+            table=copies.derive(),
             rejected=rejected,
             counters=counters,
             pending_bytes=pending_bytes,
             pending_bytes_limit=self.joins.max_bytes,
         )
 
-    def _copy_model(self, m: ModelState, now: float) -> tuple[Any, ...]:
-        """What a snapshot needs of one model, copied (call with the lock held)."""
-        join = None
-        if m.name in self.joins.stats:
-            st = self.joins.stats[m.name]
-            join = (st.outcomes.copy(), self.joins.pending(m.name), st.delay_counts.copy(), st.delay_sum)
-        now = max(now, m.clock)
-        return (
-            m,
-            m.num_classes,
-            m.loss.lifetime.copy(),
-            m.loss.hist.copy(),
-            m.loss.value_sum,
-            m.batches,
-            m.unnormalized_rows,
-            m.unnormalized_targets,
-            dict(m.rejected),
-            m.last_batch_time,
-            m.last_event_time,
-            m.loss.window_matrix(now),
-            m.predictions.lifetime.copy(),
-            m.predictions.window_matrix(now),
-            join,
-            # The component itself too: a model's first scored batch may replace it (binary
-            # or not) before the copy is derived, outside the lock.
-            m.calibration,
-            m.calibration.lifetime.copy(),
-            m.calibration.window_matrix(now),
+
+# --- snapshots: reading and deriving ---------------------------------------------------
+#
+# A scrape reads every model. Under the lock, one jitted call per model reads each of its
+# components (every window and the lifetime totals, as rows of one matrix) into a stack
+# of the matrices of all models of the same layout; outside it, each stack is derived by
+# one kernel call, into the columns of ModelColumns. One call per window, as
+# window_matrix makes them, cost most of a scrape of 10,000 models.
+
+# The reader calls accumulate's and calibration's kernels: their changes must make its cached build stale.
+_read_jit = cached(acc.__file__, calibration.__file__)
+
+
+@cached(acc.__file__, inline="always")
+def _ewma_row(out, ewma, ewma_time, now, half_life):  # type: ignore[no-untyped-def]
+    """The EWMA row: its sample count decayed to ``now`` (acc.decay's factor); the other
+    sums are the terms of ratios, which decay alike."""
+    out[:] = ewma
+    out[acc.N] = ewma[acc.N] * 2.0 ** (-(now - ewma_time) / half_life)
+
+
+@_read_jit
+def _read_model(  # type: ignore[no-untyped-def]
+    now,
+    widths,
+    sizes,
+    half_life,
+    # the loss component
+    l_epochs,
+    l_buckets,
+    l_ring,
+    l_cls,
+    l_blocks,
+    l_block,
+    l_total,
+    l_slots,
+    l_ewma,
+    l_ewma_time,
+    l_lifetime,
+    l_hist,
+    # the label-free statistics (time windows and EWMA only)
+    p_epochs,
+    p_buckets,
+    p_ewma,
+    p_ewma_time,
+    p_lifetime,
+    # calibration
+    c_epochs,
+    c_rows,
+    c_buckets,
+    c_ring,
+    c_tags,
+    c_masses,
+    c_blocks,
+    c_block,
+    c_total,
+    c_bins,
+    c_slots,
+    c_ewma,
+    c_ewma_time,
+    c_lifetime,
+    # where they go
+    l_out,
+    h_out,
+    p_out,
+    c_out,
+    at,
+):
+    """Each component's ``window_matrix(now)`` with its lifetime totals as one more row, into
+    ``l_out[at]``, ``p_out[at]`` and ``c_out[at]``, and the loss histogram into ``h_out[at]``.
+    Every component has the store's time windows (bucket ``widths``) and EWMA ``half_life``;
+    the loss and calibration components its count windows (``sizes``)."""
+    times = widths.shape[0]
+    out = l_out[at]
+    for i in range(times):
+        acc.time_read(l_epochs[i], l_buckets[i], acc.bucket_number(now, widths[i]), out[i])
+    for k in range(sizes.shape[0]):
+        acc.count_read(l_ring, l_cls, l_blocks, l_block, l_total, sizes[k], l_slots, out[times + k])
+    _ewma_row(out[-2], l_ewma, l_ewma_time, now, half_life)
+    out[-1] = l_lifetime
+    h_out[at] = l_hist
+
+    out = p_out[at]
+    for i in range(times):
+        acc.time_read(p_epochs[i], p_buckets[i], acc.bucket_number(now, widths[i]), out[i])
+    _ewma_row(out[-2], p_ewma, p_ewma_time, now, half_life)
+    out[-1] = p_lifetime
+
+    out = c_out[at]
+    for i in range(times):
+        calibration._time_read(c_epochs[i], c_rows[i], c_buckets, acc.bucket_number(now, widths[i]), out[i])
+    for k in range(sizes.shape[0]):
+        calibration._count_read(
+            c_ring, c_tags, c_masses, c_blocks, c_block, c_total, sizes[k], c_bins, c_slots, out[times + k]
+        )
+    _ewma_row(out[-2], c_ewma, c_ewma_time, now, half_life)
+    out[-1] = c_lifetime
+
+
+def _shape(s: WindowedStats | CalibrationStats) -> tuple[int, int]:
+    """A component's matrix: every window, then the lifetime totals."""
+    return s.tw_widths.shape[0] + len(s.count_sizes) + 2, s.lifetime.shape[0]
+
+
+class _Layout:
+    """The copies of the models of one layout (loss class slots; calibration bins, slots and
+    binary or not), stacked in the order they are read: entry k of each is row ``rows[k]``'s."""
+
+    __slots__ = ("loss", "hist", "predictions", "calibration", "rows")
+
+    def __init__(self, m: ModelState, capacity: int) -> None:
+        loss, pred, c = m.loss, m.predictions, m.calibration
+        # What _read_model takes for granted (it writes by the loss component's windows, unchecked).
+        if not (
+            np.array_equal(pred.tw_widths, loss.tw_widths)
+            and np.array_equal(c.tw_widths, loss.tw_widths)
+            and c.count_sizes == loss.count_sizes
+            and not pred.count_sizes
+            and pred.half_life == loss.half_life == c.half_life
+        ):
+            raise AssertionError(f"model {m.name!r}: its components do not have the same windows")
+        self.loss = np.empty((capacity, *_shape(m.loss)))
+        self.hist = np.empty((capacity, *m.loss.hist.shape), np.int64)
+        self.predictions = np.empty((capacity, *_shape(m.predictions)))
+        self.calibration = np.empty((capacity, *_shape(m.calibration)))
+        self.rows: list[int] = []
+
+    def take(self, row: int) -> int:
+        """Where row ``row``'s copies go."""
+        k = len(self.rows)
+        if k == self.loss.shape[0]:  # a model added since the count
+            for name in ("loss", "hist", "predictions", "calibration"):
+                a = getattr(self, name)
+                setattr(self, name, np.concatenate([a, np.empty_like(a)]))
+        self.rows.append(row)
+        return k
+
+    def filled(self, a: np.ndarray) -> np.ndarray:
+        return a[: len(self.rows)]
+
+
+def _layout(m: ModelState) -> tuple[int, int, int, bool]:
+    c = m.calibration
+    return m.slots, c.bins, c.slots, c.binary
+
+
+class _Copies:
+    """What a snapshot copies of each model, under the lock (:meth:`add`), and the
+    :class:`ModelColumns` derived from it, outside (:meth:`derive`).
+
+    The copies of models of one layout go into one :class:`_Layout`, sized for the models
+    of that layout among ``models`` (those listed when the snapshot starts)."""
+
+    def __init__(self, models: Iterable[ModelState], limits: LimitsConfig, delay_bounds: np.ndarray, bins: int) -> None:
+        self.limits = limits
+        self.delay_bounds = delay_bounds
+        self.bins = bins
+        self.labels: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        self.counts = Counter(_layout(m) for m in models)
+        self.layouts: dict[tuple[int, int, int, bool], _Layout] = {}
+        self.scalars: list[tuple[Any, ...]] = []
+        self.joins: dict[int, tuple[np.ndarray, int, np.ndarray, float]] = {}
+        self.sizes: np.ndarray | None = None
+
+    def add(self, m: ModelState, now: float, join_store: JoinStore) -> None:
+        """Copy ``m``'s figures at ``now`` (the lock held)."""
+        row = len(self.scalars)
+        loss, pred, c = m.loss, m.predictions, m.calibration
+        key = (m.slots, c.bins, c.slots, c.binary)
+        layout = self.layouts.get(key)
+        if layout is None:
+            layout = self.layouts[key] = _Layout(m, max(self.counts[key], 1))
+        if self.sizes is None:  # every model has the store's windows: the first says what they are
+            self.labels = (loss.window_labels, pred.window_labels)
+            self.sizes = np.array(loss.count_sizes, np.int64)
+        at = layout.take(row)
+        _read_model(
+            now,
+            loss.tw_widths,
+            self.sizes,
+            loss.half_life,
+            loss.tw_epochs,
+            loss.tw_buckets,
+            loss.ring,
+            loss.ring_cls,
+            loss.blocks,
+            loss.block,
+            loss.count_total,
+            loss.slots,
+            loss.ewma,
+            loss.ewma_time,
+            loss.lifetime,
+            loss.hist,
+            pred.tw_epochs,
+            pred.tw_buckets,
+            pred.ewma,
+            pred.ewma_time,
+            pred.lifetime,
+            c.tw_epochs,
+            c.tw_rows,
+            c.tw_buckets,
+            c.ring,
+            c.ring_tag,
+            c.ring_mass,
+            c.blocks,
+            c.block,
+            c.count_total,
+            c.bins,
+            c.slots,
+            c.ewma,
+            c.ewma_time,
+            c.lifetime,
+            layout.loss,
+            layout.hist,
+            layout.predictions,
+            layout.calibration,
+            at,
+        )
+        st = join_store.stats.get(m.name)
+        if st is not None:
+            self.joins[row] = (st.outcomes.copy(), join_store.pending(m.name), st.delay_counts.copy(), st.delay_sum)
+        self.scalars.append(
+            (
+                m.name,
+                m.num_classes,
+                m.slots,
+                loss.value_sum,
+                m.batches,
+                m.unnormalized_rows,
+                m.unnormalized_targets,
+                dict(m.rejected) if m.rejected else {},
+                m.last_batch_time,
+                m.last_event_time,
+            )
         )
 
-    def _derive(
-        self,
-        m: ModelState,
-        num_classes: int,
-        life: np.ndarray,
-        hist: np.ndarray,
-        loss_sum: float,
-        batches: int,
-        unnorm: int,
-        unnorm_targets: int,
-        model_rejected: dict[str, int],
-        last_batch: float,
-        last_event: float | None,
-        matrix: np.ndarray,
-        pred_life: np.ndarray,
-        pred_matrix: np.ndarray,
-        join: tuple[np.ndarray, int, np.ndarray, float] | None,
-        cal: CalibrationStats,
-        cal_life: np.ndarray,
-        cal_matrix: np.ndarray,
-    ) -> ModelSnapshot:
-        s = m.slots
-        windows = derive_all(matrix, s)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            entropy = pred_matrix[:, acc.SWL] / pred_matrix[:, acc.SW]
-        joins = None
-        if join is not None:
-            outcomes, pending, delay_counts, delay_sum = join
-            joins = JoinSummary(
-                outcomes=dict(zip(OUTCOMES, outcomes.tolist(), strict=True)),
+    def derive(self) -> ModelColumns:
+        """Every model's figures from the copies, each stack derived by one kernel call."""
+        n = len(self.scalars)
+        columns = list(zip(*self.scalars, strict=True)) if n else [()] * 10
+        names, num_classes, slots, loss_sum, batches, unnorm, unnorm_targets, rejected, last_batch, last_event = columns
+        windows_n = len(self.labels[0])
+
+        # Loss windows, lifetime totals and class figures; the histograms; label-free statistics.
+        windows = np.empty((n, windows_n, 6))
+        life = np.empty((n, acc.HEAD))
+        class_offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(np.array(slots, np.int64), out=class_offsets[1:])
+        class_weight = np.empty(int(class_offsets[-1]))
+        class_loss = np.empty_like(class_weight)
+        hist = np.zeros((n, len(self.limits.loss_buckets) + 1), np.int64)
+        pred_n = len(self.labels[1])
+        entropy = np.empty((n, pred_n))
+        plife = np.empty((n, acc.HEAD))
+        for key, layout in self.layouts.items():
+            s = key[0]
+            rows = np.array(layout.rows, np.int64)
+            matrix = layout.filled(layout.loss)
+            out = np.empty((matrix.shape[0] * matrix.shape[1], 6))
+            acc.derive_rows(matrix.reshape(-1, matrix.shape[2]), s, out)
+            windows[rows] = out.reshape(len(rows), -1, 6)[:, :windows_n]
+            lifetime = matrix[:, -1]
+            life[rows] = lifetime[:, : acc.HEAD]
+            at = class_offsets[rows][:, None] + np.arange(s)
+            class_weight[at] = lifetime[:, acc.HEAD : acc.HEAD + s]
+            class_loss[at] = lifetime[:, acc.HEAD + s : acc.HEAD + 2 * s]
+            hist[rows] = layout.filled(layout.hist)
+
+            # Label-free statistics: their windows' mean entropy, and lifetime totals.
+            matrix = layout.filled(layout.predictions)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                entropy[rows] = matrix[:, :pred_n, acc.SWL] / matrix[:, :pred_n, acc.SW]
+            plife[rows] = matrix[:, -1, : acc.HEAD]
+
+        # Joins: rows of models without any are zeros, and marked so.
+        joined = np.zeros(n, np.bool_)
+        outcomes = np.zeros((n, len(OUTCOMES)), np.int64)
+        pending = np.zeros(n, np.int64)
+        delay_counts = np.zeros((n, len(self.delay_bounds) + 1), np.int64)
+        delay_sum = np.zeros(n)
+        for i, join in self.joins.items():
+            joined[i] = True
+            outcomes[i], pending[i], delay_counts[i], delay_sum[i] = join
+
+        # Calibration, by (bins, slots, binary): NE divides the loss windows' mean cross-entropy.
+        cal_windows = np.empty((n, windows_n, 7))
+        bin_weight = np.empty((n, self.bins))
+        bin_confidence = np.empty((n, self.bins))
+        bin_outcome = np.empty((n, self.bins))
+        brier = np.empty((n, 2))
+        mean_loss = np.full((n, windows_n + 1), np.nan)  # the lifetime row has none
+        mean_loss[:, :windows_n] = windows[:, :, 2]
+        for (_, b, s, binary), layout in self.layouts.items():
+            if b != self.bins:
+                raise AssertionError(f"a model has {b} calibration bins, the store {self.bins}")
+            rows = np.array(layout.rows, np.int64)
+            matrix = layout.filled(layout.calibration)
+            out = np.empty((matrix.shape[0] * matrix.shape[1], 7))
+            calibration._derive_rows(matrix.reshape(-1, matrix.shape[2]), b, s, binary, mean_loss[rows].ravel(), out)
+            cal_windows[rows] = out.reshape(len(rows), -1, 7)[:, :windows_n]
+            lifetime = matrix[:, -1]
+            bin_weight[rows] = lifetime[:, calibration.weight_index(b)]
+            bin_confidence[rows] = lifetime[:, calibration.confidence_index(b)]
+            bin_outcome[rows] = lifetime[:, calibration.outcome_index(b)]
+            brier[rows] = lifetime[:, [calibration.SWB, calibration.SW]]
+
+        return ModelColumns(
+            names=list(names),
+            class_limit=self.limits.class_limit,
+            num_classes=np.array(num_classes, np.int64),
+            samples=life[:, acc.N].copy(),
+            weight=life[:, acc.SW].copy(),
+            loss_weighted_sum=life[:, acc.SWL].copy(),
+            correct_weighted_sum=life[:, acc.SWC].copy(),
+            batches=np.array(batches, np.int64),
+            unnormalized_rows=np.array(unnorm, np.int64),
+            unnormalized_targets=np.array(unnorm_targets, np.int64),
+            rejected=list(rejected),
+            last_batch_time=list(last_batch),
+            last_event_time=list(last_event),
+            class_offsets=class_offsets,
+            class_weight=class_weight,
+            class_loss_weighted_sum=class_loss,
+            hist_bounds=np.asarray(self.limits.loss_buckets, np.float64),
+            hist_counts=hist,
+            loss_sum=np.array(loss_sum, np.float64),
+            window_labels=self.labels[0],
+            windows=windows,
+            predictions=PredictionColumns(
+                rows=plife[:, acc.N].copy(),
+                weight=plife[:, acc.SW].copy(),
+                entropy_weighted_sum=plife[:, acc.SWL].copy(),
+                confidence_weighted_sum=plife[:, acc.SWF].copy(),
+                window_labels=self.labels[1],
+                window_entropy=entropy,
+            ),
+            joins=JoinColumns(
+                joined=joined,
+                outcomes=outcomes,
                 pending=pending,
-                delay_bounds=self.joins.delay_bounds,
+                delay_bounds=self.delay_bounds,
                 delay_counts=delay_counts,
                 delay_sum=delay_sum,
-            )
-        return ModelSnapshot(
-            name=m.name,
-            samples=float(life[acc.N]),
-            weight=float(life[acc.SW]),
-            loss_weighted_sum=float(life[acc.SWL]),
-            correct_weighted_sum=float(life[acc.SWC]),
-            batches=batches,
-            unnormalized_rows=unnorm,
-            unnormalized_targets=unnorm_targets,
-            rejected=model_rejected,
-            last_batch_time=last_batch,
-            last_event_time=last_event,
-            class_labels=class_labels(num_classes, m.class_limit),
-            class_weight=life[acc.HEAD : acc.HEAD + s],
-            class_loss_weighted_sum=life[acc.HEAD + s : acc.HEAD + 2 * s],
-            hist_bounds=m.loss.bounds,
-            hist_counts=hist,
-            loss_sum=loss_sum,
-            windows=list(zip(m.window_labels, windows, strict=True)),
-            predictions=PredictionSummary(
-                rows=float(pred_life[acc.N]),
-                weight=float(pred_life[acc.SW]),
-                entropy_weighted_sum=float(pred_life[acc.SWL]),
-                confidence_weighted_sum=float(pred_life[acc.SWF]),
-                window_entropy=list(zip(m.predictions.window_labels, entropy.tolist(), strict=True)),
             ),
-            joins=joins,
-            calibration=self._calibration(cal, cal_life, cal_matrix, [w.cross_entropy for w in windows]),
-        )
-
-    @staticmethod
-    def _calibration(
-        c: CalibrationStats, life: np.ndarray, matrix: np.ndarray, mean_loss: list[float]
-    ) -> CalibrationSummary:
-        """``mean_loss``: the loss windows' mean cross-entropy, row for row (NE's numerator)."""
-        weight, confidence, outcome = calibration.reliability_bins(life, c.bins)
-        brier_sum, brier_weight = calibration.brier_sums(life)
-        return CalibrationSummary(
-            bin_labels=calibration.bin_labels(c.bins),
-            weight=weight,
-            confidence=confidence,
-            outcome=outcome,
-            brier_weighted_sum=brier_sum,
-            brier_weight=brier_weight,
-            windows=list(
-                zip(
-                    c.window_labels,
-                    calibration.derive_calibration(matrix, c.bins, c.slots, c.binary, np.array(mean_loss)),
-                    strict=True,
-                )
+            calibration=CalibrationColumns(
+                bin_labels=calibration.bin_labels(self.bins),
+                weight=bin_weight,
+                confidence=bin_confidence,
+                outcome=bin_outcome,
+                brier_weighted_sum=brier[:, 0].copy(),
+                brier_weight=brier[:, 1].copy(),
+                window_labels=self.labels[0],
+                windows=cal_windows,
             ),
         )
