@@ -104,3 +104,25 @@ def test_the_batched_check_compiles_nothing_after_warmup() -> None:
     d.handle_many(drain)
     assert sum(d.state.rejected.values()) == 0, d.state.rejected
     assert [len(k.signatures) for k in dispatchers] == before
+
+
+def test_a_scrape_compiles_nothing_after_the_daemons_warmup() -> None:
+    """The first /metrics of a restored store runs on what Daemon._compile warmed (the snapshot
+    reader and the text kernels) before the scoring kernels are ready."""
+    from xentd import textformat
+    from xentd.exporter import Exposition
+
+    clock = lambda: 1000.0  # noqa: E731
+    store = StateStore(WindowsConfig(), LimitsConfig(), clock)
+    store.warmup()
+    textformat.warmup()
+    dispatchers = [textformat.shortest, textformat.format_values, textformat.write_lines]
+    before = [len(d.signatures) for d in dispatchers]
+    backend = cpu.CpuBackend()
+    rng = np.random.default_rng(3)
+    for name, classes in (("a", 3), ("b", 2), ("c", 40)):
+        batch = make_batch(softmax(rng.normal(size=(20, classes))), rng.integers(0, classes, 20), model=name)
+        store.model(name, classes).fold(backend.score(batch, default_params(batch)), None, 1000.0, None)
+    text = Exposition(store.snapshot, version="x", backend="cpu").text().decode()
+    assert 'xentd_samples_total{model="c"} 20.0' in text
+    assert [len(d.signatures) for d in dispatchers] == before

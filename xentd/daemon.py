@@ -43,7 +43,7 @@ from typing import Any
 
 import zmq
 
-from xentd import ingest, kernels, persist, scan, segments
+from xentd import ingest, kernels, persist, scan, segments, textformat
 from xentd._version import __version__
 from xentd.config import Config
 from xentd.errors import StartupError
@@ -220,8 +220,10 @@ class Daemon:
         )
         started = time.monotonic()
         with _StartupProgress(self.notifier, self._starting_text):
-            # The fold kernels first: a scrape of restored models needs them, the scoring kernels do not.
+            # The fold, snapshot and text kernels first: a scrape of restored models needs them,
+            # the scoring kernels do not.
             self.state.warmup()
+            textformat.warmup()
             scan.warmup()
             segments.warmup()
             backend.warmup(parallel=parallel)

@@ -847,7 +847,8 @@ class _Lines:
         )
 
 
-_NO_LABEL = np.zeros(0, np.uint8)
+# Read-only, as the model labels (np.frombuffer) are: write_lines has one signature, the one warmed.
+_NO_LABEL = np.frombuffer(b"", np.uint8)
 _NO_LABEL_AT = np.zeros(2, np.int64)
 
 
