@@ -33,7 +33,8 @@ and noisy: only side-by-side medians mean anything.
 
 ``--identical`` instead scores one set of valid batches with both checkouts
 (every layout, input kind and datatype, gamma 2 and 0.5, serial and parallel
-builds) and compares every output array the two have in common, bit for bit.
+builds) and compares every output array the two have in common, and the
+unnormalized_rows counts, bit for bit; no row may be flagged invalid.
 FP16 and BF16 go to the other checkout widened to float32 on the host, as its
 validation hands them, and to this one both so and as their wire bits (uint16,
 int16), where this checkout's kernels take them. Binary log_probs entropies
@@ -331,8 +332,8 @@ def _dump(root: str, path: str) -> None:
                     scores = backend.score(batch, params)
                     for field in scores.__dataclass_fields__:
                         value = getattr(scores, field)
-                        if isinstance(value, np.ndarray):
-                            saved[f"{name}|{gamma}|{how}|{build}|{field}"] = value.copy()
+                        if isinstance(value, (np.ndarray, int)):
+                            saved[f"{name}|{gamma}|{how}|{build}|{field}"] = np.array(value, copy=True)
     np.savez(path, **saved)
 
 
@@ -350,9 +351,12 @@ def _identical(against: str) -> None:
         for name, _datatype, kind, x, _y in identity_cases():
             if kind == "log_probs" and x.ndim == 1:
                 masks[name] = _encode(x, _datatype)[1].astype(np.float64) >= -math.log(2.0)
-        compared = differ = rows = 0
+        compared = differ = rows = flagged = 0
         for key in after.files:
             name, gamma, how, build, field = key.split("|")
+            if field == "invalid":  # every batch here is valid
+                flagged += int(np.count_nonzero(after[key]))
+                continue
             other = f"{name}|{gamma}|host|{build}|{field}"
             if other not in before.files:
                 continue
@@ -364,8 +368,10 @@ def _identical(against: str) -> None:
             if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
                 differ += 1
                 print(f"DIFFERS: {key} against the other checkout's {how == 'bits' and 'host-widened ' or ''}batch")
-        print(f"{compared} arrays ({rows} values) compared bit for bit, {differ} differ")
-        if differ:
+        print(
+            f"{compared} arrays ({rows} values) compared bit for bit, {differ} differ; {flagged} rows flagged invalid"
+        )
+        if differ or flagged:
             sys.exit(1)
 
 
