@@ -5,6 +5,7 @@ Usage:
     .venv/bin/python scripts/kernel_cost.py --against /tmp/base            # kernels and state memory
     .venv/bin/python scripts/kernel_cost.py --against /tmp/base --repeats 7
     .venv/bin/python scripts/kernel_cost.py --against /tmp/base --only kernels --parallel
+    .venv/bin/python scripts/kernel_cost.py --against /tmp/base --only kernels --match binary
     .venv/bin/python scripts/kernel_cost.py --against /tmp/base --only fp16
     .venv/bin/python scripts/kernel_cost.py --against /tmp/base --identical
 
@@ -32,7 +33,8 @@ and noisy: only side-by-side medians mean anything.
 
 ``--identical`` instead scores one set of valid batches with both checkouts
 (every layout, input kind and datatype, gamma 2 and 0.5, serial and parallel
-builds) and compares every output array the two have in common, bit for bit.
+builds) and compares every output array the two have in common, and the
+unnormalized_rows counts, bit for bit; no row may be flagged invalid.
 FP16 and BF16 go to the other checkout widened to float32 on the host, as its
 validation hands them, and to this one both so and as their wire bits (uint16,
 int16), where this checkout's kernels take them. Binary log_probs entropies
@@ -145,7 +147,7 @@ def _logits(rng: np.random.Generator, n: int, c: int) -> np.ndarray:
     return (rng.normal(0, 2, (n, c)) if c else rng.normal(0, 2, n)).astype(np.float32)
 
 
-def _kernel_timings(parallel: bool) -> dict[str, Any]:
+def _kernel_timings(parallel: bool, match: str) -> dict[str, Any]:
     from xentd.kernels import ScoringParams
     from xentd.kernels.cpu import CpuBackend
 
@@ -153,6 +155,8 @@ def _kernel_timings(parallel: bool) -> dict[str, Any]:
     params = ScoringParams(eps=1e-7, focal_gamma=2.0, normalization_tolerance=1e-3)
     out: dict[str, Any] = {}
     for label, datatype, kind, n, c, targets in KERNEL_CASES:
+        if match not in label:
+            continue
         rng = np.random.default_rng(zlib.crc32(label.encode()))
         z = _logits(rng, n, c).astype(NP_DTYPES[datatype])
         if kind == "probs":
@@ -232,11 +236,11 @@ def _state_memory() -> dict[str, Any]:
     return out
 
 
-def _child(root: str, only: str, parallel: bool) -> dict[str, Any]:
+def _child(root: str, only: str, parallel: bool, match: str) -> dict[str, Any]:
     _import(root)
     out: dict[str, Any] = {}
     if only in ("all", "kernels"):
-        out.update(_kernel_timings(parallel))
+        out.update(_kernel_timings(parallel, match))
     if only == "fp16":
         out.update(_fp16_timings(parallel))
     if only in ("all", "state"):
@@ -328,8 +332,8 @@ def _dump(root: str, path: str) -> None:
                     scores = backend.score(batch, params)
                     for field in scores.__dataclass_fields__:
                         value = getattr(scores, field)
-                        if isinstance(value, np.ndarray):
-                            saved[f"{name}|{gamma}|{how}|{build}|{field}"] = value.copy()
+                        if isinstance(value, (np.ndarray, int)):
+                            saved[f"{name}|{gamma}|{how}|{build}|{field}"] = np.array(value, copy=True)
     np.savez(path, **saved)
 
 
@@ -347,9 +351,12 @@ def _identical(against: str) -> None:
         for name, _datatype, kind, x, _y in identity_cases():
             if kind == "log_probs" and x.ndim == 1:
                 masks[name] = _encode(x, _datatype)[1].astype(np.float64) >= -math.log(2.0)
-        compared = differ = rows = 0
+        compared = differ = rows = flagged = 0
         for key in after.files:
             name, gamma, how, build, field = key.split("|")
+            if field == "invalid":  # every batch here is valid
+                flagged += int(np.count_nonzero(after[key]))
+                continue
             other = f"{name}|{gamma}|host|{build}|{field}"
             if other not in before.files:
                 continue
@@ -361,8 +368,10 @@ def _identical(against: str) -> None:
             if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
                 differ += 1
                 print(f"DIFFERS: {key} against the other checkout's {how == 'bits' and 'host-widened ' or ''}batch")
-        print(f"{compared} arrays ({rows} values) compared bit for bit, {differ} differ")
-        if differ:
+        print(
+            f"{compared} arrays ({rows} values) compared bit for bit, {differ} differ; {flagged} rows flagged invalid"
+        )
+        if differ or flagged:
             sys.exit(1)
 
 
@@ -372,12 +381,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", choices=("all", "kernels", "fp16", "state"), default="all")
     parser.add_argument("--parallel", action="store_true", help="time the prange builds (all cores)")
+    parser.add_argument("--match", default="", help="only the kernel cases whose label contains this")
     parser.add_argument("--identical", action="store_true", help="compare the kernels' outputs bit for bit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--dump", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child, args.only, args.parallel)))
+        print(json.dumps(_child(args.child, args.only, args.parallel, args.match)))
         return
     if args.dump:
         _dump(*args.dump)
@@ -389,7 +399,18 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for run in range(args.repeats):
         for side, root in sides.items():
-            command = [sys.executable, __file__, "--against", root, "--child", root, "--only", args.only]
+            command = [
+                sys.executable,
+                __file__,
+                "--against",
+                root,
+                "--child",
+                root,
+                "--only",
+                args.only,
+                "--match",
+                args.match,
+            ]
             done = subprocess.run(
                 command + (["--parallel"] if args.parallel else []),
                 check=True,

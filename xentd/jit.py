@@ -317,3 +317,36 @@ def _outside_impl(x, lo, span):  # type: ignore[no-untyped-def]
     if x in (nbtypes.float32, nbtypes.float64):
         return lambda x, lo, span: _outside(x, lo, span)
     return None
+
+
+@intrinsic
+def key_offset(typingctx, x, lo):  # type: ignore[no-untyped-def]
+    """The unsigned integer of x's width that ``outside`` compares with the span: x is outside
+    (lo, span) iff key_offset(x, lo) > span, unsigned. For loops that reduce it with ``max``
+    (a vectorised unsigned max: one operation a value fewer than OR-ing comparisons)."""
+    if x not in (nbtypes.float32, nbtypes.float64) or not isinstance(lo, nbtypes.Integer):
+        return None
+    width = x.bitwidth
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        value, low = args
+        integer = ir.IntType(width)
+        bits = builder.bitcast(value, integer)
+        sign = builder.ashr(bits, ir.Constant(integer, width - 1))
+        key = builder.xor(bits, builder.and_(sign, ir.Constant(integer, (1 << (width - 1)) - 1)))
+        return builder.sub(key, _resize(builder, low, lo, width))
+
+    return nbtypes.Integer(f"uint{width}")(x, lo), codegen
+
+
+@intrinsic
+def exceeds(typingctx, offset, span):  # type: ignore[no-untyped-def]
+    """offset > span, both read as unsigned integers of offset's width (key_offset's): what
+    ``outside`` is, for a reduced offset. (Numba would compare uint64 with int64 as floats.)"""
+    if not isinstance(offset, nbtypes.Integer) or offset.signed or not isinstance(span, nbtypes.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.icmp_unsigned(">", args[0], _resize(builder, args[1], span, offset.bitwidth))
+
+    return nbtypes.boolean(offset, span), codegen

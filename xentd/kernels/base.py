@@ -173,13 +173,15 @@ class OutputBuffers:
         """The first ``n`` results (host arrays), as views that the next call overwrites."""
         loss, focal, correct, true_class, unnormalized, confidence, brier, entropy, invalid = self.arrays
         flags, bad = unnormalized[:n], invalid[:n]
+        unnormalized_rows = int(np.count_nonzero(flags))
+        if unnormalized_rows:  # valid rows only (1 > 0): an invalid row's flag is unspecified
+            unnormalized_rows = int(np.count_nonzero(flags > bad))
         return SampleScores(
             loss=loss[:n],
             focal=focal[:n],
             correct=correct[:n],
             true_class=true_class[:n],
-            # Valid rows only (1 > 0): an invalid row's flag is unspecified.
-            unnormalized_rows=int(np.count_nonzero(flags > bad)),
+            unnormalized_rows=unnormalized_rows,
             confidence=confidence[:n],
             brier=brier[:n],
             entropy=entropy[:n],

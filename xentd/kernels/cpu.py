@@ -63,7 +63,17 @@ from numba import types as nbtypes
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 
-from xentd.jit import bits_to_float32, cached, fmax, key_bounds, load, outside, serial_and_parallel
+from xentd.jit import (
+    bits_to_float32,
+    cached,
+    exceeds,
+    fmax,
+    key_bounds,
+    key_offset,
+    load,
+    outside,
+    serial_and_parallel,
+)
 from xentd.kernels.base import WARMUP_PARAMS, OutputBuffers, SampleScores, ScoringParams, warmup_batches
 from xentd.validate import Batch, InputKind, TargetKind
 
@@ -384,14 +394,15 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
     for i in prange(n):
         t, bad = _class_index(tgt[i], c)
         best = load(pred[i, 0])
-        bad |= outside(best, lo, span)
+        worst = key_offset(best, lo)  # the row's largest key offset (xentd.jit.key_offset)
         arg = 0
         for j in range(1, c):
             v = load(pred[i, j])
-            bad |= outside(v, lo, span)
+            worst = max(worst, key_offset(v, lo))
             if v > best:
                 best = v
                 arg = j
+        bad |= exceeds(worst, span)
         m = np.float64(best)
         mass = 0.0
         s = 0.0
@@ -460,16 +471,17 @@ def _max_span(row, lo, hi):  # type: ignore[no-untyped-def]
 
 @cached(fastmath=True)
 def _max_check_span(row, lo, hi, key_lo, key_span):  # type: ignore[no-untyped-def]
-    """(_max_span of row[lo:hi], whether any of its values is outside the key range (key_lo,
-    key_span) of xentd.jit.outside). The maximum is exact in any order; the check is an
-    integer OR, vectorised beside it, and bit tests that fast-math cannot drop."""
+    """(_max_span of row[lo:hi] (float32), whether any of its values is outside the key range
+    (key_lo, key_span) of xentd.jit.outside). The maximum is exact in any order; the check is
+    an unsigned max of key offsets (xentd.jit.key_offset), vectorised beside it: integer
+    operations on the float's bits, which fast-math cannot drop."""
     span = row[lo:hi]
     m = LOWEST32
-    bad = False
+    worst = np.uint32(0)  # the largest key offset (xentd.jit.key_offset): float32 keys
     for j in range(span.shape[0]):
         m = fmax(m, span[j])
-        bad |= outside(span[j], key_lo, key_span)
-    return m, bad
+        worst = max(worst, key_offset(span[j], key_lo))
+    return m, exceeds(worst, key_span)
 
 
 @intrinsic
@@ -650,11 +662,13 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
         tcol[r] = np.int32(t)
         inv[r] = bad
     # First maximum: a strict > keeps the lowest index of tied values. The values are
-    # checked in the same loops, across rows as they are.
+    # checked in the same loops, across rows as they are: each row's largest key offset
+    # (xentd.jit.key_offset, float32 keys, as wide as the values so that lanes match).
     m = np.empty(rows, np.float32)
+    worst = np.empty(rows, np.uint32)
     for r in range(rows):
         m[r] = cols[0, r]
-        inv[r] |= outside(cols[0, r], key_lo, key_span)
+        worst[r] = key_offset(cols[0, r], key_lo)
     arg = np.zeros(rows, np.int32)
     for j in range(1, c):
         jj = np.int32(j)
@@ -663,7 +677,9 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
             mr = m[r]
             arg[r] = jj if v > mr else arg[r]
             m[r] = max(v, mr)
-            inv[r] |= outside(v, key_lo, key_span)
+            worst[r] = max(worst[r], key_offset(v, key_lo))
+    for r in range(rows):
+        inv[r] |= exceeds(worst[r], key_span)
     mass = np.zeros(rows, np.float64)
     if kind == LOGITS:
         # As in _sum_exp_span: maxima are counted, not added, so that the sum of
@@ -887,11 +903,14 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         arg = 0
         tbest = tgt[i, 0]
         targ = 0
-        bad = outside(best, key_lo, key_span) | outside(tbest, target_lo, target_span)
+        # Each row's largest key offset (xentd.jit.key_offset), of the predictions and the targets.
+        worst = key_offset(best, key_lo)
+        target_worst = key_offset(tbest, target_lo)
         for j in range(1, c):
             v = load(pred[i, j])
             tj = tgt[i, j]
-            bad |= outside(v, key_lo, key_span) | outside(tj, target_lo, target_span)
+            worst = max(worst, key_offset(v, key_lo))
+            target_worst = max(target_worst, key_offset(tj, target_lo))
             if v > best:
                 best = v
                 arg = j
@@ -942,7 +961,7 @@ def _multiclass_soft(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcl
         correct[i] = 1 if arg == targ else 0
         tcls[i] = targ
         unnorm[i] = 1 if kind != LOGITS and abs(mass - 1.0) > tol else 0
-        inv[i] = bad
+        inv[i] = exceeds(worst, key_span) | exceeds(target_worst, target_span)
 
 
 # Rows per work item of the blocked kernels: the parallel builds split the
