@@ -28,9 +28,12 @@ from tests.kernel_cases import (
     reference_case,
     reference_cases,
 )
+from xentd import wire
+from xentd.jit import kernel_array
 from xentd.kernels import ScoringParams, cpu
 from xentd.kernels.cpu import CpuBackend
 from xentd.predstats import row_stats
+from xentd.validate import Batch, InputKind, TargetKind
 
 
 @reference_cases(DATATYPES, [(None, 400), (2, 300), (3, 300), (10, 200), (257, 40), (50_000, 4)])
@@ -429,3 +432,42 @@ def test_large_batches_score_on_the_serial_build_until_the_parallel_one_is_compi
     after = score()
     assert calls == ["serial", "parallel"]
     np.testing.assert_array_equal(before, after)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+def test_16_bit_batches_are_widened_on_the_host_until_their_builds_are_compiled(datatype: str) -> None:
+    """The first warm-up step leaves out the builds that load 16-bit bits (a cold start is ready
+    sooner); meanwhile 16-bit batches are widened on the host and scored by the float32 builds,
+    with the same results and the same value flags."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(0, 3, (300, 10)).astype(np.float32)
+    x[7, 3] = np.inf  # a row the kernel flags, either way
+    bits = x.astype(np.float16).view(np.uint16) if datatype == "FP16" else wire.BF16.from_float32(x).bits.view(np.int16)
+    batch = Batch(
+        model="m",
+        kind=InputKind.LOGITS,
+        predictions=kernel_array(bits),
+        targets=kernel_array(rng.integers(0, 10, 300)),
+        target_kind=TargetKind.INDEX,
+        weights=None,
+        num_classes=10,
+        prediction_datatype=datatype,
+        batch_id=None,
+        ts=None,
+    )
+    params = default_params(batch)
+    deferred = CpuBackend(parallel_threshold=1 << 62)
+    deferred.warmup(parallel=False)
+    widened: list[int] = []
+    widen = deferred._widen
+    deferred._widen = lambda bits: (widened.append(bits.size), widen(bits))[1]  # type: ignore[method-assign]
+    before = deferred.score(batch, params)
+    before_loss, before_invalid = before.loss.copy(), before.invalid.copy()  # type: ignore[union-attr]
+    assert widened == [3000]
+    deferred.warmup_parallel()
+    after = deferred.score(batch, params)
+    assert widened == [3000]  # the 16-bit builds now load the bits themselves
+    np.testing.assert_array_equal(before_invalid, after.invalid)  # type: ignore[arg-type]
+    assert before_invalid.tolist() == [int(i == 7) for i in range(300)]
+    valid = before_invalid == 0
+    np.testing.assert_array_equal(before_loss[valid], after.loss[valid])

@@ -82,6 +82,14 @@ def widen(bits: np.ndarray, out: np.ndarray, *, half: bool) -> tuple[float, floa
     return scan(flat_out)
 
 
+def widen_bits(bits: np.ndarray, out: np.ndarray, *, half: bool) -> None:
+    """Widen FP16 (half=True) or BF16 bit patterns into ``out`` (float32, same size,
+    C-contiguous), without the scan: for values something else checks."""
+    flat_bits = kernel_array(bits.reshape(-1))
+    if flat_bits.size:
+        (_widen_serial if flat_bits.size < PARALLEL_MIN else _widen_parallel)(flat_bits, out.reshape(-1), half)
+
+
 def warmup() -> None:
     """Compile every scan signature validation uses, serial and parallel."""
     for build in (_scan_serial, _scan_parallel):

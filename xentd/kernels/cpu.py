@@ -75,6 +75,8 @@ from xentd.jit import (
     serial_and_parallel,
 )
 from xentd.kernels.base import WARMUP_PARAMS, OutputBuffers, SampleScores, ScoringParams, warmup_batches
+from xentd.scan import warmup as scan_warmup
+from xentd.scan import widen_bits
 from xentd.validate import Batch, InputKind, TargetKind
 
 # --- vectorisable building blocks ----------------------------------------------
@@ -1090,6 +1092,7 @@ def _binary(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm
 
 # Prediction dtypes whose values load as float32: float32 itself, FP16 bits (uint16), BF16 bits (int16).
 FLOAT32_LOADS = (np.dtype(np.float32), np.dtype(np.uint16), np.dtype(np.int16))
+HALF_LOADS = (np.dtype(np.uint16), np.dtype(np.int16))  # FP16 and BF16 bits
 
 KERNELS = {
     "binary": serial_and_parallel(_binary),
@@ -1109,6 +1112,11 @@ class CpuBackend:
         # False between warmup(parallel=False) and warmup_parallel(): large batches then take
         # the serial builds (the same results, on one core) instead of compiling on the hot path.
         self._parallel_ready = True
+        # False until warmup_parallel() has compiled the builds that load FP16/BF16 bits: until
+        # then those are widened on the host into _widened and take the float32 builds (the
+        # same results: the widening is exact, and the kernel checks the widened values).
+        self._half_ready = True
+        self._widened = np.empty(0, np.float32)
         self._out = OutputBuffers()
 
     def new_outputs(self) -> OutputBuffers:
@@ -1123,15 +1131,26 @@ class CpuBackend:
         else:
             family = "soft"
         serial, parallel = KERNELS[family]
-        large = batch.predictions.size >= self.parallel_threshold
+        pred = batch.predictions
+        if not self._half_ready and pred.dtype in HALF_LOADS:
+            pred = self._widen(pred)
+        large = pred.size >= self.parallel_threshold
         kernel = parallel if large and self._parallel_ready else serial
         n = batch.size
         if out is None:
             out = self._out
         if n > out.capacity:
             out.reserve(n)
-        kernel(batch.predictions, batch.targets, int(batch.kind), *params.kernel_args, *out.arrays)
+        kernel(pred, batch.targets, int(batch.kind), *params.kernel_args, *out.arrays)
         return out.scores(n)
+
+    def _widen(self, bits: np.ndarray) -> np.ndarray:
+        """FP16 (uint16) or BF16 (int16) bits as float32, in a buffer reused until the next call."""
+        if bits.size > self._widened.size:
+            self._widened = np.empty(max(bits.size, 2 * self._widened.size), np.float32)
+        values = self._widened[: bits.size].reshape(bits.shape)
+        widen_bits(bits.view(np.uint16), values, half=bits.dtype == np.uint16)
+        return values
 
     def warmup(self, *, parallel: bool = True) -> None:
         """Compile (or load from the on-disk cache) every signature ``score`` can use.
@@ -1140,19 +1159,29 @@ class CpuBackend:
         about half the compile time; :meth:`warmup_parallel` adds the others later.
         """
         self._parallel_ready = False
-        self._compile(0)
+        self._half_ready = False
+        scan_warmup()  # the host widening that 16-bit batches take meanwhile
+        self._compile(0, half=False)
         if parallel:
             self.warmup_parallel()
 
     def warmup_parallel(self) -> None:
-        """Compile the ``prange`` builds; large batches use them from then on."""
+        """Compile what ``warmup(parallel=False)`` left out: the serial builds that load FP16/BF16
+        bits (16-bit predictions use them from then on), then the ``prange`` builds (large
+        batches use them from then on). Together about as long as the first step: a cold
+        start is ready in the time it took before the kernels widened 16-bit values themselves."""
+        self._compile(0, half=True)
+        self._half_ready = True
         self._compile(1)
         self._parallel_ready = True
 
-    def _compile(self, build: int) -> None:
+    def _compile(self, build: int, *, half: bool | None = None) -> None:
+        """Compile one build (0 serial, 1 ``prange``) for every warm-up batch, or only those
+        whose predictions are 16-bit bits (``half``) or are not (``not half``)."""
         # Through a backend that takes only this build: the compiled kernels are
         # shared (KERNELS), and this backend's own state is left alone, since
         # warmup_parallel() runs while it scores.
         only = CpuBackend(parallel_threshold=0 if build else 1 << 62)
         for batch in warmup_batches():
-            only.score(batch, WARMUP_PARAMS)
+            if half is None or half == (batch.predictions.dtype in HALF_LOADS):
+                only.score(batch, WARMUP_PARAMS)
