@@ -220,10 +220,11 @@ def load(x: Any) -> Any:
 def _load(x):  # type: ignore[no-untyped-def]
     if x in (nbtypes.float32, nbtypes.float64):
         return lambda x: x
+    # (mypy reads the intrinsics' typing signatures, typingctx first, as their call signatures.)
     if x == nbtypes.uint16:
-        return lambda x: half_bits_to_float32(x)
+        return lambda x: half_bits_to_float32(x)  # type: ignore[call-arg]
     if x == nbtypes.int16:
-        return lambda x: bf16_bits_to_float32(x)
+        return lambda x: bf16_bits_to_float32(x)  # type: ignore[call-arg]
     return None
 
 
@@ -315,7 +316,7 @@ def _outside(typingctx, x, lo, span):  # type: ignore[no-untyped-def]
 @overload(outside)
 def _outside_impl(x, lo, span):  # type: ignore[no-untyped-def]
     if x in (nbtypes.float32, nbtypes.float64):
-        return lambda x, lo, span: _outside(x, lo, span)
+        return lambda x, lo, span: _outside(x, lo, span)  # type: ignore[call-arg]
     return None
 
 
@@ -343,10 +344,11 @@ def key_offset(typingctx, x, lo):  # type: ignore[no-untyped-def]
 def exceeds(typingctx, offset, span):  # type: ignore[no-untyped-def]
     """offset > span, both read as unsigned integers of offset's width (key_offset's): what
     ``outside`` is, for a reduced offset. (Numba would compare uint64 with int64 as floats.)"""
-    if not isinstance(offset, nbtypes.Integer) or offset.signed or not isinstance(span, nbtypes.Integer):
+    if offset not in (nbtypes.uint32, nbtypes.uint64) or not isinstance(span, nbtypes.Integer):
         return None
+    width = 32 if offset == nbtypes.uint32 else 64
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.icmp_unsigned(">", args[0], _resize(builder, args[1], span, offset.bitwidth))
+        return builder.icmp_unsigned(">", args[0], _resize(builder, args[1], span, width))
 
     return nbtypes.boolean(offset, span), codegen

@@ -378,10 +378,11 @@ def _binary_entropy(kind, x, lp, lq, p, q):  # type: ignore[no-untyped-def]
 # longer than the batch: kernels write their first n elements.
 #
 # Each also checks the row's values in a pass it makes anyway (the one that finds the
-# maximum, whose result no order of evaluation changes), OR-ing xentd.jit.outside's
-# bit tests into one flag per row. A class index outside [0, C - 1] is flagged and
-# clamped into it, so that an invalid row is scored from in-bounds values (whatever
-# the result) and a valid row exactly as before.
+# maximum, whose result no order of evaluation changes): the largest of the values' key
+# offsets (xentd.jit.key_offset, integer operations on the float's bits) against the
+# rule's span, one flag per row; binary rows test each value (xentd.jit.outside). A
+# class index outside [0, C - 1] is flagged and clamped into it, so that an invalid row
+# is scored from in-bounds values (whatever the result) and a valid row exactly as before.
 
 
 @cached(inline="always")
@@ -528,9 +529,10 @@ def _widen_row(row, scratch):  # type: ignore[no-untyped-def]
 # into that scratch while it loads the row, so LLVM vectorises it behind a runtime check
 # that the two are far enough apart, and runs the scalar loop (which rounds otherwise)
 # when they are not: as when the scratch was allocated right after the batch's array,
-# and the row was its last (measured: 1 to 2% of calls gave the last row's Brier score
-# one float32 ulp apart). The padding keeps every row at least 512 bytes away, more than
-# the checks' reach (vector width times interleave: 256 bytes with AVX-512).
+# and the row was its last (measured before the padding: 16 to 64 calls in 3,000 gave
+# the last row's Brier score one float32 ulp apart, with other allocations in between).
+# The padding keeps every row at least 512 bytes away, more than the checks' reach
+# (vector width times interleave: 256 bytes with AVX-512).
 SCRATCH_PAD = 128
 
 
@@ -972,9 +974,9 @@ ROW_BLOCK = 2048
 
 
 @cached(inline="always", error_model="numpy")
-def _binary_span(
+def _binary_span(  # type: ignore[no-untyped-def]
     pred, tgt, libm, kind, eps, log_eps, gamma, bounds, loss, focal, correct, tcls, unnorm, conf, brier, ent, inv
-):  # type: ignore[no-untyped-def]
+):
     """One block of samples (views, so that indices are known non-negative and
     need no wraparound: a loop over ``range(lo, hi)`` with a runtime ``lo``
     vectorised into gathers, 3x slower). With ``libm`` false, callers pass
