@@ -336,27 +336,20 @@ class Pipeline:
         bad = list(segs.bad)
         group.unnormalized_rows = [0] * len(bad)
         for (params, _), models in setups.items():
-            ranges: list[tuple[int, int]] = []
+            ranges: list[tuple[int, int]] = []  # each model's rows in the layout
             order: list[int] = []  # the call's messages (segments), in its order
-            if len(setups) == 1:
-                ranges.append((0, starts[-1]))
-                order.extend(range(len(bad)))
-            else:
-                for model in models:
-                    entries = group.by_model[model]
-                    ranges.append((starts[entries[0].segment], starts[entries[-1].segment + 1]))
-                    order.extend(e.segment for e in entries)
-            batch = segs.batch(models[0], ranges)
+            for model in models:
+                entries = group.by_model[model]
+                ranges.append((starts[entries[0].segment], starts[entries[-1].segment + 1]))
+                order.extend(e.segment for e in entries)
+            # One setup for the whole layout (the usual case): one range, the buffers as they are.
+            batch = segs.batch(models[0], _merge(ranges))
             call = _Scored(batch, self.backend.score(batch, params, self._output_set(calls)))
             calls += 1
-            if len(setups) == 1:  # the layout's rows as they are: call row = layout row
-                for model in models:
-                    group.scored[model] = (call, 0)
-            else:
-                offset = 0
-                for model, (start, end) in zip(models, ranges, strict=True):
-                    group.scored[model] = (call, start - offset)
-                    offset += end - start
+            offset = 0  # rows of the call before this model's
+            for model, (start, end) in zip(models, ranges, strict=True):
+                group.scored[model] = (call, start - offset)
+                offset += end - start
             # Each message's rows in the call, in the call's order.
             call_starts = [0]
             for seg in order:
@@ -993,6 +986,17 @@ def _last_ts(entries: list[_Entry]) -> float | None:
         if entry.unpacked.header.ts is not None:
             return entry.unpacked.header.ts
     return None
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent row ranges joined: [(0, 3), (3, 5), (7, 9)] -> [(0, 5), (7, 9)]."""
+    out = [ranges[0]]
+    for start, end in ranges[1:]:
+        if start == out[-1][1]:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
 
 
 def _adjacent(entries: list[_Entry]) -> list[list[_Entry]]:

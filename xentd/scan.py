@@ -75,11 +75,10 @@ def widen(bits: np.ndarray, out: np.ndarray, *, half: bool) -> tuple[float, floa
     ``out`` is the caller's, so that a long-running caller can reuse one buffer:
     first-touching a fresh 64 MB array costs more than widening into it.
     """
-    flat_bits, flat_out = kernel_array(bits.reshape(-1)), out.reshape(-1)
-    if flat_bits.size == 0:
+    if bits.size == 0:
         return 0.0, 0.0, 0
-    (_widen_serial if flat_bits.size < PARALLEL_MIN else _widen_parallel)(flat_bits, flat_out, half)
-    return scan(flat_out)
+    widen_bits(bits, out, half=half)
+    return scan(out)
 
 
 def widen_bits(bits: np.ndarray, out: np.ndarray, *, half: bool) -> None:

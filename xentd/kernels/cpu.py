@@ -77,7 +77,7 @@ from xentd.jit import (
 from xentd.kernels.base import WARMUP_PARAMS, OutputBuffers, SampleScores, ScoringParams, warmup_batches
 from xentd.scan import warmup as scan_warmup
 from xentd.scan import widen_bits
-from xentd.validate import Batch, InputKind, TargetKind
+from xentd.validate import Batch, InputKind, Scratch, TargetKind
 
 # --- vectorisable building blocks ----------------------------------------------
 #
@@ -1118,7 +1118,7 @@ class CpuBackend:
         # then those are widened on the host into _widened and take the float32 builds (the
         # same results: the widening is exact, and the kernel checks the widened values).
         self._half_ready = True
-        self._widened = np.empty(0, np.float32)
+        self._widened = Scratch()
         self._out = OutputBuffers()
 
     def new_outputs(self) -> OutputBuffers:
@@ -1148,9 +1148,7 @@ class CpuBackend:
 
     def _widen(self, bits: np.ndarray) -> np.ndarray:
         """FP16 (uint16) or BF16 (int16) bits as float32, in a buffer reused until the next call."""
-        if bits.size > self._widened.size:
-            self._widened = np.empty(max(bits.size, 2 * self._widened.size), np.float32)
-        values = self._widened[: bits.size].reshape(bits.shape)
+        values = self._widened.float32(bits.shape)
         widen_bits(bits.view(np.uint16), values, half=bits.dtype == np.uint16)
         return values
 
