@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from xentd import wire
-from xentd.kernels import ScoringParams
+from xentd.kernels import SampleScores, ScoringParams
 from xentd.kernels.cpu import CpuBackend
 from xentd.validate import Batch, validate
 
@@ -32,6 +32,20 @@ def make_batch(pred: Any, targets: Any, kind: str = "probs", weights: Any = None
 
 def default_params(batch: Batch, gamma: float = 2.0) -> ScoringParams:
     return ScoringParams(eps=batch.dtype_eps, focal_gamma=gamma, normalization_tolerance=math.sqrt(batch.dtype_eps))
+
+
+def random_scores(rng: np.random.Generator, n: int, classes: int, *, unnormalized_rows: int = 0) -> SampleScores:
+    """Per-sample scores with plausible values, for state and export tests that need no kernel."""
+    loss = rng.exponential(2.0, n)
+    return SampleScores(
+        loss=loss,
+        focal=loss * rng.random(n),
+        correct=rng.integers(0, 2, n).astype(np.uint8),
+        true_class=rng.integers(0, classes, n),
+        unnormalized_rows=unnormalized_rows,
+        confidence=rng.uniform(0.0, 1.0, n),
+        brier=rng.random(n),
+    )
 
 
 @pytest.fixture(autouse=True)

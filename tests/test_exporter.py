@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.clock import FakeClock
+from tests.conftest import random_scores
 from xentd.config import ExportConfig, LimitsConfig, WindowsConfig
 from xentd.errors import Reason
 from xentd.exporter import build_registry
@@ -270,19 +271,6 @@ def test_docs_list_every_family_with_its_type_and_labels() -> None:
 # --- the text writer against a line-by-line reference ------------------------------------
 
 
-def _scores(rng: np.random.Generator, n: int, classes: int) -> SampleScores:
-    loss = rng.exponential(2.0, n)
-    return SampleScores(
-        loss=loss,
-        focal=loss * rng.random(n),
-        correct=rng.integers(0, 2, n).astype(np.uint8),
-        true_class=rng.integers(0, classes, n),
-        unnormalized_rows=int(rng.integers(0, 3)),
-        confidence=rng.uniform(0.0, 1.0, n),
-        brier=rng.random(n),
-    )
-
-
 def _rich_store() -> StateStore:
     """Models of every layout and state the exposition writes: class slots past the class
     limit ("other"), binary and multiclass calibration, joins, rejections, label-free rows
@@ -295,7 +283,12 @@ def _rich_store() -> StateStore:
     for name, classes in (("old", 3), ("wide", 9), ("four", 4)):
         m = s.model(name, classes)
         for _ in range(3):
-            m.fold(_scores(rng, 40, classes), rng.uniform(0.0, 2.0, 40), clock(), clock() - 5.0)
+            m.fold(
+                random_scores(rng, 40, classes, unnormalized_rows=int(rng.integers(0, 3))),
+                rng.uniform(0.0, 2.0, 40),
+                clock(),
+                clock() - 5.0,
+            )
             m.fold_predictions(rng.uniform(0, 2, 8), rng.uniform(0, 1, 8), None, clock())
             clock.t += 7.0
     clock.t += 7200.0  # their time windows are empty now; the count windows are not

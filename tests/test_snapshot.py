@@ -9,24 +9,12 @@ import numpy as np
 import pytest
 
 from tests.clock import FakeClock
+from tests.conftest import random_scores
 from xentd import accumulate as acc
 from xentd import calibration, state
 from xentd.config import LimitsConfig, WindowsConfig
 from xentd.kernels import SampleScores
 from xentd.state import ModelState, StateStore, derive_all
-
-
-def _scores(rng: np.random.Generator, n: int, classes: int) -> SampleScores:
-    loss = rng.exponential(2.0, n)
-    return SampleScores(
-        loss=loss,
-        focal=loss * rng.random(n),
-        correct=rng.integers(0, 2, n).astype(np.uint8),
-        true_class=rng.integers(0, classes, n),
-        unnormalized_rows=0,
-        confidence=rng.uniform(0.0, 1.0, n),
-        brier=rng.random(n),
-    )
 
 
 def _store() -> StateStore:
@@ -46,12 +34,12 @@ def _store() -> StateStore:
             targets = None
             if name == "three-b":  # soft targets: the calibration prior counts their masses
                 targets = rng.dirichlet(np.ones(classes), n)
-            m.fold(_scores(rng, n, classes), weights, clock(), clock() - 1.0, targets=targets)
+            m.fold(random_scores(rng, n, classes), weights, clock(), clock() - 1.0, targets=targets)
             m.fold_predictions(rng.uniform(0, 2, 5), rng.uniform(0, 1, 5), None, clock())
         ctr = s.model("ctr", 2)
         p = rng.uniform(0.01, 0.99, 50)
         t = rng.uniform(0.0, 1.0, 50)
-        scores = _scores(rng, 50, 2)
+        scores = random_scores(rng, 50, 2)
         scores = SampleScores(
             loss=scores.loss,
             focal=scores.focal,
@@ -173,7 +161,9 @@ def test_a_model_replaced_mid_snapshot_is_copied_as_it_is_then(monkeypatch: pyte
         if calls == 2:  # the second chunk: replace a model the first has not read yet, and another
             for name, classes in (("three-b", 5), ("ctr", 5)):
                 del s.models[name]
-                s.model(name, classes).fold(_scores(np.random.default_rng(calls), 9, classes), None, clock(), None)
+                s.model(name, classes).fold(
+                    random_scores(np.random.default_rng(calls), 9, classes), None, clock(), None
+                )
         return clock()
 
     s.clock = replacing
