@@ -19,6 +19,9 @@ and noisy: only side-by-side medians mean anything.
   of predictions and at 64 rows; FP32 soft-target logits; binary logits and
   probs in FP32 and FP64, 64 MB. Serial kernels (one core), so that the other
   core's noise matters less; ``--parallel`` times the ``prange`` builds.
+- ``+entropy ...``: what the pipeline pays for the loss and the label-free
+  entropy of the same batch: the kernel itself where it returns the entropy
+  (since 58dde4e), the kernel plus ``predstats.row_stats`` where it does not.
 - ``fp16 ...`` (``--only fp16``): 64 MB of FP16 logits, C=10 and C=32000, scored
   as validation hands them today (``scan.widen``: widen into float32 and scan for
   the value rules, then the float32 kernel; ``host`` is the sum of the two) and,
@@ -39,6 +42,11 @@ FP16 and BF16 go to the other checkout widened to float32 on the host, as its
 validation hands them, and to this one both so and as their wire bits (uint16,
 int16), where this checkout's kernels take them. Binary log_probs entropies
 below log p = -ln 2 are left out: their formula changed on purpose (log1mexp).
+Since b143419 so did the entropies of binary probabilities (log1p(-p) for
+log(1 - p): relative 1e-12, absolute 1e-15), of FP64 class-index probs rows
+(summed by fast-math spans: relative 1e-12) and of float32 class-index log_probs
+and probs rows (float32 terms: relative 1e-5); the largest relative difference is
+printed.
 """
 
 from __future__ import annotations
@@ -70,9 +78,13 @@ KERNEL_CASES = (
     ("logits C=32000 64 rows", "FP32", "logits", 64, 32_000, "index"),
     ("probs C=10 64MB", "FP32", "probs", MB64 // 40, 10, "index"),
     ("probs C=1000 64MB", "FP32", "probs", MB64 // 4000, 1000, "index"),
+    ("probs FP64 C=10 64MB", "FP64", "probs", MB64 // 80, 10, "index"),
+    ("log_probs C=10 64MB", "FP32", "log_probs", MB64 // 40, 10, "index"),
+    ("log_probs C=1000 64MB", "FP32", "log_probs", MB64 // 4000, 1000, "index"),
     ("soft logits C=10 32MB", "FP32", "logits", MB64 // 80, 10, "soft"),
     ("binary logits FP32 64MB", "FP32", "logits", MB64 // 4, 0, "index"),
     ("binary logits FP64 64MB", "FP64", "logits", MB64 // 8, 0, "index"),
+    ("binary probs FP32 64MB", "FP32", "probs", MB64 // 4, 0, "index"),
     ("binary probs FP64 64MB", "FP64", "probs", MB64 // 8, 0, "index"),
 )
 FP16_CASES = (("C=10", MB64 // 20, 10), ("C=32000", MB64 // 64_000, 32_000))
@@ -162,6 +174,9 @@ def _kernel_timings(parallel: bool, match: str) -> dict[str, Any]:
         if kind == "probs":
             e = np.exp(z - z.max(axis=1, keepdims=True)) if c else 1.0 / (1.0 + np.exp(-z))
             z = (e / e.sum(axis=1, keepdims=True) if c else e).astype(z.dtype)
+        elif kind == "log_probs" and c:
+            m = z.max(axis=1, keepdims=True)
+            z = (z - m - np.log(np.exp(z - m).sum(axis=1, keepdims=True))).astype(z.dtype)
         if not c:
             tgt = rng.integers(0, 2, n).astype(np.float64)
         elif targets == "index":
@@ -171,7 +186,19 @@ def _kernel_timings(parallel: bool, match: str) -> dict[str, Any]:
         batch = _batch(z, tgt, kind, datatype)
         del z, tgt
         out[f"kernel {label}"] = _best(lambda b=batch: backend.score(b, params))
+        if getattr(backend.score(batch, params), "entropy", None) is None:
+            # A checkout whose kernels give no entropy: the pipeline took it from predstats.
+            out[f"+entropy {label}"] = _best(lambda b=batch: _score_and_entropy(backend, b, params))
+        else:
+            out[f"+entropy {label}"] = out[f"kernel {label}"]
     return out
+
+
+def _score_and_entropy(backend: Any, batch: Any, params: Any) -> None:
+    from xentd.predstats import row_stats
+
+    backend.score(batch, params)
+    row_stats(batch.predictions, int(batch.kind))
 
 
 def _fp16_timings(parallel: bool) -> dict[str, Any]:
@@ -337,6 +364,19 @@ def _dump(root: str, path: str) -> None:
     np.savez(path, **saved)
 
 
+def _entropy_tolerance(name: str) -> tuple[float, float] | None:
+    """(relative, absolute) tolerance of case ``name``'s entropy where it changed on purpose
+    since b143419 (the module's docstring), None where it must be the same bits. Binary
+    probabilities: the old log(1 - p) of the rounded 1 - p dropped the (1 - p) log(1 - p)
+    term, about p, where 1 - p rounds (2.7% of H at p = 4e-18): absolutely 1e-15 there."""
+    datatype, kind, _classes, layout = name.split("/")
+    if layout == "binary":
+        return (1e-12, 1e-15) if kind == "probs" else None
+    if layout != "index" or (kind, datatype) == ("log_probs", "FP64") or kind == "logits":
+        return None
+    return (1e-12, 1e-30) if datatype == "FP64" else (1e-5, 1e-30)
+
+
 def _identical(against: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
@@ -352,6 +392,7 @@ def _identical(against: str) -> None:
             if kind == "log_probs" and x.ndim == 1:
                 masks[name] = _encode(x, _datatype)[1].astype(np.float64) >= -math.log(2.0)
         compared = differ = rows = flagged = 0
+        worst = 0.0  # the largest relative difference of the entropies compared to a tolerance
         for key in after.files:
             name, gamma, how, build, field = key.split("|")
             if field == "invalid":  # every batch here is valid
@@ -365,11 +406,21 @@ def _identical(against: str) -> None:
                 a, b = a[masks[name]], b[masks[name]]
             compared += 1
             rows += a.size
+            tolerance = _entropy_tolerance(name) if field == "entropy" else None
+            if tolerance is not None:
+                rtol, atol = tolerance
+                scale = np.maximum(np.abs(b), 1e-25)
+                worst = max(worst, float(np.max(np.abs(a - b) / scale, initial=0.0)))
+                if not np.allclose(a, b, rtol=rtol, atol=atol):
+                    differ += 1
+                    print(f"DIFFERS beyond rtol {rtol}, atol {atol}: {key}")
+                continue
             if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
                 differ += 1
                 print(f"DIFFERS: {key} against the other checkout's {how == 'bits' and 'host-widened ' or ''}batch")
         print(
-            f"{compared} arrays ({rows} values) compared bit for bit, {differ} differ; {flagged} rows flagged invalid"
+            f"{compared} arrays ({rows} values) compared bit for bit (the changed entropies to their tolerance:"
+            f" largest relative difference {worst:.2e}), {differ} differ; {flagged} rows flagged invalid"
         )
         if differ or flagged:
             sys.exit(1)

@@ -33,7 +33,7 @@ from xentd.jit import kernel_array
 from xentd.kernels import ScoringParams, cpu
 from xentd.kernels.cpu import CpuBackend
 from xentd.predstats import row_stats
-from xentd.validate import Batch, InputKind, TargetKind
+from xentd.validate import DATATYPE_EPS, Batch, InputKind, TargetKind
 
 
 @reference_cases(DATATYPES, [(None, 400), (2, 300), (3, 300), (10, 200), (257, 40), (50_000, 4)])
@@ -98,7 +98,8 @@ def test_entropy_matches_float64_oracle_and_predstats(
     (two float32 blocks at 1000 classes), class-index and soft targets."""
     n = 40 if classes == 1000 else cpu.SMALL_ROWS + 37
     batch = entropy_case(dtype, kind, classes, n, targets, seed=(classes or 1) * 3 + len(kind))
-    fast = batch.predictions.dtype == np.float32 and not batch.binary and targets == "index" and kind == "logits"
+    # The float32 class-index path takes each term in float32 (xentd.kernels.cpu's docstring).
+    fast = batch.predictions.dtype == np.float32 and not batch.binary and targets == "index"
     want = naive.entropy(batch.predictions, kind)
     predstats_h, _ = row_stats(batch.predictions, int(batch.kind))
     for gamma in (2.0, 0.5):
@@ -106,9 +107,10 @@ def test_entropy_matches_float64_oracle_and_predstats(
         assert h is not None
         np.testing.assert_allclose(h, want, **(ENTROPY_F32 if fast else ENTROPY_EXACT))
         # What the pipeline takes today. Float32 logits rows take predstats' float32 path,
-        # and float64's log s (kernels and predstats alike) is good to an absolute ~1e-16.
+        # and float64's log s (kernels and predstats alike) is good to an absolute ~1e-16;
+        # float32 class-index probs and log_probs rows to the kernels' float32 terms.
         f32_logits = batch.predictions.dtype == np.float32 and not batch.binary and kind == "logits"
-        near_predstats = {**ENTROPY_F32, "atol": ENTROPY_EXACT["atol"]} if f32_logits else ENTROPY_EXACT
+        near_predstats = {**ENTROPY_F32, "atol": ENTROPY_EXACT["atol"]} if f32_logits or fast else ENTROPY_EXACT
         np.testing.assert_allclose(h, predstats_h, **near_predstats)
     if classes is not None and kind == "logits":  # the uniform row, exactly (a float32 log-probability is not)
         assert h[0] == pytest.approx(math.log(classes), rel=1e-6 if fast else 1e-13)
@@ -351,6 +353,59 @@ def test_log64_and_log1p64_within_an_ulp_of_numpy() -> None:
     nonzero = ref != 0
     assert _ulps(got[nonzero], ref[nonzero]) <= 2.0
     assert (got[~nonzero] == 0).all()
+
+
+_apply_log32 = _elementwise(cpu.log32)
+
+
+def test_log32_within_an_ulp_of_numpy_over_float32s_positive_range() -> None:
+    """Every 61st positive finite float32, subnormals included, and the edges."""
+    bits = np.arange(1, 0x7F800000, 61, dtype=np.uint32)
+    x = np.concatenate(
+        [bits.view(np.float32), np.array([1.0, 2.0, 0.5, 1e-45, 1.1754942e-38, 3.4028235e38], np.float32)]
+    )
+    got = np.empty_like(x)
+    _apply_log32(x, got)
+    ref = np.log(x.astype(np.float64))
+    nonzero = ref != 0
+    ulps = np.abs(got[nonzero].astype(np.float64) - ref[nonzero]) / np.spacing(np.abs(ref[nonzero]).astype(np.float32))
+    assert float(ulps.max()) <= 1.0
+    assert (got[~nonzero] == 0).all()
+
+
+@njit
+def _clipped_logs(x: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """(the vectorised binary probs loop's clipped logs, the logs of the clipped p) per value."""
+    log_lo, log_hi = cpu.log64(eps), cpu.log64(1.0 - eps)
+    log1m_lo, log1m_hi = cpu.log1p64(-(1.0 - eps)), cpu.log1p64(-eps)
+    for i in range(x.shape[0]):
+        log_x, log_1mx = cpu._prob_logs(x[i])
+        pc = min(max(x[i], eps), 1.0 - eps)
+        out[i, 0] = min(max(log_x, log_lo), log_hi)
+        out[i, 1] = cpu.log64(pc)
+        out[i, 2] = min(max(log_1mx, log1m_lo), log1m_hi)
+        out[i, 3] = cpu.log1p64(-pc)
+
+
+@pytest.mark.parametrize("datatype", sorted(DATATYPE_EPS))
+def test_binary_probs_clip_the_logs_as_they_clipped_p(datatype: str) -> None:
+    """The binary probs loop clips log x and log1p(-x) where it clipped x: the same values,
+    because log64 and log1p64 are monotonic, checked here over the 4,000 floats around
+    each bound and random probabilities."""
+    eps = DATATYPE_EPS[datatype]
+    steps = np.arange(-2000, 2000)
+    x = np.concatenate(
+        [
+            eps + steps * np.spacing(eps),
+            (1.0 - eps) + steps * np.spacing(1.0 - eps),
+            np.random.default_rng(5).random(100_000),
+            [0.0, 1.0, 5e-324, 1.0 - 2.0**-53],
+        ]
+    )
+    out = np.empty((x.size, 4))
+    _clipped_logs(x, eps, out)
+    np.testing.assert_array_equal(out[:, 0], out[:, 1])
+    np.testing.assert_array_equal(out[:, 2], out[:, 3])
 
 
 @pytest.mark.parametrize("kind", KINDS)

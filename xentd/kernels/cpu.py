@@ -43,12 +43,13 @@ Entropy: every kernel also writes each row's label-free entropy H = -sum_c p_c
 log p_c, as :func:`xentd.predstats.row_stats` defines it, so that a full message
 needs no second pass over its rows. For logits it is one more sum in the loops
 that sum the exponentials, of e_c (x_c - m) (H = log s - that sum / s); for
-probs one log per value, for log_probs the exp those loops already take, except
-on the float32 class-index path, whose fast-math float32 loops cannot give it in
-float64: there probs and log_probs rows take one more float64 pass (a log or an
-exp per value). Float64 everywhere except float32 class-index logits, which sum
-it in float32 with the rest of their row (within a relative 1e-5, as predstats'
-own float32 path).
+probs one log per value, for log_probs the exp those loops already take. Binary
+probabilities share the loss's two logs. Float64 everywhere except the float32
+class-index path (FP32, FP16 and BF16 rows), which takes each term in float32
+with the rest of its row: for logits and log_probs the float32 exponentials'
+moments, for probs a float32 log (log32) per value, mapped into a block and
+summed in float64 (within a relative 1e-5, as predstats' own float32 path for
+logits; the probabilities' per-row log would otherwise cost more than the loss).
 
 docs/metrics.md gives every formula computed here.
 """
@@ -340,6 +341,55 @@ def _plogp(p):  # type: ignore[no-untyped-def]
     return p * log64(max(p, _DBL_MIN))
 
 
+# The largest float64 below 1: log1p(-x) is finite for every probability x up to it.
+_BELOW_ONE = 1.0 - 2.0**-53
+
+
+@cached(inline="always", error_model="numpy")
+def _prob_logs(x):  # type: ignore[no-untyped-def]
+    """(log x, log(1 - x)) of a binary probability as sent, finite on [0, 1]: at x = 0 and
+    x = 1 the log that would be -inf is a finite one, which the entropy multiplies by 0.
+    log(1 - x) is log1p(-x), exact to the last bits where 1 - x itself would round."""
+    return log64(max(x, _DBL_MIN)), log1p64(-min(x, _BELOW_ONE))
+
+
+# A float32 log that vectorises, for the entropy of float32 probabilities: one log per
+# value, where the loss takes one per row, so a float64 log (log64) would cost more than
+# the rest of the row. musl's logf: the reduction of log64 on float32 bits, with a
+# shorter polynomial (within 1 ulp, tested against NumPy over float32's positive range).
+I32 = np.int32
+_FLT_MIN = F32(np.finfo(np.float32).tiny)
+_FLT_TRUE_MIN = F32(np.finfo(np.float32).smallest_subnormal)
+_LG1F = F32(0.66666662693)
+_LG2F = F32(0.40000972152)
+_LG3F = F32(0.28498786688)
+_LG4F = F32(0.24279078841)
+_LN2_HI_F = F32(6.9313812256e-01)  # trailing zeros: k * _LN2_HI_F is exact
+_LN2_LO_F = F32(9.0580006145e-06)
+
+
+@cached(inline="always", error_model="numpy")
+def log32(x):  # type: ignore[no-untyped-def]
+    """log(x) for finite float32 x > 0, subnormals included (scaled by 2**25 first)."""
+    sub = x < _FLT_MIN
+    x = x * F32(33554432.0) if sub else x
+    ix = F32(x).view(I32) + I32(0x3F800000 - 0x3F3504F3)
+    k = F32((ix >> I32(23)) - I32(0x7F) - (I32(25) if sub else I32(0)))
+    f = I32((ix & I32(0x007FFFFF)) + I32(0x3F3504F3)).view(F32) - F32(1.0)
+    s = f / (F32(2.0) + f)
+    z = s * s
+    w = z * z
+    r = z * (_LG1F + w * _LG3F) + w * (_LG2F + w * _LG4F)
+    hfsq = F32(0.5) * f * f
+    return s * (hfsq + r) + k * _LN2_LO_F - hfsq + f + k * _LN2_HI_F
+
+
+@cached(inline="always", error_model="numpy")
+def _plogp32(p):  # type: ignore[no-untyped-def]
+    """p log p of a float32 probability, in float32 (within about 2 ulp), 0 at p = 0."""
+    return p * log32(max(p, _FLT_TRUE_MIN))
+
+
 @cached(inline="always")
 def _row_entropy(kind, log_s, t, s):  # type: ignore[no-untyped-def]
     """The entropy H = -sum_c p_c log p_c of a multiclass row from one sum ``t`` over its classes.
@@ -360,14 +410,18 @@ def _binary_entropy(kind, x, lp, lq, p, q):  # type: ignore[no-untyped-def]
     values of _binary_logit_terms (log p, log(1 - p), p, 1 - p, each to full relative accuracy
     in both tails: H = log1p(e^-|x|) + |x| sigmoid(-|x|), all terms >= 0). For probs and
     log_probs from ``x`` itself, since _binary_terms clips those at eps for the loss: p as
-    sent, or p = exp(x) (``p``, unclipped) with 1 - p = -expm1(x) and log(1 - p) the
+    sent, with _prob_logs' log x and log1p(-x), or p = exp(x) (``p``, unclipped) with
+    1 - p = -expm1(x) and log(1 - p) the
     accurate log1mexp: log1p(-exp(x)) below -ln 2, where log(1 - p) of the rounded 1 - p
     would lose p's digits (x = -40: 1 - p rounds to 1, and the term p would vanish);
     log(-expm1(x)) above, where 1 - p is the small one (0 log 0 = 0 at x = 0)."""
     if kind == LOGITS:
         return -(p * lp + q * lq)
     if kind == PROBS:
-        return -_plogp(x) - _plogp(1.0 - x)
+        # The vectorised probs loop takes the loss's logs from the same _prob_logs(x), clipped
+        # afterwards: inlined into one function, the two calls are one computation (LLVM's CSE).
+        log_p, log_q = _prob_logs(x)
+        return -(x * log_p + (1.0 - x) * log_q)
     q = -math.expm1(x)
     log_q = log1p64(-p) if x < -LN2 else log64(max(q, _DBL_MIN))
     return -(p * x) - q * log_q
@@ -394,58 +448,302 @@ def _class_index(t, c):  # type: ignore[no-untyped-def]
 def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tcls, unnorm, conf, brier, ent, inv):  # type: ignore[no-untyped-def]
     n, c = pred.shape
     lo, span = key_bounds(kind, pred)
-    for i in prange(n):
-        t, bad = _class_index(tgt[i], c)
-        best = load(pred[i, 0])
-        worst = key_offset(best, lo)  # the row's largest key offset (xentd.jit.key_offset)
-        arg = 0
-        for j in range(1, c):
-            v = load(pred[i, j])
-            worst = max(worst, key_offset(v, lo))
-            if v > best:
-                best = v
-                arg = j
-        bad |= exceeds(worst, span)
-        m = np.float64(best)
-        mass = 0.0
-        s = 0.0
-        # Brier = sum over c != t of p_c**2, plus (1 - p_t)**2: the non-target
-        # squares are summed apart, so that a confident row's score does not
-        # come from 1 - 2 p_t + sum p_c**2, a cancellation.
-        sq = 0.0
-        rest = 0.0  # logits: the other classes' exponentials, so that 1 - p_t = rest / s exactly
-        h = 0.0  # the entropy's sum (_row_entropy)
+    # The probabilities' sum of p log p costs a log per value, and a row's sum is a strict
+    # reduction, which stays scalar (_plogp_sum says why): short rows take it across rows
+    # beforehand (_plogp_rows, which checks their values as well), long rows map it into
+    # ``terms`` and sum it with a fast-math span.
+    short = kind == PROBS and c <= SMALL_C
+    # Rows in at most WIDE_CHUNKS work items, their scratch allocated once per chunk, not per
+    # row (see _multiclass_index_f32).
+    rows = max(1, (n + WIDE_CHUNKS - 1) // WIDE_CHUNKS)
+    for b in prange((n + rows - 1) // rows):
+        first = b * rows
+        last = min(n, first + rows)
+        sums = np.empty(last - first if short else 0, np.float64)
+        flags = np.empty(last - first if short else 0, np.bool_)
+        terms = np.empty(c if kind == PROBS and not short else 0, np.float64)
+        # The kind as a constant in each loop, so that the branches on it fold away (a loop
+        # over all three kinds measured 1.5x slower: LLVM does not unswitch it).
         if kind == LOGITS:
-            for j in range(c):
-                d = np.float64(load(pred[i, j])) - m
-                e = math.exp(d)
-                s += e
-                sq += 0.0 if j == t else e * e
-                rest += 0.0 if j == t else e
-                h += e * d
+            _index_rows(
+                pred,
+                tgt,
+                LOGITS,
+                eps,
+                gamma,
+                tol,
+                lo,
+                span,
+                terms,
+                sums,
+                flags,
+                False,
+                first,
+                last,
+                loss,
+                focal,
+                correct,
+                tcls,
+                unnorm,
+                conf,
+                brier,
+                ent,
+                inv,
+            )
+        elif short:
+            _plogp_rows(pred[first:last], sums, flags, lo, span)
+            _index_rows(
+                pred,
+                tgt,
+                PROBS,
+                eps,
+                gamma,
+                tol,
+                lo,
+                span,
+                terms,
+                sums,
+                flags,
+                True,
+                first,
+                last,
+                loss,
+                focal,
+                correct,
+                tcls,
+                unnorm,
+                conf,
+                brier,
+                ent,
+                inv,
+            )
         elif kind == PROBS:
+            _index_rows(
+                pred,
+                tgt,
+                PROBS,
+                eps,
+                gamma,
+                tol,
+                lo,
+                span,
+                terms,
+                sums,
+                flags,
+                False,
+                first,
+                last,
+                loss,
+                focal,
+                correct,
+                tcls,
+                unnorm,
+                conf,
+                brier,
+                ent,
+                inv,
+            )
+        else:
+            _index_rows(
+                pred,
+                tgt,
+                LOG_PROBS,
+                eps,
+                gamma,
+                tol,
+                lo,
+                span,
+                terms,
+                sums,
+                flags,
+                False,
+                first,
+                last,
+                loss,
+                focal,
+                correct,
+                tcls,
+                unnorm,
+                conf,
+                brier,
+                ent,
+                inv,
+            )
+
+
+@cached(inline="always", error_model="numpy")
+def _index_rows(
+    pred,
+    tgt,
+    kind,
+    eps,
+    gamma,
+    tol,
+    lo,
+    span,
+    terms,
+    sums,
+    flags,
+    checked,
+    first,
+    last,
+    loss,
+    focal,
+    correct,
+    tcls,
+    unnorm,
+    conf,
+    brier,
+    ent,
+    inv,
+):  # type: ignore[no-untyped-def]
+    """Rows [first, last) of _multiclass_index. With ``checked`` (a constant), _plogp_rows gave
+    their p log p sums in ``sums`` and their value checks in ``flags``."""
+    for i in range(first, last):
+        plogp = sums[i - first] if checked else 0.0
+        flag = flags[i - first] if checked else False
+        _index_row(
+            pred,
+            tgt,
+            kind,
+            eps,
+            gamma,
+            tol,
+            lo,
+            span,
+            terms,
+            plogp,
+            flag,
+            checked,
+            i,
+            loss,
+            focal,
+            correct,
+            tcls,
+            unnorm,
+            conf,
+            brier,
+            ent,
+            inv,
+        )
+
+
+@cached(inline="always", error_model="numpy")
+def _plogp_rows(pred, sums, flags, key_lo, key_span):  # type: ignore[no-untyped-def]
+    """sums[r] = sum_c _plogp(p_c) of each row of float64 probabilities, and flags[r] whether
+    any of its values is outside the key range (key_lo, key_span) (xentd.jit.outside), for
+    rows of at most SMALL_C classes: transposed in blocks of SMALL_ROWS rows, so that the log
+    and the check run across rows (a 10-class row is too short for a vector loop of its own;
+    the check in the row's own scalar loop measured 2.6 ns a value). Each row's terms are
+    added in class order, as a loop along the row would add them."""
+    n, c = pred.shape
+    cols = np.empty((c, SMALL_ROWS + 8), np.float64)  # padded by a cache line (_small_index_block)
+    worst = np.empty(SMALL_ROWS, np.uint64)  # each row's largest key offset (xentd.jit.key_offset)
+    for r0 in range(0, n, SMALL_ROWS):
+        block = pred[r0 : min(r0 + SMALL_ROWS, n)]
+        out = sums[r0 : min(r0 + SMALL_ROWS, n)]
+        for r in range(block.shape[0]):
             for j in range(c):
-                x = np.float64(load(pred[i, j]))
-                mass += x
-                sq += 0.0 if j == t else x * x
-                h += _plogp(x)
+                cols[j, r] = np.float64(load(block[r, j]))
+            out[r] = 0.0
+            worst[r] = 0
+        for j in range(c):
+            col = cols[j]
+            for r in range(block.shape[0]):
+                out[r] += _plogp(col[r])
+                worst[r] = max(worst[r], key_offset(col[r], key_lo))
+        flagged = flags[r0 : min(r0 + SMALL_ROWS, n)]
+        for r in range(block.shape[0]):
+            flagged[r] = exceeds(worst[r], key_span)
+
+
+@cached(inline="always", error_model="numpy")
+def _index_row(
+    pred,
+    tgt,
+    kind,
+    eps,
+    gamma,
+    tol,
+    lo,
+    span,
+    terms,
+    plogp,
+    flag,
+    checked,
+    i,
+    loss,
+    focal,
+    correct,
+    tcls,
+    unnorm,
+    conf,
+    brier,
+    ent,
+    inv,
+):  # type: ignore[no-untyped-def]
+    """Row ``i`` of _multiclass_index (float64 predictions, class-index targets), indexed in
+    place: a view of the row would cost a reference count per row. A probs row
+    takes its sum of p log p from ``plogp`` when ``terms`` is empty; with ``checked`` (a
+    constant), its values were checked too (_plogp_rows' short rows), and ``flag`` says how."""
+    c = pred.shape[1]
+    t, bad = _class_index(tgt[i], c)
+    best = load(pred[i, 0])
+    worst = key_offset(best, lo)  # the row's largest key offset (xentd.jit.key_offset)
+    arg = 0
+    for j in range(1, c):
+        v = load(pred[i, j])
+        if not checked:
+            worst = max(worst, key_offset(v, lo))
+        if v > best:
+            best = v
+            arg = j
+    bad |= flag if checked else exceeds(worst, span)
+    m = np.float64(best)
+    mass = 0.0
+    s = 0.0
+    # Brier = sum over c != t of p_c**2, plus (1 - p_t)**2: the non-target
+    # squares are summed apart, so that a confident row's score does not
+    # come from 1 - 2 p_t + sum p_c**2, a cancellation.
+    sq = 0.0
+    rest = 0.0  # logits: the other classes' exponentials, so that 1 - p_t = rest / s exactly
+    h = 0.0  # the entropy's sum (_row_entropy)
+    if kind == LOGITS:
+        for j in range(c):
+            d = np.float64(load(pred[i, j])) - m
+            e = math.exp(d)
+            s += e
+            sq += 0.0 if j == t else e * e
+            rest += 0.0 if j == t else e
+            h += e * d
+    elif kind == PROBS:
+        for j in range(c):
+            x = np.float64(load(pred[i, j]))
+            mass += x
+            sq += 0.0 if j == t else x * x
+        if terms.shape[0] == 0:
+            h = plogp
         else:
             for j in range(c):
-                x = np.float64(load(pred[i, j]))
-                e = math.exp(x)
-                mass += e
-                sq += 0.0 if j == t else e * e
-                h += e * x
-        xt = np.float64(load(pred[i, t]))
-        lpt, q, mass = _index_terms(kind, xt, m, s, mass, eps)
-        conf[i], brier[i] = _index_calibration(kind, m, s, sq, rest, xt)
-        ent[i] = _row_entropy(kind, math.log(s) if kind == LOGITS else 0.0, h, s)
-        loss[i] = -lpt
-        focal[i] = -_focal_weight(q, gamma) * lpt
-        correct[i] = 1 if arg == t else 0
-        tcls[i] = t
-        unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
-        inv[i] = bad
+                terms[j] = _plogp(np.float64(load(pred[i, j])))
+            h = _total_span(terms, c)
+    else:
+        for j in range(c):
+            x = np.float64(load(pred[i, j]))
+            e = math.exp(x)
+            mass += e
+            sq += 0.0 if j == t else e * e
+            h += e * x
+    xt = np.float64(load(pred[i, t]))
+    lpt, q, mass = _index_terms(kind, xt, m, s, mass, eps)
+    conf[i], brier[i] = _index_calibration(kind, m, s, sq, rest, xt)
+    ent[i] = _row_entropy(kind, math.log(s) if kind == LOGITS else 0.0, h, s)
+    loss[i] = -lpt
+    focal[i] = -_focal_weight(q, gamma) * lpt
+    correct[i] = 1 if arg == t else 0
+    tcls[i] = t
+    unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
+    inv[i] = bad
 
 
 # Elements summed in float32 before each float64 accumulation: short enough
@@ -604,19 +902,29 @@ def _sum_exp_span(row, hi, m, scratch):  # type: ignore[no-untyped-def]
 
 
 @cached(inline="always", error_model="numpy")
-def _entropy_sum(row, kind):  # type: ignore[no-untyped-def]
-    """_row_entropy's sum of a probs or log_probs row, in float64 with the float64 exp and log
-    (inlined into a strictly compiled kernel: exp_nonpos64's rounding step must not be
-    reassociated, so this is not one of the fast-math spans)."""
+def _plogp_sum(row, scratch):  # type: ignore[no-untyped-def]
+    """_row_entropy's sum of a float32 probs row: _plogp32 of each value, mapped into
+    ``scratch`` (BLOCK floats) a block at a time and summed by _total_span. Inlined into a
+    strictly compiled kernel, so that log32 is never reassociated; the map is an elementwise
+    loop, which vectorises as it is, where a strict sum would stay scalar (LLVM may not
+    reorder one: measured 5.7 ns a value with log64, 1.3 mapped and summed apart)."""
     t = 0.0
-    if kind == PROBS:
-        for j in range(row.shape[0]):
-            t += _plogp(np.float64(row[j]))
-    else:
-        for j in range(row.shape[0]):
-            x = np.float64(row[j])
-            t += exp_nonpos64(x) * x
+    n = row.shape[0]
+    for j0 in range(0, n, BLOCK):
+        span = row[j0 : min(j0 + BLOCK, n)]
+        for j in range(span.shape[0]):
+            scratch[j] = _plogp32(span[j])
+        t += _total_span(scratch, span.shape[0])
     return t
+
+
+@cached(fastmath=True)
+def _total_span(row, hi):  # type: ignore[no-untyped-def]
+    """Sum of row[:hi], in float64."""
+    s = 0.0
+    for j in range(hi):
+        s += np.float64(row[j])
+    return s
 
 
 @cached(fastmath=True)
@@ -741,7 +1049,7 @@ def _small_index_block(pred, tgt, kind, eps, loss, focal, correct, tcls, conf, b
                 x = np.float64(cols[j, r])
                 mass[r] += x  # float64, as _sum_span
                 squares64[r] += 0.0 if jj == tcol[r] else x * x
-                plogp[r] += _plogp(x)
+                plogp[r] += np.float64(_plogp32(cols[j, r]))
         for r in range(rows):
             ent[r] = _row_entropy(PROBS, 0.0, plogp[r], 0.0)
             t = tcol[r]
@@ -768,7 +1076,7 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
     """Class-index targets on float32 predictions (FP16 and BF16 bits too): the high-throughput path.
 
     Three vectorised sweeps over each row (max and the value check, then exp-sum or
-    sum; for probs and log_probs a fourth, in float64, for the entropy); the
+    sum; for probs a fourth, a float32 log per value, for the entropy); the
     float32 exp2 is within ~1e-7 relative, below the precision of a float32
     input, and every sum is carried in float64. Top-1 correctness needs no
     argmax: the target is the first maximum iff it equals the row max and
@@ -875,20 +1183,20 @@ def _multiclass_index_f32(pred, tgt, kind, eps, gamma, tol, loss, focal, correct
                 lpt = math.log(pt)
                 q = 1.0 - pt
                 conf[i], brier[i] = _index_calibration(PROBS, np.float64(m), 0.0, sq1 + sq2, 0.0, xt)
-                ent[i] = _row_entropy(PROBS, 0.0, _entropy_sum(row, PROBS), 0.0)
+                ent[i] = _row_entropy(PROBS, 0.0, _plogp_sum(row, buf), 0.0)
             else:
                 # As for probabilities: the classes before and after the target apart.
-                o1, t1, sq1, _ = _sum_exp_span(row[:t], t, F32(0.0), buf)
-                o2, t2, sq2, _ = _sum_exp_span(row[t + 1 :], c - t - 1, F32(0.0), buf)
+                o1, t1, sq1, h1 = _sum_exp_span(row[:t], t, F32(0.0), buf)
+                o2, t2, sq2, h2 = _sum_exp_span(row[t + 1 :], c - t - 1, F32(0.0), buf)
                 pt = math.exp(xt)
                 mass = o1 + o2 + t1 + t2 + pt
                 lpt = xt
                 q = -math.expm1(lpt)
                 # A class at log-probability 0 has probability 1 and square 1: counted in t1, t2.
                 conf[i], brier[i] = _index_calibration(LOG_PROBS, np.float64(m), 0.0, sq1 + sq2 + t1 + t2, 0.0, xt)
-                # In float64, not from the spans' float32 moments: float32 log-probabilities are
-                # taken exactly, as xentd.predstats takes them.
-                ent[i] = _row_entropy(LOG_PROBS, 0.0, _entropy_sum(row, LOG_PROBS), 0.0)
+                # With m = 0, the spans' moments are the other classes' sums of exp(x) x, in
+                # float32 blocks as for logits; the target's term is taken in float64.
+                ent[i] = _row_entropy(LOG_PROBS, 0.0, h1 + h2 + pt * xt, 0.0)
             loss[i] = -lpt
             focal[i] = -_focal_weight(q, gamma) * lpt
             correct[i] = 1 if row[t] == m and (t == 0 or row[t] > before) else 0
@@ -985,6 +1293,9 @@ def _binary_span(  # type: ignore[no-untyped-def]
     gamma, one sample at a time through _binary_terms. ``bounds`` is (key_lo, key_span)
     of the prediction's rule and of the target's (xentd.jit.outside)."""
     key_lo, key_span, target_lo, target_span = bounds
+    # The vectorised probs loop's clipping bounds, as logs: log p and log(1 - p) at p = eps and 1 - eps.
+    log_lo, log_hi = log64(eps), log64(1.0 - eps)
+    log1m_lo, log1m_hi = log1p64(-(1.0 - eps)), log1p64(-eps)
     for i in range(pred.shape[0]):
         v = load(pred[i])
         x = np.float64(v)
@@ -994,8 +1305,14 @@ def _binary_span(  # type: ignore[no-untyped-def]
             e = exp_nonpos64(-abs(x))
             lp, lq, p, q, positive = _binary_logit_terms(x, e, log1p64(e))
         else:  # probs
+            # The logs of the clipped p are the logs of x clipped, so the loss and the entropy
+            # (_binary_entropy) share the two logs of _prob_logs(x): two logs a sample, not four.
+            # log64 and log1p64 are monotonic, so the clipped logs are those of the clipped p.
+            log_x, log_1mx = _prob_logs(x)
             pc = min(max(x, eps), 1.0 - eps)
-            lp, lq, p, q, positive = _binary_prob_terms(x, pc, log64(pc), log1p64(-pc))
+            lp = min(max(log_x, log_lo), log_hi)
+            lq = min(max(log_1mx, log1m_lo), log1m_hi)
+            lp, lq, p, q, positive = _binary_prob_terms(x, pc, lp, lq)
         t = tgt[i]
         conf[i], brier[i] = _binary_calibration(kind, x, p, q, t)
         ent[i] = _binary_entropy(kind, x, lp, lq, p, q)

@@ -320,7 +320,8 @@ def _log1p(x):  # type: ignore[no-untyped-def]
 # The entropy's formulas, with libdevice's log and log1p in place of the CPU's vectorisable ones.
 _plogp = _device(cpu._plogp.py_func, log64=_log)
 _row_entropy = _device(cpu._row_entropy.py_func)
-_binary_entropy = _device(cpu._binary_entropy.py_func, _plogp=_plogp, log64=_log, log1p64=_log1p)
+_prob_logs = _device(cpu._prob_logs.py_func, log64=_log, log1p64=_log1p)
+_binary_entropy = _device(cpu._binary_entropy.py_func, _prob_logs=_prob_logs, log64=_log, log1p64=_log1p)
 
 
 # --- kernels ------------------------------------------------------------------------
