@@ -572,7 +572,7 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
 
 
 @cached(inline="always", error_model="numpy")
-def _index_rows(
+def _index_rows(  # type: ignore[no-untyped-def]
     pred,
     tgt,
     kind,
@@ -596,7 +596,7 @@ def _index_rows(
     brier,
     ent,
     inv,
-):  # type: ignore[no-untyped-def]
+):
     """Rows [first, last) of _multiclass_index. With ``checked`` (a constant), _plogp_rows gave
     their p log p sums in ``sums`` and their value checks in ``flags``."""
     for i in range(first, last):
@@ -658,7 +658,7 @@ def _plogp_rows(pred, sums, flags, key_lo, key_span):  # type: ignore[no-untyped
 
 
 @cached(inline="always", error_model="numpy")
-def _index_row(
+def _index_row(  # type: ignore[no-untyped-def]
     pred,
     tgt,
     kind,
@@ -681,7 +681,7 @@ def _index_row(
     brier,
     ent,
     inv,
-):  # type: ignore[no-untyped-def]
+):
     """Row ``i`` of _multiclass_index (float64 predictions, class-index targets), indexed in
     place: a view of the row would cost a reference count per row. A probs row
     takes its sum of p log p from ``plogp`` when ``terms`` is empty; with ``checked`` (a
