@@ -42,6 +42,9 @@ SHAPES = [
     (2, "index", 700),
     (10, "index", 700),
     (48, "index", 700),
+    # Enough rows for the FP64 probs rows' transposed blocks (cpu._plogp_rows) to span two full
+    # blocks and a partial one in every chunk of ceil(n / WIDE_CHUNKS) rows.
+    (3, "index", cpu.WIDE_CHUNKS * (2 * cpu.SMALL_ROWS + 37)),
     (49, "index", 120),
     (300, "index", 60),
     (3, "soft64", 300),

@@ -105,7 +105,9 @@ def test_entropy_matches_float64_oracle_and_predstats(
     for gamma in (2.0, 0.5):
         h = any_backend.score(batch, default_params(batch, gamma)).entropy
         assert h is not None
-        np.testing.assert_allclose(h, want, **(ENTROPY_F32 if fast else ENTROPY_EXACT))
+        # Float32 probs terms are one float32 log and product each, all of one sign: 1e-6.
+        near = {**ENTROPY_F32, "rtol": 1e-6} if fast and kind == "probs" else ENTROPY_F32
+        np.testing.assert_allclose(h, want, **(near if fast else ENTROPY_EXACT))
         # What the pipeline takes today. Float32 logits rows take predstats' float32 path,
         # and float64's log s (kernels and predstats alike) is good to an absolute ~1e-16;
         # float32 class-index probs and log_probs rows to the kernels' float32 terms.
@@ -115,6 +117,17 @@ def test_entropy_matches_float64_oracle_and_predstats(
     if classes is not None and kind == "logits":  # the uniform row, exactly (a float32 log-probability is not)
         assert h[0] == pytest.approx(math.log(classes), rel=1e-6 if fast else 1e-13)
     assert h[1] == 0.0 or classes is None
+
+
+def test_fp64_probs_entropy_across_blocks_of_rows(any_backend: CpuBackend) -> None:
+    """FP64 probs rows of at most SMALL_C classes sum p log p across rows (cpu._plogp_rows), in
+    blocks of SMALL_ROWS within chunks of ceil(n / WIDE_CHUNKS) rows: here two full blocks and
+    a partial one in every chunk, against the float64 oracle."""
+    n = cpu.WIDE_CHUNKS * (2 * cpu.SMALL_ROWS + 37)
+    batch = entropy_case(np.float64, "probs", 3, n, "index", seed=41)
+    h = any_backend.score(batch, default_params(batch)).entropy
+    assert h is not None
+    np.testing.assert_allclose(h, naive.entropy(batch.predictions, "probs"), **ENTROPY_EXACT)
 
 
 # --- scikit-learn ---------------------------------------------------------------
@@ -373,26 +386,12 @@ def test_log32_within_an_ulp_of_numpy_over_float32s_positive_range() -> None:
     assert (got[~nonzero] == 0).all()
 
 
-@njit
-def _clipped_logs(x: np.ndarray, eps: float, out: np.ndarray) -> None:
-    """(the vectorised binary probs loop's clipped logs, the logs of the clipped p) per value."""
-    log_lo, log_hi = cpu.log64(eps), cpu.log64(1.0 - eps)
-    log1m_lo, log1m_hi = cpu.log1p64(-(1.0 - eps)), cpu.log1p64(-eps)
-    for i in range(x.shape[0]):
-        log_x, log_1mx = cpu._prob_logs(x[i])
-        pc = min(max(x[i], eps), 1.0 - eps)
-        out[i, 0] = min(max(log_x, log_lo), log_hi)
-        out[i, 1] = cpu.log64(pc)
-        out[i, 2] = min(max(log_1mx, log1m_lo), log1m_hi)
-        out[i, 3] = cpu.log1p64(-pc)
-
-
-@pytest.mark.parametrize("datatype", sorted(DATATYPE_EPS))
-def test_binary_probs_clip_the_logs_as_they_clipped_p(datatype: str) -> None:
-    """The binary probs loop clips log x and log1p(-x) where it clipped x: the same values,
-    because log64 and log1p64 are monotonic, checked here over the 4,000 floats around
-    each bound and random probabilities."""
-    eps = DATATYPE_EPS[datatype]
+@pytest.mark.parametrize("eps", [*sorted(DATATYPE_EPS.values()), 1e-12, 0.25])
+def test_binary_probs_losses_are_those_of_the_clipped_p(backend: CpuBackend, eps: float) -> None:
+    """The vectorised binary probs loop takes the loss's logs from _prob_logs(x) where x is
+    not clipped, and the logs at the bounds where it is: exactly the old log64(pc) and
+    log1p64(-pc), checked over the 4,000 floats around each bound, random probabilities and
+    the ends, for every datatype's eps and two configured ones (xentd.config allows (0, 0.5))."""
     steps = np.arange(-2000, 2000)
     x = np.concatenate(
         [
@@ -402,10 +401,16 @@ def test_binary_probs_clip_the_logs_as_they_clipped_p(datatype: str) -> None:
             [0.0, 1.0, 5e-324, 1.0 - 2.0**-53],
         ]
     )
-    out = np.empty((x.size, 4))
-    _clipped_logs(x, eps, out)
-    np.testing.assert_array_equal(out[:, 0], out[:, 1])
-    np.testing.assert_array_equal(out[:, 2], out[:, 3])
+    x = x[(x >= 0.0) & (x <= 1.0)]
+    t = np.where(np.arange(x.size) % 2 == 0, 1.0, 0.0)
+    batch = make_batch(x, t, "probs")
+    params = ScoringParams(eps=eps, focal_gamma=2.0, normalization_tolerance=1e-3)
+    got = backend.score(batch, params).loss
+    pc = np.minimum(np.maximum(x, eps), 1.0 - eps)
+    want = np.empty((x.size, 2))
+    _apply_log(pc, want[:, 0])
+    _apply_log1p(-pc, want[:, 1])
+    np.testing.assert_array_equal(got, -np.where(t == 1.0, want[:, 0], want[:, 1]))
 
 
 @pytest.mark.parametrize("kind", KINDS)

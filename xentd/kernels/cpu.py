@@ -29,8 +29,9 @@ those paths avoid libm (one call per value): binary logits and probabilities
 (any dtype) and FP32 small-C rows use float64 exp/log/log1p written as plain
 arithmetic (fdlibm's algorithms, within 1 ulp), which the loop vectoriser
 turns into AVX code, and small-C rows are transposed into blocks so that every
-loop runs across rows. The float64 multiclass, soft-target and binary
-log_probs paths keep libm's functions.
+loop runs across rows (FP64 probs rows of at most SMALL_C classes for their
+entropy and value checks only: _plogp_rows). The float64 multiclass,
+soft-target and binary log_probs paths keep libm's functions.
 
 Calibration: every kernel also writes each sample's confidence and Brier score
 (docs/metrics.md, "Calibration and normalized entropy") from the sums it
@@ -44,7 +45,8 @@ log p_c, as :func:`xentd.predstats.row_stats` defines it, so that a full message
 needs no second pass over its rows. For logits it is one more sum in the loops
 that sum the exponentials, of e_c (x_c - m) (H = log s - that sum / s); for
 probs one log per value, for log_probs the exp those loops already take. Binary
-probabilities share the loss's two logs. Float64 everywhere except the float32
+probabilities share the loss's two logs in the vectorised loop (gamma 2; the libm
+loop takes two more). Float64 everywhere except the float32
 class-index path (FP32, FP16 and BF16 rows), which takes each term in float32
 with the rest of its row: for logits and log_probs the float32 exponentials'
 moments, for probs a float32 log (log32) per value, mapped into a block and
@@ -386,7 +388,8 @@ def log32(x):  # type: ignore[no-untyped-def]
 
 @cached(inline="always", error_model="numpy")
 def _plogp32(p):  # type: ignore[no-untyped-def]
-    """p log p of a float32 probability, in float32 (within about 2 ulp), 0 at p = 0."""
+    """p log p of a float32 probability, in float32, 0 at p = 0: within about 2 ulp, except
+    where the product is subnormal (p below ~1e-37, a term under 1e-35 nats)."""
     return p * log32(max(p, _FLT_TRUE_MIN))
 
 
@@ -946,7 +949,8 @@ def _sum_span(row, hi):  # type: ignore[no-untyped-def]
 # rest of the row.
 SMALL_C = 48
 SMALL_ROWS = 512
-# The most work items the float32 wide path splits a batch into (see _multiclass_index_f32).
+# The most work items the float32 wide path (see _multiclass_index_f32) and the FP64
+# class-index kernel split a batch into.
 WIDE_CHUNKS = 64
 
 
@@ -1305,13 +1309,14 @@ def _binary_span(  # type: ignore[no-untyped-def]
             e = exp_nonpos64(-abs(x))
             lp, lq, p, q, positive = _binary_logit_terms(x, e, log1p64(e))
         else:  # probs
-            # The logs of the clipped p are the logs of x clipped, so the loss and the entropy
-            # (_binary_entropy) share the two logs of _prob_logs(x): two logs a sample, not four.
-            # log64 and log1p64 are monotonic, so the clipped logs are those of the clipped p.
+            # Where x is not clipped, the logs of the clipped p are those of x, so the loss and
+            # the entropy (_binary_entropy) share the two logs of _prob_logs(x): two logs a
+            # sample, not four. Where it is, the logs at the bounds: chosen on x, so that they
+            # are log64(pc) and log1p64(-pc) exactly, whatever the eps (any in (0, 0.5)).
             log_x, log_1mx = _prob_logs(x)
             pc = min(max(x, eps), 1.0 - eps)
-            lp = min(max(log_x, log_lo), log_hi)
-            lq = min(max(log_1mx, log1m_lo), log1m_hi)
+            lp = log_lo if x < eps else (log_hi if x > 1.0 - eps else log_x)
+            lq = log1m_hi if x < eps else (log1m_lo if x > 1.0 - eps else log_1mx)
             lp, lq, p, q, positive = _binary_prob_terms(x, pc, lp, lq)
         t = tgt[i]
         conf[i], brier[i] = _binary_calibration(kind, x, p, q, t)
