@@ -465,170 +465,18 @@ def _multiclass_index(pred, tgt, kind, eps, gamma, tol, loss, focal, correct, tc
         sums = np.empty(last - first if short else 0, np.float64)
         flags = np.empty(last - first if short else 0, np.bool_)
         terms = np.empty(c if kind == PROBS and not short else 0, np.float64)
+        out = (loss, focal, correct, tcls, unnorm, conf, brier, ent, inv)
         # The kind as a constant in each loop, so that the branches on it fold away (a loop
         # over all three kinds measured 1.5x slower: LLVM does not unswitch it).
         if kind == LOGITS:
-            _index_rows(
-                pred,
-                tgt,
-                LOGITS,
-                eps,
-                gamma,
-                tol,
-                lo,
-                span,
-                terms,
-                sums,
-                flags,
-                False,
-                first,
-                last,
-                loss,
-                focal,
-                correct,
-                tcls,
-                unnorm,
-                conf,
-                brier,
-                ent,
-                inv,
-            )
+            _index_rows(pred, tgt, LOGITS, eps, gamma, tol, lo, span, terms, sums, flags, False, first, last, out)
         elif short:
             _plogp_rows(pred[first:last], sums, flags, lo, span)
-            _index_rows(
-                pred,
-                tgt,
-                PROBS,
-                eps,
-                gamma,
-                tol,
-                lo,
-                span,
-                terms,
-                sums,
-                flags,
-                True,
-                first,
-                last,
-                loss,
-                focal,
-                correct,
-                tcls,
-                unnorm,
-                conf,
-                brier,
-                ent,
-                inv,
-            )
+            _index_rows(pred, tgt, PROBS, eps, gamma, tol, lo, span, terms, sums, flags, True, first, last, out)
         elif kind == PROBS:
-            _index_rows(
-                pred,
-                tgt,
-                PROBS,
-                eps,
-                gamma,
-                tol,
-                lo,
-                span,
-                terms,
-                sums,
-                flags,
-                False,
-                first,
-                last,
-                loss,
-                focal,
-                correct,
-                tcls,
-                unnorm,
-                conf,
-                brier,
-                ent,
-                inv,
-            )
+            _index_rows(pred, tgt, PROBS, eps, gamma, tol, lo, span, terms, sums, flags, False, first, last, out)
         else:
-            _index_rows(
-                pred,
-                tgt,
-                LOG_PROBS,
-                eps,
-                gamma,
-                tol,
-                lo,
-                span,
-                terms,
-                sums,
-                flags,
-                False,
-                first,
-                last,
-                loss,
-                focal,
-                correct,
-                tcls,
-                unnorm,
-                conf,
-                brier,
-                ent,
-                inv,
-            )
-
-
-@cached(inline="always", error_model="numpy")
-def _index_rows(  # type: ignore[no-untyped-def]
-    pred,
-    tgt,
-    kind,
-    eps,
-    gamma,
-    tol,
-    lo,
-    span,
-    terms,
-    sums,
-    flags,
-    checked,
-    first,
-    last,
-    loss,
-    focal,
-    correct,
-    tcls,
-    unnorm,
-    conf,
-    brier,
-    ent,
-    inv,
-):
-    """Rows [first, last) of _multiclass_index. With ``checked`` (a constant), _plogp_rows gave
-    their p log p sums in ``sums`` and their value checks in ``flags``."""
-    for i in range(first, last):
-        plogp = sums[i - first] if checked else 0.0
-        flag = flags[i - first] if checked else False
-        _index_row(
-            pred,
-            tgt,
-            kind,
-            eps,
-            gamma,
-            tol,
-            lo,
-            span,
-            terms,
-            plogp,
-            flag,
-            checked,
-            i,
-            loss,
-            focal,
-            correct,
-            tcls,
-            unnorm,
-            conf,
-            brier,
-            ent,
-            inv,
-        )
+            _index_rows(pred, tgt, LOG_PROBS, eps, gamma, tol, lo, span, terms, sums, flags, False, first, last, out)
 
 
 @cached(inline="always", error_model="numpy")
@@ -661,92 +509,72 @@ def _plogp_rows(pred, sums, flags, key_lo, key_span):  # type: ignore[no-untyped
 
 
 @cached(inline="always", error_model="numpy")
-def _index_row(  # type: ignore[no-untyped-def]
-    pred,
-    tgt,
-    kind,
-    eps,
-    gamma,
-    tol,
-    lo,
-    span,
-    terms,
-    plogp,
-    flag,
-    checked,
-    i,
-    loss,
-    focal,
-    correct,
-    tcls,
-    unnorm,
-    conf,
-    brier,
-    ent,
-    inv,
-):
-    """Row ``i`` of _multiclass_index (float64 predictions, class-index targets), indexed in
-    place: a view of the row would cost a reference count per row. A probs row
-    takes its sum of p log p from ``plogp`` when ``terms`` is empty; with ``checked`` (a
-    constant), its values were checked too (_plogp_rows' short rows), and ``flag`` says how."""
+def _index_rows(pred, tgt, kind, eps, gamma, tol, lo, span, terms, sums, flags, checked, first, last, out):  # type: ignore[no-untyped-def]
+    """Rows [first, last) of _multiclass_index (float64 predictions, class-index targets) into
+    ``out``, its nine output arrays; each row indexed in place (a view of the row would cost a
+    reference count per row). With ``checked`` (a constant), _plogp_rows gave the probs rows'
+    p log p sums in ``sums`` and their value checks in ``flags``; without it, a probs row maps
+    its p log p into ``terms`` and sums it with a fast-math span."""
+    loss, focal, correct, tcls, unnorm, conf, brier, ent, inv = out
     c = pred.shape[1]
-    t, bad = _class_index(tgt[i], c)
-    best = load(pred[i, 0])
-    worst = key_offset(best, lo)  # the row's largest key offset (xentd.jit.key_offset)
-    arg = 0
-    for j in range(1, c):
-        v = load(pred[i, j])
-        if not checked:
-            worst = max(worst, key_offset(v, lo))
-        if v > best:
-            best = v
-            arg = j
-    bad |= flag if checked else exceeds(worst, span)
-    m = np.float64(best)
-    mass = 0.0
-    s = 0.0
-    # Brier = sum over c != t of p_c**2, plus (1 - p_t)**2: the non-target
-    # squares are summed apart, so that a confident row's score does not
-    # come from 1 - 2 p_t + sum p_c**2, a cancellation.
-    sq = 0.0
-    rest = 0.0  # logits: the other classes' exponentials, so that 1 - p_t = rest / s exactly
-    h = 0.0  # the entropy's sum (_row_entropy)
-    if kind == LOGITS:
-        for j in range(c):
-            d = np.float64(load(pred[i, j])) - m
-            e = math.exp(d)
-            s += e
-            sq += 0.0 if j == t else e * e
-            rest += 0.0 if j == t else e
-            h += e * d
-    elif kind == PROBS:
-        for j in range(c):
-            x = np.float64(load(pred[i, j]))
-            mass += x
-            sq += 0.0 if j == t else x * x
-        if terms.shape[0] == 0:
-            h = plogp
+    for i in range(first, last):
+        t, bad = _class_index(tgt[i], c)
+        best = load(pred[i, 0])
+        worst = key_offset(best, lo)  # the row's largest key offset (xentd.jit.key_offset)
+        arg = 0
+        for j in range(1, c):
+            v = load(pred[i, j])
+            if not checked:
+                worst = max(worst, key_offset(v, lo))
+            if v > best:
+                best = v
+                arg = j
+        bad |= flags[i - first] if checked else exceeds(worst, span)
+        m = np.float64(best)
+        mass = 0.0
+        s = 0.0
+        # Brier = sum over c != t of p_c**2, plus (1 - p_t)**2: the non-target
+        # squares are summed apart, so that a confident row's score does not
+        # come from 1 - 2 p_t + sum p_c**2, a cancellation.
+        sq = 0.0
+        rest = 0.0  # logits: the other classes' exponentials, so that 1 - p_t = rest / s exactly
+        h = 0.0  # the entropy's sum (_row_entropy)
+        if kind == LOGITS:
+            for j in range(c):
+                d = np.float64(load(pred[i, j])) - m
+                e = math.exp(d)
+                s += e
+                sq += 0.0 if j == t else e * e
+                rest += 0.0 if j == t else e
+                h += e * d
+        elif kind == PROBS:
+            for j in range(c):
+                x = np.float64(load(pred[i, j]))
+                mass += x
+                sq += 0.0 if j == t else x * x
+            if checked:
+                h = sums[i - first]
+            else:
+                for j in range(c):
+                    terms[j] = _plogp(np.float64(load(pred[i, j])))
+                h = _total_span(terms, c)
         else:
             for j in range(c):
-                terms[j] = _plogp(np.float64(load(pred[i, j])))
-            h = _total_span(terms, c)
-    else:
-        for j in range(c):
-            x = np.float64(load(pred[i, j]))
-            e = math.exp(x)
-            mass += e
-            sq += 0.0 if j == t else e * e
-            h += e * x
-    xt = np.float64(load(pred[i, t]))
-    lpt, q, mass = _index_terms(kind, xt, m, s, mass, eps)
-    conf[i], brier[i] = _index_calibration(kind, m, s, sq, rest, xt)
-    ent[i] = _row_entropy(kind, math.log(s) if kind == LOGITS else 0.0, h, s)
-    loss[i] = -lpt
-    focal[i] = -_focal_weight(q, gamma) * lpt
-    correct[i] = 1 if arg == t else 0
-    tcls[i] = t
-    unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
-    inv[i] = bad
+                x = np.float64(load(pred[i, j]))
+                e = math.exp(x)
+                mass += e
+                sq += 0.0 if j == t else e * e
+                h += e * x
+        xt = np.float64(load(pred[i, t]))
+        lpt, q, mass = _index_terms(kind, xt, m, s, mass, eps)
+        conf[i], brier[i] = _index_calibration(kind, m, s, sq, rest, xt)
+        ent[i] = _row_entropy(kind, math.log(s) if kind == LOGITS else 0.0, h, s)
+        loss[i] = -lpt
+        focal[i] = -_focal_weight(q, gamma) * lpt
+        correct[i] = 1 if arg == t else 0
+        tcls[i] = t
+        unnorm[i] = 1 if abs(mass - 1.0) > tol else 0
+        inv[i] = bad
 
 
 # Elements summed in float32 before each float64 accumulation: short enough
